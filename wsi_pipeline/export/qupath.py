@@ -1,0 +1,92 @@
+"""QuPath GeoJSON (see docs/outputs.md): streamed FeatureCollections QuPath imports by drag-and-drop.
+
+Coordinates are level-0 pixels of the image as QuPath opens it: OpenSlide coordinates minus `openslide.bounds-*`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import uuid
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import shapely
+from shapely.geometry import mapping
+
+from ..atomic import atomic_path
+
+OBJECT_TYPES = ("annotation", "detection", "tile", "cell", "tmaCore")
+# Stable ids: the same object in a re-run gets the same UUID, so outputs of identical runs are identical.
+_NAMESPACE = uuid.UUID("8a3c5b8e-51f6-4d8e-9d0b-2f1e6f0a7c11")
+
+
+def object_id(*parts: object) -> str:
+    return str(uuid.uuid5(_NAMESPACE, "/".join(str(p) for p in parts)))
+
+
+def to_qupath_geometry(geometry: shapely.Geometry, offset: tuple[float, float] = (0.0, 0.0)) -> dict[str, Any]:
+    """GeoJSON geometry in QuPath pixel coordinates (shifted by -offset, rounded to 2 decimals as QuPath does)."""
+    shift = np.asarray(offset, dtype=float)
+    moved = shapely.transform(geometry, lambda xy: np.round(xy - shift, 2))
+    return mapping(moved)
+
+
+def _number(value: float) -> float | str:
+    """QuPath writes non-finite measurements as strings."""
+    value = float(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "Infinity" if value > 0 else "-Infinity"
+    return value
+
+
+def feature(
+    geometry: shapely.Geometry,
+    object_type: str,
+    *,
+    object_id_: str,
+    class_name: str | None = None,
+    color: tuple[int, int, int] | None = None,
+    measurements: Mapping[str, float] | None = None,
+    name: str | None = None,
+    offset: tuple[float, float] = (0.0, 0.0),
+) -> dict[str, Any]:
+    if object_type not in OBJECT_TYPES:
+        raise ValueError(f"objectType must be one of {OBJECT_TYPES}, got {object_type!r}")
+    props: dict[str, Any] = {"objectType": object_type}
+    if name is not None:
+        props["name"] = name
+    if class_name is not None:
+        props["classification"] = {"name": class_name, "color": list(color or (255, 0, 0))}
+    if measurements:
+        props["measurements"] = {k: _number(v) for k, v in measurements.items()}
+    return {"type": "Feature", "id": object_id_, "geometry": to_qupath_geometry(geometry, offset),
+            "properties": props}
+
+
+def write_feature_collection(
+    path: str | os.PathLike[str], features: Iterable[Mapping[str, Any]], *, compress: bool | None = None
+) -> int:
+    """Stream features to `path` one at a time (never the whole list in memory); gzip when the name ends .gz.
+
+    Returns the number of features written. The file appears only when complete.
+    """
+    path = Path(path)
+    compress = path.suffix == ".gz" if compress is None else compress
+    count = 0
+    with atomic_path(path) as tmp:
+        raw = gzip.open(tmp, "wt", encoding="utf-8") if compress else open(tmp, "w", encoding="utf-8")  # noqa: SIM115
+        with raw as fh:
+            fh.write('{"type": "FeatureCollection", "features": [')
+            for feat in features:
+                fh.write(",\n" if count else "\n")
+                fh.write(json.dumps(feat, allow_nan=False, separators=(",", ":")))
+                count += 1
+            fh.write("\n]}\n")
+    return count

@@ -1,0 +1,186 @@
+"""Tissue masks and polygons from a low-resolution thumbnail (~8 µm/px).
+
+Brightfield (H&E): tissue is saturated, glass is not, so the mask is an Otsu threshold on HSV saturation, clamped so
+that an all-tissue or all-glass thumbnail still splits sensibly. Ink is rejected by colour: H&E never has green
+above red (green/blue/cyan pens), its pinks sit at hue 280-335° while red ink sits at 340-20°, and nothing in tissue
+is near black. Dark-field (fluorescence): tissue is brighter than the background, Otsu on grey value.
+Morphology parameters are in µm / µm² and converted with the mask's µm/px.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import shapely
+from shapely.geometry import Polygon
+from skimage import color, filters, measure, morphology
+
+from .config import TissueConfig
+from .errors import NoTissueError
+from .slide import Slide
+
+
+@dataclass
+class TissueMask:
+    """A tissue mask at `mpp` µm/px covering the slide's bounds, and the geometry to map it to level 0."""
+
+    mask: np.ndarray  # bool (rows, cols)
+    mpp: float
+    origin: tuple[int, int]  # level-0 px of the mask's top-left corner (the slide's bounds corner)
+    scale: tuple[float, float]  # level-0 px per mask px (x, y)
+    thumbnail: np.ndarray  # RGB uint8, same shape as mask
+    background: str = "light"
+    polygons: list[Polygon] = field(default_factory=list)  # level-0 px (OpenSlide coordinates)
+    slide_mpp: tuple[float, float] = (1.0, 1.0)
+
+    @property
+    def area_mm2(self) -> float:
+        """Area of the tissue polygons (what QuPath measures), in mm²."""
+        px_area = self.slide_mpp[0] * self.slide_mpp[1]
+        return float(sum(p.area for p in self.polygons)) * px_area / 1e6
+
+    @property
+    def mask_area_mm2(self) -> float:
+        return float(self.mask.sum()) * (self.scale[0] * self.slide_mpp[0]) * (self.scale[1] * self.slide_mpp[1]) / 1e6
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "mask_mpp": self.mpp,
+            "mask_shape": list(self.mask.shape),
+            "background": self.background,
+            "regions": len(self.polygons),
+            "area_mm2": round(self.area_mm2, 6),
+            "mask_area_mm2": round(self.mask_area_mm2, 6),
+        }
+
+
+def _hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    hsv = color.rgb2hsv(rgb)
+    return hsv[..., 0] * 360.0, hsv[..., 1], rgb.max(axis=-1).astype(np.float32)
+
+
+def ink_pixels(rgb: np.ndarray, params: TissueConfig) -> np.ndarray:
+    """Pen ink and black artefacts (bool), by the colour rules in the module docstring."""
+    hue, sat, value = _hsv(rgb)
+    r, g = rgb[..., 0].astype(np.int16), rgb[..., 1].astype(np.int16)
+    green_blue = (g > r + 10) & (sat > 0.15)
+    red = ((hue >= 340) | (hue < 20)) & (sat > 0.2)
+    dark = value < params.dark_value
+    return green_blue | red | dark
+
+
+def detect_background(rgb: np.ndarray) -> str:
+    """'dark' when the slide's border (mostly glass) is dark, as in fluorescence; else 'light'."""
+    border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]]).max(axis=-1)
+    return "dark" if float(np.median(border)) < 100 else "light"
+
+
+def candidate_pixels(rgb: np.ndarray, mpp: float, params: TissueConfig, background: str) -> np.ndarray:
+    """Pixels that look like tissue before morphology and ink rejection.
+
+    The feature is smoothed over `smooth_um` first, so JPEG noise on glass at full resolution reads as glass,
+    as it does at thumbnail scale: the rule gives the same answer at any µm/px.
+    """
+    sigma = params.smooth_um / mpp
+    if background == "dark":
+        grey = filters.gaussian(rgb.max(axis=-1).astype(np.float32), sigma=sigma, preserve_range=True)
+        threshold = filters.threshold_otsu(grey) if np.ptp(grey) > 0 else np.inf
+        return grey > max(threshold, 20.0)
+    _, sat, _ = _hsv(rgb)
+    sat = filters.gaussian(sat, sigma=sigma)
+    threshold = filters.threshold_otsu(sat) if np.ptp(sat) > 0 else params.saturation_max
+    threshold = float(np.clip(threshold, params.saturation_min, params.saturation_max))
+    return sat >= threshold
+
+
+def clean_mask(candidate: np.ndarray, ink: np.ndarray | None, mpp: float, params: TissueConfig) -> np.ndarray:
+    """Morphology in µm: close gaps, drop ink-dominated pieces, fill small holes, drop small pieces."""
+    px_area = mpp * mpp
+    mask = candidate.copy()
+    radius = round(params.closing_um / mpp)
+    if radius >= 1:
+        mask = morphology.closing(np.pad(mask, radius, mode="constant"), morphology.disk(radius))[
+            radius:-radius, radius:-radius
+        ]
+    if ink is not None and ink.any():
+        ink = morphology.remove_small_objects(ink, max_size=int(params.pen_min_area_um2 / px_area))
+        margin = round(params.pen_margin_um / mpp)
+        ink_zone = morphology.dilation(ink, morphology.disk(margin)) if margin >= 1 else ink
+        labels = measure.label(mask, connectivity=2)
+        if labels.max():
+            ink_share = np.bincount(labels.ravel(), weights=ink.ravel(), minlength=labels.max() + 1)
+            sizes = np.bincount(labels.ravel(), minlength=labels.max() + 1)
+            inky = ink_share / np.maximum(sizes, 1) > params.pen_max_fraction
+            inky[0] = False
+            mask &= ~inky[labels]
+        mask &= ~ink_zone
+    mask = morphology.remove_small_holes(mask, max_size=int(params.max_hole_um2 / px_area))
+    mask = morphology.remove_small_objects(mask, max_size=int(params.min_region_um2 / px_area), connectivity=2)
+    return mask
+
+
+def tissue_mask_from_rgb(rgb: np.ndarray, mpp: float, params: TissueConfig) -> tuple[np.ndarray, str]:
+    """The cleaned tissue mask of an RGB image at `mpp` µm/px, and the background kind used."""
+    background = detect_background(rgb) if params.background == "auto" else params.background
+    candidate = candidate_pixels(rgb, mpp, params, background)
+    ink = ink_pixels(rgb, params) if params.pen_filter and background == "light" else None
+    return clean_mask(candidate, ink, mpp, params), background
+
+
+def mask_to_polygons(
+    mask: np.ndarray, scale: tuple[float, float], origin: tuple[float, float], simplify_px: float = 0.0
+) -> list[Polygon]:
+    """Polygons (with holes) of a boolean mask, in the coordinates `origin + (col, row) * scale` of pixel corners.
+
+    Written here because scikit-image traces contours but does not nest holes in their outlines; each connected
+    piece is traced on its own so that its outer ring and its holes are known to belong together.
+    """
+    polygons: list[Polygon] = []
+    labels = measure.label(mask, connectivity=2)
+    for region in measure.regionprops(labels):
+        r0, c0, r1, c1 = region.bbox
+        piece = np.pad(labels[r0:r1, c0:c1] == region.label, 1)
+        rings = []
+        for contour in measure.find_contours(piece.astype(np.float32), 0.5):
+            if len(contour) < 4:
+                continue
+            # contour (row, col) in padded-piece pixel centres -> pixel-corner coordinates of the full mask
+            cols = contour[:, 1] - 1 + c0 + 0.5
+            rows = contour[:, 0] - 1 + r0 + 0.5
+            ring = Polygon(np.c_[origin[0] + cols * scale[0], origin[1] + rows * scale[1]])
+            if ring.area > 0:
+                rings.append(ring)
+        if not rings:
+            continue
+        rings.sort(key=lambda p: p.area, reverse=True)
+        outer, holes = rings[0], rings[1:]
+        poly = Polygon(outer.exterior.coords, [h.exterior.coords for h in holes if outer.contains(h.centroid)])
+        poly = shapely.make_valid(poly)
+        if simplify_px > 0:
+            poly = poly.simplify(simplify_px, preserve_topology=True)
+        polygons.extend(g for g in getattr(poly, "geoms", [poly]) if isinstance(g, Polygon) and g.area > 0)
+    return polygons
+
+
+def detect_tissue(slide: Slide, params: TissueConfig) -> TissueMask:
+    """Read a thumbnail at `params.mask_mpp`, build the mask and its level-0 polygons."""
+    thumbnail = slide.thumbnail(params.mask_mpp)
+    b = slide.bounds
+    scale = (b.width / thumbnail.shape[1], b.height / thumbnail.shape[0])
+    slide_mpp = slide.mpp
+    mask_mpp = math.sqrt(scale[0] * slide_mpp.x * scale[1] * slide_mpp.y)
+    mask, background = tissue_mask_from_rgb(thumbnail, mask_mpp, params)
+    simplify_px = params.simplify_um / slide_mpp.mean
+    polygons = mask_to_polygons(mask, scale, (b.x, b.y), simplify_px)
+    return TissueMask(mask, mask_mpp, (b.x, b.y), scale, thumbnail, background, polygons, (slide_mpp.x, slide_mpp.y))
+
+
+def require_tissue(tissue: TissueMask, slide: Slide) -> None:
+    if not tissue.mask.any():
+        raise NoTissueError(
+            f"{slide.path}: no tissue found at {tissue.mpp:.1f} µm/px; check the slide, or lower "
+            "tissue.saturation_min / tissue.min_region_um2 (e.g. --set tissue.min_region_um2=2000)"
+        )
