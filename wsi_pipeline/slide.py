@@ -68,13 +68,7 @@ def slide_id_for(path: str | os.PathLike[str]) -> str:
     return safe or "slide"
 
 
-def _mpp_from_properties(props: dict[str, str]) -> Mpp | None:
-    try:
-        x, y = float(props["openslide.mpp-x"]), float(props["openslide.mpp-y"])
-    except (KeyError, ValueError):
-        x = y = math.nan
-    if _plausible(x) and _plausible(y):
-        return Mpp(x, y, "slide metadata")
+def _mpp_from_tiff_tags(props: dict[str, str]) -> tuple[float, float] | None:
     unit = props.get("tiff.ResolutionUnit", "").lower()
     try:
         xres, yres = float(props["tiff.XResolution"]), float(props["tiff.YResolution"])
@@ -84,8 +78,26 @@ def _mpp_from_properties(props: dict[str, str]) -> Mpp | None:
         return None
     microns_per_unit = _UNITS_PER_CM[unit] * 1e4
     x, y = microns_per_unit / xres, microns_per_unit / yres
+    return (x, y) if _plausible(x) and _plausible(y) else None
+
+
+def _mpp_from_properties(props: dict[str, str]) -> Mpp | None:
+    """Slide metadata first, then the TIFF resolution tags; the source says which one the value really is.
+
+    OpenSlide itself turns resolution tags into `openslide.mpp-x` for generic TIFF and NDPI, so a value equal to
+    the tags' is reported as coming from the tags.
+    """
+    tags = _mpp_from_tiff_tags(props)
+    try:
+        x, y = float(props["openslide.mpp-x"]), float(props["openslide.mpp-y"])
+    except (KeyError, ValueError):
+        x = y = math.nan
     if _plausible(x) and _plausible(y):
-        return Mpp(x, y, "TIFF resolution tags")
+        from_tags = tags is not None and math.isclose(tags[0], x, rel_tol=1e-6) and math.isclose(tags[1], y,
+                                                                                                 rel_tol=1e-6)
+        return Mpp(x, y, "TIFF resolution tags" if from_tags else "slide metadata")
+    if tags is not None:
+        return Mpp(tags[0], tags[1], "TIFF resolution tags")
     return None
 
 
@@ -252,7 +264,7 @@ class Slide:
         if found is None:
             raise MissingMppError(
                 f"{self.path}: the slide records no µm/px (no openslide.mpp-x, no TIFF resolution tags); "
-                "give it with --mpp (e.g. --mpp 0.25 for 40x, 0.5 for 20x) or in a per-slide override file"
+                "give it with --slide-mpp (e.g. --slide-mpp 0.25 for 40x, 0.5 for 20x)"
             )
         return found
 

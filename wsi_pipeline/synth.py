@@ -252,8 +252,16 @@ def _thumbnail(spec: SynthSpec, renderer: _Renderer, ds_top: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(rows, axis=0)[:lh, :lw])
 
 
-def write_synthetic_slide(path: str | os.PathLike[str], spec: SynthSpec, tile: int = 256) -> Path:
-    """Write `spec` as an Aperio-flavoured pyramidal TIFF at `path` (plus `<stem>.truth.json`); returns the path."""
+def write_synthetic_slide(
+    path: str | os.PathLike[str], spec: SynthSpec, tile: int = 256, record_mpp: str = "aperio"
+) -> Path:
+    """Write `spec` as an Aperio-flavoured pyramidal TIFF at `path` (plus `<stem>.truth.json`); returns the path.
+
+    `record_mpp`: "aperio" (MPP in the Aperio description, as scanners write it), "tiff-tags" (only TIFF
+    resolution tags) or "none" (no µm/px anywhere, like some TCGA files).
+    """
+    if record_mpp not in ("aperio", "tiff-tags", "none"):
+        raise ValueError(f"record_mpp must be aperio, tiff-tags or none, got {record_mpp!r}")
     path = Path(path)
     renderer = _Renderer(spec, tile)
     downsamples = level_downsamples(spec.width, spec.height)
@@ -261,7 +269,8 @@ def write_synthetic_slide(path: str | os.PathLike[str], spec: SynthSpec, tile: i
     description = (
         f"Aperio Image Library v10.0.50 (wsi-pipeline synthetic)\r\n{spec.width}x{spec.height} "
         f"[0,0 {spec.width}x{spec.height}] ({tile}x{tile}) JPEG/RGB Q={_JPEG_QUALITY}"
-        f"|AppMag = {mag}|MPP = {spec.mpp}|Synthetic seed = {spec.seed}"
+        + (f"|AppMag = {mag}|MPP = {spec.mpp}" if record_mpp == "aperio" else "")
+        + f"|Synthetic seed = {spec.seed}"
     )
     bigtiff = spec.width * spec.height * 3 > 2**31
     common = dict(dtype="uint8", tile=(tile, tile), photometric="ycbcr", subsampling=(1, 1), compression="jpeg",
@@ -270,7 +279,11 @@ def write_synthetic_slide(path: str | os.PathLike[str], spec: SynthSpec, tile: i
         for index, ds in enumerate(downsamples):
             shape = (math.ceil(spec.height / ds), math.ceil(spec.width / ds), 3)
             desc = description if index == 0 else f"{description} -> {shape[1]}x{shape[0]}"
-            tw.write(_level_tiles(spec, renderer, ds), shape=shape, description=desc, **common)
+            resolution = (
+                {"resolution": (1e4 / (spec.mpp * ds),) * 2, "resolutionunit": "CENTIMETER"}
+                if record_mpp == "tiff-tags" else {}
+            )
+            tw.write(_level_tiles(spec, renderer, ds), shape=shape, description=desc, **common, **resolution)
             if index == 0:
                 thumb = _thumbnail(spec, renderer, downsamples[-1] * (2 if len(downsamples) > 1 else 4))
                 tw.write(thumb, photometric="rgb", description=f"{description} -> thumbnail", metadata=None)

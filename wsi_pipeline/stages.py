@@ -1,0 +1,84 @@
+"""Per-slide stages that write files: tissue detection and tile planning (the CLI only parses and delegates)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import shapely
+
+from .atomic import write_json
+from .config import TissueConfig
+from .export.overlay import Overview, save_mask_png
+from .export.qupath import feature, object_id, write_feature_collection
+from .slide import Slide
+from .tiling import TilePlan, plan_tiles
+from .tissue import TissueMask, detect_tissue, require_tissue
+
+TISSUE_COLOR = (0, 160, 60)
+TILE_COLOR = (30, 90, 220)
+
+
+@dataclass
+class TissueOutputs:
+    tissue: TissueMask
+    files: dict[str, Path]
+    summary: dict[str, Any]
+
+
+def tissue_stage(slide: Slide, params: TissueConfig, out_dir: Path, *, require: bool = True) -> TissueOutputs:
+    """Detect tissue and write tissue.geojson, tissue_mask.png, overview.png and tissue.json under `out_dir`."""
+    tissue = detect_tissue(slide, params)
+    if require:
+        require_tissue(tissue, slide)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    offset = (slide.bounds.x, slide.bounds.y)
+    mpp = slide.mpp
+    features = (
+        feature(poly, "annotation", object_id_=object_id(slide.slide_id, "tissue", i), class_name="Tissue",
+                color=TISSUE_COLOR, offset=offset,
+                measurements={"Area mm^2": poly.area * mpp.x * mpp.y / 1e6})
+        for i, poly in enumerate(tissue.polygons)
+    )
+    files = {
+        "geojson": out_dir / "tissue.geojson",
+        "mask": out_dir / "tissue_mask.png",
+        "overview": out_dir / "overview.png",
+        "summary": out_dir / "tissue.json",
+    }
+    write_feature_collection(files["geojson"], features)
+    save_mask_png(tissue.mask, files["mask"])
+    overview = Overview(tissue.thumbnail, tissue.origin, tissue.scale)
+    overview.outline(shapely.union_all(tissue.polygons) if tissue.polygons else shapely.Polygon(), TISSUE_COLOR)
+    overview.save(files["overview"])
+    summary = {"slide": str(slide.path), "slide_id": slide.slide_id, "slide_mpp": [mpp.x, mpp.y],
+               "mpp_source": mpp.source, **tissue.summary(), "params": params.model_dump(mode="json")}
+    write_json(files["summary"], summary)
+    return TissueOutputs(tissue, files, summary)
+
+
+def tiles_stage(
+    slide: Slide, tissue: TissueMask, out_dir: Path, name: str, *, mpp: float, tile_px: int, overlap_px: int,
+    min_tissue: float, tissue_params: TissueConfig,
+) -> tuple[TilePlan, dict[str, Path]]:
+    """Plan tiles and write tiles-<name>.json (the plan), .geojson (QuPath tile objects) and .png (overview)."""
+    plan = plan_tiles(slide, tissue, mpp, tile_px, overlap_px, min_tissue)
+    plan.params["tissue"] = tissue_params.model_dump(mode="json")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {kind: out_dir / f"tiles-{name}.{kind}" for kind in ("json", "geojson", "png")}
+    plan.save(files["json"])
+    w, h = plan.tile_size_level0
+    offset = (slide.bounds.x, slide.bounds.y)
+    features = (
+        feature(shapely.box(x, y, x + w, y + h), "tile", object_id_=object_id(slide.slide_id, name, c, r),
+                offset=offset, measurements={"Tissue fraction": float(f)})
+        for c, r, x, y, f in zip(plan.cols.tolist(), plan.rows.tolist(), plan.x.tolist(), plan.y.tolist(),
+                                 plan.tissue_fraction.tolist(), strict=True)
+    )
+    write_feature_collection(files["geojson"], features)
+    overview = Overview(tissue.thumbnail, tissue.origin, tissue.scale)
+    overview.outline(shapely.union_all(tissue.polygons) if tissue.polygons else shapely.Polygon(), TISSUE_COLOR)
+    overview.boxes(plan.x, plan.y, w, h, (*TILE_COLOR, 160))
+    overview.save(files["png"])
+    return plan, files
