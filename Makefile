@@ -7,13 +7,14 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed
 DEMO_OUT ?= demo_out
 
-.PHONY: install test lint demo clean help
+.PHONY: install test lint demo bench clean help
 
 help:
 	@echo "make install  create $(VENV) and install wsi-pipeline with its dependencies"
 	@echo "make test     run the test suite (installs first when needed)"
 	@echo "make demo     run the pipeline on a built-in synthetic slide and say where the outputs are"
 	@echo "make lint     ruff check + format check"
+	@echo "make bench    benchmarks (JSON in benchmarks/results/)"
 
 install: $(STAMP)
 
@@ -36,3 +37,6 @@ demo: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache build *.egg-info
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/foundation.py

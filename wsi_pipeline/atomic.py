@@ -36,8 +36,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     except OSError as exc:
         _remove(tmp)
         if exc.errno == errno.ENOSPC:
-            raise OutputError(f"no space left on the device while writing {final}: free disk space or choose "
-                              "another output folder with -o") from exc
+            raise OutputError(
+                f"no space left on the device while writing {final}: free disk space or choose "
+                "another output folder with -o"
+            ) from exc
         raise
     except BaseException:
         _remove(tmp)

@@ -32,13 +32,26 @@ class _Group(click.Group):
 
 
 slide_mpp_option = click.option(
-    "--slide-mpp", type=float, default=None,
+    "--slide-mpp",
+    type=float,
+    default=None,
     help="µm/px of the slide's level 0, overriding its metadata (needed when the file records none).",
 )
-config_option = click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), default=None,
-                             help="YAML configuration (see configs/default.yaml).")
-set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                          help="Override any configuration key, e.g. --set tasks.mitosis.tile_px=512.")
+config_option = click.option(
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="YAML configuration (see configs/default.yaml).",
+)
+set_option = click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override any configuration key, e.g. --set tasks.mitosis.tile_px=512.",
+)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -49,8 +62,14 @@ def main() -> None:
 
 @main.command()
 @click.argument("slide_path", metavar="SLIDE", type=click.Path())
-@click.option("--mpp", "--slide-mpp", "mpp", type=float, default=None,
-              help="µm/px of level 0, overriding the slide's metadata.")
+@click.option(
+    "--mpp",
+    "--slide-mpp",
+    "mpp",
+    type=float,
+    default=None,
+    help="µm/px of level 0, overriding the slide's metadata.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def info(slide_path: str, mpp: float | None, as_json: bool) -> None:
     """Geometry, levels, µm/px (and where it came from), bounds and associated images of SLIDE."""
@@ -62,7 +81,8 @@ def info(slide_path: str, mpp: float | None, as_json: bool) -> None:
         click.echo(_format_info(data))
     if data["mpp"] is None:
         raise MissingMppError(
-            f"{slide_path}: the slide records no µm/px; give it with --mpp (or --slide-mpp), e.g. --mpp 0.25 for 40x, 0.5 for 20x"
+            f"{slide_path}: the slide records no µm/px; give it with --mpp (or --slide-mpp), "
+            "e.g. --mpp 0.25 for 40x, 0.5 for 20x"
         )
 
 
@@ -81,8 +101,10 @@ def _format_info(d: dict[str, Any]) -> str:
         f"associated   {', '.join(d['associated_images']) or 'none'}",
         f"levels       {d['level_count']}",
     ]
-    lines += [f"  level {lv['level']}: {lv['width']} x {lv['height']}  downsample {lv['downsample']:.4f}"
-              for lv in d["levels"]]
+    lines += [
+        f"  level {lv['level']}: {lv['width']} x {lv['height']}  downsample {lv['downsample']:.4f}"
+        for lv in d["levels"]
+    ]
     return "\n".join(lines)
 
 
@@ -90,11 +112,17 @@ def _format_info(d: dict[str, Any]) -> str:
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--width", type=click.IntRange(min=64), default=8000, show_default=True)
 @click.option("--height", type=click.IntRange(min=64), default=6000, show_default=True)
-@click.option("--mpp", type=click.FloatRange(min=0.05, max=20), default=0.5, show_default=True,
-              help="µm/px of level 0.")
+@click.option(
+    "--mpp", type=click.FloatRange(min=0.05, max=20), default=0.5, show_default=True, help="µm/px of level 0."
+)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--figures", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Number of round dark figures planted in the tissue.")
+@click.option(
+    "--figures",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Number of round dark figures planted in the tissue.",
+)
 @click.option("--pen/--no-pen", default=False, show_default=True, help="Draw a green pen stroke on the glass.")
 def synth(out: str, width: int, height: int, mpp: float, seed: int, figures: int, pen: bool) -> None:
     """Write a synthetic pyramidal Aperio TIFF with known tissue (and OUT's .truth.json)."""
@@ -115,8 +143,13 @@ def _config(config_path: str | None, overrides: tuple[str, ...]) -> Config:
 @slide_mpp_option
 @config_option
 @set_option
-def tissue(slide_path: str, out_dir: str, slide_mpp: float | None, config_path: str | None,
-           overrides: tuple[str, ...]) -> None:
+def tissue(
+    slide_path: str,
+    out_dir: str,
+    slide_mpp: float | None,
+    config_path: str | None,
+    overrides: tuple[str, ...],
+) -> None:
     """Detect tissue: OUT/<slide_id>/tissue.geojson, tissue_mask.png, overview.png, tissue.json."""
     from .stages import tissue_stage
 
@@ -124,8 +157,9 @@ def tissue(slide_path: str, out_dir: str, slide_mpp: float | None, config_path: 
     with Slide(slide_path, mpp=slide_mpp) as slide:
         result = tissue_stage(slide, cfg.tissue, Path(out_dir) / slide.slide_id)
     s = result.summary
-    click.echo(f"{s['slide_id']}: {s['regions']} tissue region(s), {s['area_mm2']:.3f} mm² "
-               f"(mask at {s['mask_mpp']:.2f} µm/px)")
+    click.echo(
+        f"{s['slide_id']}: {s['regions']} tissue region(s), {s['area_mm2']:.3f} mm² (mask at {s['mask_mpp']:.2f} µm/px)"
+    )
     for kind, path in result.files.items():
         click.echo(f"  {kind:9s} {path}")
 
@@ -133,8 +167,12 @@ def tissue(slide_path: str, out_dir: str, slide_mpp: float | None, config_path: 
 @main.command()
 @click.argument("slide_path", metavar="SLIDE", type=click.Path())
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Output folder.")
-@click.option("--task", type=click.Choice(TASK_NAMES), default=None,
-              help="Take µm/px, tile size, overlap and min tissue from this task's configuration.")
+@click.option(
+    "--task",
+    type=click.Choice(TASK_NAMES),
+    default=None,
+    help="Take µm/px, tile size, overlap and min tissue from this task's configuration.",
+)
 @click.option("--mpp", type=float, default=None, help="Target µm/px of the tiles.")
 @click.option("--tile-px", type=int, default=None, help="Tile edge in px at the target µm/px.")
 @click.option("--overlap-px", type=int, default=None, help="Overlap between neighbouring tiles in px [0].")
@@ -142,9 +180,18 @@ def tissue(slide_path: str, out_dir: str, slide_mpp: float | None, config_path: 
 @slide_mpp_option
 @config_option
 @set_option
-def tiles(slide_path: str, out_dir: str, task: str | None, mpp: float | None, tile_px: int | None,
-          overlap_px: int | None, min_tissue: float | None, slide_mpp: float | None, config_path: str | None,
-          overrides: tuple[str, ...]) -> None:
+def tiles(
+    slide_path: str,
+    out_dir: str,
+    task: str | None,
+    mpp: float | None,
+    tile_px: int | None,
+    overlap_px: int | None,
+    min_tissue: float | None,
+    slide_mpp: float | None,
+    config_path: str | None,
+    overrides: tuple[str, ...],
+) -> None:
     """Plan tiles at a target µm/px: OUT/<slide_id>/tiles-<name>.json (+ .geojson for QuPath, .png)."""
     from .stages import tiles_stage
     from .tissue import detect_tissue
@@ -165,12 +212,22 @@ def tiles(slide_path: str, out_dir: str, task: str | None, mpp: float | None, ti
     name = task or f"{mpp:g}um-{tile_px}px"
     with Slide(slide_path, mpp=slide_mpp) as slide:
         tissue_mask = detect_tissue(slide, cfg.tissue)
-        plan, files = tiles_stage(slide, tissue_mask, Path(out_dir) / slide.slide_id, name, mpp=mpp,
-                                  tile_px=tile_px, overlap_px=overlap_px, min_tissue=min_tissue,
-                                  tissue_params=cfg.tissue)
+        plan, files = tiles_stage(
+            slide,
+            tissue_mask,
+            Path(out_dir) / slide.slide_id,
+            name,
+            mpp=mpp,
+            tile_px=tile_px,
+            overlap_px=overlap_px,
+            min_tissue=min_tissue,
+            tissue_params=cfg.tissue,
+        )
     n_cols, n_rows = plan.grid
-    click.echo(f"{slide.slide_id}: {len(plan)} of {n_cols * n_rows} tiles kept ({n_cols} x {n_rows} grid, "
-               f"{tile_px} px at {mpp:g} µm/px, overlap {overlap_px} px, min tissue {min_tissue:g})")
+    click.echo(
+        f"{slide.slide_id}: {len(plan)} of {n_cols * n_rows} tiles kept ({n_cols} x {n_rows} grid, "
+        f"{tile_px} px at {mpp:g} µm/px, overlap {overlap_px} px, min tissue {min_tissue:g})"
+    )
     for kind, path in files.items():
         click.echo(f"  {kind:8s} {path}")
 

@@ -28,7 +28,8 @@ class TissueConfig(_Strict):
 
     mask_mpp: float = Field(8.0, gt=0, le=64, description="µm/px of the tissue mask")
     background: Literal["auto", "light", "dark"] = Field(
-        "auto", description="light = brightfield (H&E), dark = fluorescence; auto decides from the slide's border"
+        "auto",
+        description="light = brightfield (H&E), dark = fluorescence; auto decides from the slide's border",
     )
     saturation_min: float = Field(0.05, ge=0, le=1, description="lower clamp of the Otsu saturation threshold")
     saturation_max: float = Field(0.15, ge=0, le=1, description="upper clamp of the Otsu saturation threshold")

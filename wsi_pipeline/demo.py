@@ -30,14 +30,25 @@ def main() -> None:
         print(f"tissue   {tissue.summary['regions']} regions, {tissue.summary['area_mm2']:.2f} mm²")
         for name in ("epithelium_stroma", "mitosis", "metastasis"):
             task = getattr(cfg.tasks, name)
-            plan, _ = tiles_stage(slide, tissue.tissue, slide_out, name, mpp=task.mpp, tile_px=task.tile_px,
-                                  overlap_px=task.overlap_px, min_tissue=task.min_tissue, tissue_params=cfg.tissue)
+            plan, _ = tiles_stage(
+                slide,
+                tissue.tissue,
+                slide_out,
+                name,
+                mpp=task.mpp,
+                tile_px=task.tile_px,
+                overlap_px=task.overlap_px,
+                min_tissue=task.min_tissue,
+                tissue_params=cfg.tissue,
+            )
             print(f"tiles    {name}: {len(plan)} tiles of {task.tile_px} px at {task.mpp} µm/px")
     print(f"\ndone in {time.perf_counter() - started:.1f} s. Outputs are in {slide_out}:")
     for path in sorted(slide_out.iterdir()):
         print(f"  {path.name}")
-    print("Open overview.png and tiles-*.png to see the tissue and tiles; drag tissue.geojson or "
-          "tiles-*.geojson onto the slide in QuPath.")
+    print(
+        "Open overview.png and tiles-*.png to see the tissue and tiles; drag tissue.geojson or "
+        "tiles-*.geojson onto the slide in QuPath."
+    )
 
 
 if __name__ == "__main__":

@@ -21,7 +21,19 @@ from PIL import Image
 from .errors import MissingMppError, SlideNotFoundError, SlideTruncatedError, SlideUnreadableError
 
 # Extensions OpenSlide reads (used to discover slides in folders).
-SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm")
+SLIDE_EXTENSIONS = (
+    ".svs",
+    ".tif",
+    ".tiff",
+    ".ndpi",
+    ".vms",
+    ".vmu",
+    ".scn",
+    ".mrxs",
+    ".svslide",
+    ".bif",
+    ".dcm",
+)
 
 # A level may be this much coarser than asked and still be used (TCGA level downsamples are 2.0005, not 2).
 _LEVEL_TOLERANCE = 1.01
@@ -93,8 +105,9 @@ def _mpp_from_properties(props: dict[str, str]) -> Mpp | None:
     except (KeyError, ValueError):
         x = y = math.nan
     if _plausible(x) and _plausible(y):
-        from_tags = tags is not None and math.isclose(tags[0], x, rel_tol=1e-6) and math.isclose(tags[1], y,
-                                                                                                 rel_tol=1e-6)
+        from_tags = (
+            tags is not None and math.isclose(tags[0], x, rel_tol=1e-6) and math.isclose(tags[1], y, rel_tol=1e-6)
+        )
         return Mpp(x, y, "TIFF resolution tags" if from_tags else "slide metadata")
     if tags is not None:
         return Mpp(tags[0], tags[1], "TIFF resolution tags")

@@ -36,9 +36,15 @@ def tissue_stage(slide: Slide, params: TissueConfig, out_dir: Path, *, require: 
     offset = (slide.bounds.x, slide.bounds.y)
     mpp = slide.mpp
     features = (
-        feature(poly, "annotation", object_id_=object_id(slide.slide_id, "tissue", i), class_name="Tissue",
-                color=TISSUE_COLOR, offset=offset,
-                measurements={"Area mm^2": poly.area * mpp.x * mpp.y / 1e6})
+        feature(
+            poly,
+            "annotation",
+            object_id_=object_id(slide.slide_id, "tissue", i),
+            class_name="Tissue",
+            color=TISSUE_COLOR,
+            offset=offset,
+            measurements={"Area mm^2": poly.area * mpp.x * mpp.y / 1e6},
+        )
         for i, poly in enumerate(tissue.polygons)
     )
     files = {
@@ -52,15 +58,29 @@ def tissue_stage(slide: Slide, params: TissueConfig, out_dir: Path, *, require: 
     overview = Overview(tissue.thumbnail, tissue.origin, tissue.scale)
     overview.outline(shapely.union_all(tissue.polygons) if tissue.polygons else shapely.Polygon(), TISSUE_COLOR)
     overview.save(files["overview"])
-    summary = {"slide": str(slide.path), "slide_id": slide.slide_id, "slide_mpp": [mpp.x, mpp.y],
-               "mpp_source": mpp.source, **tissue.summary(), "params": params.model_dump(mode="json")}
+    summary = {
+        "slide": str(slide.path),
+        "slide_id": slide.slide_id,
+        "slide_mpp": [mpp.x, mpp.y],
+        "mpp_source": mpp.source,
+        **tissue.summary(),
+        "params": params.model_dump(mode="json"),
+    }
     write_json(files["summary"], summary)
     return TissueOutputs(tissue, files, summary)
 
 
 def tiles_stage(
-    slide: Slide, tissue: TissueMask, out_dir: Path, name: str, *, mpp: float, tile_px: int, overlap_px: int,
-    min_tissue: float, tissue_params: TissueConfig,
+    slide: Slide,
+    tissue: TissueMask,
+    out_dir: Path,
+    name: str,
+    *,
+    mpp: float,
+    tile_px: int,
+    overlap_px: int,
+    min_tissue: float,
+    tissue_params: TissueConfig,
 ) -> tuple[TilePlan, dict[str, Path]]:
     """Plan tiles and write tiles-<name>.json (the plan), .geojson (QuPath tile objects) and .png (overview)."""
     plan = plan_tiles(slide, tissue, mpp, tile_px, overlap_px, min_tissue)
@@ -71,10 +91,21 @@ def tiles_stage(
     w, h = plan.tile_size_level0
     offset = (slide.bounds.x, slide.bounds.y)
     features = (
-        feature(shapely.box(x, y, x + w, y + h), "tile", object_id_=object_id(slide.slide_id, name, c, r),
-                offset=offset, measurements={"Tissue fraction": float(f)})
-        for c, r, x, y, f in zip(plan.cols.tolist(), plan.rows.tolist(), plan.x.tolist(), plan.y.tolist(),
-                                 plan.tissue_fraction.tolist(), strict=True)
+        feature(
+            shapely.box(x, y, x + w, y + h),
+            "tile",
+            object_id_=object_id(slide.slide_id, name, c, r),
+            offset=offset,
+            measurements={"Tissue fraction": float(f)},
+        )
+        for c, r, x, y, f in zip(
+            plan.cols.tolist(),
+            plan.rows.tolist(),
+            plan.x.tolist(),
+            plan.y.tolist(),
+            plan.tissue_fraction.tolist(),
+            strict=True,
+        )
     )
     write_feature_collection(files["geojson"], features)
     overview = Overview(tissue.thumbnail, tissue.origin, tissue.scale)

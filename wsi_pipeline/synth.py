@@ -232,8 +232,9 @@ def _level_tiles(spec: SynthSpec, renderer: _Renderer, ds: int) -> Iterator[byte
     if special is not None:
         full &= ~shapely.intersects(special, boxes)
     white = _encode(np.full((t, t, 3), 255, np.uint8))
-    textures = [_encode(np.clip(renderer.texture(ds, v) + 0.5, 0, 255).astype(np.uint8))
-                for v in range(_TEXTURE_VARIANTS)]
+    textures = [
+        _encode(np.clip(renderer.texture(ds, v) + 0.5, 0, 255).astype(np.uint8)) for v in range(_TEXTURE_VARIANTS)
+    ]
     for i in range(tx_flat.size):
         if blank[i]:
             yield white
@@ -273,15 +274,22 @@ def write_synthetic_slide(
         + f"|Synthetic seed = {spec.seed}"
     )
     bigtiff = spec.width * spec.height * 3 > 2**31
-    common = dict(dtype="uint8", tile=(tile, tile), photometric="ycbcr", subsampling=(1, 1), compression="jpeg",
-                  metadata=None)
+    common = dict(
+        dtype="uint8",
+        tile=(tile, tile),
+        photometric="ycbcr",
+        subsampling=(1, 1),
+        compression="jpeg",
+        metadata=None,
+    )
     with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tw:
         for index, ds in enumerate(downsamples):
             shape = (math.ceil(spec.height / ds), math.ceil(spec.width / ds), 3)
             desc = description if index == 0 else f"{description} -> {shape[1]}x{shape[0]}"
             resolution = (
                 {"resolution": (1e4 / (spec.mpp * ds),) * 2, "resolutionunit": "CENTIMETER"}
-                if record_mpp == "tiff-tags" else {}
+                if record_mpp == "tiff-tags"
+                else {}
             )
             tw.write(_level_tiles(spec, renderer, ds), shape=shape, description=desc, **common, **resolution)
             if index == 0:
@@ -310,7 +318,12 @@ def write_truth(slide_path: Path, spec: SynthSpec) -> None:
 def read_truth(slide_path: str | os.PathLike[str]) -> SynthSpec:
     data = json.loads(truth_path(slide_path).read_text())["spec"]
     return SynthSpec(
-        data["width"], data["height"], data["mpp"], data["seed"],
-        [Ellipse(**e) for e in data["regions"]], [Ellipse(**e) for e in data["holes"]],
-        [PenStroke(**p) for p in data["pen"]], [Figure(**f) for f in data["figures"]],
+        data["width"],
+        data["height"],
+        data["mpp"],
+        data["seed"],
+        [Ellipse(**e) for e in data["regions"]],
+        [Ellipse(**e) for e in data["holes"]],
+        [PenStroke(**p) for p in data["pen"]],
+        [Figure(**f) for f in data["figures"]],
     )

@@ -131,17 +131,18 @@ def _area_under(table: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     )
 
 
-def tissue_fractions(
-    tissue: TissueMask, x0: np.ndarray, y0: np.ndarray, width: float, height: float
-) -> np.ndarray:
+def tissue_fractions(tissue: TissueMask, x0: np.ndarray, y0: np.ndarray, width: float, height: float) -> np.ndarray:
     """Fraction of each level-0 box [x0, x0+width) x [y0, y0+height) covered by tissue (outside the mask = 0)."""
     table = _summed_area(tissue.mask)
     sx, sy = tissue.scale
     u0 = (x0 - tissue.origin[0]) / sx
     v0 = (y0 - tissue.origin[1]) / sy
     u1, v1 = u0 + width / sx, v0 + height / sy
-    area = _area_under(table, u1, v1) - _area_under(table, u0, v1) - _area_under(table, u1, v0) + _area_under(
-        table, u0, v0
+    area = (
+        _area_under(table, u1, v1)
+        - _area_under(table, u0, v1)
+        - _area_under(table, u1, v0)
+        + _area_under(table, u0, v0)
     )
     return np.clip(area / ((u1 - u0) * (v1 - v0)), 0.0, 1.0).astype(np.float32)
 

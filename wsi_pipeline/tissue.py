@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import shapely
+from scipy import ndimage
 from shapely.geometry import Polygon
 from skimage import filters, measure, morphology
 
@@ -115,19 +116,31 @@ def candidate_pixels(features: ColourFeatures, mpp: float, params: TissueConfig,
     return sat >= threshold
 
 
+# Binary morphology with disks through Euclidean distance transforms (scipy.ndimage): exact for a disk of any
+# radius and independent of it, where skimage's flat footprints cost O(r²) per pixel (minutes for 40 µm at
+# 0.5 µm/px).
+def _dilate(mask: np.ndarray, radius: float) -> np.ndarray:
+    if radius < 1 or not mask.any():
+        return mask.copy()
+    return ndimage.distance_transform_edt(~mask) <= radius
+
+
+def _close(mask: np.ndarray, radius: float) -> np.ndarray:
+    """Dilate then erode by a disk; padded so that tissue touching the border is not eroded by the edge."""
+    if radius < 1 or not mask.any():
+        return mask.copy()
+    pad = int(np.ceil(radius)) + 1
+    grown = _dilate(np.pad(mask, pad), radius)
+    return (ndimage.distance_transform_edt(grown) > radius)[pad:-pad, pad:-pad]
+
+
 def clean_mask(candidate: np.ndarray, ink: np.ndarray | None, mpp: float, params: TissueConfig) -> np.ndarray:
     """Morphology in µm: close gaps, drop ink-dominated pieces, fill small holes, drop small pieces."""
     px_area = mpp * mpp
-    mask = candidate.copy()
-    radius = round(params.closing_um / mpp)
-    if radius >= 1:
-        mask = morphology.closing(np.pad(mask, radius, mode="constant"), morphology.disk(radius))[
-            radius:-radius, radius:-radius
-        ]
+    mask = _close(candidate, params.closing_um / mpp)
     if ink is not None and ink.any():
         ink = morphology.remove_small_objects(ink, max_size=int(params.pen_min_area_um2 / px_area))
-        margin = round(params.pen_margin_um / mpp)
-        ink_zone = morphology.dilation(ink, morphology.disk(margin)) if margin >= 1 else ink
+        ink_zone = _dilate(ink, params.pen_margin_um / mpp)
         labels = measure.label(mask, connectivity=2)
         if labels.max():
             ink_share = np.bincount(labels.ravel(), weights=ink.ravel(), minlength=labels.max() + 1)

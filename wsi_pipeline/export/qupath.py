@@ -66,8 +66,12 @@ def feature(
         props["classification"] = {"name": class_name, "color": list(color or (255, 0, 0))}
     if measurements:
         props["measurements"] = {k: _number(v) for k, v in measurements.items()}
-    return {"type": "Feature", "id": object_id_, "geometry": to_qupath_geometry(geometry, offset),
-            "properties": props}
+    return {
+        "type": "Feature",
+        "id": object_id_,
+        "geometry": to_qupath_geometry(geometry, offset),
+        "properties": props,
+    }
 
 
 def write_feature_collection(

@@ -1,0 +1,65 @@
+"""Configuration: the shipped YAML equals the defaults; errors name the key; --set overrides any key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+from wsi_pipeline.config import Config, load_config
+from wsi_pipeline.errors import ConfigError
+
+
+def test_shipped_default_yaml_equals_the_defaults() -> None:
+    shipped = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
+    assert shipped == Config().model_dump(mode="json")
+    cfg = load_config(ROOT / "configs" / "default.yaml")
+    assert cfg.tasks.mitosis.mpp == 0.25 and cfg.tasks.epithelium_stroma.tile_px == 224
+
+
+def test_set_overrides_and_file_merge(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("tasks:\n  metastasis:\n    threshold: 0.7\n")
+    cfg = load_config(path, ["tasks.mitosis.tile_px=384", "tissue.pen_filter=false"])
+    assert cfg.tasks.metastasis.threshold == 0.7
+    assert cfg.tasks.metastasis.tile_px == 96  # untouched keys keep their defaults
+    assert cfg.tasks.mitosis.tile_px == 384 and cfg.tissue.pen_filter is False
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["tasks.mitosis.tile_pz=3"], "tasks.mitosis.tile_pz: unknown key"),
+        (["tasks.mitosis.tile_px=-1"], "tasks.mitosis.tile_px: Input should be greater than 0"),
+        (["tasks.mitosis.overlap_px=600"], "tasks.mitosis: Value error, overlap_px (600) must be smaller"),
+        (["tissue.background=blue"], "tissue.background: Input should be 'auto', 'light' or 'dark'"),
+        (["tissue.mask_mpp=abc"], "tissue.mask_mpp: Input should be a valid number"),
+        (["nonsense"], "expected KEY=VALUE"),
+    ],
+)
+def test_errors_name_the_key(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert message in str(err.value)
+    assert err.value.exit_code == 7
+
+
+def test_bad_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tasks: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(listed)
+
+
+def test_fingerprint_tracks_changes() -> None:
+    a, b = load_config(), load_config(None, ["tasks.mitosis.threshold=0.6"])
+    assert a.fingerprint("tissue") == b.fingerprint("tissue")
+    assert a.fingerprint("tasks.mitosis") != b.fingerprint("tasks.mitosis")
