@@ -1,0 +1,245 @@
+"""Heatmaps as OME-Zarr (NGFF 0.5, zarr v3) multiscale images inside `OUT/<slide_id>/heatmaps.zarr/<name>/`.
+
+Writing: one writer (this process) per output; blocks arrive in non-decreasing row order and are gathered in a
+band of whole chunk rows, which is written once when no later tile can touch it. So every zarr write covers whole
+chunks (zarr v3 has no locks: two writers of one chunk lose data), and memory is one band: it grows with the slide's
+width, never with its area. Each output is built in a temporary folder and renamed into the store when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import zarr
+
+from .errors import OutputError
+
+CHUNK = 512
+MIN_LEVELS = 3
+FORMAT = "wsi-pipeline/heatmap@1"
+
+
+@dataclass(frozen=True)
+class HeatmapGeometry:
+    """How heatmap pixels map onto the slide.
+
+    Heatmap pixel (row, col) of level 0 covers target-resolution pixels [origin_px + col*px, ... + px) of the tile
+    grid, whose pixel 0 is the slide's bounds corner (QuPath's origin). `target_mpp` is the tiles' µm/px and
+    `slide_downsample` the level-0 px per target px (x, y).
+    """
+
+    height: int
+    width: int
+    px: float  # target px per heatmap px
+    origin_px: float  # target px from the bounds corner to the heatmap's pixel-0 edge
+    target_mpp: tuple[float, float]  # (y, x) µm per target px
+    slide_downsample: tuple[float, float]  # (x, y) level-0 px per target px
+
+    @property
+    def mpp(self) -> tuple[float, float]:
+        return self.px * self.target_mpp[0], self.px * self.target_mpp[1]
+
+    def level0_transform(self) -> dict[str, list[float]]:
+        """Heatmap px -> level-0 px of the slide as QuPath opens it: x = origin + col * scale (pixel edges)."""
+        sx, sy = self.slide_downsample
+        return {"origin": [self.origin_px * sx, self.origin_px * sy], "scale": [self.px * sx, self.px * sy]}
+
+
+def _ngff_multiscales(name: str, geometry: HeatmapGeometry, levels: int) -> dict[str, Any]:
+    datasets = []
+    my, mx = geometry.mpp
+    ty0 = (geometry.origin_px + (geometry.px - 1) / 2) * geometry.target_mpp[0]
+    tx0 = (geometry.origin_px + (geometry.px - 1) / 2) * geometry.target_mpp[1]
+    for level in range(levels):
+        factor = 2**level
+        # a level-l pixel averages factor x factor level-0 pixels: its centre sits (factor - 1) / 2 px further on
+        datasets.append(
+            {
+                "path": str(level),
+                "coordinateTransformations": [
+                    {"type": "scale", "scale": [1.0, my * factor, mx * factor]},
+                    {
+                        "type": "translation",
+                        "translation": [0.0, ty0 + (factor - 1) / 2 * my, tx0 + (factor - 1) / 2 * mx],
+                    },
+                ],
+            }
+        )
+    return {
+        "version": "0.5",
+        "multiscales": [
+            {
+                "name": name,
+                "axes": [
+                    {"name": "c", "type": "channel"},
+                    {"name": "y", "type": "space", "unit": "micrometer"},
+                    {"name": "x", "type": "space", "unit": "micrometer"},
+                ],
+                "datasets": datasets,
+            }
+        ],
+    }
+
+
+class HeatmapWriter:
+    """Streams one output with channels `channels` into `store/<name>` (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: Path,
+        name: str,
+        channels: list[str],
+        geometry: HeatmapGeometry,
+        dtype: str = "float16",
+        chunk: int = CHUNK,
+        attrs: dict[str, Any] | None = None,
+    ) -> None:
+        if dtype not in ("float16", "float32", "uint8"):
+            raise ValueError(f"dtype must be float16, float32 or uint8, got {dtype}")
+        self.store = Path(store)
+        self.name = name
+        self.channels = list(channels)
+        self.geometry = geometry
+        self.dtype = dtype
+        self.chunk = chunk
+        self.attrs = dict(attrs or {})
+        self.tmp = self.store.parent / f".{self.store.name}.{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.group = zarr.open_group(str(self.tmp), mode="w", zarr_format=3)
+        shape = (len(self.channels), geometry.height, geometry.width)
+        self.array = self.group.create_array("0", shape=shape, chunks=(1, chunk, chunk), dtype=dtype, fill_value=0)
+        self._bands: dict[int, np.ndarray] = {}
+        self._flushed_below = 0  # rows below this are final
+        self.closed = False
+
+    # --- streaming ----------------------------------------------------------------------------------------------
+    def write(self, y0: int, x0: int, block: np.ndarray) -> None:
+        """Place `block` (C, h, w) at heatmap (y0, x0). Rows already flushed may not be written again."""
+        c, h, w = block.shape
+        if c != len(self.channels):
+            raise ValueError(f"block has {c} channels, heatmap {self.name} has {len(self.channels)}")
+        if y0 < self._flushed_below:
+            raise RuntimeError(f"row {y0} of {self.name} was already written; tiles must come in row order")
+        y1, x1 = min(y0 + h, self.geometry.height), min(x0 + w, self.geometry.width)
+        for band in range(y0 // self.chunk, (y1 - 1) // self.chunk + 1):
+            buf = self._bands.get(band)
+            if buf is None:
+                buf = self._bands[band] = np.zeros((c, self.chunk, self.geometry.width), np.float32)
+            top = band * self.chunk
+            a, b = max(y0, top), min(y1, top + self.chunk)
+            buf[:, a - top : b - top, x0:x1] = block[:, a - y0 : b - y0, : x1 - x0]
+
+    def advance(self, next_row: int) -> None:
+        """No later block starts above `next_row`: write every band that ends at or above it."""
+        for band in sorted(self._bands):
+            if (band + 1) * self.chunk <= next_row:
+                self._flush(band)
+        self._flushed_below = max(self._flushed_below, next_row - next_row % self.chunk)
+
+    def _flush(self, band: int) -> None:
+        buf = self._bands.pop(band)
+        top = band * self.chunk
+        bottom = min(top + self.chunk, self.geometry.height)
+        values = buf[:, : bottom - top]
+        if self.dtype == "uint8":
+            values = np.clip(np.rint(values * 255.0), 0, 255)
+        self.array[:, top:bottom, :] = values.astype(self.dtype)
+
+    # --- finishing ------------------------------------------------------------------------------------------------
+    def close(self) -> Path:
+        """Flush, build the pyramid, write the metadata, and move the finished output into the store."""
+        for band in sorted(self._bands):
+            self._flush(band)
+        levels = build_pyramid(self.group, self.chunk)
+        self.group.attrs.update(
+            {
+                "ome": _ngff_multiscales(self.name, self.geometry, levels),
+                "wsi_pipeline": {
+                    "format": FORMAT,
+                    "name": self.name,
+                    "channels": self.channels,
+                    "dtype": self.dtype,
+                    "value_scale": 1 / 255 if self.dtype == "uint8" else 1.0,
+                    "level0_px": self.geometry.level0_transform(),
+                    "mpp": list(self.geometry.mpp),
+                    **self.attrs,
+                    "complete": True,
+                },
+            }
+        )
+        final = self.store / self.name
+        try:
+            _ensure_root(self.store)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(self.tmp, final)
+        except OSError as exc:
+            self.abort()
+            raise OutputError(f"could not write heatmap {final}: {exc}; check free disk space and permissions") from exc
+        self.closed = True
+        return final
+
+    def abort(self) -> None:
+        """Discard the partial output (a failed slide leaves nothing that looks complete)."""
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self._bands.clear()
+
+
+def _ensure_root(store: Path) -> None:
+    if not (store / "zarr.json").exists():
+        zarr.open_group(str(store), mode="a", zarr_format=3)
+
+
+def build_pyramid(group: zarr.Group, chunk: int) -> int:
+    """Levels 1.. by 2x2 mean (dask, chunk-aligned writes) until the level fits in one chunk; at least 3 levels."""
+    level = 0
+    while True:
+        src = group[str(level)]
+        _, h, w = src.shape
+        if level + 1 >= MIN_LEVELS and max(h, w) <= chunk:
+            break
+        if min(h, w) < 2:
+            break
+        arr = da.from_zarr(src).astype(np.float32)
+        coarse = da.coarsen(np.mean, arr, {1: 2, 2: 2}, trim_excess=True)
+        if src.dtype == np.uint8:
+            coarse = da.clip(da.round(coarse), 0, 255)
+        coarse = coarse.astype(src.dtype).rechunk((1, chunk, chunk))
+        dst = group.create_array(
+            str(level + 1), shape=coarse.shape, chunks=(1, chunk, chunk), dtype=src.dtype, fill_value=0
+        )
+        da.store(coarse, dst, lock=False)
+        level += 1
+    return level + 1
+
+
+@dataclass
+class Heatmap:
+    """A finished heatmap read back: level arrays (lazy zarr) and the metadata needed to place them."""
+
+    path: Path
+    channels: list[str]
+    levels: list[zarr.Array]
+    attrs: dict[str, Any]
+
+    def channel(self, name: str, level: int = 0) -> np.ndarray:
+        """Values of one channel as float32 probabilities in [0, 1]."""
+        index = self.channels.index(name)
+        values = np.asarray(self.levels[level][index], dtype=np.float32)
+        return values * float(self.attrs["value_scale"])
+
+
+def open_heatmap(path: str | os.PathLike[str]) -> Heatmap:
+    path = Path(path)
+    group = zarr.open_group(str(path), mode="r")
+    attrs = dict(group.attrs).get("wsi_pipeline")
+    if not attrs or not attrs.get("complete"):
+        raise OutputError(f"{path} is not a complete wsi-pipeline heatmap; re-run predict")
+    count = len(dict(group.attrs)["ome"]["multiscales"][0]["datasets"])
+    return Heatmap(path, attrs["channels"], [group[str(i)] for i in range(count)], attrs)

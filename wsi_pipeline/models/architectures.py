@@ -1,0 +1,72 @@
+"""Architectures by name. Dense networks keep the input size (padding 'same') and shrink by their output stride."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    def wrap(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        _REGISTRY[name] = factory
+        return factory
+
+    return wrap
+
+
+def build(name: str, num_outputs: int, **kwargs: Any) -> nn.Module:
+    if name in _REGISTRY:
+        return _REGISTRY[name](num_outputs=num_outputs, **kwargs)
+    import torchvision
+
+    if name in torchvision.models.list_models(module=torchvision.models):
+        return _torchvision_classifier(name, num_outputs, **kwargs)
+    known = ", ".join(sorted(_REGISTRY)) + ", or a torchvision classification model name"
+    raise KeyError(f"unknown architecture {name!r}; known: {known}")
+
+
+def _torchvision_classifier(name: str, num_outputs: int, **kwargs: Any) -> nn.Module:
+    """A torchvision backbone with a new head (weights come from our checkpoint, never downloaded)."""
+    import torchvision
+
+    return torchvision.models.get_model(name, weights=None, num_classes=num_outputs, **kwargs)
+
+
+@register("tiny_fcn")
+def tiny_fcn(num_outputs: int, width: int = 16, depth: int = 3, stride: int = 1) -> nn.Module:
+    """A small fully convolutional network: `depth` 3x3 convs (receptive radius = depth px at stride 1), then a
+    1x1 head; with stride 2 or 4, average pooling after the first conv(s)."""
+    layers: list[nn.Module] = []
+    channels = 3
+    for i in range(depth):
+        layers += [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(inplace=True)]
+        channels = width
+        if stride > 1 and i < {1: 0, 2: 1, 4: 2}[stride]:
+            layers.append(nn.AvgPool2d(2))
+    layers.append(nn.Conv2d(channels, num_outputs, 1))
+    return nn.Sequential(*layers)
+
+
+@register("small_cnn")
+def small_cnn(num_outputs: int, width: int = 16) -> nn.Module:
+    """A small patch classifier: conv blocks, global average pooling, linear head."""
+    blocks: list[nn.Module] = []
+    channels = 3
+    for out in (width, width * 2, width * 4):
+        blocks += [nn.Conv2d(channels, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+        channels = out
+    return nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_outputs))
+
+
+def seeded(module: nn.Module, seed: int) -> nn.Module:
+    """Deterministic weights for tests and examples: re-initialise every parameter from `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * (1.0 / max(1, param[0].numel()) ** 0.5))
+    return module

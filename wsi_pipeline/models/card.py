@@ -1,0 +1,54 @@
+"""The model card: everything needed to feed a network correctly and to judge what it says."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+TASKS = ("epithelium_stroma", "mitosis", "metastasis")
+
+
+class Normalisation(BaseModel):
+    """Applied on the device to RGB scaled to [0, 1]: (x - mean) / std."""
+
+    model_config = ConfigDict(extra="forbid")
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+
+class ModelCard(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    task: Literal["epithelium_stroma", "mitosis", "metastasis"]
+    kind: Literal["classifier", "dense"] = Field(description="one vector per tile, or a map per tile")
+    architecture: str = Field(description="a name in wsi_pipeline.models.architectures")
+    architecture_args: dict[str, Any] = Field(default_factory=dict)
+    mpp: float = Field(gt=0, description="µm/px of the input")
+    tile_px: int = Field(gt=0, description="input tile edge the model was trained on")
+    output_stride: int = Field(1, ge=1, description="input px per output px (dense models)")
+    halo_px: int = Field(0, ge=0, description="input px of context each output px needs (dense models)")
+    classes: list[str] = Field(min_length=1, description="output channel names; heatmaps are named after them")
+    heatmap_classes: list[str] | None = Field(
+        None, description="classes written as heatmaps, each an image named after its class (None: all)"
+    )
+    activation: Literal["softmax", "sigmoid"] = "softmax"
+    normalisation: Normalisation = Normalisation()
+    training: dict[str, Any] = Field(default_factory=dict, description="data, split, augmentation, command")
+    metrics: dict[str, Any] = Field(default_factory=dict, description="measured validation metrics")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelCard:
+        if self.kind == "dense" and self.tile_px % self.output_stride:
+            raise ValueError(f"tile_px {self.tile_px} is not a multiple of output_stride {self.output_stride}")
+        unknown = set(self.heatmap_classes or []) - set(self.classes)
+        if unknown:
+            raise ValueError(f"heatmap_classes {sorted(unknown)} are not in classes {self.classes}")
+        if self.activation == "softmax" and len(self.classes) < 2:
+            raise ValueError("softmax needs at least two classes; use sigmoid for one")
+        return self
+
+    @property
+    def written_classes(self) -> list[str]:
+        return list(self.heatmap_classes) if self.heatmap_classes is not None else list(self.classes)
