@@ -40,3 +40,4 @@ clean:
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/foundation.py
+	$(BIN)/python benchmarks/engine.py

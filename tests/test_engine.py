@@ -10,7 +10,7 @@ import pytest
 import torch
 import zarr
 
-from tests.conftest import CMU
+from tests.conftest import CMU, run_cli
 from wsi_pipeline.config import TissueConfig
 from wsi_pipeline.engine import TaskRequest, predict_slide, resolve_device
 from wsi_pipeline.errors import ConfigError
@@ -206,3 +206,95 @@ def test_device_resolution() -> None:
             resolve_device("cuda:0")
     with pytest.raises(ConfigError):
         resolve_device("tpu")
+
+
+def _damage_middle_tile_row(path: Path) -> None:
+    """Zero the JPEG data of level 0's middle row of TIFF tiles (through the tissue): OpenSlide fails on them."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        per_row = -(-page.imagewidth // page.tilewidth)
+        middle = -(-page.imagelength // page.tilelength) // 2
+        spans = list(zip(page.dataoffsets, page.databytecounts, strict=True))[middle * per_row : (middle + 1) * per_row]
+    data = bytearray(path.read_bytes())
+    for offset, count in spans:
+        data[offset : offset + count] = bytes(count)
+    path.write_bytes(bytes(data))
+
+
+def test_predict_command_and_failure_midway(tmp_path: Path) -> None:
+    from wsi_pipeline.synth import default_layout, write_synthetic_slide
+
+    slide = write_synthetic_slide(tmp_path / "s.svs", default_layout(3000, 2400, 0.5, seed=4))
+    model = dense_model(tmp_path, stride=2, halo=4, mpp=0.5)
+    out = tmp_path / "out"
+    args = ["predict", str(slide), "-o", str(out), "--task", "mitosis", "--model", str(model), "--device", "cpu",
+            "--set", "tasks.mitosis.tile_px=128", "--set", "tasks.mitosis.overlap_px=16", "--no-progress"]
+    ok = run_cli(*args)
+    assert ok.returncode == 0, ok.stderr
+    store = out / "s" / "heatmaps.zarr"
+    mitosis, tissue = open_heatmap(store / "mitosis"), open_heatmap(store / "tissue")
+    # 128 px tiles at stride 112: ceil((3000 - 16) / 112) = 27 columns, 22 rows; the map is the grid extent / 2
+    assert mitosis.levels[0].shape[1:] == ((21 * 112 + 128) // 2, (26 * 112 + 128) // 2) == (1240, 1520)
+    assert tissue.channel("tissue").max() == 1.0
+    wrong = run_cli("predict", str(slide), "-o", str(out), "--task", "metastasis", "--model", str(model))
+    assert wrong.returncode == 10 and "not a metastasis model" in wrong.stderr
+    # a slide damaged in the middle fails mid-way: the error is reported, no heatmap looks complete
+    _damage_middle_tile_row(slide)
+    failed = run_cli(*args[:3], str(tmp_path / "out2"), *args[4:])
+    assert failed.returncode == 4 and "damaged" in failed.stderr
+    assert failed.stderr.strip().count("\n") == 0 and "Traceback" not in failed.stderr  # one line
+    store2 = tmp_path / "out2" / "s" / "heatmaps.zarr"
+    assert not (store2 / "mitosis").exists()
+    assert not [p for p in (tmp_path / "out2" / "s").iterdir() if "tmp" in p.name]
+
+
+def test_tasks_sharing_a_resolution_share_one_read(cmu, tmp_path: Path) -> None:
+    slide, tissue = cmu
+    dense = load_model(dense_model(tmp_path, stride=2, halo=4, mpp=0.998))
+    card = ModelCard(name="tiny-fcn-tumour", task="metastasis", kind="dense", architecture="tiny_fcn",
+                     architecture_args={"width": 8, "depth": 3, "stride": 2}, mpp=0.998, tile_px=64, output_stride=2,
+                     halo_px=4, classes=["metastasis"], activation="sigmoid")
+    other = load_model(save_model(tmp_path / "other", seeded(build("tiny_fcn", 1, width=8, stride=2), 9), card))
+    plan = plan_tiles(slide, tissue, 0.998, 64, overlap_px=16, min_tissue=0.3)
+    together = tmp_path / "together.zarr"
+    timings = predict_slide(slide, [TaskRequest("mitosis", dense, plan, "float32"),
+                                    TaskRequest("metastasis", other, plan, "float32")],
+                            together, device=CPU, workers=1, progress=False)
+    assert len(timings["reads"]) == 1 and timings["reads"][0]["tasks"] == ["mitosis", "metastasis"]
+    alone = tmp_path / "alone.zarr"
+    predict_slide(slide, [TaskRequest("metastasis", other, plan, "float32")], alone, device=CPU, workers=0,
+                  progress=False)
+    assert np.array_equal(open_heatmap(together / "metastasis").channel("metastasis"),
+                          open_heatmap(alone / "metastasis").channel("metastasis"))
+    assert open_heatmap(together / "mitosis").channel("mitosis").max() > 0
+
+
+def test_progress_is_plain_lines_off_a_terminal(tmp_path: Path) -> None:
+    from wsi_pipeline.progress import Progress
+
+    log = tmp_path / "log.txt"
+    with log.open("w") as stream:
+        bar = Progress(10, "slide-1 mitosis", stream=stream, every_s=0.0)
+        bar.update(4)
+        bar.update(6)
+        bar.close()
+    lines = log.read_text().splitlines()
+    assert lines[0].startswith("slide-1 mitosis: 4/10 tiles (") and "tiles/s, ETA" in lines[0]
+    assert lines[-1].startswith("slide-1 mitosis: 10/10 tiles")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible here)")
+def test_cuda_bf16_matches_cpu_fp32(cmu, tmp_path: Path) -> None:
+    slide, tissue = cmu
+    model = load_model(dense_model(tmp_path, stride=2, halo=4))
+    plan = plan_tiles(slide, tissue, 0.499, 128, overlap_px=16, min_tissue=0.3)
+    predict_slide(slide, [TaskRequest("mitosis", model, plan, "float32")], tmp_path / "gpu.zarr",
+                  device=torch.device("cuda"), workers=2, progress=False)
+    model = load_model(dense_model(tmp_path / "c", stride=2, halo=4))
+    predict_slide(slide, [TaskRequest("mitosis", model, plan, "float32")], tmp_path / "cpu.zarr", device=CPU,
+                  workers=2, progress=False)
+    gpu = open_heatmap(tmp_path / "gpu.zarr" / "mitosis").channel("mitosis")
+    cpu = open_heatmap(tmp_path / "cpu.zarr" / "mitosis").channel("mitosis")
+    assert np.abs(gpu - cpu).max() < 0.02  # bf16 autocast keeps ~3 significant digits

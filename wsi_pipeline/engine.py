@@ -12,9 +12,10 @@ region at once.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import ConfigError
+from .errors import ConfigError, WsiError
 from .heatmap import HeatmapGeometry, HeatmapWriter
 from .models import LoadedModel
 from .progress import Progress
@@ -267,6 +268,21 @@ def predict_slide(
     return timings
 
 
+@contextlib.contextmanager
+def _one_line_worker_errors() -> Iterator[None]:
+    """DataLoader re-raises a worker's exception with the worker's traceback inside its message; users get the
+    original one-line message (same error type, same exit status)."""
+    try:
+        yield
+    except WsiError as exc:
+        text = str(exc)
+        if "DataLoader worker" not in text:
+            raise
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        message = last.split(": ", 1)[1] if last.startswith(type(exc).__module__) else last
+        raise type(exc)(message) from None
+
+
 def _run_group(
     slide: Slide,
     plan: TilePlan,
@@ -280,7 +296,7 @@ def _run_group(
     bar = Progress(len(plan), f"{slide.slide_id} {names}", enabled=progress)
     wait_s = compute_s = 0.0
     tick = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), _one_line_worker_errors():
         for indices, batch in make_loader(slide, plan, batch_size, workers, device):
             got = time.perf_counter()
             wait_s += got - tick

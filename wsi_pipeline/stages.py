@@ -6,10 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import shapely
 
 from .atomic import write_json
-from .config import TissueConfig
+from .config import Config, TissueConfig
 from .export.overlay import Overview, save_mask_png
 from .export.qupath import feature, object_id, write_feature_collection
 from .slide import Slide
@@ -113,3 +114,55 @@ def tiles_stage(
     overview.boxes(plan.x, plan.y, w, h, (*TILE_COLOR, 160))
     overview.save(files["png"])
     return plan, files
+
+
+def write_tissue_heatmap(store: Path, tissue: TissueMask) -> Path:
+    """The tissue mask as the `tissue` heatmap (uint8, 255 = tissue) at the mask's µm/px."""
+    from .heatmap import HeatmapGeometry, HeatmapWriter
+
+    h, w = tissue.mask.shape
+    geometry = HeatmapGeometry(h, w, tissue.scale[0], 0.0, (tissue.slide_mpp[1], tissue.slide_mpp[0]), (1.0, 1.0))
+    writer = HeatmapWriter(store, "tissue", ["tissue"], geometry, dtype="uint8", attrs={"task": "tissue"})
+    try:
+        writer.write(0, 0, tissue.mask[None].astype(np.float32))
+        return writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def predict_stage(
+    slide: Slide,
+    config: Config,
+    task: str,
+    out_dir: Path,
+    *,
+    model_path: str | None,
+    device: str = "auto",
+    batch_size: int | None = None,
+    workers: int = 2,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run one task over the slide and write its heatmaps (and `tissue`) into out_dir/heatmaps.zarr."""
+    from .engine import TaskRequest, predict_slide, resolve_device
+    from .models import load_model
+    from .models.loading import ModelError
+
+    task_cfg = getattr(config.tasks, task)
+    path = model_path or task_cfg.model
+    if path is None:
+        raise ModelError(f"no model for task {task}: give --model PATH (a folder with model_card.json and "
+                         f"weights.safetensors) or set tasks.{task}.model in the configuration")
+    model = load_model(path, task=task)  # before any tile is read
+    torch_device = resolve_device(device)
+    tissue = detect_tissue(slide, config.tissue)
+    require_tissue(tissue, slide)
+    card = model.card
+    tile_px = card.tile_px if card.kind == "classifier" else task_cfg.tile_px
+    plan = plan_tiles(slide, tissue, card.mpp, tile_px, task_cfg.overlap_px, task_cfg.min_tissue)
+    store = out_dir / "heatmaps.zarr"
+    timings = predict_slide(slide, [TaskRequest(task, model, plan)], store, device=torch_device,
+                            batch_size=batch_size or task_cfg.batch_size, workers=workers, progress=progress)
+    write_tissue_heatmap(store, tissue)
+    return {"store": store, "heatmaps": [*card.written_classes, "tissue"], "tiles": len(plan),
+            "timings": timings, "model": card.name}
