@@ -229,8 +229,23 @@ def test_predict_command_and_failure_midway(tmp_path: Path) -> None:
     slide = write_synthetic_slide(tmp_path / "s.svs", default_layout(3000, 2400, 0.5, seed=4))
     model = dense_model(tmp_path, stride=2, halo=4, mpp=0.5)
     out = tmp_path / "out"
-    args = ["predict", str(slide), "-o", str(out), "--task", "mitosis", "--model", str(model), "--device", "cpu",
-            "--set", "tasks.mitosis.tile_px=128", "--set", "tasks.mitosis.overlap_px=16", "--no-progress"]
+    args = [
+        "predict",
+        str(slide),
+        "-o",
+        str(out),
+        "--task",
+        "mitosis",
+        "--model",
+        str(model),
+        "--device",
+        "cpu",
+        "--set",
+        "tasks.mitosis.tile_px=128",
+        "--set",
+        "tasks.mitosis.overlap_px=16",
+        "--no-progress",
+    ]
     ok = run_cli(*args)
     assert ok.returncode == 0, ok.stderr
     store = out / "s" / "heatmaps.zarr"
@@ -253,21 +268,39 @@ def test_predict_command_and_failure_midway(tmp_path: Path) -> None:
 def test_tasks_sharing_a_resolution_share_one_read(cmu, tmp_path: Path) -> None:
     slide, tissue = cmu
     dense = load_model(dense_model(tmp_path, stride=2, halo=4, mpp=0.998))
-    card = ModelCard(name="tiny-fcn-tumour", task="metastasis", kind="dense", architecture="tiny_fcn",
-                     architecture_args={"width": 8, "depth": 3, "stride": 2}, mpp=0.998, tile_px=64, output_stride=2,
-                     halo_px=4, classes=["metastasis"], activation="sigmoid")
+    card = ModelCard(
+        name="tiny-fcn-tumour",
+        task="metastasis",
+        kind="dense",
+        architecture="tiny_fcn",
+        architecture_args={"width": 8, "depth": 3, "stride": 2},
+        mpp=0.998,
+        tile_px=64,
+        output_stride=2,
+        halo_px=4,
+        classes=["metastasis"],
+        activation="sigmoid",
+    )
     other = load_model(save_model(tmp_path / "other", seeded(build("tiny_fcn", 1, width=8, stride=2), 9), card))
     plan = plan_tiles(slide, tissue, 0.998, 64, overlap_px=16, min_tissue=0.3)
     together = tmp_path / "together.zarr"
-    timings = predict_slide(slide, [TaskRequest("mitosis", dense, plan, "float32"),
-                                    TaskRequest("metastasis", other, plan, "float32")],
-                            together, device=CPU, workers=1, progress=False)
+    timings = predict_slide(
+        slide,
+        [TaskRequest("mitosis", dense, plan, "float32"), TaskRequest("metastasis", other, plan, "float32")],
+        together,
+        device=CPU,
+        workers=1,
+        progress=False,
+    )
     assert len(timings["reads"]) == 1 and timings["reads"][0]["tasks"] == ["mitosis", "metastasis"]
     alone = tmp_path / "alone.zarr"
-    predict_slide(slide, [TaskRequest("metastasis", other, plan, "float32")], alone, device=CPU, workers=0,
-                  progress=False)
-    assert np.array_equal(open_heatmap(together / "metastasis").channel("metastasis"),
-                          open_heatmap(alone / "metastasis").channel("metastasis"))
+    predict_slide(
+        slide, [TaskRequest("metastasis", other, plan, "float32")], alone, device=CPU, workers=0, progress=False
+    )
+    assert np.array_equal(
+        open_heatmap(together / "metastasis").channel("metastasis"),
+        open_heatmap(alone / "metastasis").channel("metastasis"),
+    )
     assert open_heatmap(together / "mitosis").channel("mitosis").max() > 0
 
 
@@ -290,11 +323,23 @@ def test_cuda_bf16_matches_cpu_fp32(cmu, tmp_path: Path) -> None:
     slide, tissue = cmu
     model = load_model(dense_model(tmp_path, stride=2, halo=4))
     plan = plan_tiles(slide, tissue, 0.499, 128, overlap_px=16, min_tissue=0.3)
-    predict_slide(slide, [TaskRequest("mitosis", model, plan, "float32")], tmp_path / "gpu.zarr",
-                  device=torch.device("cuda"), workers=2, progress=False)
+    predict_slide(
+        slide,
+        [TaskRequest("mitosis", model, plan, "float32")],
+        tmp_path / "gpu.zarr",
+        device=torch.device("cuda"),
+        workers=2,
+        progress=False,
+    )
     model = load_model(dense_model(tmp_path / "c", stride=2, halo=4))
-    predict_slide(slide, [TaskRequest("mitosis", model, plan, "float32")], tmp_path / "cpu.zarr", device=CPU,
-                  workers=2, progress=False)
+    predict_slide(
+        slide,
+        [TaskRequest("mitosis", model, plan, "float32")],
+        tmp_path / "cpu.zarr",
+        device=CPU,
+        workers=2,
+        progress=False,
+    )
     gpu = open_heatmap(tmp_path / "gpu.zarr" / "mitosis").channel("mitosis")
     cpu = open_heatmap(tmp_path / "cpu.zarr" / "mitosis").channel("mitosis")
     assert np.abs(gpu - cpu).max() < 0.02  # bf16 autocast keeps ~3 significant digits

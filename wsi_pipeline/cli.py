@@ -236,19 +236,35 @@ def tiles(
 @click.argument("slide_path", metavar="SLIDE", type=click.Path())
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Output folder.")
 @click.option("--task", type=click.Choice(TASK_NAMES), required=True)
-@click.option("--model", "model_path", type=click.Path(), default=None,
-              help="Model folder (model_card.json + weights.safetensors); default: tasks.<task>.model.")
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(),
+    default=None,
+    help="Model folder (model_card.json + weights.safetensors); default: tasks.<task>.model.",
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Tiles per batch [task's batch_size].")
-@click.option("--workers", type=click.IntRange(min=0), default=None,
-              help="Tile-reading worker processes [cores - 1, at least 1].")
+@click.option(
+    "--workers", type=click.IntRange(min=0), default=None, help="Tile-reading worker processes [cores - 1, at least 1]."
+)
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @slide_mpp_option
 @config_option
 @set_option
-def predict(slide_path: str, out_dir: str, task: str, model_path: str | None, device: str, batch_size: int | None,
-            workers: int | None, progress: bool, slide_mpp: float | None, config_path: str | None,
-            overrides: tuple[str, ...]) -> None:
+def predict(
+    slide_path: str,
+    out_dir: str,
+    task: str,
+    model_path: str | None,
+    device: str,
+    batch_size: int | None,
+    workers: int | None,
+    progress: bool,
+    slide_mpp: float | None,
+    config_path: str | None,
+    overrides: tuple[str, ...],
+) -> None:
     """Run one task over SLIDE's tiles: OUT/<slide_id>/heatmaps.zarr/<class> (OME-Zarr) and tissue."""
     import os
 
@@ -257,11 +273,22 @@ def predict(slide_path: str, out_dir: str, task: str, model_path: str | None, de
     cfg = _config(config_path, overrides)
     workers = max(1, (os.cpu_count() or 2) - 1) if workers is None else workers
     with Slide(slide_path, mpp=slide_mpp) as slide:
-        result = predict_stage(slide, cfg, task, Path(out_dir) / slide.slide_id, model_path=model_path,
-                               device=device, batch_size=batch_size, workers=workers, progress=progress)
+        result = predict_stage(
+            slide,
+            cfg,
+            task,
+            Path(out_dir) / slide.slide_id,
+            model_path=model_path,
+            device=device,
+            batch_size=batch_size,
+            workers=workers,
+            progress=progress,
+        )
     read = result["timings"]["reads"][0]
-    click.echo(f"{slide.slide_id}: {result['tiles']} tiles with {result['model']} on {read['device']} in "
-               f"{read['seconds']:.1f} s ({read['tiles_per_s'] or 0:.1f} tiles/s)")
+    click.echo(
+        f"{slide.slide_id}: {result['tiles']} tiles with {result['model']} on {read['device']} in "
+        f"{read['seconds']:.1f} s ({read['tiles_per_s'] or 0:.1f} tiles/s)"
+    )
     for name in result["heatmaps"]:
         click.echo(f"  heatmap  {result['store'] / name}")
 

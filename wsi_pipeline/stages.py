@@ -57,7 +57,7 @@ def tissue_stage(slide: Slide, params: TissueConfig, out_dir: Path, *, require: 
     write_feature_collection(files["geojson"], features)
     save_mask_png(tissue.mask, files["mask"])
     overview = Overview(tissue.thumbnail, tissue.origin, tissue.scale)
-    overview.outline(shapely.union_all(tissue.polygons) if tissue.polygons else shapely.Polygon(), TISSUE_COLOR)
+    overview.outline(tissue.geometry, TISSUE_COLOR)
     overview.save(files["overview"])
     summary = {
         "slide": str(slide.path),
@@ -110,7 +110,7 @@ def tiles_stage(
     )
     write_feature_collection(files["geojson"], features)
     overview = Overview(tissue.thumbnail, tissue.origin, tissue.scale)
-    overview.outline(shapely.union_all(tissue.polygons) if tissue.polygons else shapely.Polygon(), TISSUE_COLOR)
+    overview.outline(tissue.geometry, TISSUE_COLOR)
     overview.boxes(plan.x, plan.y, w, h, (*TILE_COLOR, 160))
     overview.save(files["png"])
     return plan, files
@@ -151,8 +151,10 @@ def predict_stage(
     task_cfg = getattr(config.tasks, task)
     path = model_path or task_cfg.model
     if path is None:
-        raise ModelError(f"no model for task {task}: give --model PATH (a folder with model_card.json and "
-                         f"weights.safetensors) or set tasks.{task}.model in the configuration")
+        raise ModelError(
+            f"no model for task {task}: give --model PATH (a folder with model_card.json and "
+            f"weights.safetensors) or set tasks.{task}.model in the configuration"
+        )
     model = load_model(path, task=task)  # before any tile is read
     torch_device = resolve_device(device)
     tissue = detect_tissue(slide, config.tissue)
@@ -161,8 +163,20 @@ def predict_stage(
     tile_px = card.tile_px if card.kind == "classifier" else task_cfg.tile_px
     plan = plan_tiles(slide, tissue, card.mpp, tile_px, task_cfg.overlap_px, task_cfg.min_tissue)
     store = out_dir / "heatmaps.zarr"
-    timings = predict_slide(slide, [TaskRequest(task, model, plan)], store, device=torch_device,
-                            batch_size=batch_size or task_cfg.batch_size, workers=workers, progress=progress)
+    timings = predict_slide(
+        slide,
+        [TaskRequest(task, model, plan)],
+        store,
+        device=torch_device,
+        batch_size=batch_size or task_cfg.batch_size,
+        workers=workers,
+        progress=progress,
+    )
     write_tissue_heatmap(store, tissue)
-    return {"store": store, "heatmaps": [*card.written_classes, "tissue"], "tiles": len(plan),
-            "timings": timings, "model": card.name}
+    return {
+        "store": store,
+        "heatmaps": [*card.written_classes, "tissue"],
+        "tiles": len(plan),
+        "timings": timings,
+        "model": card.name,
+    }

@@ -38,6 +38,11 @@ class TissueMask:
     slide_mpp: tuple[float, float] = (1.0, 1.0)
 
     @property
+    def geometry(self) -> shapely.Geometry:
+        """All tissue polygons as one (possibly empty) geometry."""
+        return shapely.union_all(self.polygons) if self.polygons else shapely.Polygon()
+
+    @property
     def area_mm2(self) -> float:
         """Area of the tissue polygons (what QuPath measures), in mm²."""
         px_area = self.slide_mpp[0] * self.slide_mpp[1]
