@@ -1,0 +1,1 @@
+"""Post-processing: heatmaps into objects (points, regions) and slide-level figures."""
