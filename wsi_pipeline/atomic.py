@@ -61,3 +61,28 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete temporary outputs left in `folder` by processes that no longer run (a killed run); returns them."""
+    removed = []
+    for entry in folder.glob(".*.tmp-*"):
+        try:
+            pid = int(entry.name.rsplit(".tmp-", 1)[1].split("-", 1)[0])
+        except (IndexError, ValueError):
+            continue
+        if pid == os.getpid() or _alive(pid):
+            continue
+        _remove(entry)
+        removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -293,6 +293,74 @@ def predict(
         click.echo(f"  heatmap  {result['store'] / name}")
 
 
+@main.command()
+@click.argument("slides", nargs=-1, required=True)
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Output folder.")
+@click.option("--tasks", default=None, help="Comma-separated tasks to run [every enabled task].")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="Tile-reading processes [cores - 1].")
+@click.option("--overwrite", is_flag=True, help="Redo slides whose outputs are complete and compatible.")
+@click.option("--default-mpp", type=float, default=None, help="µm/px for slides that record none.")
+@click.option(
+    "--mpp-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="CSV with columns slide,mpp: per-slide µm/px that override the files.",
+)
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@config_option
+@set_option
+def run(
+    slides: tuple[str, ...],
+    out_dir: str,
+    tasks: str | None,
+    device: str,
+    workers: int | None,
+    overwrite: bool,
+    default_mpp: float | None,
+    mpp_file: str | None,
+    progress: bool,
+    config_path: str | None,
+    overrides: tuple[str, ...],
+) -> None:
+    """Run the pipeline on SLIDES (files, folders, glob patterns): see docs/outputs.md for what OUT holds."""
+    import os
+
+    from .batch import run_batch, summary_table
+
+    cfg = _config(config_path, overrides)
+    chosen = (
+        [t.strip() for t in tasks.split(",") if t.strip()]
+        if tasks
+        else [t for t in TASK_NAMES if getattr(cfg.tasks, t).enabled]
+    )
+    unknown = [t for t in chosen if t not in TASK_NAMES]
+    if unknown:
+        raise ConfigError(f"--tasks: unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASK_NAMES)}")
+    workers = max(1, (os.cpu_count() or 2) - 1) if workers is None else workers
+
+    def report(outcome: Any) -> None:
+        text = f"{outcome.slide_id}: {outcome.status} ({outcome.seconds:.1f} s)"
+        click.echo(text + (f" — {outcome.error}" if outcome.error else ""), err=outcome.status == "failed")
+
+    result = run_batch(
+        slides,
+        Path(out_dir),
+        cfg,
+        chosen,
+        device=device,
+        workers=workers,
+        overwrite=overwrite,
+        default_mpp=default_mpp,
+        mpp_file=mpp_file,
+        progress=progress,
+        on_slide=report,
+    )
+    click.echo(summary_table(result))
+    click.echo(f"outputs in {Path(out_dir).resolve()} (manifest.csv, cohort_summary.csv, <slide_id>/)")
+    sys.exit(result.exit_code)
+
+
 @main.command("config")
 @config_option
 @set_option

@@ -90,9 +90,14 @@ class TasksConfig(_Strict):
     metastasis: MetastasisConfig = MetastasisConfig(mpp=1.0, tile_px=96, overlap_px=48, min_tissue=0.25)
 
 
+class ExportConfig(_Strict):
+    geojson_gzip: bool = Field(False, description="also write qupath.geojson.gz")
+
+
 class Config(_Strict):
     tissue: TissueConfig = TissueConfig()
     tasks: TasksConfig = TasksConfig()
+    export: ExportConfig = ExportConfig()
 
     def fingerprint(self, *sections: str) -> str:
         """Stable hash of the named sections (all when none): outputs made with the same hash are compatible."""

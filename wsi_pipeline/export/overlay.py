@@ -46,3 +46,35 @@ class Overview:
 def save_mask_png(mask: np.ndarray, path: str | os.PathLike[str]) -> None:
     with atomic_path(path) as tmp:
         Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format="PNG")
+
+
+def heat_overlay(
+    overview: Overview,
+    values: np.ndarray,
+    origin: tuple[float, float],
+    scale: tuple[float, float],
+    color: tuple[int, int, int],
+    alpha: float = 0.5,
+) -> None:
+    """Blend `color` over the overview in proportion to a heatmap's value (nearest heatmap px per overview px)."""
+    base = np.asarray(overview.image, dtype=np.float32)
+    h, w = base.shape[:2]
+    ox, oy = overview.origin
+    sx, sy = overview.scale
+    cols = np.floor(((ox + (np.arange(w) + 0.5) * sx) - origin[0]) / scale[0]).astype(np.int64)
+    rows = np.floor(((oy + (np.arange(h) + 0.5) * sy) - origin[1]) / scale[1]).astype(np.int64)
+    inside_c = (cols >= 0) & (cols < values.shape[1])
+    inside_r = (rows >= 0) & (rows < values.shape[0])
+    sampled = np.zeros((h, w), np.float32)
+    sampled[np.ix_(inside_r, inside_c)] = values[np.ix_(rows[inside_r], cols[inside_c])]
+    weight = (np.clip(sampled, 0, 1) * alpha)[..., None]
+    blended = base * (1 - weight) + np.asarray(color, np.float32) * weight
+    overview.image = Image.fromarray(np.clip(blended + 0.5, 0, 255).astype(np.uint8))
+    overview.draw = ImageDraw.Draw(overview.image, "RGBA")
+
+
+def draw_points(
+    overview: Overview, x: np.ndarray, y: np.ndarray, color: tuple[int, int, int], radius: float = 3
+) -> None:
+    for px, py in overview._to_px(zip(x.tolist(), y.tolist(), strict=True)):
+        overview.draw.ellipse([px - radius, py - radius, px + radius, py + radius], outline=(*color, 255), width=2)

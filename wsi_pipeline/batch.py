@@ -1,0 +1,216 @@
+"""A folder of slides: discovery, unique ids, per-slide µm/px overrides, the manifest, the cohort table."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import io
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .atomic import remove_stale_temporaries, write_text
+from .config import Config
+from .errors import ConfigError
+from .models import LoadedModel, load_model
+from .pipeline import SlideOutcome, process_slide
+from .slide import SLIDE_EXTENSIONS, slide_id_for
+
+MANIFEST_COLUMNS = ["slide", "slide_id", "status", "error", "seconds", "tiles"]
+COHORT_COLUMNS = [
+    "slide_id",
+    "slide",
+    "mpp",
+    "mpp_source",
+    "tissue_area_mm2",
+    "mitosis_count",
+    "mitosis_per_mm2",
+    "mitosis_per_10_hpf",
+    "metastasis_score",
+    "metastasis_regions",
+    "metastasis_tumor_area_mm2",
+    "metastasis_largest_lesion_diameter_um",
+    "metastasis_category",
+    "epithelium_stroma_epithelium_area_mm2",
+    "epithelium_stroma_stroma_area_mm2",
+    "epithelium_stroma_epithelium_fraction",
+]
+
+
+def discover(inputs: Sequence[str]) -> list[Path]:
+    """Files as given; folders searched recursively for slide extensions; glob patterns expanded. Sorted, unique."""
+    found: dict[Path, None] = {}
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            for candidate in sorted(path.rglob("*")):
+                if (
+                    candidate.is_file()
+                    and candidate.name.lower().endswith(SLIDE_EXTENSIONS)
+                    and not candidate.name.startswith(".")
+                ):
+                    found[candidate] = None
+        elif any(ch in item for ch in "*?["):
+            for match in sorted(glob.glob(item, recursive=True)):
+                if Path(match).is_file():
+                    found[Path(match)] = None
+        else:
+            found[path] = None  # a missing file is reported as a failed slide, not dropped
+    return list(found)
+
+
+def assign_ids(paths: Sequence[Path]) -> dict[Path, str]:
+    """Stable, unique, filesystem-safe ids: the file name, with a short hash of the path where names collide."""
+    base = {p: slide_id_for(p) for p in paths}
+    counts: dict[str, int] = {}
+    for name in base.values():
+        counts[name] = counts.get(name, 0) + 1
+    return {
+        p: name if counts[name] == 1 else f"{name}-{hashlib.sha1(str(p.resolve()).encode()).hexdigest()[:6]}"
+        for p, name in base.items()
+    }
+
+
+def read_mpp_file(path: str | os.PathLike[str]) -> dict[str, float]:
+    """CSV with columns `slide,mpp`: slide may be a file name, a path, or a slide_id."""
+    table: dict[str, float] = {}
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            for row in csv.DictReader(fh):
+                table[row["slide"].strip()] = float(row["mpp"])
+    except FileNotFoundError as exc:
+        raise ConfigError(f"--mpp-file {path} not found") from exc
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ConfigError(f"--mpp-file {path}: expected a CSV with columns slide,mpp and numeric mpp ({exc})") from exc
+    return table
+
+
+def _override_for(path: Path, slide_id: str, table: dict[str, float]) -> float | None:
+    for key in (str(path), path.name, slide_id, path.stem):
+        if key in table:
+            return table[key]
+    return None
+
+
+def load_task_models(config: Config, tasks: Sequence[str]) -> dict[str, LoadedModel]:
+    """Every task's model, loaded and checked before the first slide."""
+    missing = [t for t in tasks if getattr(config.tasks, t).model is None]
+    if missing:
+        raise ConfigError(
+            "no model configured for " + ", ".join(missing) + ": set tasks.<task>.model to a model folder "
+            "(e.g. --set tasks.mitosis.model=models/mitosis) or choose tasks with --tasks"
+        )
+    return {t: load_model(getattr(config.tasks, t).model, task=t) for t in tasks}
+
+
+@dataclass
+class BatchResult:
+    outcomes: list[SlideOutcome]
+
+    @property
+    def failed(self) -> list[SlideOutcome]:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+
+def _csv(columns: list[str], rows: Iterable[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(row)
+    return buffer.getvalue()
+
+
+def write_manifest(out: Path, outcomes: Sequence[SlideOutcome]) -> None:
+    rows = [
+        {
+            "slide": str(o.slide),
+            "slide_id": o.slide_id,
+            "status": o.status,
+            "error": o.error,
+            "seconds": f"{o.seconds:.2f}",
+            "tiles": o.tiles,
+        }
+        for o in outcomes
+    ]
+    write_text(out / "manifest.csv", _csv(MANIFEST_COLUMNS, rows))
+
+
+def cohort_row(summary: dict[str, Any]) -> dict[str, Any]:
+    row = {k: summary.get(k) for k in ("slide_id", "slide", "mpp", "mpp_source", "tissue_area_mm2")}
+    for task in ("mitosis", "metastasis", "epithelium_stroma"):
+        for key, value in (summary.get(task) or {}).items():
+            row[f"{task}_{key}"] = value
+    return row
+
+
+def write_cohort(out: Path, outcomes: Sequence[SlideOutcome]) -> None:
+    rows = [cohort_row(o.summary) for o in outcomes if o.summary is not None]
+    write_text(out / "cohort_summary.csv", _csv(COHORT_COLUMNS, rows))
+
+
+def run_batch(
+    inputs: Sequence[str],
+    out: Path,
+    config: Config,
+    tasks: Sequence[str],
+    *,
+    device: str = "auto",
+    workers: int = 1,
+    overwrite: bool = False,
+    default_mpp: float | None = None,
+    mpp_file: str | None = None,
+    progress: bool = True,
+    on_slide: Callable[[SlideOutcome], None] | None = None,
+) -> BatchResult:
+    """Process every slide; a failing slide is recorded and the others go on. The manifest is rewritten after each
+    slide, so it always tells how far a run got."""
+    paths = discover(inputs)
+    if not paths:
+        raise ConfigError(f"no slides found in {', '.join(inputs)} (extensions: {', '.join(SLIDE_EXTENSIONS)})")
+    models = load_task_models(config, tasks)
+    overrides = read_mpp_file(mpp_file) if mpp_file else {}
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
+    ids = assign_ids(paths)
+    outcomes: list[SlideOutcome] = []
+    for path in paths:
+        slide_id = ids[path]
+        outcome = process_slide(
+            path,
+            slide_id,
+            out,
+            config,
+            list(tasks),
+            models,
+            device=device,
+            workers=workers,
+            mpp=_override_for(path, slide_id, overrides),
+            default_mpp=default_mpp,
+            overwrite=overwrite,
+            progress=progress,
+        )
+        outcomes.append(outcome)
+        write_manifest(out, outcomes)
+        if on_slide is not None:
+            on_slide(outcome)
+    write_cohort(out, outcomes)
+    return BatchResult(outcomes)
+
+
+def summary_table(result: BatchResult) -> str:
+    lines = [f"{'slide_id':40s} {'status':8s} {'seconds':>8s} {'tiles':>7s}  error"]
+    for o in result.outcomes:
+        lines.append(f"{o.slide_id[:40]:40s} {o.status:8s} {o.seconds:8.1f} {o.tiles:7d}  {o.error[:120]}")
+    counts = {s: sum(o.status == s for o in result.outcomes) for s in ("done", "skipped", "failed")}
+    lines.append(
+        f"{len(result.outcomes)} slides: {counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,35 @@
+"""A hand-set (not trained) dense model for demonstrations and tests: it responds to dark round objects such as the
+figures the synthetic-slide generator plants, so a run on a synthetic slide has a known right answer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .architectures import build
+from .card import ModelCard
+from .loading import save_model
+
+
+def figure_detector_card(mpp: float) -> ModelCard:
+    return ModelCard(
+        name="demo-dark-figure-detector", task="mitosis", kind="dense", architecture="tiny_fcn",
+        architecture_args={"width": 1, "depth": 1, "stride": 1}, mpp=mpp, tile_px=512, output_stride=1, halo_px=1,
+        classes=["mitosis"], activation="sigmoid", normalisation={"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]},
+        training={"data": "none: weights are set by hand", "purpose": "demonstrations and tests only; it marks "
+                  "any dark round object (mean RGB below ~0.35) and is not a mitosis model"},
+        metrics={},
+    )
+
+
+def write_figure_detector(directory: str | Path, mpp: float) -> Path:
+    card = figure_detector_card(mpp)
+    module = build(card.architecture, 1, **card.architecture_args)
+    first, last = module[0], module[2]
+    with torch.no_grad():
+        first.weight.fill_(-1.0 / 27.0)  # minus the mean of a 3x3x3 neighbourhood in [0, 1]
+        first.bias.fill_(0.5)  # positive where the neighbourhood is darker than mid-grey
+        last.weight.fill_(40.0)
+        last.bias.fill_(-6.0)  # figures (mean ~0.19) -> ~1.0; nuclei (~0.46) -> ~0.01; glass, eosin -> ~0.0
+    return save_model(directory, module, card)
