@@ -63,6 +63,12 @@ def small_cnn(num_outputs: int, width: int = 16) -> nn.Module:
     return nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_outputs))
 
 
+@register("colour_logistic")
+def colour_logistic(num_outputs: int) -> nn.Module:
+    """Logistic regression on a tile's mean colour: a baseline, and a model whose weights can be set by hand."""
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, num_outputs))
+
+
 def seeded(module: nn.Module, seed: int) -> nn.Module:
     """Deterministic weights for tests and examples: re-initialise every parameter from `seed`."""
     generator = torch.Generator().manual_seed(seed)

@@ -14,11 +14,23 @@ from .loading import save_model
 
 def figure_detector_card(mpp: float) -> ModelCard:
     return ModelCard(
-        name="demo-dark-figure-detector", task="mitosis", kind="dense", architecture="tiny_fcn",
-        architecture_args={"width": 1, "depth": 1, "stride": 1}, mpp=mpp, tile_px=512, output_stride=1, halo_px=1,
-        classes=["mitosis"], activation="sigmoid", normalisation={"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]},
-        training={"data": "none: weights are set by hand", "purpose": "demonstrations and tests only; it marks "
-                  "any dark round object (mean RGB below ~0.35) and is not a mitosis model"},
+        name="demo-dark-figure-detector",
+        task="mitosis",
+        kind="dense",
+        architecture="tiny_fcn",
+        architecture_args={"width": 1, "depth": 1, "stride": 1},
+        mpp=mpp,
+        tile_px=512,
+        output_stride=1,
+        halo_px=1,
+        classes=["mitosis"],
+        activation="sigmoid",
+        normalisation={"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]},
+        training={
+            "data": "none: weights are set by hand",
+            "purpose": "demonstrations and tests only; it marks "
+            "any dark round object (mean RGB below ~0.35) and is not a mitosis model",
+        },
         metrics={},
     )
 
@@ -32,4 +44,29 @@ def write_figure_detector(directory: str | Path, mpp: float) -> Path:
         first.bias.fill_(0.5)  # positive where the neighbourhood is darker than mid-grey
         last.weight.fill_(40.0)
         last.bias.fill_(-6.0)  # figures (mean ~0.19) -> ~1.0; nuclei (~0.46) -> ~0.01; glass, eosin -> ~0.0
+    return save_model(directory, module, card)
+
+
+def write_tissue_classifier(directory: str | Path, task: str, classes: list[str], mpp: float, tile_px: int) -> Path:
+    """A hand-set `colour_logistic` classifier whose first class fires on stained tiles (mean RGB well below white)
+    and whose other classes stay low: on a synthetic slide its regions must reproduce the tissue."""
+    card = ModelCard(
+        name=f"demo-stain-classifier-{task}",
+        task=task,
+        kind="classifier",
+        architecture="colour_logistic",
+        mpp=mpp,
+        tile_px=tile_px,
+        classes=classes,
+        activation="softmax" if len(classes) > 1 else "sigmoid",
+        normalisation={"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]},
+        training={"data": "none: weights are set by hand", "purpose": "tests and demonstrations only"},
+    )
+    module = build("colour_logistic", len(classes))
+    linear = module[2]
+    with torch.no_grad():
+        linear.weight.zero_()
+        linear.bias.zero_()
+        linear.weight[0].fill_(-20.0 / 3)  # -20 x mean channel: darker than white -> class 0
+        linear.bias[0] = 17.0  # mean channel 0.85 is the break-even point (white 1.0 -> -3, eosin ~0.77 -> +1.6)
     return save_model(directory, module, card)

@@ -1,0 +1,253 @@
+"""`wsi-pipeline run` end to end in a subprocess: outputs, QuPath validity, resume, SIGKILL, failures."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from shapely.geometry import shape
+
+from tests.conftest import CMU, DICOM, NDPI, TCGA, run_cli
+from wsi_pipeline.evaluate import match_detections
+from wsi_pipeline.heatmap import open_heatmap
+from wsi_pipeline.models.demo import write_figure_detector
+from wsi_pipeline.synth import default_layout, read_truth, write_synthetic_slide
+
+OBJECT_TYPES = {"annotation", "detection", "tile", "cell", "tmaCore"}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Two synthetic slides at 0.25 µm/px with planted figures, and the hand-set figure detector."""
+    root = tmp_path_factory.mktemp("cohort")
+    for seed, size in ((3, (6000, 4500)), (8, (5000, 4000))):
+        write_synthetic_slide(
+            root / "slides" / f"case-{seed}.svs", default_layout(*size, 0.25, seed=seed, n_figures=10, pen=True)
+        )
+    write_figure_detector(root / "model", 0.25)
+    return root / "slides", root / "model"
+
+
+def _args(slides: Path, model: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "run",
+        str(slides),
+        "-o",
+        str(out),
+        "--tasks",
+        "mitosis",
+        "--set",
+        f"tasks.mitosis.model={model}",
+        "--set",
+        "tasks.mitosis.smooth_sigma_um=3",
+        "--device",
+        "cpu",
+        "--workers",
+        "1",
+        "--no-progress",
+        *extra,
+    ]
+
+
+def validate_qupath(path: Path, width: int, height: int) -> dict[str, int]:
+    """Check every feature against ../shared/QUPATH_GEOJSON.md; returns counts per objectType."""
+    data = json.loads(path.read_text())
+    assert data["type"] == "FeatureCollection"
+    counts: dict[str, int] = {}
+    ids = set()
+    for feat in data["features"]:
+        assert feat["type"] == "Feature"
+        uuid.UUID(feat["id"])
+        assert feat["id"] not in ids
+        ids.add(feat["id"])
+        props = feat["properties"]
+        assert props["objectType"] in OBJECT_TYPES
+        counts[props["objectType"]] = counts.get(props["objectType"], 0) + 1
+        if "classification" in props:
+            assert isinstance(props["classification"]["name"], str) and len(props["classification"]["color"]) == 3
+        for value in props.get("measurements", {}).values():
+            assert isinstance(value, float | int) or value in ("NaN", "Infinity", "-Infinity")
+        geom = shape(feat["geometry"])
+        assert geom.is_valid and not geom.is_empty
+        minx, miny, maxx, maxy = geom.bounds
+        # tiles may run past the slide's edge by less than one tile (the grid covers the slide)
+        slack = 600 if props["objectType"] == "tile" else 0
+        assert minx >= -0.01 and miny >= -0.01 and maxx <= width + slack and maxy <= height + slack
+    return counts
+
+
+def test_run_finds_the_planted_figures(cohort: tuple[Path, Path], tmp_path: Path) -> None:
+    slides, model = cohort
+    out = tmp_path / "out"
+    result = run_cli(*_args(slides, model, out))
+    assert result.returncode == 0, result.stderr
+    assert "2 slides: 2 done, 0 skipped, 0 failed" in result.stdout
+    manifest = list(csv.DictReader((out / "manifest.csv").open()))
+    assert [r["status"] for r in manifest] == ["done", "done"]
+    cohort_rows = list(csv.DictReader((out / "cohort_summary.csv").open()))
+    assert [r["slide_id"] for r in cohort_rows] == ["case-3", "case-8"]
+    for row in cohort_rows:
+        slide_dir = out / row["slide_id"]
+        spec = read_truth(slides / f"{row['slide_id']}.svs")
+        truth = np.array([[f.x, f.y] for f in spec.figures]) * spec.mpp
+        found = np.array([[float(r["x"]), float(r["y"])] for r in csv.DictReader((slide_dir / "mitoses.csv").open())])
+        score = match_detections(found * spec.mpp, truth, radius=7.5)
+        assert (score.true_positives, score.false_positives, score.false_negatives) == (10, 0, 0)
+        summary = json.loads((slide_dir / "summary.json").read_text())
+        assert summary["mitosis"]["count"] == 10 == int(row["mitosis_count"])
+        # a 1.25 x 1 mm slide: its 8 µm mask pixels along ~9 mm of outline weigh ~3 % of the area
+        assert summary["tissue_area_mm2"] == pytest.approx(spec.tissue_area_um2() / 1e6, rel=0.03)
+        assert summary["mitosis"]["per_mm2"] == pytest.approx(10 / summary["tissue_area_mm2"], rel=1e-4)
+        counts = validate_qupath(slide_dir / "qupath.geojson", spec.width, spec.height)
+        assert counts["detection"] == 10 and counts["annotation"] == 3 and counts["tile"] > 0
+        run_record = json.loads((slide_dir / "run.json").read_text())
+        assert run_record["complete"] and run_record["models"]["mitosis"]["card"]["name"].startswith("demo-")
+        assert set(run_record["timings"]) == {"tissue_s", "tiling_s", "inference_s", "postprocess_s", "export_s"}
+        assert open_heatmap(slide_dir / "heatmaps.zarr" / "mitosis").levels[0].shape[0] == 1
+        assert (slide_dir / "overview.png").stat().st_size > 0
+
+
+def test_rerun_skips_and_overwrite_or_new_config_redoes(cohort: tuple[Path, Path], tmp_path: Path) -> None:
+    slides, model = cohort
+    out = tmp_path / "out"
+    assert run_cli(*_args(slides, model, out)).returncode == 0
+    before = (out / "case-3" / "qupath.geojson").read_bytes()
+    again = run_cli(*_args(slides, model, out))
+    assert "2 slides: 0 done, 2 skipped, 0 failed" in again.stdout
+    assert (out / "case-3" / "qupath.geojson").read_bytes() == before
+    forced = run_cli(*_args(slides, model, out, "--overwrite"))
+    assert "2 done" in forced.stdout and (out / "case-3" / "qupath.geojson").read_bytes() == before
+    changed = run_cli(*_args(slides, model, out, "--set", "tasks.mitosis.threshold=0.6"))
+    assert "2 slides: 2 done" in changed.stdout
+
+
+def _outputs(out: Path) -> dict[str, bytes]:
+    files = {}
+    for slide_dir in sorted(p for p in out.iterdir() if p.is_dir()):
+        for name in ("summary.json", "mitoses.csv", "qupath.geojson", "tissue.geojson"):
+            files[f"{slide_dir.name}/{name}"] = (slide_dir / name).read_bytes()
+        heat = open_heatmap(slide_dir / "heatmaps.zarr" / "mitosis")
+        files[f"{slide_dir.name}/mitosis"] = np.asarray(heat.levels[0]).tobytes()
+    return files
+
+
+def test_sigkill_at_any_moment_then_rerun_equals_uninterrupted(cohort: tuple[Path, Path], tmp_path: Path) -> None:
+    slides, model = cohort
+    reference = tmp_path / "reference"
+    assert run_cli(*_args(slides, model, reference)).returncode == 0
+    expected = _outputs(reference)
+    for delay in (1.5, 5.0):
+        out = tmp_path / f"killed-{delay}"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "wsi_pipeline.cli", *_args(slides, model, out)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        if out.exists():
+            for slide_dir in (p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")):
+                assert json.loads((slide_dir / "run.json").read_text())["complete"]  # no half-finished slide
+        finish = run_cli(*_args(slides, model, out))
+        assert finish.returncode == 0, finish.stderr
+        assert not list(out.glob(".*tmp*"))  # the killed run's leftovers are gone
+        assert _outputs(out) == expected
+
+
+def test_run_on_the_real_slide_folder(data_dir: Path, tmp_path: Path) -> None:
+    model = write_figure_detector(tmp_path / "model", 0.5)
+    mpp_file = tmp_path / "mpp.csv"
+    mpp_file.write_text(f"slide,mpp\n{TCGA.name},1.0\n")
+    out = tmp_path / "out"
+    result = run_cli(
+        "run",
+        str(data_dir / "slides"),
+        "-o",
+        str(out),
+        "--tasks",
+        "mitosis",
+        "--set",
+        f"tasks.mitosis.model={model}",
+        "--set",
+        "tasks.mitosis.tile_px=256",
+        "--set",
+        "tasks.mitosis.overlap_px=16",
+        "--mpp-file",
+        str(mpp_file),
+        "--device",
+        "cpu",
+        "--no-progress",
+    )
+    assert result.returncode == 1  # the DICOM file cannot be read
+    rows = {r["slide_id"]: r for r in csv.DictReader((out / "manifest.csv").open())}
+    assert rows[DICOM.stem]["status"] == "failed" and "OpenSlide cannot read" in rows[DICOM.stem]["error"]
+    for slide in (CMU, NDPI, TCGA):
+        assert rows[slide.stem]["status"] == "done", rows[slide.stem]
+        summary = json.loads((out / slide.stem / "summary.json").read_text())
+        assert summary["mitosis"]["count"] >= 0
+    assert json.loads((out / TCGA.stem / "summary.json").read_text())["mpp_source"] == "override"
+    assert len(list(csv.DictReader((out / "cohort_summary.csv").open()))) == 3
+    assert "4 slides: 3 done, 0 skipped, 1 failed" in result.stdout
+
+
+def test_run_refuses_tasks_without_models(synthetic_slide, tmp_path: Path) -> None:
+    path, _ = synthetic_slide
+    result = run_cli("run", str(path), "-o", str(tmp_path / "o"), "--tasks", "metastasis")
+    assert result.returncode == 7 and "no model configured for metastasis" in result.stderr
+
+
+def test_metastasis_and_epithelium_regions_reproduce_known_tissue(tmp_path: Path) -> None:
+    from wsi_pipeline.models.demo import write_tissue_classifier
+
+    spec = default_layout(12000, 9000, 0.5, seed=2)
+    slide = write_synthetic_slide(tmp_path / "slides" / "s.svs", spec)
+    tumour = write_tissue_classifier(tmp_path / "tumour", "metastasis", ["tumor", "normal"], 1.0, 96)
+    epi = write_tissue_classifier(tmp_path / "epi", "epithelium_stroma", ["epithelium", "stroma", "other"], 0.5, 224)
+    out = tmp_path / "out"
+    result = run_cli(
+        "run",
+        str(slide),
+        "-o",
+        str(out),
+        "--tasks",
+        "metastasis,epithelium_stroma",
+        "--set",
+        f"tasks.metastasis.model={tumour}",
+        "--set",
+        f"tasks.epithelium_stroma.model={epi}",
+        "--set",
+        "tasks.metastasis.smooth_sigma_um=0",
+        "--device",
+        "cpu",
+        "--no-progress",
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "s" / "summary.json").read_text())
+    tissue_mm2 = spec.tissue_area_um2() / 1e6
+    meta = summary["metastasis"]
+    assert meta["regions"] == 3  # the three tissue pieces
+    assert meta["tumor_area_mm2"] == pytest.approx(tissue_mm2, rel=0.08)  # 48 µm heatmap px along the outlines
+    longest_axis_um = 2 * max(spec.regions[0].rx, spec.regions[0].ry) * spec.mpp
+    assert meta["largest_lesion_diameter_um"] == pytest.approx(longest_axis_um, rel=0.05)
+    assert meta["category"] == "macro-metastasis" and meta["score"] > 0.8
+    es = summary["epithelium_stroma"]
+    assert es["epithelium_area_mm2"] == pytest.approx(tissue_mm2, rel=0.15)  # 112 µm tiles kept at 25 % tissue
+    assert es["stroma_area_mm2"] == 0 and es["epithelium_fraction"] == pytest.approx(1.0, rel=0.15)
+    counts = validate_qupath(out / "s" / "qupath.geojson", spec.width, spec.height)
+    assert counts["annotation"] == 3 + 3 + 3  # tissue, tumour and epithelium regions
+    features = json.loads((out / "s" / "qupath.geojson").read_text())["features"]
+    tiles = [f for f in features if f["properties"]["objectType"] == "tile"]
+    assert {f["properties"]["name"] for f in tiles} == {"metastasis", "epithelium_stroma"}
+    assert any("tumor probability" in f["properties"]["measurements"] for f in tiles)
+    cohort = list(csv.DictReader((out / "cohort_summary.csv").open()))[0]
+    assert float(cohort["metastasis_largest_lesion_diameter_um"]) == meta["largest_lesion_diameter_um"]
