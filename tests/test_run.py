@@ -249,5 +249,5 @@ def test_metastasis_and_epithelium_regions_reproduce_known_tissue(tmp_path: Path
     tiles = [f for f in features if f["properties"]["objectType"] == "tile"]
     assert {f["properties"]["name"] for f in tiles} == {"metastasis", "epithelium_stroma"}
     assert any("tumor probability" in f["properties"]["measurements"] for f in tiles)
-    cohort = list(csv.DictReader((out / "cohort_summary.csv").open()))[0]
+    cohort = next(iter(csv.DictReader((out / "cohort_summary.csv").open())))
     assert float(cohort["metastasis_largest_lesion_diameter_um"]) == meta["largest_lesion_diameter_um"]
