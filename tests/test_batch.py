@@ -46,3 +46,50 @@ def test_mpp_file(tmp_path: Path) -> None:
         read_mpp_file(bad)
     with pytest.raises(ConfigError, match="not found"):
         read_mpp_file(tmp_path / "absent.csv")
+
+
+def test_shards_partition_the_list() -> None:
+    from wsi_pipeline.batch import parse_shard, shard_paths
+
+    paths = [Path(f"s{i:02d}.svs") for i in range(11)]
+    parts = [shard_paths(paths, (i, 3)) for i in range(3)]
+    assert sorted(p for part in parts for p in part) == paths
+    assert [len(p) for p in parts] == [4, 4, 3]
+    assert parts[1] == [Path("s01.svs"), Path("s04.svs"), Path("s07.svs"), Path("s10.svs")]
+    assert parse_shard("2/3") == (2, 3)
+    for bad in ("3/3", "x", "1/0", "-1/2"):
+        with pytest.raises(ConfigError):
+            parse_shard(bad)
+
+
+def test_output_lock(tmp_path: Path) -> None:
+    """A second process cannot write the same folder; shards of one job can, but not the same shard twice."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from wsi_pipeline.lock import OutputLockedError, output_lock
+
+    def other(shard: str) -> subprocess.CompletedProcess[str]:
+        code = textwrap.dedent(f"""
+            from pathlib import Path
+            from wsi_pipeline.lock import output_lock, OutputLockedError
+            try:
+                with output_lock(Path({str(tmp_path)!r}), {shard}):
+                    print("got it")
+            except OutputLockedError as exc:
+                print("locked:", exc)
+        """)
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+    with output_lock(tmp_path):
+        result = other("None")
+        assert result.stdout.startswith("locked:") and "another run is writing" in result.stdout
+        assert "pid" in result.stdout
+        assert other("(0, 2)").stdout.startswith("locked:")
+    with output_lock(tmp_path, (0, 2)):
+        assert other("(1, 2)").stdout.strip() == "got it"
+        assert other("(0, 2)").stdout.startswith("locked:")
+        assert other("None").stdout.startswith("locked:")
+    assert other("None").stdout.strip() == "got it"  # released
+    assert OutputLockedError.exit_code == 11

@@ -131,7 +131,7 @@ def test_rerun_skips_and_overwrite_or_new_config_redoes(cohort: tuple[Path, Path
 
 def _outputs(out: Path) -> dict[str, bytes]:
     files = {}
-    for slide_dir in sorted(p for p in out.iterdir() if p.is_dir()):
+    for slide_dir in sorted(p.parent for p in out.glob("*/run.json")):
         for name in ("summary.json", "mitoses.csv", "qupath.geojson", "tissue.geojson"):
             files[f"{slide_dir.name}/{name}"] = (slide_dir / name).read_bytes()
         heat = open_heatmap(slide_dir / "heatmaps.zarr" / "mitosis")
@@ -251,3 +251,21 @@ def test_metastasis_and_epithelium_regions_reproduce_known_tissue(tmp_path: Path
     assert any("tumor probability" in f["properties"]["measurements"] for f in tiles)
     cohort = next(iter(csv.DictReader((out / "cohort_summary.csv").open())))
     assert float(cohort["metastasis_largest_lesion_diameter_um"]) == meta["largest_lesion_diameter_um"]
+
+
+def test_sharded_runs_then_gather_equal_one_run(cohort: tuple[Path, Path], tmp_path: Path) -> None:
+    slides, model = cohort
+    whole, sharded = tmp_path / "whole", tmp_path / "sharded"
+    assert run_cli(*_args(slides, model, whole)).returncode == 0
+    for index in (0, 1):
+        result = run_cli(*_args(slides, model, sharded, "--shard", f"{index}/2"))
+        assert result.returncode == 0, result.stderr
+        assert "1 slides: 1 done" in result.stdout
+    assert not (sharded / "manifest.csv").exists()
+    gathered = run_cli("gather", str(sharded))
+    assert gathered.returncode == 0, gathered.stderr
+    assert (sharded / "cohort_summary.csv").read_text() == (whole / "cohort_summary.csv").read_text()
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader((whole / "manifest.csv").open())]
+    merged = [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader((sharded / "manifest.csv").open())]
+    assert merged == strip
+    assert _outputs(sharded) == _outputs(whole)

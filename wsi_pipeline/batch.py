@@ -6,6 +6,7 @@ import csv
 import glob
 import hashlib
 import io
+import json
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Any
 from .atomic import remove_stale_temporaries, write_text
 from .config import Config
 from .errors import ConfigError
+from .lock import output_lock
 from .models import LoadedModel, load_model
 from .pipeline import SlideOutcome, process_slide
 from .slide import SLIDE_EXTENSIONS, slide_id_for
@@ -128,7 +130,7 @@ def _csv(columns: list[str], rows: Iterable[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def write_manifest(out: Path, outcomes: Sequence[SlideOutcome]) -> None:
+def write_manifest(path: Path, outcomes: Sequence[SlideOutcome]) -> None:
     rows = [
         {
             "slide": str(o.slide),
@@ -140,7 +142,7 @@ def write_manifest(out: Path, outcomes: Sequence[SlideOutcome]) -> None:
         }
         for o in outcomes
     ]
-    write_text(out / "manifest.csv", _csv(MANIFEST_COLUMNS, rows))
+    write_text(path, _csv(MANIFEST_COLUMNS, rows))
 
 
 def cohort_row(summary: dict[str, Any]) -> dict[str, Any]:
@@ -151,9 +153,52 @@ def cohort_row(summary: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def write_cohort(out: Path, outcomes: Sequence[SlideOutcome]) -> None:
-    rows = [cohort_row(o.summary) for o in outcomes if o.summary is not None]
-    write_text(out / "cohort_summary.csv", _csv(COHORT_COLUMNS, rows))
+def write_cohort(path: Path, summaries: Iterable[dict[str, Any]]) -> None:
+    write_text(path, _csv(COHORT_COLUMNS, [cohort_row(s) for s in summaries]))
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """`I/N` with 0 <= I < N (pairs with `sbatch --array=0-(N-1)`)."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError as exc:
+        raise ConfigError(f"--shard {text!r}: expected I/N, e.g. --shard 0/4") from exc
+    if count < 1 or not 0 <= index < count:
+        raise ConfigError(f"--shard {text!r}: need 0 <= I < N")
+    return index, count
+
+
+def shard_paths(paths: Sequence[Path], shard: tuple[int, int] | None) -> list[Path]:
+    """Round-robin over the sorted list: deterministic, disjoint, and balanced to within one slide."""
+    return list(paths) if shard is None else list(paths[shard[0] :: shard[1]])
+
+
+def _outputs_paths(out: Path, shard: tuple[int, int] | None) -> tuple[Path, Path]:
+    if shard is None:
+        return out / "manifest.csv", out / "cohort_summary.csv"
+    tag = f"{shard[0]}-of-{shard[1]}"
+    return out / "shards" / f"manifest-{tag}.csv", out / "shards" / f"cohort_summary-{tag}.csv"
+
+
+def gather(out: Path) -> tuple[Path, Path, int]:
+    """Merge the shards' manifests into OUT/manifest.csv and OUT/cohort_summary.csv; returns them and the number
+    of failed slides."""
+    rows: dict[str, dict[str, str]] = {}
+    for path in sorted((out / "shards").glob("manifest-*.csv")):
+        with path.open(newline="", encoding="utf-8") as fh:
+            for row in csv.DictReader(fh):
+                rows[row["slide_id"]] = row
+    if not rows:
+        raise ConfigError(f"no shard manifests in {out / 'shards'}; run `wsi-pipeline run --shard I/N` first")
+    ordered = [rows[k] for k in sorted(rows)]
+    write_text(out / "manifest.csv", _csv(MANIFEST_COLUMNS, ordered))
+    summaries = []
+    for row in ordered:
+        summary = out / row["slide_id"] / "summary.json"
+        if row["status"] in ("done", "skipped") and summary.exists():
+            summaries.append(json.loads(summary.read_text()))
+    write_cohort(out / "cohort_summary.csv", summaries)
+    return out / "manifest.csv", out / "cohort_summary.csv", sum(r["status"] == "failed" for r in ordered)
 
 
 def run_batch(
@@ -168,6 +213,7 @@ def run_batch(
     default_mpp: float | None = None,
     mpp_file: str | None = None,
     progress: bool = True,
+    shard: tuple[int, int] | None = None,
     on_slide: Callable[[SlideOutcome], None] | None = None,
 ) -> BatchResult:
     """Process every slide; a failing slide is recorded and the others go on. The manifest is rewritten after each
@@ -177,31 +223,33 @@ def run_batch(
         raise ConfigError(f"no slides found in {', '.join(inputs)} (extensions: {', '.join(SLIDE_EXTENSIONS)})")
     models = load_task_models(config, tasks)
     overrides = read_mpp_file(mpp_file) if mpp_file else {}
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out)
-    ids = assign_ids(paths)
+    ids = assign_ids(paths)  # over the whole list, so every shard names a slide the same way
+    manifest_path, cohort_path = _outputs_paths(out, shard)
     outcomes: list[SlideOutcome] = []
-    for path in paths:
-        slide_id = ids[path]
-        outcome = process_slide(
-            path,
-            slide_id,
-            out,
-            config,
-            list(tasks),
-            models,
-            device=device,
-            workers=workers,
-            mpp=_override_for(path, slide_id, overrides),
-            default_mpp=default_mpp,
-            overwrite=overwrite,
-            progress=progress,
-        )
-        outcomes.append(outcome)
-        write_manifest(out, outcomes)
-        if on_slide is not None:
-            on_slide(outcome)
-    write_cohort(out, outcomes)
+    with output_lock(out, shard):
+        remove_stale_temporaries(out)
+        for path in shard_paths(paths, shard):
+            slide_id = ids[path]
+            outcome = process_slide(
+                path,
+                slide_id,
+                out,
+                config,
+                list(tasks),
+                models,
+                device=device,
+                workers=workers,
+                mpp=_override_for(path, slide_id, overrides),
+                default_mpp=default_mpp,
+                overwrite=overwrite,
+                progress=progress,
+            )
+            outcomes.append(outcome)
+            write_manifest(manifest_path, outcomes)
+            if on_slide is not None:
+                on_slide(outcome)
+        write_manifest(manifest_path, outcomes)
+        write_cohort(cohort_path, (o.summary for o in outcomes if o.summary is not None))
     return BatchResult(outcomes)
 
 

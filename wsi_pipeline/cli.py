@@ -307,6 +307,12 @@ def predict(
     default=None,
     help="CSV with columns slide,mpp: per-slide µm/px that override the files.",
 )
+@click.option(
+    "--shard",
+    default=None,
+    metavar="I/N",
+    help="Process only shard I of N (0-based, round-robin over the sorted slide list).",
+)
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @config_option
 @set_option
@@ -319,6 +325,7 @@ def run(
     overwrite: bool,
     default_mpp: float | None,
     mpp_file: str | None,
+    shard: str | None,
     progress: bool,
     config_path: str | None,
     overrides: tuple[str, ...],
@@ -326,7 +333,7 @@ def run(
     """Run the pipeline on SLIDES (files, folders, glob patterns): see docs/outputs.md for what OUT holds."""
     import os
 
-    from .batch import run_batch, summary_table
+    from .batch import parse_shard, run_batch, summary_table
 
     cfg = _config(config_path, overrides)
     chosen = (
@@ -354,11 +361,24 @@ def run(
         default_mpp=default_mpp,
         mpp_file=mpp_file,
         progress=progress,
+        shard=parse_shard(shard) if shard else None,
         on_slide=report,
     )
     click.echo(summary_table(result))
-    click.echo(f"outputs in {Path(out_dir).resolve()} (manifest.csv, cohort_summary.csv, <slide_id>/)")
+    listing = "shards/manifest-*.csv; merge with `wsi-pipeline gather`" if shard else "manifest.csv, cohort_summary.csv"
+    click.echo(f"outputs in {Path(out_dir).resolve()} ({listing}, <slide_id>/)")
     sys.exit(result.exit_code)
+
+
+@main.command()
+@click.argument("out_dir", metavar="OUT", type=click.Path(file_okay=False, exists=True))
+def gather(out_dir: str) -> None:
+    """Merge the manifests of `run --shard` jobs into OUT/manifest.csv and OUT/cohort_summary.csv."""
+    from .batch import gather as gather_outputs
+
+    manifest, cohort, failed = gather_outputs(Path(out_dir))
+    click.echo(f"wrote {manifest} and {cohort}" + (f"; {failed} slide(s) failed" if failed else ""))
+    sys.exit(1 if failed else 0)
 
 
 @main.command("config")

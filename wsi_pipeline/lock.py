@@ -1,0 +1,55 @@
+"""Keep two runs from writing the same output folder at once.
+
+POSIX record locks (fcntl.lockf, which also work on NFS, unlike flock on some clusters): a whole run holds
+`OUT/.lock` exclusively; a shard (`--shard I/N`) holds it shared plus `OUT/.lock-shard-I-of-N` exclusively, so the
+shards of one array job run side by side while a second whole run, or the same shard twice, is refused.
+The kernel drops the locks when the process ends, however it ends (SIGKILL included).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import WsiError
+
+
+class OutputLockedError(WsiError):
+    exit_code = 11
+    kind = "output-locked"
+
+
+def _take(path: Path, shared: bool) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.lockf(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except OSError:
+        holder = ""
+        with contextlib.suppress(OSError):
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise OutputLockedError(
+            f"another run is writing {path.parent} ({holder or 'holder unknown'}); wait for it to finish, or give "
+            "this run another -o folder (shards of one job use --shard I/N)"
+        ) from None
+    if not shared:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+    return fd
+
+
+@contextlib.contextmanager
+def output_lock(out: Path, shard: tuple[int, int] | None = None) -> Iterator[None]:
+    out.mkdir(parents=True, exist_ok=True)
+    fds = [_take(out / ".lock", shared=shard is not None)]
+    try:
+        if shard is not None:
+            fds.append(_take(out / f".lock-shard-{shard[0]}-of-{shard[1]}", shared=False))
+        yield
+    finally:
+        for fd in fds:
+            os.close(fd)
