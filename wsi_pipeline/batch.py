@@ -180,14 +180,43 @@ def _outputs_paths(out: Path, shard: tuple[int, int] | None) -> tuple[Path, Path
     return out / "shards" / f"manifest-{tag}.csv", out / "shards" / f"cohort_summary-{tag}.csv"
 
 
+SUBMITTED_LIST = "slides.txt"  # in OUT/shards/: the slide list a `submit` sharded
+
+
+def read_slide_list(path: str | os.PathLike[str]) -> list[str]:
+    """One slide path per line (blank lines and # comments ignored)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError as exc:
+        raise ConfigError(f"--slide-list {path} not found") from exc
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
 def gather(out: Path) -> tuple[Path, Path, int]:
     """Merge the shards' manifests into OUT/manifest.csv and OUT/cohort_summary.csv; returns them and the number
-    of failed slides."""
+    of failed slides. Newer shard manifests win; slides of a submitted list with no row at all (their job was
+    killed, timed out or lost its node) are recorded as failed."""
     rows: dict[str, dict[str, str]] = {}
-    for path in sorted((out / "shards").glob("manifest-*.csv")):
+    for path in sorted((out / "shards").glob("manifest-*.csv"), key=lambda p: p.stat().st_mtime_ns):
         with path.open(newline="", encoding="utf-8") as fh:
             for row in csv.DictReader(fh):
                 rows[row["slide_id"]] = row
+    submitted = out / "shards" / SUBMITTED_LIST
+    if submitted.exists():
+        paths = discover(read_slide_list(submitted))
+        for path, slide_id in assign_ids(paths).items():
+            rows.setdefault(
+                slide_id,
+                {
+                    "slide": str(path),
+                    "slide_id": slide_id,
+                    "status": "failed",
+                    "seconds": "0",
+                    "tiles": "0",
+                    "error": "no result: its job did not finish (cancelled, timed "
+                    "out or its node was lost); submit again to redo the missing slides",
+                },
+            )
     if not rows:
         raise ConfigError(f"no shard manifests in {out / 'shards'}; run `wsi-pipeline run --shard I/N` first")
     ordered = [rows[k] for k in sorted(rows)]
@@ -262,3 +291,18 @@ def summary_table(result: BatchResult) -> str:
         f"{len(result.outcomes)} slides: {counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed"
     )
     return "\n".join(lines)
+
+
+def read_manifest_outcomes(out: Path) -> BatchResult:
+    """OUT/manifest.csv read back as outcomes (for the table `submit` prints at the end)."""
+    path = out / "manifest.csv"
+    if not path.exists():
+        raise ConfigError(f"{path} does not exist: the gather job did not run; see {out / 'shards' / 'logs'}")
+    with path.open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    return BatchResult(
+        [
+            SlideOutcome(Path(r["slide"]), r["slide_id"], r["status"], r["error"], float(r["seconds"]), int(r["tiles"]))
+            for r in rows
+        ]
+    )

@@ -294,8 +294,14 @@ def predict(
 
 
 @main.command()
-@click.argument("slides", nargs=-1, required=True)
+@click.argument("slides", nargs=-1)
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Output folder.")
+@click.option(
+    "--slide-list",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="A file with one slide path per line (added to SLIDES).",
+)
 @click.option("--tasks", default=None, help="Comma-separated tasks to run [every enabled task].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Tile-reading processes [cores - 1].")
@@ -319,6 +325,7 @@ def predict(
 def run(
     slides: tuple[str, ...],
     out_dir: str,
+    slide_list: str | None,
     tasks: str | None,
     device: str,
     workers: int | None,
@@ -333,8 +340,11 @@ def run(
     """Run the pipeline on SLIDES (files, folders, glob patterns): see docs/outputs.md for what OUT holds."""
     import os
 
-    from .batch import parse_shard, run_batch, summary_table
+    from .batch import parse_shard, read_slide_list, run_batch, summary_table
 
+    inputs = [*slides, *(read_slide_list(slide_list) if slide_list else [])]
+    if not inputs:
+        raise ConfigError("give slides (files, folders or glob patterns) or --slide-list FILE")
     cfg = _config(config_path, overrides)
     chosen = (
         [t.strip() for t in tasks.split(",") if t.strip()]
@@ -351,7 +361,7 @@ def run(
         click.echo(text + (f" — {outcome.error}" if outcome.error else ""), err=outcome.status == "failed")
 
     result = run_batch(
-        slides,
+        inputs,
         Path(out_dir),
         cfg,
         chosen,
@@ -367,6 +377,84 @@ def run(
     click.echo(summary_table(result))
     listing = "shards/manifest-*.csv; merge with `wsi-pipeline gather`" if shard else "manifest.csv, cohort_summary.csv"
     click.echo(f"outputs in {Path(out_dir).resolve()} ({listing}, <slide_id>/)")
+    sys.exit(result.exit_code)
+
+
+@main.command()
+@click.argument("slides", nargs=-1, required=True)
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Output folder.")
+@click.option("--scheduler", type=click.Choice(["slurm"]), default="slurm", show_default=True)
+@click.option("--partition", default=None, help="SLURM partition.")
+@click.option("--account", default=None, help="SLURM account.")
+@click.option("--gpus-per-job", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--cpus-per-job", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--mem-per-job", default="8G", show_default=True, help="Memory per job (see docs/cluster.md).")
+@click.option("--time", "time_limit", default=None, help="Time limit per job, e.g. 04:00:00.")
+@click.option("--slides-per-job", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--tasks", default=None, help="Comma-separated tasks (passed to run).")
+@click.option("--device", default=None, help="Passed to run (default: auto).")
+@click.option("--mpp-file", type=click.Path(dir_okay=False), default=None, help="Passed to run.")
+@click.option("--default-mpp", type=float, default=None, help="Passed to run.")
+@click.option("--overwrite", is_flag=True, help="Passed to run.")
+@click.option("--dry-run", is_flag=True, help="Print the job scripts; submit nothing.")
+@click.option("--no-follow", is_flag=True, help="Submit and return at once (then `gather` when done).")
+@click.option("--timeout", "timeout_s", type=float, default=None, help="Stop following after this many seconds.")
+@config_option
+@set_option
+def submit(
+    slides: tuple[str, ...],
+    out_dir: str,
+    scheduler: str,
+    partition: str | None,
+    account: str | None,
+    gpus_per_job: int,
+    cpus_per_job: int,
+    mem_per_job: str,
+    time_limit: str | None,
+    slides_per_job: int,
+    tasks: str | None,
+    device: str | None,
+    mpp_file: str | None,
+    default_mpp: float | None,
+    overwrite: bool,
+    dry_run: bool,
+    no_follow: bool,
+    timeout_s: float | None,
+    config_path: str | None,
+    overrides: tuple[str, ...],
+) -> None:
+    """Run SLIDES on a SLURM cluster: one array task per --slides-per-job slides, then a gather job."""
+    from .batch import read_manifest_outcomes, summary_table
+    from .cluster import JobResources, plan_submission
+    from .cluster import submit as submit_jobs
+
+    _config(config_path, overrides)  # validate here, before anything is submitted
+    options: list[str] = []
+    if config_path:
+        options += ["-c", str(Path(config_path).resolve())]
+    for item in overrides:
+        options += ["--set", item]
+    for flag, value in (("--tasks", tasks), ("--device", device), ("--default-mpp", default_mpp)):
+        if value is not None:
+            options += [flag, str(value)]
+    if mpp_file:
+        options += ["--mpp-file", str(Path(mpp_file).resolve())]
+    if overwrite:
+        options.append("--overwrite")
+    resources = JobResources(partition, gpus_per_job, cpus_per_job, mem_per_job, time_limit, account)
+    plan = plan_submission(slides, Path(out_dir), resources, slides_per_job, options)
+    if dry_run:
+        click.echo(f"# {len(plan.slides)} slide(s) in {plan.shards} array task(s); slide list -> {plan.list_file}")
+        click.echo("# --- array job ---")
+        click.echo(plan.array_script)
+        click.echo("# --- gather job (after the array, --dependency=afterany) ---")
+        click.echo(plan.gather_script)
+        return
+    submit_jobs(plan, follow=not no_follow, timeout_s=timeout_s, echo=click.echo)
+    if no_follow:
+        return
+    result = read_manifest_outcomes(plan.out)
+    click.echo(summary_table(result))
     sys.exit(result.exit_code)
 
 

@@ -1,0 +1,128 @@
+"""Cluster submission against a real one-node SLURM on localhost (started by the tests)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+from tests.slurm import LocalSlurm, unavailable_reason
+from tests.test_run import _outputs
+from wsi_pipeline.models.demo import write_figure_detector
+from wsi_pipeline.synth import default_layout, write_synthetic_slide
+
+HARD_TIMEOUT = 300  # seconds; every wait on the scheduler has one
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory: pytest.TempPathFactory):
+    reason = unavailable_reason()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"cluster tests must run in CI: {reason}")
+        pytest.skip(reason)
+    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"))
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def three_slides(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("three")
+    for seed in (21, 22, 23):
+        write_synthetic_slide(
+            root / "slides" / f"c{seed}.svs", default_layout(4000, 3000, 0.25, seed=seed, n_figures=5)
+        )
+    return root / "slides", write_figure_detector(root / "model", 0.25)
+
+
+def _common(model: Path) -> list[str]:
+    return [
+        "--tasks",
+        "mitosis",
+        "--set",
+        f"tasks.mitosis.model={model}",
+        "--set",
+        "tasks.mitosis.smooth_sigma_um=3",
+        "--device",
+        "cpu",
+    ]
+
+
+def _submit(slides: Path, model: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return run_cli(
+        "submit",
+        str(slides),
+        "-o",
+        str(out),
+        "--cpus-per-job",
+        "1",
+        "--mem-per-job",
+        "2G",
+        "--timeout",
+        str(HARD_TIMEOUT),
+        *_common(model),
+        *extra,
+    )
+
+
+def test_dry_run_scripts_are_valid_sbatch(slurm: LocalSlurm, three_slides, tmp_path: Path) -> None:
+    slides, model = three_slides
+    result = _submit(slides, model, tmp_path / "out", "--slides-per-job", "2", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "3 slide(s) in 2 array task(s)" in result.stdout
+    array_text = result.stdout.split("# --- array job ---\n")[1].split("# --- gather job")[0]
+    gather_text = result.stdout.split("--dependency=afterany) ---\n")[1]
+    assert "#SBATCH --array=0-1" in array_text and "--shard ${SLURM_ARRAY_TASK_ID}/2" in array_text
+    for text in (array_text, gather_text):
+        script = tmp_path / "job.sbatch"
+        script.write_text(text)
+        check = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True, text=True, timeout=60)
+        assert check.returncode == 0 and "to start at" in check.stderr, check.stderr
+    assert not (tmp_path / "out").exists()  # a dry run writes nothing
+
+
+def test_three_slides_as_two_jobs_equal_a_local_run(slurm: LocalSlurm, three_slides, tmp_path: Path) -> None:
+    slides, model = three_slides
+    local = tmp_path / "local"
+    assert run_cli("run", str(slides), "-o", str(local), "--no-progress", *_common(model)).returncode == 0
+    out = tmp_path / "cluster"
+    result = _submit(slides, model, out, "--slides-per-job", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "(2 task(s) for 3 slide(s))" in result.stdout
+    assert "3 slides: 3 done, 0 skipped, 0 failed" in result.stdout
+    assert (out / "cohort_summary.csv").read_text() == (local / "cohort_summary.csv").read_text()
+    assert _outputs(out) == _outputs(local)
+
+
+def test_cancelled_job_is_reported_and_resubmit_completes(slurm: LocalSlurm, three_slides, tmp_path: Path) -> None:
+    slides, model = three_slides
+    out = tmp_path / "out"
+    # three one-CPU tasks on a two-CPU node: task 2 waits in the queue, and is cancelled there
+    first = _submit(slides, model, out, "--slides-per-job", "1", "--no-follow")
+    assert first.returncode == 0, first.stderr
+    array_id = first.stdout.split("submitted array job ")[1].split()[0]
+    gather_id = first.stdout.split("gather job ")[1].split(";")[0]
+    subprocess.run(["scancel", f"{array_id}_2"], check=True, timeout=60)
+    deadline = time.monotonic() + HARD_TIMEOUT
+    while time.monotonic() < deadline:
+        states = subprocess.run(
+            ["squeue", "-h", "--states=all", "-j", gather_id, "-o", "%T"], capture_output=True, text=True, timeout=60
+        ).stdout.strip()
+        if states in ("COMPLETED", "FAILED", "CANCELLED", ""):
+            break
+        time.sleep(1)
+    else:
+        pytest.fail("gather job did not end in time")
+    rows = {r["slide_id"]: r for r in csv.DictReader((out / "manifest.csv").open())}
+    assert rows["c23"]["status"] == "failed" and "submit again" in rows["c23"]["error"]
+    assert rows["c21"]["status"] == rows["c22"]["status"] == "done"
+    again = _submit(slides, model, out, "--slides-per-job", "1")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "3 slides: 1 done, 2 skipped, 0 failed" in again.stdout
