@@ -13,6 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
+SYSTEM_CONF = Path("/etc/slurm/slurm.conf")
 CONF = """ClusterName=wsitest
 SlurmctldHost=localhost
 SlurmUser=root
@@ -79,6 +80,7 @@ class LocalSlurm:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.conf = root / "slurm.conf"
+        self.backup = root / "system-slurm.conf.orig"
         self.started_munge = False
 
     def start(self, timeout_s: float = 60) -> None:
@@ -86,6 +88,11 @@ class LocalSlurm:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self.conf.write_text(CONF.format(root=self.root))
         os.environ["SLURM_CONF"] = str(self.conf)
+        # Steps inside jobs (srun, as Snakemake's SLURM executor uses) read the standard location, not SLURM_CONF.
+        if SYSTEM_CONF.exists() and not self.backup.exists():
+            shutil.copy2(SYSTEM_CONF, self.backup)
+        SYSTEM_CONF.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(self.conf, SYSTEM_CONF)
         if not _alive(_pid(Path("/run/munge/munged.pid"))):
             subprocess.run(["install", "-d", "-o", "munge", "-g", "munge", "-m", "0755", "/run/munge"], check=True)
             subprocess.run(
@@ -117,3 +124,7 @@ class LocalSlurm:
         for pid in pids:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+        if self.backup.exists():
+            shutil.copy2(self.backup, SYSTEM_CONF)
+        else:
+            SYSTEM_CONF.unlink(missing_ok=True)

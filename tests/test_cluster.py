@@ -126,3 +126,99 @@ def test_cancelled_job_is_reported_and_resubmit_completes(slurm: LocalSlurm, thr
     again = _submit(slides, model, out, "--slides-per-job", "1")
     assert again.returncode == 0, again.stdout + again.stderr
     assert "3 slides: 1 done, 2 skipped, 0 failed" in again.stdout
+
+
+def test_snakefile_with_the_local_executor_equals_a_local_run(three_slides, tmp_path: Path) -> None:
+    import sys
+
+    import yaml
+
+    slides, model = three_slides
+    local = tmp_path / "local"
+    assert run_cli("run", str(slides), "-o", str(local), "--no-progress", *_common(model)).returncode == 0
+    config = tmp_path / "wf.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "slides": [str(slides)],
+                "out": str(tmp_path / "wf"),
+                "slides_per_job": 2,
+                "wsi_pipeline": f"{sys.executable} -m wsi_pipeline.cli",
+                "run_options": _common(model),
+                "resources": {"cpus": 1, "mem_mb": 2000},
+            }
+        )
+    )
+    snakefile = Path(__file__).resolve().parent.parent / "workflows" / "Snakefile"
+    snakemake = Path(sys.executable).parent / "snakemake"
+    result = subprocess.run(
+        [
+            str(snakemake),
+            "-s",
+            str(snakefile),
+            "--configfile",
+            str(config),
+            "--cores",
+            "2",
+            "--directory",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=HARD_TIMEOUT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "wf"
+    assert (out / "cohort_summary.csv").read_text() == (local / "cohort_summary.csv").read_text()
+    assert _outputs(out) == _outputs(local)
+    assert sorted(p.name for p in (out / "shards").glob("manifest-*.csv")) == [
+        "manifest-0-of-2.csv",
+        "manifest-1-of-2.csv",
+    ]
+
+
+def test_snakefile_with_the_slurm_profile(slurm: LocalSlurm, three_slides, tmp_path: Path) -> None:
+    import sys
+
+    import yaml
+
+    slides, model = three_slides
+    config = tmp_path / "wf.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "slides": [str(slides)],
+                "out": str(tmp_path / "wf"),
+                "slides_per_job": 2,
+                "wsi_pipeline": f"{sys.executable} -m wsi_pipeline.cli",
+                "run_options": _common(model),
+                "resources": {"cpus": 1, "mem_mb": 2000, "runtime_min": 30},
+            }
+        )
+    )
+    workflows = Path(__file__).resolve().parent.parent / "workflows"
+    snakemake = Path(sys.executable).parent / "snakemake"
+    # Snakemake ignores SIGTERM while it waits on SLURM: a hard SIGKILL deadline keeps CI from hanging
+    result = subprocess.run(
+        [
+            "timeout",
+            "-s",
+            "KILL",
+            str(HARD_TIMEOUT),
+            str(snakemake),
+            "-s",
+            str(workflows / "Snakefile"),
+            "--configfile",
+            str(config),
+            "--profile",
+            str(workflows / "profiles" / "slurm"),
+            "--directory",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = list(csv.DictReader((tmp_path / "wf" / "manifest.csv").open()))
+    assert [r["status"] for r in rows] == ["done"] * 3
+    assert any((tmp_path / ".snakemake" / "slurm_logs").rglob("*.log"))  # the shards really went through SLURM

@@ -269,3 +269,18 @@ def test_sharded_runs_then_gather_equal_one_run(cohort: tuple[Path, Path], tmp_p
     merged = [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader((sharded / "manifest.csv").open())]
     assert merged == strip
     assert _outputs(sharded) == _outputs(whole)
+
+
+def test_postprocessing_on_an_existing_dask_scheduler(cohort: tuple[Path, Path], tmp_path: Path) -> None:
+    from distributed import LocalCluster
+
+    slides, model = cohort
+    plain = tmp_path / "plain"
+    assert run_cli(*_args(slides, model, plain)).returncode == 0
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        out = tmp_path / "dask"
+        result = run_cli(*_args(slides, model, out, "--dask-scheduler", cluster.scheduler_address))
+        assert result.returncode == 0, result.stderr
+        assert _outputs(out) == _outputs(plain)
+    bad = run_cli(*_args(slides, model, tmp_path / "bad", "--dask-scheduler", "tcp://127.0.0.1:9"))
+    assert bad.returncode == 7 and "cannot connect" in bad.stderr

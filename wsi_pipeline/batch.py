@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import hashlib
 import io
 import json
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -230,6 +231,25 @@ def gather(out: Path) -> tuple[Path, Path, int]:
     return out / "manifest.csv", out / "cohort_summary.csv", sum(r["status"] == "failed" for r in ordered)
 
 
+@contextlib.contextmanager
+def dask_client(address: str | None) -> Iterator[None]:
+    """Route dask work (chunked post-processing) to an existing dask scheduler, e.g. one from dask-jobqueue's
+    SLURMCluster; without an address dask's local threaded scheduler runs it in this process."""
+    if address is None:
+        yield
+        return
+    from distributed import Client
+
+    try:
+        client = Client(address, timeout="30s")
+    except OSError as exc:
+        raise ConfigError(
+            f"--dask-scheduler {address}: cannot connect ({exc}); check the address (tcp://host:port)"
+        ) from exc
+    with client:
+        yield
+
+
 def run_batch(
     inputs: Sequence[str],
     out: Path,
@@ -243,6 +263,7 @@ def run_batch(
     mpp_file: str | None = None,
     progress: bool = True,
     shard: tuple[int, int] | None = None,
+    dask_scheduler: str | None = None,
     on_slide: Callable[[SlideOutcome], None] | None = None,
 ) -> BatchResult:
     """Process every slide; a failing slide is recorded and the others go on. The manifest is rewritten after each
@@ -255,7 +276,7 @@ def run_batch(
     ids = assign_ids(paths)  # over the whole list, so every shard names a slide the same way
     manifest_path, cohort_path = _outputs_paths(out, shard)
     outcomes: list[SlideOutcome] = []
-    with output_lock(out, shard):
+    with output_lock(out, shard), dask_client(dask_scheduler):
         remove_stale_temporaries(out)
         for path in shard_paths(paths, shard):
             slide_id = ids[path]

@@ -314,6 +314,12 @@ def predict(
     help="CSV with columns slide,mpp: per-slide µm/px that override the files.",
 )
 @click.option(
+    "--dask-scheduler",
+    default=None,
+    metavar="ADDRESS",
+    help="Run post-processing on an existing dask scheduler (tcp://host:port) [a local one].",
+)
+@click.option(
     "--shard",
     default=None,
     metavar="I/N",
@@ -332,6 +338,7 @@ def run(
     overwrite: bool,
     default_mpp: float | None,
     mpp_file: str | None,
+    dask_scheduler: str | None,
     shard: str | None,
     progress: bool,
     config_path: str | None,
@@ -372,6 +379,7 @@ def run(
         mpp_file=mpp_file,
         progress=progress,
         shard=parse_shard(shard) if shard else None,
+        dask_scheduler=dask_scheduler,
         on_slide=report,
     )
     click.echo(summary_table(result))
