@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import run_cli
 from tests.slurm import LocalSlurm, unavailable_reason
-from tests.test_run import _outputs
+from tests.test_run import _outputs, mitosis_options
 from wsi_pipeline.models.demo import write_figure_detector
 from wsi_pipeline.synth import default_layout, write_synthetic_slide
 
@@ -43,16 +43,29 @@ def three_slides(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def _common(model: Path) -> list[str]:
-    return [
-        "--tasks",
-        "mitosis",
-        "--set",
-        f"tasks.mitosis.model={model}",
-        "--set",
-        "tasks.mitosis.smooth_sigma_um=3",
-        "--device",
-        "cpu",
-    ]
+    return mitosis_options(model)
+
+
+def _workflow_config(tmp_path: Path, slides: Path, model: Path, **resources: int) -> Path:
+    """A workflows/Snakefile configuration writing to tmp_path/wf with 2 slides per job."""
+    import sys
+
+    import yaml
+
+    config = tmp_path / "wf.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "slides": [str(slides)],
+                "out": str(tmp_path / "wf"),
+                "slides_per_job": 2,
+                "wsi_pipeline": f"{sys.executable} -m wsi_pipeline.cli",
+                "run_options": _common(model),
+                "resources": {"cpus": 1, "mem_mb": 2000, **resources},
+            }
+        )
+    )
+    return config
 
 
 def _submit(slides: Path, model: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -131,24 +144,10 @@ def test_cancelled_job_is_reported_and_resubmit_completes(slurm: LocalSlurm, thr
 def test_snakefile_with_the_local_executor_equals_a_local_run(three_slides, tmp_path: Path) -> None:
     import sys
 
-    import yaml
-
     slides, model = three_slides
     local = tmp_path / "local"
     assert run_cli("run", str(slides), "-o", str(local), "--no-progress", *_common(model)).returncode == 0
-    config = tmp_path / "wf.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "slides": [str(slides)],
-                "out": str(tmp_path / "wf"),
-                "slides_per_job": 2,
-                "wsi_pipeline": f"{sys.executable} -m wsi_pipeline.cli",
-                "run_options": _common(model),
-                "resources": {"cpus": 1, "mem_mb": 2000},
-            }
-        )
-    )
+    config = _workflow_config(tmp_path, slides, model)
     snakefile = Path(__file__).resolve().parent.parent / "workflows" / "Snakefile"
     snakemake = Path(sys.executable).parent / "snakemake"
     result = subprocess.run(
@@ -180,22 +179,8 @@ def test_snakefile_with_the_local_executor_equals_a_local_run(three_slides, tmp_
 def test_snakefile_with_the_slurm_profile(slurm: LocalSlurm, three_slides, tmp_path: Path) -> None:
     import sys
 
-    import yaml
-
     slides, model = three_slides
-    config = tmp_path / "wf.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "slides": [str(slides)],
-                "out": str(tmp_path / "wf"),
-                "slides_per_job": 2,
-                "wsi_pipeline": f"{sys.executable} -m wsi_pipeline.cli",
-                "run_options": _common(model),
-                "resources": {"cpus": 1, "mem_mb": 2000, "runtime_min": 30},
-            }
-        )
-    )
+    config = _workflow_config(tmp_path, slides, model, runtime_min=30)
     workflows = Path(__file__).resolve().parent.parent / "workflows"
     snakemake = Path(sys.executable).parent / "snakemake"
     # Snakemake ignores SIGTERM while it waits on SLURM: a hard SIGKILL deadline keeps CI from hanging

@@ -36,12 +36,9 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return root / "slides", root / "model"
 
 
-def _args(slides: Path, model: Path, out: Path, *extra: str) -> list[str]:
+def mitosis_options(model: Path) -> list[str]:
+    """`run` options for the mitosis task with the hand-set figure detector."""
     return [
-        "run",
-        str(slides),
-        "-o",
-        str(out),
         "--tasks",
         "mitosis",
         "--set",
@@ -50,11 +47,11 @@ def _args(slides: Path, model: Path, out: Path, *extra: str) -> list[str]:
         "tasks.mitosis.smooth_sigma_um=3",
         "--device",
         "cpu",
-        "--workers",
-        "1",
-        "--no-progress",
-        *extra,
     ]
+
+
+def _args(slides: Path, model: Path, out: Path, *extra: str) -> list[str]:
+    return ["run", str(slides), "-o", str(out), *mitosis_options(model), "--workers", "1", "--no-progress", *extra]
 
 
 def validate_qupath(path: Path, width: int, height: int) -> dict[str, int]:

@@ -48,6 +48,11 @@ COLORS = {
     "Mitosis": (0, 90, 255),
     "Tumor candidate": (255, 80, 80),
 }
+# Point objects each task exports as QuPath detections: (task, id kind, class, measurement name).
+POINT_OBJECTS = (
+    ("mitosis", "mitosis", "Mitosis", "Mitosis probability"),
+    ("metastasis", "candidate", "Tumor candidate", "Tumor probability"),
+)
 # Region extraction reads the finest pyramid level no larger than this (px per side): enough for mm-scale regions.
 _REGION_LEVEL_MAX_PX = 8192
 
@@ -446,26 +451,15 @@ def _qupath_features(
                 measurements=f["measurements"],
                 offset=offset,
             )
-    if "mitosis" in results:
-        for i, (x, y, p) in enumerate(results["mitosis"].points):
+    for task, kind, cls, measurement in POINT_OBJECTS:
+        for i, (x, y, p) in enumerate(results[task].points if task in results else []):
             yield feature(
                 shapely.Point(x, y),
                 "detection",
-                object_id_=object_id(slide_id, "mitosis", i),
-                class_name="Mitosis",
-                color=COLORS["Mitosis"],
-                measurements={"Mitosis probability": p},
-                offset=offset,
-            )
-    if "metastasis" in results:
-        for i, (x, y, p) in enumerate(results["metastasis"].points):
-            yield feature(
-                shapely.Point(x, y),
-                "detection",
-                object_id_=object_id(slide_id, "candidate", i),
-                class_name="Tumor candidate",
-                color=COLORS["Tumor candidate"],
-                measurements={"Tumor probability": p},
+                object_id_=object_id(slide_id, kind, i),
+                class_name=cls,
+                color=COLORS[cls],
+                measurements={measurement: p},
                 offset=offset,
             )
     for request in requests:
