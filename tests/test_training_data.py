@@ -1,0 +1,65 @@
+"""Training data: folder-per-class tiles split by source image; seeded H&E augmentation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from wsi_pipeline.training.augment import AugmentConfig, augment, hed_jitter
+from wsi_pipeline.training.data import DataError, folder_items, load_tile, split_by_group
+
+EPI_STROMA = {"epithelium": ["01_TUMOR", "06_MUCOSA"], "stroma": ["02_STROMA"]}
+
+
+def test_kather_epithelium_vs_stroma_split_by_source(data_dir: Path) -> None:
+    items, classes = folder_items(data_dir / "epithelium_stroma" / "kather2016", EPI_STROMA)
+    assert classes == ["epithelium", "stroma"]
+    assert np.bincount([i.label for i in items]).tolist() == [66, 33]
+    assert all(i.group.startswith("CRC-Prim-HE-") for i in items)
+    train, val = split_by_group(items, val_fraction=0.3, seed=1)
+    assert {i.group for i in train}.isdisjoint({i.group for i in val})
+    assert len(train) + len(val) == len(items) and 0.2 < len(val) / len(items) < 0.5
+    assert split_by_group(items, 0.3, seed=1) == (train, val)  # deterministic
+    assert load_tile(val[0], 150).shape == (150, 150, 3)
+
+
+def test_bad_training_data(tmp_path: Path, data_dir: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "a" / "x_CRC-Prim-HE-01_1.png")
+    with pytest.raises(DataError, match="at least two classes"):
+        folder_items(tmp_path)  # b is empty
+    Image.new("RGB", (40, 40)).save(tmp_path / "b" / "y_CRC-Prim-HE-01_2.png")
+    items, _ = folder_items(tmp_path)
+    with pytest.raises(DataError, match="one source image"):
+        split_by_group(items)
+    with pytest.raises(DataError, match="40x40 px but the model takes 32x32"):
+        load_tile(items[1], 32)
+    (tmp_path / "b" / "z_CRC-Prim-HE-02_3.png").write_bytes(b"not an image")
+    items, _ = folder_items(tmp_path)
+    with pytest.raises(DataError, match="cannot read training tile"):
+        load_tile(items[-1])
+    with pytest.raises(DataError, match="not found"):
+        folder_items(data_dir / "epithelium_stroma" / "kather2016", {"epithelium": ["99_NOPE"], "x": ["02_STROMA"]})
+
+
+def test_augmentation_is_seeded_and_hed_round_trips(data_dir: Path) -> None:
+    items, _ = folder_items(data_dir / "epithelium_stroma" / "kather2016", EPI_STROMA)
+    tile = torch.from_numpy(load_tile(items[0])).permute(2, 0, 1).contiguous()
+    cfg = AugmentConfig()
+    a, b = augment(tile, cfg, 7, 0, 3), augment(tile, cfg, 7, 0, 3)
+    assert torch.equal(a, b) and a.dtype == torch.uint8 and a.shape == tile.shape
+    assert not torch.equal(augment(tile, cfg, 7, 1, 3), a)  # another epoch, another draw
+    # HED jitter with no change reproduces the image (up to float round-off)
+    x = tile.float() / 255
+    same = hed_jitter(x.clamp(min=1 / 255), torch.ones(3), torch.zeros(3))
+    assert (same - x.clamp(min=1 / 255)).abs().max() < 1e-4
+    # more haematoxylin darkens nuclei-rich pixels: mean optical density goes up
+    more_h = hed_jitter(x.clamp(min=1 / 255), torch.tensor([1.5, 1.0, 1.0]), torch.zeros(3))
+    assert (-torch.log(more_h.clamp(min=1e-6))).mean() > (-torch.log(x.clamp(min=1 / 255))).mean()
+    nothing = AugmentConfig(flips=False, rotate90=False, scale=0, brightness=0, contrast=0, saturation=0, hed_sigma=0)
+    assert torch.equal(augment(tile, nothing, 0, 0, 0), tile)

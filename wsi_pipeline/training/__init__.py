@@ -1,0 +1,1 @@
+"""Training data and augmentation (the `train` command builds on these)."""

@@ -1,0 +1,105 @@
+"""Folder-per-class tile datasets (Kather 2016, NCT-CRC-HE, PCam layouts), grouped by source image so that a
+train/validation split never puts tiles of one source image on both sides."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import WsiError
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+# Kather 2016 / NCT-CRC-HE file names carry their source image as CRC-Prim-HE-NN.
+KATHER_GROUP = r"(CRC-Prim-HE-\d+)"
+
+
+class DataError(WsiError):
+    exit_code = 13
+    kind = "bad-training-data"
+
+
+@dataclass(frozen=True)
+class TileItem:
+    path: Path
+    label: int
+    group: str  # source image (or slide); tiles of one group stay on one side of a split
+
+
+def folder_items(
+    root: str | Path, class_map: Mapping[str, Sequence[str]] | None = None, group_pattern: str | None = KATHER_GROUP
+) -> tuple[list[TileItem], list[str]]:
+    """Tiles under `root/<folder>/`; `class_map` maps output classes to folders (default: one class per folder).
+    The group is the first regex group of `group_pattern` in the file name; without a match, the tile alone."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"training data folder {root} not found")
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir())
+    mapping = dict(class_map) if class_map else {f: [f] for f in folders}
+    missing = sorted({f for fs in mapping.values() for f in fs} - set(folders))
+    if missing:
+        raise DataError(f"{root}: class folders {missing} not found (have {folders})")
+    classes = list(mapping)
+    pattern = re.compile(group_pattern) if group_pattern else None
+    items = []
+    for label, cls in enumerate(classes):
+        for folder in mapping[cls]:
+            for path in sorted((root / folder).rglob("*")):
+                if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+                    match = pattern.search(path.name) if pattern else None
+                    items.append(TileItem(path, label, match.group(1) if match else f"tile:{path}"))
+    counts = np.bincount([i.label for i in items], minlength=len(classes))
+    empty = [c for c, n in zip(classes, counts, strict=True) if n == 0]
+    if not items or len(classes) < 2 or empty:
+        raise DataError(f"{root}: need at least two classes with tiles; empty: {empty or classes}")
+    return items, classes
+
+
+def split_by_group(
+    items: Sequence[TileItem], val_fraction: float = 0.25, seed: int = 0
+) -> tuple[list[TileItem], list[TileItem]]:
+    """Whole groups go to validation (seeded order) until it holds ~val_fraction of the tiles; each class must end
+    up on both sides, else the split is refused with the reason."""
+    groups = sorted({i.group for i in items})
+    if len(groups) < 2:
+        raise DataError("all tiles come from one source image: a validation split by source is impossible")
+    order = np.random.default_rng(seed).permutation(len(groups))
+    target = val_fraction * len(items)
+    size = {g: 0 for g in groups}
+    for item in items:
+        size[item.group] += 1
+    val_groups: set[str] = set()
+    taken = 0
+    for index in order:
+        if taken >= target:
+            break
+        val_groups.add(groups[index])
+        taken += size[groups[index]]
+    train = [i for i in items if i.group not in val_groups]
+    val = [i for i in items if i.group in val_groups]
+    labels = {i.label for i in items}
+    if {i.label for i in train} != labels or {i.label for i in val} != labels:
+        raise DataError(
+            "a class has tiles from too few source images to appear in both training and validation; "
+            "add data or change --val-fraction / --seed"
+        )
+    return train, val
+
+
+def load_tile(item: TileItem, size: int | None = None) -> np.ndarray:
+    """RGB uint8; a tile of another size than `size` is an error naming the file (resize data beforehand)."""
+    try:
+        with Image.open(item.path) as image:
+            rgb = np.array(image.convert("RGB"))  # writable: torch.from_numpy needs that
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"cannot read training tile {item.path}: {exc}") from exc
+    if size is not None and rgb.shape[:2] != (size, size):
+        raise DataError(
+            f"{item.path} is {rgb.shape[1]}x{rgb.shape[0]} px but the model takes {size}x{size}; "
+            "give tiles of one size or set the tile size to match"
+        )
+    return rgb
