@@ -63,3 +63,35 @@ def test_augmentation_is_seeded_and_hed_round_trips(data_dir: Path) -> None:
     assert (-torch.log(more_h.clamp(min=1e-6))).mean() > (-torch.log(x.clamp(min=1 / 255))).mean()
     nothing = AugmentConfig(flips=False, rotate90=False, scale=0, brightness=0, contrast=0, saturation=0, hed_sigma=0)
     assert torch.equal(augment(tile, nothing, 0, 0, 0), tile)
+
+
+def test_train_classifier_resumes_and_writes_a_loadable_model(data_dir: Path, tmp_path: Path) -> None:
+    from wsi_pipeline.models import load_model
+    from wsi_pipeline.training.train import CHECKPOINT, TrainConfig, train_classifier
+
+    items, classes = folder_items(data_dir / "epithelium_stroma" / "kather2016", EPI_STROMA)
+    train, val = split_by_group(items, 0.3, seed=1)
+    cfg = TrainConfig(
+        task="epithelium_stroma",
+        classes=classes,
+        architecture="small_cnn",
+        architecture_args={"width": 8},
+        mpp=0.495,
+        tile_px=150,
+        epochs=2,
+        patience=10,
+        batch_size=16,
+        workers=0,
+    )
+    out = tmp_path / "model"
+    first = train_classifier(train, val, cfg, out, device=torch.device("cpu"), progress=False)
+    assert [h["epoch"] for h in first["training"]["history"]] == [1, 2]
+    assert (out / CHECKPOINT).exists()
+    cfg.epochs = 3  # an interrupted run picks up from its checkpoint: epochs 1-2 are not trained again
+    resumed = train_classifier(train, val, cfg, out, device=torch.device("cpu"), progress=False)
+    history = resumed["training"]["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert history[:2] == first["training"]["history"]
+    model = load_model(out, task="epithelium_stroma")
+    assert model.card.metrics["validation"]["balanced_accuracy"] == max(h["balanced_accuracy"] for h in history)
+    assert set(model.card.training["train_groups"]).isdisjoint(model.card.training["val_groups"])
