@@ -95,3 +95,37 @@ def test_train_classifier_resumes_and_writes_a_loadable_model(data_dir: Path, tm
     model = load_model(out, task="epithelium_stroma")
     assert model.card.metrics["validation"]["balanced_accuracy"] == max(h["balanced_accuracy"] for h in history)
     assert set(model.card.training["train_groups"]).isdisjoint(model.card.training["val_groups"])
+
+
+def test_train_command(data_dir: Path, tmp_path: Path) -> None:
+    from tests.conftest import run_cli
+
+    kather = str(data_dir / "epithelium_stroma" / "kather2016")
+    common = ["--tile-px", "150", "--mpp", "0.495", "--epochs", "1", "--device", "cpu"]
+    result = run_cli(
+        "train",
+        "epithelium_stroma",
+        kather,
+        "-o",
+        str(tmp_path / "m"),
+        "--class",
+        "epithelium=01_TUMOR,06_MUCOSA",
+        "--class",
+        "stroma=02_STROMA",
+        *common,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "split by source image" in result.stdout and (tmp_path / "m" / "weights.safetensors").exists()
+    bad = run_cli(
+        "train",
+        "epithelium_stroma",
+        kather,
+        "-o",
+        str(tmp_path / "b"),
+        "--class",
+        "x=99_NOPE",
+        "--class",
+        "stroma=02_STROMA",
+        *common,
+    )
+    assert bad.returncode == 13 and "99_NOPE" in bad.stderr

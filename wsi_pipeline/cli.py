@@ -477,6 +477,95 @@ def gather(out_dir: str) -> None:
     sys.exit(1 if failed else 0)
 
 
+@main.command()
+@click.argument("task", type=click.Choice(["epithelium_stroma", "metastasis"]))
+@click.argument("data", type=click.Path(file_okay=False, exists=True))
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Model folder.")
+@click.option(
+    "--class",
+    "class_specs",
+    multiple=True,
+    metavar="NAME=FOLDER[,FOLDER]",
+    help="An output class and the folders it is made of (default: one class per folder).",
+)
+@click.option("--arch", default="small_cnn", show_default=True, help="Architecture (registry or torchvision name).")
+@click.option("--tile-px", type=click.IntRange(min=8), required=True, help="Tile size of the data (px).")
+@click.option("--mpp", type=float, required=True, help="µm/px of the data.")
+@click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option(
+    "--patience",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="Stop after this many epochs without a better validation balanced accuracy.",
+)
+@click.option("--val-fraction", type=click.FloatRange(0.05, 0.9), default=0.25, show_default=True)
+@click.option(
+    "--group-pattern",
+    default=r"(CRC-Prim-HE-\d+)",
+    show_default=True,
+    help="Regex whose first group names a tile's source image (split by it); '' = split by tile.",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--freeze-backbone", is_flag=True, help="Train only the new head.")
+@click.option(
+    "--init",
+    "init_checkpoint",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="Start from a local checkpoint (.safetensors or weights-only .pt).",
+)
+def train(
+    task: str,
+    data: str,
+    out_dir: str,
+    class_specs: tuple[str, ...],
+    arch: str,
+    tile_px: int,
+    mpp: float,
+    epochs: int,
+    patience: int,
+    val_fraction: float,
+    group_pattern: str,
+    seed: int,
+    device: str,
+    freeze_backbone: bool,
+    init_checkpoint: str | None,
+) -> None:
+    """Train a TASK patch classifier from folder-per-class tiles in DATA (split by source image)."""
+    from .engine import resolve_device
+    from .training.data import folder_items, split_by_group
+    from .training.train import TrainConfig, train_classifier
+
+    class_map = {}
+    for spec in class_specs:
+        name, _, folders = spec.partition("=")
+        if not name or not folders:
+            raise ConfigError(f"--class {spec!r}: expected NAME=FOLDER[,FOLDER]")
+        class_map[name] = [f for f in folders.split(",") if f]
+    items, classes = folder_items(data, class_map or None, group_pattern or None)
+    train_items, val_items = split_by_group(items, val_fraction, seed)
+    cfg = TrainConfig(
+        task=task,
+        classes=classes,
+        architecture=arch,
+        mpp=mpp,
+        tile_px=tile_px,
+        epochs=epochs,
+        patience=patience,
+        seed=seed,
+        freeze_backbone=freeze_backbone,
+        init_checkpoint=init_checkpoint,
+    )
+    card = train_classifier(train_items, val_items, cfg, Path(out_dir), device=resolve_device(device))
+    click.echo(
+        f"model in {out_dir}: validation {card['metrics']['validation']} "
+        f"(best epoch {card['training']['best_epoch']}; {len(train_items)} train / {len(val_items)} "
+        "validation tiles, split by source image)"
+    )
+
+
 @main.command("config")
 @config_option
 @set_option
