@@ -129,3 +129,49 @@ def test_train_command(data_dir: Path, tmp_path: Path) -> None:
         *common,
     )
     assert bad.returncode == 13 and "99_NOPE" in bad.stderr
+
+
+def test_evaluate_command_report_is_consistent(data_dir: Path, tmp_path: Path) -> None:
+    import json
+
+    from tests.conftest import run_cli
+    from wsi_pipeline.training.evaluation import roc_points
+    from wsi_pipeline.training.train import TrainConfig, train_classifier
+
+    items, classes = folder_items(data_dir / "epithelium_stroma" / "kather2016", EPI_STROMA)
+    train, val = split_by_group(items, 0.3, seed=1)
+    cfg = TrainConfig(
+        task="epithelium_stroma",
+        classes=classes,
+        architecture_args={"width": 8},
+        mpp=0.495,
+        tile_px=150,
+        epochs=1,
+        workers=0,
+    )
+    train_classifier(train, val, cfg, tmp_path / "m", device=torch.device("cpu"), progress=False)
+    result = run_cli(
+        "evaluate",
+        "epithelium_stroma",
+        str(tmp_path / "m"),
+        str(data_dir / "epithelium_stroma" / "kather2016"),
+        "-o",
+        str(tmp_path / "r"),
+        "--class",
+        "epithelium=01_TUMOR,06_MUCOSA",
+        "--class",
+        "stroma=02_STROMA",
+        "--device",
+        "cpu",
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "r" / "evaluation.json").read_text())
+    confusion = report["confusion"]
+    assert sum(sum(row.values()) for row in confusion.values()) == report["tiles"] == 99
+    recalls = [confusion[c][c] / sum(confusion[c].values()) for c in confusion]
+    assert report["balanced_accuracy"] == pytest.approx(np.mean(recalls))
+    low, high = report["roc_auc"]["ci95"]
+    assert low <= report["roc_auc"]["value"] <= high
+    assert (tmp_path / "r" / "roc.png").stat().st_size > 1000
+    fpr, tpr = roc_points(np.array([1, 0, 1, 0]), np.array([0.9, 0.8, 0.4, 0.1]))
+    assert fpr.tolist() == [0, 0, 0.5, 0.5, 1] and tpr.tolist() == [0, 0.5, 0.5, 1, 1]

@@ -566,6 +566,44 @@ def train(
     )
 
 
+@main.command()
+@click.argument("task", type=click.Choice(["epithelium_stroma", "metastasis"]))
+@click.argument("model_dir", metavar="MODEL", type=click.Path(file_okay=False, exists=True))
+@click.argument("data", type=click.Path(file_okay=False, exists=True))
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Report folder.")
+@click.option(
+    "--class",
+    "class_specs",
+    multiple=True,
+    metavar="NAME=FOLDER[,FOLDER]",
+    help="Which folders make each of the model's classes (default: folders named after them).",
+)
+@click.option("--positive", default=None, help="Class scored by ROC AUC [the model's first class].")
+@click.option("--device", default="auto", show_default=True)
+def evaluate(
+    task: str, model_dir: str, data: str, out_dir: str, class_specs: tuple[str, ...], positive: str | None, device: str
+) -> None:
+    """Evaluate a patch classifier on folder-per-class tiles: OUT/evaluation.json and OUT/roc.png."""
+    from .engine import resolve_device
+    from .models import load_model
+    from .training.data import folder_items
+    from .training.evaluation import evaluate_classifier
+
+    model = load_model(model_dir, task=task)
+    class_map = {}
+    for spec in class_specs:
+        name, _, folders = spec.partition("=")
+        class_map[name] = [f for f in folders.split(",") if f]
+    items, classes = folder_items(data, class_map or None, None)
+    report = evaluate_classifier(model, items, classes, Path(out_dir), resolve_device(device), positive)
+    auc = report["roc_auc"]
+    click.echo(
+        f"{report['tiles']} tiles: balanced accuracy {report['balanced_accuracy']:.3f}; ROC AUC "
+        f"({auc['positive']}) {auc['value']:.3f} [95 % CI {auc['ci95'][0]:.3f}, {auc['ci95'][1]:.3f}]; "
+        f"report in {out_dir}"
+    )
+
+
 @main.command("config")
 @config_option
 @set_option

@@ -1,0 +1,97 @@
+"""`wsi-pipeline evaluate` for patch classifiers: metrics on a folder-per-class dataset, JSON + ROC curve PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from ..atomic import atomic_path, write_json
+from ..evaluate import balanced_accuracy, bootstrap_auc
+from ..models import LoadedModel
+from .data import TileItem, load_tile
+
+
+def predict_items(model: LoadedModel, items: list[TileItem], device: torch.device, batch: int = 64) -> np.ndarray:
+    card = model.card
+    mean = torch.tensor(card.normalisation.mean).view(1, 3, 1, 1).to(device)
+    std = torch.tensor(card.normalisation.std).view(1, 3, 1, 1).to(device)
+    module = model.module.to(device).eval()
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(items), batch):
+            tiles = np.stack([load_tile(i, card.tile_px) for i in items[start : start + batch]])
+            x = (torch.from_numpy(tiles).permute(0, 3, 1, 2).to(device).float() / 255 - mean) / std
+            logits = module(x).float()
+            probs = torch.softmax(logits, 1) if card.activation == "softmax" else torch.sigmoid(logits)
+            out.append(probs.cpu().numpy())
+    return np.concatenate(out)
+
+
+def roc_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    order = np.argsort(-scores, kind="stable")
+    y = labels[order].astype(bool)
+    tpr = np.r_[0, np.cumsum(y) / max(1, y.sum())]
+    fpr = np.r_[0, np.cumsum(~y) / max(1, (~y).sum())]
+    return fpr, tpr
+
+
+def roc_png(path: Path, fpr: np.ndarray, tpr: np.ndarray, title: str, size: int = 400) -> None:
+    """A ROC curve drawn with PIL (the project has no plotting library; this needs only axes and a line)."""
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    pad = 40
+    span = size - 2 * pad
+
+    def to_px(x: float, y: float) -> tuple[float, float]:
+        return pad + x * span, size - pad - y * span
+
+    draw.rectangle([pad, pad, size - pad, size - pad], outline=(0, 0, 0))
+    draw.line([to_px(0, 0), to_px(1, 1)], fill=(180, 180, 180))
+    draw.line([to_px(x, y) for x, y in zip(fpr, tpr, strict=True)], fill=(200, 0, 0), width=2)
+    draw.text((pad, 12), title, fill=(0, 0, 0))
+    draw.text((size // 2 - 50, size - 28), "false positive rate", fill=(0, 0, 0))
+    draw.text((4, pad - 14), "true positive rate", fill=(0, 0, 0))
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def evaluate_classifier(
+    model: LoadedModel,
+    items: list[TileItem],
+    classes: list[str],
+    out: Path,
+    device: torch.device,
+    positive: str | None = None,
+) -> dict[str, Any]:
+    """Balanced accuracy over the model's classes; ROC AUC (bootstrap 95 % interval) for `positive` vs the rest."""
+    names = model.card.classes
+    unknown = [c for c in classes if c not in names]
+    if unknown:
+        from .data import DataError
+
+        raise DataError(f"data classes {unknown} are not among the model's classes {names}")
+    labels = np.array([names.index(classes[i.label]) for i in items])
+    probs = predict_items(model, items, device)
+    positive = positive or names[0]
+    pos = names.index(positive)
+    auc, low, high = bootstrap_auc(labels == pos, probs[:, pos], n=1000, seed=0)
+    report = {
+        "model": model.card.name,
+        "tiles": len(items),
+        "classes": classes,
+        "balanced_accuracy": balanced_accuracy(labels, probs.argmax(1)),
+        "roc_auc": {"positive": positive, "value": auc, "ci95": [low, high], "bootstrap": 1000},
+        "confusion": {
+            names[t]: {names[p]: int(((labels == t) & (probs.argmax(1) == p)).sum()) for p in range(len(names))}
+            for t in sorted(set(labels.tolist()))
+        },
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "evaluation.json", report)
+    fpr, tpr = roc_points(labels == pos, probs[:, pos])
+    roc_png(out / "roc.png", fpr, tpr, f"{model.card.name}: {positive} AUC {auc:.3f} [{low:.3f}, {high:.3f}]")
+    return report
