@@ -94,6 +94,9 @@ def test_train_classifier_resumes_and_writes_a_loadable_model(data_dir: Path, tm
     assert history[:2] == first["training"]["history"]
     model = load_model(out, task="epithelium_stroma")
     assert model.card.metrics["validation"]["balanced_accuracy"] == max(h["balanced_accuracy"] for h in history)
+    cfg.architecture_args = {"width": 12}
+    with pytest.raises(DataError, match="another training configuration"):
+        train_classifier(train, val, cfg, out, device=torch.device("cpu"), progress=False)
     assert set(model.card.training["train_groups"]).isdisjoint(model.card.training["val_groups"])
 
 
@@ -129,6 +132,21 @@ def test_train_command(data_dir: Path, tmp_path: Path) -> None:
         *common,
     )
     assert bad.returncode == 13 and "99_NOPE" in bad.stderr
+    separate = run_cli(
+        "train",
+        "epithelium_stroma",
+        kather,
+        "-o",
+        str(tmp_path / "v"),
+        "--val-data",
+        kather,
+        "--class",
+        "epithelium=01_TUMOR,06_MUCOSA",
+        "--class",
+        "stroma=02_STROMA",
+        *common,
+    )
+    assert separate.returncode == 0 and "99 train / 99 validation tiles, validation folder" in separate.stdout
 
 
 def test_evaluate_command_report_is_consistent(data_dir: Path, tmp_path: Path) -> None:

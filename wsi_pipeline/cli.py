@@ -501,6 +501,12 @@ def gather(out_dir: str) -> None:
 )
 @click.option("--val-fraction", type=click.FloatRange(0.05, 0.9), default=0.25, show_default=True)
 @click.option(
+    "--val-data",
+    type=click.Path(file_okay=False, exists=True),
+    default=None,
+    help="A separate validation folder (e.g. PCam's valid/, split by slide) instead of a split of DATA.",
+)
+@click.option(
     "--group-pattern",
     default=r"(CRC-Prim-HE-\d+)",
     show_default=True,
@@ -527,6 +533,7 @@ def train(
     epochs: int,
     patience: int,
     val_fraction: float,
+    val_data: str | None,
     group_pattern: str,
     seed: int,
     device: str,
@@ -545,7 +552,13 @@ def train(
             raise ConfigError(f"--class {spec!r}: expected NAME=FOLDER[,FOLDER]")
         class_map[name] = [f for f in folders.split(",") if f]
     items, classes = folder_items(data, class_map or None, group_pattern or None)
-    train_items, val_items = split_by_group(items, val_fraction, seed)
+    if val_data:
+        train_items = items
+        val_items, val_classes = folder_items(val_data, class_map or None, group_pattern or None)
+        if val_classes != classes:
+            raise ConfigError(f"--val-data classes {val_classes} differ from the training classes {classes}")
+    else:
+        train_items, val_items = split_by_group(items, val_fraction, seed)
     cfg = TrainConfig(
         task=task,
         classes=classes,
@@ -562,7 +575,7 @@ def train(
     click.echo(
         f"model in {out_dir}: validation {card['metrics']['validation']} "
         f"(best epoch {card['training']['best_epoch']}; {len(train_items)} train / {len(val_items)} "
-        "validation tiles, split by source image)"
+        f"validation tiles, {'validation folder' if val_data else 'split by source image'})"
     )
 
 

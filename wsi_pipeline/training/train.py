@@ -7,6 +7,7 @@ weights are saved as a model folder (weights.safetensors + model_card.json with 
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 import time
@@ -117,8 +118,16 @@ def train_classifier(
     state = {"epoch": 0, "best_score": -1.0, "best_epoch": 0, "stale": 0, "history": []}
     ckpt_path = out / CHECKPOINT
     best_state: dict[str, torch.Tensor] | None = None
+    fingerprint = json.dumps(
+        {k: v for k, v in asdict(cfg).items() if k not in ("epochs", "patience", "workers")}, sort_keys=True
+    )
     if ckpt_path.exists():  # resume
         ckpt = torch.load(ckpt_path, weights_only=True, map_location=device)
+        if ckpt.get("config") != fingerprint:
+            raise DataError(
+                f"{out} holds a checkpoint of another training configuration; give another -o folder "
+                f"or delete {ckpt_path} to start afresh"
+            )
         model.load_state_dict(ckpt["model"])
         optimiser.load_state_dict(ckpt["optimiser"])
         best_state = ckpt["best_model"]
@@ -153,7 +162,7 @@ def train_classifier(
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             state["stale"] += 1
-        _save_checkpoint(ckpt_path, model, optimiser, best_state, state)
+        _save_checkpoint(ckpt_path, model, optimiser, best_state, state, fingerprint)
     assert best_state is not None
     model.load_state_dict(best_state)
     final = _metrics(*_evaluate(model, val_loader, device))
@@ -209,9 +218,11 @@ def _save_checkpoint(
     optimiser: torch.optim.Optimizer,
     best: dict[str, torch.Tensor] | None,
     state: dict[str, Any],
+    config: str,
 ) -> None:
     keys = sorted({k for row in state["history"] for k in row})
     payload = {
+        "config": config,
         "model": model.state_dict(),
         "optimiser": optimiser.state_dict(),
         "best_model": best,
