@@ -133,6 +133,17 @@ def synth(out: str, width: int, height: int, mpp: float, seed: int, figures: int
     click.echo(f"wrote {path} ({width} x {height} px at {mpp} µm/px); truth in {truth_path(path)}")
 
 
+def _class_map(specs: tuple[str, ...]) -> dict[str, list[str]] | None:
+    """`--class NAME=FOLDER[,FOLDER]` options as {class: folders}; None when none were given."""
+    mapping = {}
+    for spec in specs:
+        name, _, folders = spec.partition("=")
+        if not name or not folders:
+            raise ConfigError(f"--class {spec!r}: expected NAME=FOLDER[,FOLDER]")
+        mapping[name] = [f for f in folders.split(",") if f]
+    return mapping or None
+
+
 def _config(config_path: str | None, overrides: tuple[str, ...]) -> Config:
     return load_config(config_path, overrides)
 
@@ -545,16 +556,11 @@ def train(
     from .training.data import folder_items, split_by_group
     from .training.train import TrainConfig, train_classifier
 
-    class_map = {}
-    for spec in class_specs:
-        name, _, folders = spec.partition("=")
-        if not name or not folders:
-            raise ConfigError(f"--class {spec!r}: expected NAME=FOLDER[,FOLDER]")
-        class_map[name] = [f for f in folders.split(",") if f]
-    items, classes = folder_items(data, class_map or None, group_pattern or None)
+    class_map = _class_map(class_specs)
+    items, classes = folder_items(data, class_map, group_pattern or None)
     if val_data:
         train_items = items
-        val_items, val_classes = folder_items(val_data, class_map or None, group_pattern or None)
+        val_items, val_classes = folder_items(val_data, class_map, group_pattern or None)
         if val_classes != classes:
             raise ConfigError(f"--val-data classes {val_classes} differ from the training classes {classes}")
     else:
@@ -603,11 +609,7 @@ def evaluate(
     from .training.evaluation import evaluate_classifier
 
     model = load_model(model_dir, task=task)
-    class_map = {}
-    for spec in class_specs:
-        name, _, folders = spec.partition("=")
-        class_map[name] = [f for f in folders.split(",") if f]
-    items, classes = folder_items(data, class_map or None, None)
+    items, classes = folder_items(data, _class_map(class_specs), None)
     report = evaluate_classifier(model, items, classes, Path(out_dir), resolve_device(device), positive)
     auc = report["roc_auc"]
     click.echo(

@@ -37,8 +37,7 @@ from .models import LoadedModel
 from .postprocess.maxima import find_peaks
 from .postprocess.regions import Region, heatmap_regions, lesion_category
 from .slide import Slide
-from .stages import TISSUE_COLOR, tissue_stage, write_tissue_heatmap
-from .tiling import plan_tiles
+from .stages import TISSUE_COLOR, task_plan, tissue_stage, write_tissue_heatmap
 
 RUN_FORMAT = "wsi-pipeline/run@1"
 COLORS = {
@@ -192,13 +191,8 @@ def _run(
     t0 = time.perf_counter()
     requests = []
     for task in tasks:
-        cfg, card = getattr(config.tasks, task), models[task].card
-        tile_px = card.tile_px if card.kind == "classifier" else cfg.tile_px
-        requests.append(
-            TaskRequest(
-                task, models[task], plan_tiles(slide, tissue, card.mpp, tile_px, cfg.overlap_px, cfg.min_tissue)
-            )
-        )
+        plan = task_plan(slide, tissue, getattr(config.tasks, task), models[task].card)
+        requests.append(TaskRequest(task, models[task], plan))
     timings["tiling_s"] = time.perf_counter() - t0
     store = out / "heatmaps.zarr"
     t0 = time.perf_counter()

@@ -10,9 +10,10 @@ import numpy as np
 import shapely
 
 from .atomic import write_json
-from .config import Config, TissueConfig
+from .config import Config, TaskConfig, TissueConfig
 from .export.overlay import Overview, save_mask_png
 from .export.qupath import feature, object_id, write_feature_collection
+from .models.card import ModelCard
 from .slide import Slide
 from .tiling import TilePlan, plan_tiles
 from .tissue import TissueMask, detect_tissue, require_tissue
@@ -116,6 +117,12 @@ def tiles_stage(
     return plan, files
 
 
+def task_plan(slide: Slide, tissue: TissueMask, task_cfg: TaskConfig, card: ModelCard) -> TilePlan:
+    """A task's tiles: the model's µm/px; a classifier's own tile size, a dense model's configured one."""
+    tile_px = card.tile_px if card.kind == "classifier" else task_cfg.tile_px
+    return plan_tiles(slide, tissue, card.mpp, tile_px, task_cfg.overlap_px, task_cfg.min_tissue)
+
+
 def write_tissue_heatmap(store: Path, tissue: TissueMask) -> Path:
     """The tissue mask as the `tissue` heatmap (uint8, 255 = tissue) at the mask's µm/px."""
     from .heatmap import HeatmapGeometry, HeatmapWriter
@@ -160,8 +167,7 @@ def predict_stage(
     tissue = detect_tissue(slide, config.tissue)
     require_tissue(tissue, slide)
     card = model.card
-    tile_px = card.tile_px if card.kind == "classifier" else task_cfg.tile_px
-    plan = plan_tiles(slide, tissue, card.mpp, tile_px, task_cfg.overlap_px, task_cfg.min_tissue)
+    plan = task_plan(slide, tissue, task_cfg, card)
     store = out_dir / "heatmaps.zarr"
     timings = predict_slide(
         slide,
