@@ -172,11 +172,11 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             print(json.dumps(memory_one(args.memory, Path(tmp))))
         return
-    from wsi_pipeline.engine import resolve_device
+    from wsi_pipeline.engine import default_workers, resolve_device
     from wsi_pipeline.synth import default_layout, write_synthetic_slide
 
     device = resolve_device(args.device)
-    workers = max(1, (os.cpu_count() or 2) - 1)
+    workers = default_workers()
     batch = 64 if device.type == "cuda" else 16
     report: dict[str, object] = {
         "benchmark": "engine",

@@ -298,7 +298,6 @@ def run_batch(
             write_manifest(manifest_path, outcomes)
             if on_slide is not None:
                 on_slide(outcome)
-        write_manifest(manifest_path, outcomes)
         write_cohort(cohort_path, (o.summary for o in outcomes if o.summary is not None))
     return BatchResult(outcomes)
 

@@ -277,12 +277,11 @@ def predict(
     overrides: tuple[str, ...],
 ) -> None:
     """Run one task over SLIDE's tiles: OUT/<slide_id>/heatmaps.zarr/<class> (OME-Zarr) and tissue."""
-    import os
-
+    from .engine import default_workers
     from .stages import predict_stage
 
     cfg = _config(config_path, overrides)
-    workers = max(1, (os.cpu_count() or 2) - 1) if workers is None else workers
+    workers = default_workers() if workers is None else workers
     with Slide(slide_path, mpp=slide_mpp) as slide:
         result = predict_stage(
             slide,
@@ -356,9 +355,8 @@ def run(
     overrides: tuple[str, ...],
 ) -> None:
     """Run the pipeline on SLIDES (files, folders, glob patterns): see docs/outputs.md for what OUT holds."""
-    import os
-
     from .batch import parse_shard, read_slide_list, run_batch, summary_table
+    from .engine import default_workers
 
     inputs = [*slides, *(read_slide_list(slide_list) if slide_list else [])]
     if not inputs:
@@ -372,7 +370,7 @@ def run(
     unknown = [t for t in chosen if t not in TASK_NAMES]
     if unknown:
         raise ConfigError(f"--tasks: unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASK_NAMES)}")
-    workers = max(1, (os.cpu_count() or 2) - 1) if workers is None else workers
+    workers = default_workers() if workers is None else workers
 
     def report(outcome: Any) -> None:
         text = f"{outcome.slide_id}: {outcome.status} ({outcome.seconds:.1f} s)"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,11 @@ from .models import LoadedModel
 from .progress import Progress
 from .slide import Slide
 from .tiling import TilePlan
+
+
+def default_workers() -> int:
+    """Tile-reading worker processes: every core but the one that runs the model, at least one."""
+    return max(1, (os.cpu_count() or 2) - 1)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -118,10 +124,28 @@ def check_request(request: TaskRequest) -> None:
             )
 
 
+@dataclass(frozen=True)
+class DenseCrop:
+    """Where a dense tile's output lands, in output px: `out_tile` per tile, grid `step`, and the `margin` cut on
+    inner edges (overlap/2 at the output stride)."""
+
+    out_tile: int
+    margin: int
+    step: int
+
+    def first_row(self, row: int) -> int:
+        """The first heatmap row a tile of grid row `row` writes."""
+        return row * self.step + (0 if row == 0 else self.margin)
+
+
+def dense_crop(plan: TilePlan, output_stride: int) -> DenseCrop:
+    tile, overlap = int(plan.params["tile_px"]), int(plan.params["overlap_px"])
+    return DenseCrop(tile // output_stride, overlap // 2 // output_stride, plan.stride_px // output_stride)
+
+
 def heatmap_geometry(request: TaskRequest) -> HeatmapGeometry:
     card, plan = request.model.card, request.plan
-    tile, overlap = int(plan.params["tile_px"]), int(plan.params["overlap_px"])
-    stride = tile - overlap
+    tile, overlap, stride = int(plan.params["tile_px"]), int(plan.params["overlap_px"]), plan.stride_px
     n_cols, n_rows = plan.grid
     mpp = float(plan.params["mpp"])
     dsx, dsy = plan.params["downsample"]
@@ -167,13 +191,12 @@ class _Sink:
             for i, p in zip(indices.tolist(), probs, strict=True):
                 self._put(int(plan.rows[i]), int(plan.cols[i]), p[:, None, None])
             return
-        tile, overlap = int(plan.params["tile_px"]), int(plan.params["overlap_px"])
-        os_ = card.output_stride
-        out_tile, margin, step = tile // os_, overlap // 2 // os_, (tile - overlap) // os_
+        crop = dense_crop(plan, card.output_stride)
+        out_tile, margin, step = crop.out_tile, crop.margin, crop.step
         if probs.shape[-2:] != (out_tile, out_tile):
             raise ConfigError(
                 f"dense model {card.name} returned {probs.shape[-2:]} per tile; expected "
-                f"{(out_tile, out_tile)} for {tile} px tiles at output stride {os_}"
+                f"{(out_tile, out_tile)} for {plan.params['tile_px']} px tiles at output stride {card.output_stride}"
             )
         for i, p in zip(indices.tolist(), probs, strict=True):
             col, row = int(plan.cols[i]), int(plan.rows[i])
@@ -193,12 +216,7 @@ class _Sink:
         if next_index is None:
             return
         row = int(plan.rows[next_index])
-        if card.kind == "classifier":
-            first = row
-        else:
-            tile, overlap = int(plan.params["tile_px"]), int(plan.params["overlap_px"])
-            os_ = card.output_stride
-            first = row * ((tile - overlap) // os_) + (0 if row == 0 else overlap // 2 // os_)
+        first = row if card.kind == "classifier" else dense_crop(plan, card.output_stride).first_row(row)
         for _, writer in self.writers:
             writer.advance(first)
 

@@ -24,11 +24,12 @@ from typing import Any
 import dask.array as da
 import numpy as np
 import shapely
+from scipy import ndimage
 
 from . import __version__
 from .atomic import write_json, write_text
 from .config import Config
-from .engine import TaskRequest, predict_slide, resolve_device
+from .engine import TaskRequest, dense_crop, predict_slide, resolve_device
 from .errors import WsiError
 from .export.overlay import Overview, draw_points, heat_overlay
 from .export.qupath import feature, object_id, write_feature_collection
@@ -65,7 +66,6 @@ class SlideOutcome:
     seconds: float = 0.0
     tiles: int = 0
     summary: dict[str, Any] | None = None
-    exit_code: int = 0
 
 
 @dataclass
@@ -159,7 +159,7 @@ def process_slide(
             path, slide_id, "done", seconds=time.perf_counter() - started, tiles=record["tiles"], summary=summary
         )
     except WsiError as exc:
-        return SlideOutcome(path, slide_id, "failed", str(exc), time.perf_counter() - started, exit_code=exc.exit_code)
+        return SlideOutcome(path, slide_id, "failed", str(exc), time.perf_counter() - started)
     except Exception as exc:  # an unexpected bug must not stop the other slides either
         return SlideOutcome(
             path,
@@ -167,7 +167,6 @@ def process_slide(
             "failed",
             f"internal error {type(exc).__name__}: {exc} (please report)",
             time.perf_counter() - started,
-            exit_code=1,
         )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -291,23 +290,21 @@ def _transform(heat: Heatmap, level: int) -> tuple[tuple[float, float], tuple[fl
     return (t["origin"][0], t["origin"][1]), (t["scale"][0] * factor, t["scale"][1] * factor)
 
 
-def _regions_of(
-    heat: Heatmap, name: str, threshold: float, smooth_um: float, mpp: tuple[float, float], min_area_um2: float = 0.0
-) -> list[Region]:
+def _region_level(heat: Heatmap, name: str) -> tuple[np.ndarray, tuple[float, float], tuple[float, float]]:
+    """One channel at the level used for regions and overlays, with its (origin, scale) in level-0 px."""
     level = _level_for_regions(heat)
-    values = heat.channel(name, level)
     origin, scale = _transform(heat, level)
-    px_um = scale[0] * mpp[0]
-    return heatmap_regions(
-        values,
-        threshold,
-        origin,
-        scale,
-        mpp,
-        smooth_px=smooth_um / px_um,
-        min_area_um2=min_area_um2,
-        simplify_px=scale[0] / 4,
-    )
+    return heat.channel(name, level), origin, scale
+
+
+def _regions(
+    values: np.ndarray,
+    origin: tuple[float, float],
+    scale: tuple[float, float],
+    threshold: float,
+    mpp: tuple[float, float],
+) -> list[Region]:
+    return heatmap_regions(values, threshold, origin, scale, mpp, simplify_px=scale[0] / 4)
 
 
 def _mitosis(
@@ -346,17 +343,11 @@ def _metastasis(
     cfg = config.tasks.metastasis
     name = positive_class(request.model.card.written_classes, ("tumor", "tumour", "metastasis"))
     heat = open_heatmap(store / name)
-    level = _level_for_regions(heat)
-    values = heat.channel(name, level)
-    origin, scale = _transform(heat, level)
+    values, origin, scale = _region_level(heat, name)
     px_um = scale[0] * mpp[0]
-    from scipy import ndimage
-
     smoothed = ndimage.gaussian_filter(values, cfg.smooth_sigma_um / px_um) if cfg.smooth_sigma_um else values
     regions = [
-        r
-        for r in heatmap_regions(values, cfg.threshold, origin, scale, mpp, simplify_px=scale[0] / 4)
-        if r.longest_diameter_um >= cfg.min_lesion_um
+        r for r in _regions(values, origin, scale, cfg.threshold, mpp) if r.longest_diameter_um >= cfg.min_lesion_um
     ]
     candidates = find_peaks(smoothed, min_distance=max(1, round(75.0 / px_um)), threshold=cfg.threshold / 2)
     largest = max((r.longest_diameter_um for r in regions), default=0.0)
@@ -391,7 +382,7 @@ def _epithelium_stroma(
     for cls, label in (("epithelium", "Epithelium"), ("stroma", "Stroma")):
         if cls not in written:
             continue
-        regions = _regions_of(open_heatmap(store / cls), cls, cfg.threshold, 0.0, mpp)
+        regions = _regions(*_region_level(open_heatmap(store / cls), cls), cfg.threshold, mpp)
         area = sum(r.area_um2 for r in regions) / 1e6
         summary[f"{cls}_area_mm2"] = round(area, 6)
         features += [_region_feature(slide_id, label, i, r) for i, r in enumerate(regions)]
@@ -466,7 +457,7 @@ def _tile_features(slide_id: str, request: TaskRequest, store: Path, offset: tup
     plan, card = request.plan, request.model.card
     heats = {c: open_heatmap(store / c) for c in card.written_classes}
     w, h = plan.tile_size_level0
-    tile, overlap = int(plan.params["tile_px"]), int(plan.params["overlap_px"])
+    crop = dense_crop(plan, card.output_stride) if card.kind == "dense" else None
     for row in np.unique(plan.rows):
         idx = np.flatnonzero(plan.rows == row)
         if card.kind == "classifier":
@@ -475,7 +466,8 @@ def _tile_features(slide_id: str, request: TaskRequest, store: Path, offset: tup
                 for c, heat in heats.items()
             }
         else:
-            step, margin = (tile - overlap) // card.output_stride, overlap // 2 // card.output_stride
+            assert crop is not None
+            step, margin = crop.step, crop.margin
             y0, y1 = int(row) * step + margin, int(row) * step + margin + step
             band = {
                 c: np.asarray(heat.levels[0][0, y0:y1], np.float32) * heat.attrs["value_scale"]
@@ -518,9 +510,8 @@ def _write_overview(path: Path, tissue: Any, results: dict[str, _TaskResult]) ->
     for result in results.values():
         if result.overlay is not None and result.overlay[0] is not None:
             heat, name, color = result.overlay
-            level = _level_for_regions(heat)
-            origin, scale = _transform(heat, level)
-            heat_overlay(overview, heat.channel(name, level), origin, scale, color)
+            values, origin, scale = _region_level(heat, name)
+            heat_overlay(overview, values, origin, scale, color)
     overview.outline(tissue.geometry, TISSUE_COLOR)
     for result in results.values():
         for f in result.features:
