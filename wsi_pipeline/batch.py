@@ -18,7 +18,7 @@ from .atomic import remove_stale_temporaries, write_text
 from .config import Config
 from .errors import ConfigError
 from .lock import output_lock
-from .models import LoadedModel, load_model
+from .models import LoadedModel, resolve_model
 from .pipeline import SlideOutcome, process_slide
 from .slide import SLIDE_EXTENSIONS, slide_id_for
 
@@ -99,14 +99,8 @@ def _override_for(path: Path, slide_id: str, table: dict[str, float]) -> float |
 
 
 def load_task_models(config: Config, tasks: Sequence[str]) -> dict[str, LoadedModel]:
-    """Every task's model, loaded and checked before the first slide."""
-    missing = [t for t in tasks if getattr(config.tasks, t).model is None]
-    if missing:
-        raise ConfigError(
-            "no model configured for " + ", ".join(missing) + ": set tasks.<task>.model to a model folder "
-            "(e.g. --set tasks.mitosis.model=models/mitosis) or choose tasks with --tasks"
-        )
-    return {t: load_model(getattr(config.tasks, t).model, task=t) for t in tasks}
+    """Every task's model (configured, else the shipped default), loaded and checked before the first slide."""
+    return {t: resolve_model(t, getattr(config.tasks, t).model) for t in tasks}
 
 
 @dataclass

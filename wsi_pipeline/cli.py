@@ -144,6 +144,19 @@ def _class_map(specs: tuple[str, ...]) -> dict[str, list[str]] | None:
     return mapping or None
 
 
+def _key_values(specs: tuple[str, ...], option: str) -> dict[str, Any]:
+    """`KEY=VALUE` options as a dict, each value read as YAML (numbers, booleans, lists)."""
+    import yaml
+
+    values: dict[str, Any] = {}
+    for spec in specs:
+        key, sep, raw = spec.partition("=")
+        if not key or not sep:
+            raise ConfigError(f"{option} {spec!r}: expected KEY=VALUE")
+        values[key] = yaml.safe_load(raw)
+    return values
+
+
 def _config(config_path: str | None, overrides: tuple[str, ...]) -> Config:
     return load_config(config_path, overrides)
 
@@ -486,10 +499,49 @@ def gather(out_dir: str) -> None:
     sys.exit(1 if failed else 0)
 
 
+def _training_defaults(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """`-c RECIPE.yaml`: option values by name (e.g. `epochs: 12`, `arch_arg: [width=16]`); the command line wins."""
+    if value is None:
+        return None
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(Path(value).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"training recipe {value} cannot be read: {exc}") from exc
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"training recipe {value} must be a mapping of option names to values")
+    # a recipe may use an option's long name (arch-arg, arch_arg) or its parameter name (arch_args)
+    alias = {p.name: p.name for p in ctx.command.params if p.name}
+    for param in ctx.command.params:
+        for opt in param.opts:
+            if opt.startswith("--") and param.name:
+                alias[opt[2:].replace("-", "_")] = param.name
+    unknown = sorted(k for k in loaded if k.replace("-", "_") not in alias)
+    if unknown:
+        raise ConfigError(f"training recipe {value}: unknown option(s) {unknown}; see wsi-pipeline train --help")
+    recipe = {alias[k.replace("-", "_")]: v for k, v in loaded.items()}
+    ctx.default_map = {**(ctx.default_map or {}), **recipe}
+    return value
+
+
+TASK_CHOICE = click.Choice(["epithelium_stroma", "mitosis", "metastasis"])
+
+
 @main.command()
-@click.argument("task", type=click.Choice(["epithelium_stroma", "metastasis"]))
-@click.argument("data", type=click.Path(file_okay=False, exists=True))
+@click.argument("task", type=TASK_CHOICE)
+@click.argument("data", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True))
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Model folder.")
+@click.option(
+    "-c",
+    "--config",
+    "recipe",
+    type=click.Path(dir_okay=False, exists=True),
+    is_eager=True,
+    expose_value=False,
+    callback=_training_defaults,
+    help="A training recipe (YAML of option values, e.g. configs/models/metastasis.yaml); options given win.",
+)
 @click.option(
     "--class",
     "class_specs",
@@ -497,16 +549,40 @@ def gather(out_dir: str) -> None:
     metavar="NAME=FOLDER[,FOLDER]",
     help="An output class and the folders it is made of (default: one class per folder).",
 )
-@click.option("--arch", default="small_cnn", show_default=True, help="Architecture (registry or torchvision name).")
-@click.option("--tile-px", type=click.IntRange(min=8), required=True, help="Tile size of the data (px).")
-@click.option("--mpp", type=float, required=True, help="µm/px of the data.")
+@click.option("--arch", default=None, help="Architecture (registry or torchvision name) [small_cnn; dense_fcn].")
+@click.option(
+    "--arch-arg",
+    "arch_args",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="An argument of the architecture, e.g. --arch-arg width=16 --arch-arg blocks=4.",
+)
+@click.option("--tile-px", type=click.IntRange(min=8), default=None, help="Tile size of the data (px) [mitosis: 96].")
+@click.option("--mpp", type=float, default=None, help="µm/px of the data [mitosis: 0.25].")
 @click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option(
+    "--schedule",
+    type=click.Choice(["cosine", "constant"]),
+    default="cosine",
+    show_default=True,
+    help="Learning rate over the epochs.",
+)
+@click.option(
+    "--select",
+    type=click.Choice(["best", "last"]),
+    default="best",
+    show_default=True,
+    help="Keep the epoch with the best validation metric (ROC AUC for two classes, balanced accuracy for more, "
+    "detection F1 for mitosis), or the last epoch (then validation data only measures, it never chooses).",
+)
 @click.option(
     "--patience",
     type=click.IntRange(min=1),
     default=5,
     show_default=True,
-    help="Stop after this many epochs without a better validation balanced accuracy.",
+    help="Stop after this many epochs without a better validation metric.",
 )
 @click.option("--val-fraction", type=click.FloatRange(0.05, 0.9), default=0.25, show_default=True)
 @click.option(
@@ -523,6 +599,13 @@ def gather(out_dir: str) -> None:
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=1, show_default=True, help="Data-loading processes.")
+@click.option(
+    "--describe",
+    "description",
+    default="",
+    help="The training data for the model card: dataset, licence, citation, what the classes mean.",
+)
 @click.option("--freeze-backbone", is_flag=True, help="Train only the new head.")
 @click.option(
     "--init",
@@ -533,60 +616,109 @@ def gather(out_dir: str) -> None:
 )
 def train(
     task: str,
-    data: str,
+    data: tuple[str, ...],
     out_dir: str,
     class_specs: tuple[str, ...],
-    arch: str,
-    tile_px: int,
-    mpp: float,
+    arch: str | None,
+    arch_args: tuple[str, ...],
+    tile_px: int | None,
+    mpp: float | None,
     epochs: int,
+    lr: float,
+    batch_size: int,
+    schedule: str,
+    select: str,
     patience: int,
     val_fraction: float,
     val_data: str | None,
     group_pattern: str,
     seed: int,
     device: str,
+    workers: int,
+    description: str,
     freeze_backbone: bool,
     init_checkpoint: str | None,
 ) -> None:
-    """Train a TASK patch classifier from folder-per-class tiles in DATA (split by source image)."""
-    from .engine import resolve_device
-    from .training.data import folder_items, split_by_group
-    from .training.train import TrainConfig, train_classifier
+    """Train a TASK model from DATA folders, split by source image or slide (never by tile).
 
-    class_map = _class_map(class_specs)
-    items, classes = folder_items(data, class_map, group_pattern or None)
-    if val_data:
-        train_items = items
-        val_items, val_classes = folder_items(val_data, class_map, group_pattern or None)
-        if val_classes != classes:
-            raise ConfigError(f"--val-data classes {val_classes} differ from the training classes {classes}")
-    else:
-        train_items, val_items = split_by_group(items, val_fraction, seed)
+    Classifiers (epithelium_stroma, metastasis) read folder-per-class tiles; mitosis reads point-annotated images
+    (AMi-Br crops, a points.csv, MITOS-2012 fields as negatives) and learns a dense probability map.
+    """
+    from .engine import resolve_device
+    from .training.data import split_by_group
+    from .training.loop import TrainConfig
+
+    dense = task == "mitosis"
+    if not dense and (tile_px is None or mpp is None):
+        raise ConfigError(f"training a {task} classifier needs --tile-px and --mpp (the data's tile size and µm/px)")
     cfg = TrainConfig(
         task=task,
-        classes=classes,
-        architecture=arch,
-        mpp=mpp,
-        tile_px=tile_px,
+        classes=["mitosis"],
+        architecture=arch or ("dense_fcn" if dense else "small_cnn"),
+        architecture_args=_key_values(arch_args, "--arch-arg"),
+        mpp=mpp or 0.25,
+        tile_px=tile_px or 96,
         epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        schedule=schedule,
+        select=select,
         patience=patience,
         seed=seed,
+        workers=workers,
         freeze_backbone=freeze_backbone,
         init_checkpoint=init_checkpoint,
+        extra={"data": [*data, *([val_data] if val_data else [])], "description": description},
     )
-    card = train_classifier(train_items, val_items, cfg, Path(out_dir), device=resolve_device(device))
+    items, cfg.classes = _training_items(task, data, class_specs, group_pattern, mpp)
+    if val_data:
+        train_items = items
+        val_items, val_classes = _training_items(task, (val_data,), class_specs, group_pattern, mpp)
+        if val_classes != cfg.classes:
+            raise ConfigError(f"--val-data classes {val_classes} differ from the training classes {cfg.classes}")
+    else:
+        train_items, val_items = split_by_group(items, val_fraction, seed)
+    if dense:
+        from .training.dense import train_mitosis
+
+        card = train_mitosis(train_items, val_items, cfg, Path(out_dir), device=resolve_device(device))
+    else:
+        from .training.train import train_classifier
+
+        card = train_classifier(train_items, val_items, cfg, Path(out_dir), device=resolve_device(device))
     click.echo(
         f"model in {out_dir}: validation {card['metrics']['validation']} "
-        f"(best epoch {card['training']['best_epoch']}; {len(train_items)} train / {len(val_items)} "
-        f"validation tiles, {'validation folder' if val_data else 'split by source image'})"
+        f"(epoch {card['training']['best_epoch']}, {card['metrics']['selected_by']}; {len(train_items)} train / "
+        f"{len(val_items)} validation images, {'validation folder' if val_data else 'split by source'})"
     )
+
+
+def _training_items(
+    task: str, folders: tuple[str, ...], class_specs: tuple[str, ...], group_pattern: str, mpp: float | None
+) -> tuple[list[Any], list[str]]:
+    """Every folder's items and the class names (all folders must give the same classes)."""
+    if task == "mitosis":
+        from .training.points import point_images
+
+        return [image for folder in folders for image in point_images(folder, mpp)], ["mitosis"]
+    from .training.data import folder_items
+
+    items: list[Any] = []
+    classes: list[str] | None = None
+    for folder in folders:
+        found, names = folder_items(folder, _class_map(class_specs), group_pattern or None)
+        if classes is not None and names != classes:
+            raise ConfigError(f"{folder} has classes {names}, the other data folders {classes}")
+        items += found
+        classes = names
+    assert classes is not None
+    return items, classes
 
 
 @main.command()
-@click.argument("task", type=click.Choice(["epithelium_stroma", "metastasis"]))
+@click.argument("task", type=TASK_CHOICE)
 @click.argument("model_dir", metavar="MODEL", type=click.Path(file_okay=False, exists=True))
-@click.argument("data", type=click.Path(file_okay=False, exists=True))
+@click.argument("data", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True))
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Report folder.")
 @click.option(
     "--class",
@@ -596,18 +728,65 @@ def train(
     help="Which folders make each of the model's classes (default: folders named after them).",
 )
 @click.option("--positive", default=None, help="Class scored by ROC AUC [the model's first class].")
+@click.option(
+    "--held-out",
+    is_flag=True,
+    help="Only the source images / slides the model card lists as validation (never seen in training).",
+)
+@click.option(
+    "--group-pattern",
+    default=r"(CRC-Prim-HE-\d+)",
+    show_default=True,
+    help="Regex whose first group names a tile's source image (for --held-out).",
+)
+@click.option("--mpp", type=float, default=None, help="µm/px of a points.csv folder's images (mitosis).")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="Mitosis threshold.")
+@click.option("--radius-um", type=click.FloatRange(min=0, min_open=True), default=7.5, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 def evaluate(
-    task: str, model_dir: str, data: str, out_dir: str, class_specs: tuple[str, ...], positive: str | None, device: str
+    task: str,
+    model_dir: str,
+    data: tuple[str, ...],
+    out_dir: str,
+    class_specs: tuple[str, ...],
+    positive: str | None,
+    held_out: bool,
+    group_pattern: str,
+    mpp: float | None,
+    threshold: float,
+    radius_um: float,
+    device: str,
 ) -> None:
-    """Evaluate a patch classifier on folder-per-class tiles: OUT/evaluation.json and OUT/roc.png."""
+    """Evaluate a model on labelled DATA; writes OUT/evaluation.json and a curve (roc.png, or froc.png for mitosis).
+
+    Classifiers: balanced accuracy, ROC AUC with a bootstrap 95 % interval, confusion matrix. Mitosis: figure-centre
+    recall, recall, precision and F1 within --radius-um, false detections per crop and per mm² of figure-free field.
+    """
     from .engine import resolve_device
     from .models import load_model
-    from .training.data import folder_items
-    from .training.evaluation import evaluate_classifier
 
     model = load_model(model_dir, task=task)
-    items, classes = folder_items(data, _class_map(class_specs), None)
+    items, classes = _training_items(task, data, class_specs, group_pattern, mpp)
+    if held_out:
+        groups = set(model.card.training.get("val_groups", []))
+        items = [i for i in items if i.group in groups]
+        if not items:
+            raise ConfigError(f"--held-out: none of DATA is among {model_dir}'s validation sources")
+    if task == "mitosis":
+        from .training.mitosis_eval import DetectionParams, evaluate_mitosis
+
+        params = DetectionParams(threshold=threshold, radius_um=radius_um)
+        report = evaluate_mitosis(model, items, Path(out_dir), resolve_device(device), params)
+        at = report["at_threshold"]
+        click.echo(
+            f"{report['crops']} images with figures, {report['fields']} figure-free fields at threshold "
+            f"{threshold}: figure-centre recall {at['centre_recall']:.3f}, recall {at['recall']:.3f}, precision "
+            f"{at['precision']:.3f}, F1 {at['f1']:.3f}, {at['false_per_crop']:.2f} false per crop, "
+            f"{at['false_per_mm2_figure_free']:.2f} false per mm² figure-free; report in {out_dir}"
+        )
+        return
+    from .training.evaluation import evaluate_classifier
+
     report = evaluate_classifier(model, items, classes, Path(out_dir), resolve_device(device), positive)
     auc = report["roc_auc"]
     click.echo(

@@ -152,17 +152,10 @@ def predict_stage(
 ) -> dict[str, Any]:
     """Run one task over the slide and write its heatmaps (and `tissue`) into out_dir/heatmaps.zarr."""
     from .engine import TaskRequest, predict_slide, resolve_device
-    from .models import load_model
-    from .models.loading import ModelError
+    from .models import resolve_model
 
     task_cfg = getattr(config.tasks, task)
-    path = model_path or task_cfg.model
-    if path is None:
-        raise ModelError(
-            f"no model for task {task}: give --model PATH (a folder with model_card.json and "
-            f"weights.safetensors) or set tasks.{task}.model in the configuration"
-        )
-    model = load_model(path, task=task)  # before any tile is read
+    model = resolve_model(task, model_path or task_cfg.model)  # before any tile is read
     torch_device = resolve_device(device)
     tissue = detect_tissue(slide, config.tissue)
     require_tissue(tissue, slide)

@@ -53,14 +53,15 @@ def tiny_fcn(num_outputs: int, width: int = 16, depth: int = 3, stride: int = 1)
 
 
 @register("small_cnn")
-def small_cnn(num_outputs: int, width: int = 16) -> nn.Module:
-    """A small patch classifier: conv blocks, global average pooling, linear head."""
-    blocks: list[nn.Module] = []
+def small_cnn(num_outputs: int, width: int = 16, blocks: int = 3) -> nn.Module:
+    """A small patch classifier: `blocks` conv blocks (width doubling, each halving the size), global average
+    pooling, linear head."""
+    layers: list[nn.Module] = []
     channels = 3
-    for out in (width, width * 2, width * 4):
-        blocks += [nn.Conv2d(channels, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+    for out in (width * 2**i for i in range(blocks)):
+        layers += [nn.Conv2d(channels, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
         channels = out
-    return nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_outputs))
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_outputs))
 
 
 @register("colour_logistic")
@@ -76,3 +77,26 @@ def seeded(module: nn.Module, seed: int) -> nn.Module:
         for param in module.parameters():
             param.copy_(torch.randn(param.shape, generator=generator) * (1.0 / max(1, param[0].numel()) ** 0.5))
     return module
+
+
+@register("dense_fcn")
+def dense_fcn(num_outputs: int, width: int = 16, dilations: tuple[int, ...] = (1, 2, 2)) -> nn.Module:
+    """A fully convolutional detector at output stride 4: two conv pairs each followed by 2x2 max pooling, then
+    dilated 3x3 convs for context, then a 1x1 head. Receptive radius with the default dilations: 29 input px
+    (1+1, pool 1, 2+2, pool 2, 4 x (1+2+2)), so a halo of 32 px (a whole output px more) stitches exactly."""
+
+    def conv(c_in: int, c_out: int, dilation: int = 1) -> list[nn.Module]:
+        return [
+            nn.Conv2d(c_in, c_out, 3, padding=dilation, dilation=dilation),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
+        ]
+
+    layers = [*conv(3, width), *conv(width, width), nn.MaxPool2d(2)]
+    layers += [*conv(width, 2 * width), *conv(2 * width, 2 * width), nn.MaxPool2d(2)]
+    channels = 2 * width
+    for dilation in dilations:
+        layers += conv(channels, 4 * width, dilation)
+        channels = 4 * width
+    layers.append(nn.Conv2d(channels, num_outputs, 1))
+    return nn.Sequential(*layers)

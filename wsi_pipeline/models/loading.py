@@ -18,6 +18,8 @@ from .card import ModelCard
 
 CARD_FILE = "model_card.json"
 WEIGHTS_FILE = "weights.safetensors"
+# The shipped defaults, one folder per task, written by `make models` (installed with the package).
+DEFAULTS_DIR = Path(__file__).resolve().parent / "defaults"
 
 
 class ModelError(WsiError):
@@ -52,6 +54,22 @@ def load_card(directory: Path) -> ModelCard:
         return ModelCard.model_validate(json.loads(path.read_text()))
     except (ValidationError, json.JSONDecodeError) as exc:
         raise ModelError(f"{path} is not a valid model card: {exc}") from exc
+
+
+def default_model_dir(task: str) -> Path:
+    """The shipped model of `task`; an installation without it is told how to make it."""
+    directory = DEFAULTS_DIR / task
+    if not (directory / CARD_FILE).is_file():
+        raise ModelError(
+            f"the default {task} model is missing from {DEFAULTS_DIR}; rebuild it with `make models` "
+            f"(needs ../shared/data) or set tasks.{task}.model to a model folder"
+        )
+    return directory
+
+
+def resolve_model(task: str, configured: str | os.PathLike[str] | None) -> LoadedModel:
+    """The configured model folder, or the shipped default when none is configured."""
+    return load_model(configured if configured is not None else default_model_dir(task), task=task)
 
 
 def load_model(directory: str | os.PathLike[str], task: str | None = None) -> LoadedModel:

@@ -7,6 +7,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -59,9 +60,17 @@ def folder_items(
     return items, classes
 
 
-def split_by_group(
-    items: Sequence[TileItem], val_fraction: float = 0.25, seed: int = 0
-) -> tuple[list[TileItem], list[TileItem]]:
+class Grouped(Protocol):
+    @property
+    def label(self) -> int: ...
+    @property
+    def group(self) -> str: ...
+
+
+G = TypeVar("G", bound=Grouped)
+
+
+def split_by_group(items: Sequence[G], val_fraction: float = 0.25, seed: int = 0) -> tuple[list[G], list[G]]:
     """Whole groups go to validation (seeded order) until it holds ~val_fraction of the tiles; each class must end
     up on both sides, else the split is refused with the reason."""
     groups = sorted({i.group for i in items})

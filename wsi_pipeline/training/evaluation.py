@@ -39,22 +39,42 @@ def roc_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.n
     return fpr, tpr
 
 
-def roc_png(path: Path, fpr: np.ndarray, tpr: np.ndarray, title: str, size: int = 400) -> None:
-    """A ROC curve drawn with PIL (the project has no plotting library; this needs only axes and a line)."""
+def roc_png(path: Path, fpr: np.ndarray, tpr: np.ndarray, title: str) -> None:
+    curve_png(path, fpr, tpr, title, "false positive rate", "true positive rate", diagonal=True)
+
+
+def curve_png(
+    path: Path,
+    xs: np.ndarray,
+    ys: np.ndarray,
+    title: str,
+    x_label: str,
+    y_label: str,
+    *,
+    x_max: float = 1.0,
+    diagonal: bool = False,
+    size: int = 400,
+) -> None:
+    """A curve drawn with PIL (the project has no plotting library; a ROC or FROC needs only axes and a line)."""
     image = Image.new("RGB", (size, size), "white")
     draw = ImageDraw.Draw(image)
     pad = 40
     span = size - 2 * pad
 
     def to_px(x: float, y: float) -> tuple[float, float]:
-        return pad + x * span, size - pad - y * span
+        return pad + x / x_max * span, size - pad - y * span
 
     draw.rectangle([pad, pad, size - pad, size - pad], outline=(0, 0, 0))
-    draw.line([to_px(0, 0), to_px(1, 1)], fill=(180, 180, 180))
-    draw.line([to_px(x, y) for x, y in zip(fpr, tpr, strict=True)], fill=(200, 0, 0), width=2)
+    if diagonal:
+        draw.line([to_px(0, 0), to_px(x_max, 1)], fill=(180, 180, 180))
+    points = [to_px(float(x), float(y)) for x, y in zip(xs, ys, strict=True)]
+    if len(points) > 1:
+        draw.line(points, fill=(200, 0, 0), width=2)
+    for px, py in points:
+        draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=(200, 0, 0))
     draw.text((pad, 12), title, fill=(0, 0, 0))
-    draw.text((size // 2 - 50, size - 28), "false positive rate", fill=(0, 0, 0))
-    draw.text((4, pad - 14), "true positive rate", fill=(0, 0, 0))
+    draw.text((size // 2 - 50, size - 28), f"{x_label} (0 to {x_max:g})", fill=(0, 0, 0))
+    draw.text((4, pad - 14), y_label, fill=(0, 0, 0))
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
 

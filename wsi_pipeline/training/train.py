@@ -1,17 +1,12 @@
-"""Train a patch classifier from folder-per-class tiles: seeded, resumable, early-stopped on validation.
-
-Checkpoints (`checkpoint.pt`, written atomically after every epoch) hold only tensors and numbers and are read
-back with `torch.load(weights_only=True)`; a killed run resumes from its last finished epoch. The best epoch's
-weights are saved as a model folder (weights.safetensors + model_card.json with the measured validation metrics).
+"""Train a patch classifier from folder-per-class tiles: seeded, resumable, early-stopped on validation (the loop
+and its checkpoints are in `loop`). The selected epoch's weights are saved as a model folder (weights.safetensors +
+model_card.json with the measured validation metrics).
 """
 
 from __future__ import annotations
 
-import json
-import shlex
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -20,34 +15,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..atomic import atomic_path
 from ..evaluate import balanced_accuracy, roc_auc
 from ..models import ModelCard, save_model
-from ..models.architectures import build
 from ..progress import Progress
 from .augment import AugmentConfig, augment
 from .data import DataError, TileItem, load_tile
+from .loop import CHECKPOINT, TrainConfig, build_model, command_line, fit
 
-CHECKPOINT = "checkpoint.pt"
-
-
-@dataclass
-class TrainConfig:
-    task: str
-    classes: list[str]
-    architecture: str = "small_cnn"
-    architecture_args: dict[str, Any] | None = None
-    mpp: float = 0.5
-    tile_px: int = 150
-    epochs: int = 20
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    patience: int = 5
-    seed: int = 0
-    workers: int = 1
-    freeze_backbone: bool = False
-    init_checkpoint: str | None = None
+__all__ = ["CHECKPOINT", "TrainConfig", "train_classifier"]
 
 
 class _Tiles(Dataset):
@@ -86,6 +61,11 @@ def _metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     return metrics
 
 
+def selection_metric(n_classes: int) -> str:
+    """Early stopping watches ROC AUC for two classes (threshold-free), balanced accuracy otherwise."""
+    return "roc_auc" if n_classes == 2 else "balanced_accuracy"
+
+
 def train_classifier(
     train_items: list[TileItem],
     val_items: list[TileItem],
@@ -96,16 +76,12 @@ def train_classifier(
     augmentation: AugmentConfig | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train, keep the best epoch by validation balanced accuracy, write the model folder; returns the summary."""
+    """Train; keep the best epoch by the validation selection metric (or the last epoch); write the model folder
+    and return its card."""
     if not train_items or not val_items:
         raise DataError("training needs tiles on both sides of the split")
-    torch.manual_seed(cfg.seed)
-    out.mkdir(parents=True, exist_ok=True)
-    model = build(cfg.architecture, len(cfg.classes), **(cfg.architecture_args or {})).to(device)
-    if cfg.init_checkpoint:
-        _init_from(model, Path(cfg.init_checkpoint))
-    params = [p for name, p in model.named_parameters() if not (cfg.freeze_backbone and not _is_head(name, model))]
-    optimiser = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model = build_model(cfg, len(cfg.classes), device)
+    watched = selection_metric(len(cfg.classes))
     aug = augmentation or AugmentConfig()
     train_set = _Tiles(train_items, cfg.tile_px, aug, cfg.seed)
     val_loader = DataLoader(
@@ -115,36 +91,17 @@ def train_classifier(
     loss_fn = nn.CrossEntropyLoss(
         weight=torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32, device=device)
     )
-    state = {"epoch": 0, "best_score": -1.0, "best_epoch": 0, "stale": 0, "history": []}
-    ckpt_path = out / CHECKPOINT
-    best_state: dict[str, torch.Tensor] | None = None
-    fingerprint = json.dumps(
-        {k: v for k, v in asdict(cfg).items() if k not in ("epochs", "patience", "workers")}, sort_keys=True
-    )
-    if ckpt_path.exists():  # resume
-        ckpt = torch.load(ckpt_path, weights_only=True, map_location=device)
-        if ckpt.get("config") != fingerprint:
-            raise DataError(
-                f"{out} holds a checkpoint of another training configuration; give another -o folder "
-                f"or delete {ckpt_path} to start afresh"
-            )
-        model.load_state_dict(ckpt["model"])
-        optimiser.load_state_dict(ckpt["optimiser"])
-        best_state = ckpt["best_model"]
-        state = {k: ckpt[k] for k in state}
-        state["history"] = [dict(zip(ckpt["history_keys"], row, strict=True)) for row in ckpt["history"]]
-    started = time.perf_counter()
-    while state["epoch"] < cfg.epochs and state["stale"] < cfg.patience:
-        train_set.epoch = state["epoch"]
+
+    def train_epoch(epoch: int, optimiser: torch.optim.Optimizer) -> float:
+        train_set.epoch = epoch
         loader = DataLoader(
             train_set,
             batch_size=cfg.batch_size,
             num_workers=cfg.workers,
-            generator=torch.Generator().manual_seed(cfg.seed + state["epoch"]),
+            generator=torch.Generator().manual_seed(cfg.seed + epoch),
             shuffle=True,
         )
-        model.train()
-        bar = Progress(len(train_set), f"epoch {state['epoch'] + 1}/{cfg.epochs}", enabled=progress)
+        bar = Progress(len(train_set), f"epoch {epoch + 1}/{cfg.epochs}", enabled=progress)
         total = 0.0
         for batch, y in loader:
             optimiser.zero_grad()
@@ -154,17 +111,18 @@ def train_classifier(
             total += loss.item() * len(y)
             bar.update(len(y))
         bar.close()
-        metrics = _metrics(*_evaluate(model, val_loader, device))
-        state["epoch"] += 1
-        state["history"].append({"epoch": state["epoch"], "loss": total / len(train_set), **metrics})
-        if metrics["balanced_accuracy"] > state["best_score"]:
-            state.update(best_score=metrics["balanced_accuracy"], best_epoch=state["epoch"], stale=0)
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            state["stale"] += 1
-        _save_checkpoint(ckpt_path, model, optimiser, best_state, state, fingerprint)
-    assert best_state is not None
-    model.load_state_dict(best_state)
+        return total / len(train_set)
+
+    started = time.perf_counter()
+    state = fit(
+        model,
+        cfg,
+        out,
+        device=device,
+        train_epoch=train_epoch,
+        validate=lambda: _metrics(*_evaluate(model, val_loader, device)),
+        watched=watched,
+    )
     final = _metrics(*_evaluate(model, val_loader, device))
     card = ModelCard(
         name=f"{cfg.task}-{cfg.architecture}",
@@ -184,51 +142,17 @@ def train_classifier(
             "val_tiles": len(val_items),
             "train_groups": sorted({i.group for i in train_items}),
             "val_groups": sorted({i.group for i in val_items}),
-            "best_epoch": state["best_epoch"],
-            "history": state["history"],
-            "command": " ".join(shlex.quote(a) for a in sys.argv),
+            "best_epoch": state.best_epoch,
+            "history": state.history,
+            "command": command_line(),
+            "data": cfg.extra.get("data", []),
+            "description": cfg.extra.get("description", ""),
         },
-        metrics={"validation": final, "seconds": round(time.perf_counter() - started, 1)},
+        metrics={
+            "validation": final,
+            "selected_by": "last epoch" if cfg.select == "last" else f"best validation {watched}",
+            "seconds": round(time.perf_counter() - started, 1),
+        },
     )
     save_model(out, model.cpu(), card)
     return card.model_dump(mode="json")
-
-
-def _is_head(name: str, model: nn.Module) -> bool:
-    """The last parameterised module is the head (kept trainable when the backbone is frozen)."""
-    last = [n for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))][-1]
-    return name.startswith(last + ".")
-
-
-def _init_from(model: nn.Module, path: Path) -> None:
-    """Start from a local checkpoint (e.g. an ImageNet or pathology backbone); the head is left as built."""
-    from safetensors.torch import load_file
-
-    state = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, weights_only=True)
-    own = model.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if not usable:
-        raise DataError(f"{path} shares no weights with the architecture (names or shapes differ)")
-    model.load_state_dict(usable, strict=False)
-
-
-def _save_checkpoint(
-    path: Path,
-    model: nn.Module,
-    optimiser: torch.optim.Optimizer,
-    best: dict[str, torch.Tensor] | None,
-    state: dict[str, Any],
-    config: str,
-) -> None:
-    keys = sorted({k for row in state["history"] for k in row})
-    payload = {
-        "config": config,
-        "model": model.state_dict(),
-        "optimiser": optimiser.state_dict(),
-        "best_model": best,
-        **{k: state[k] for k in ("epoch", "best_score", "best_epoch", "stale")},
-        "history_keys": keys,
-        "history": [[row.get(k, float("nan")) for k in keys] for row in state["history"]],
-    }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)

@@ -1,0 +1,70 @@
+"""`python -m wsi_pipeline.models.publish WORK DEFAULTS`: the last step of `make models`.
+
+For each task trained in WORK/<task>, the weights, the card and the held-out evaluation (WORK/<task>/evaluation)
+replace DEFAULTS/<task>; the evaluation's figures go into the card (`metrics.evaluation`) so the card says what the
+shipped weights measured. Each folder is assembled under a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from .card import TASKS
+from .loading import CARD_FILE, WEIGHTS_FILE, load_model
+
+EVALUATION_FILES = ("evaluation.json", "roc.png", "froc.png")
+
+
+def publish(work: Path, defaults: Path, task: str) -> Path:
+    source = work / task
+    load_model(source, task=task)  # refuses a damaged or mismatched model before anything is replaced
+    report_dir = source / "evaluation"
+    report_file = report_dir / "evaluation.json"
+    if not report_file.is_file():
+        raise SystemExit(f"{report_file} is missing: run `wsi-pipeline evaluate {task} ...` first (see the Makefile)")
+    card = json.loads((source / CARD_FILE).read_text())
+    report = json.loads(report_file.read_text())
+    card["metrics"]["evaluation"] = {"report": f"evaluation/{report_file.name}", **_headline(report)}
+    tmp = defaults / f".{task}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "evaluation").mkdir(parents=True)
+    shutil.copy2(source / WEIGHTS_FILE, tmp / WEIGHTS_FILE)
+    (tmp / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+    for name in EVALUATION_FILES:
+        if (report_dir / name).is_file():
+            shutil.copy2(report_dir / name, tmp / "evaluation" / name)
+    target = defaults / task
+    old = defaults / f".{task}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+    load_model(target, task=task)
+    return target
+
+
+def _headline(report: dict) -> dict:
+    """The figures a reader of the card wants first; the whole report stays beside it."""
+    if "at_threshold" in report:
+        return {"crops": report["crops"], "figure_free_fields": report["fields"], **report["at_threshold"]}
+    return {
+        "tiles": report["tiles"],
+        "balanced_accuracy": report["balanced_accuracy"],
+        "roc_auc": report["roc_auc"],
+    }
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 2:
+        raise SystemExit("usage: python -m wsi_pipeline.models.publish WORK_DIR DEFAULTS_DIR")
+    work, defaults = Path(argv[0]), Path(argv[1])
+    for task in TASKS:
+        print(f"published {publish(work, defaults, task)}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,288 @@
+"""Train the dense mitosis model: a probability map that is a Gaussian of `sigma_um` at every figure centre on a
+background of 0.
+
+Each epoch draws one window per positive image, placed so that its figure lies anywhere in the window's inner part
+(a figure always in the middle would teach the network the position, not the figure), and negative windows from
+figure-free fields (MITOS-2012 areas far from any painted figure, or images with no points). Flips and 90° rotations
+move image and target together; colour and stain jitter come from `augment`. Black padding (crops at the edge of
+their source image) gets no loss. Every draw is seeded by (seed, epoch, index).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from ..models import ModelCard, save_model
+from ..progress import Progress
+from .augment import AugmentConfig, augment
+from .data import DataError
+from .loop import TrainConfig, build_model, command_line, fit
+from .mitosis_eval import detection_metrics
+from .points import PointImage
+
+PAD_VALUE = 8  # pixels darker than this in every channel are padding, not tissue
+
+
+@dataclass(frozen=True)
+class DenseTargets:
+    sigma_um: float = 2.0  # Gaussian at each figure centre
+    window_px: int = 96
+    margin_px: int = 16  # the figure stays this far inside the window
+    negatives_per_positive: float = 0.5
+    positive_weight: float = 20.0  # loss weight 1 + w * target: figures are a tiny fraction of the pixels
+    output_stride: int = 4
+    halo_px: int = 32
+
+
+@dataclass
+class Prepared:
+    """An image resampled to the model's µm/px, with its points, what may be sampled, and its group."""
+
+    rgb: np.ndarray
+    points: np.ndarray
+    group: str
+    centre_index: int | None
+    usable: np.ndarray | None  # bool (H, W): pixels that may be sampled (None: all)
+    usable_windows: np.ndarray | None  # bool (H - w + 1, W - w + 1): top-left corners of all-usable windows
+
+
+def prepare(image: PointImage, mpp: float, window: int) -> Prepared:
+    """Load and resample (when the image's µm/px differs by more than 1 %) an image and its annotations."""
+    rgb = image.load()
+    points = image.points.copy()
+    usable = image.usable
+    factor = image.mpp / mpp
+    if abs(factor - 1) > 0.01:
+        h, w = rgb.shape[:2]
+        size = (max(1, round(w * factor)), max(1, round(h * factor)))
+        rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BOX))
+        points = (points + 0.5) * factor - 0.5
+        if usable is not None:
+            usable = np.asarray(Image.fromarray(usable).resize(size, Image.Resampling.NEAREST))
+    windows = None
+    if usable is not None:
+        windows = _all_true_windows(usable, window)
+    return Prepared(rgb, points, image.group, image.centre_index, usable, windows)
+
+
+def _all_true_windows(mask: np.ndarray, window: int) -> np.ndarray:
+    """Top-left corners whose window x window block is all True (summed-area table of the False pixels)."""
+    bad = np.pad((~mask).astype(np.int64), ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+    w = window
+    count = bad[w:, w:] - bad[:-w, w:] - bad[w:, :-w] + bad[:-w, :-w]
+    return count == 0
+
+
+def gaussian_target(points: np.ndarray, shape: tuple[int, int], stride: int, sigma_px: float) -> np.ndarray:
+    """(h, w) map at the output stride: max over points of exp(-d^2 / 2 sigma^2), d from the output pixel's
+    centre in input px (pixel index coordinates: output px j covers input px stride*j .. stride*j + stride - 1)."""
+    h, w = shape
+    target = np.zeros(shape, np.float32)
+    if not len(points):
+        return target
+    ys = (np.arange(h) * stride + (stride - 1) / 2)[:, None, None]
+    xs = (np.arange(w) * stride + (stride - 1) / 2)[None, :, None]
+    d2 = (xs - points[:, 0]) ** 2 + (ys - points[:, 1]) ** 2
+    target[:] = np.exp(-d2.min(axis=2) / (2 * sigma_px**2))
+    return target
+
+
+class _Windows(Dataset):
+    def __init__(
+        self,
+        positives: list[Prepared],
+        negatives: list[Prepared],
+        targets: DenseTargets,
+        mpp: float,
+        aug: AugmentConfig,
+        seed: int,
+    ) -> None:
+        self.positives, self.negatives, self.targets, self.mpp, self.aug, self.seed = (
+            positives,
+            negatives,
+            targets,
+            mpp,
+            aug,
+            seed,
+        )
+        self.n_neg = round(len(positives) * targets.negatives_per_positive) if negatives else 0
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.positives) + self.n_neg
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        t = self.targets
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        w = t.window_px
+        if index < len(self.positives):
+            image = self.positives[index]
+            x0, y0 = self._around_figure(image, rng)
+        else:
+            image = self.negatives[int(rng.integers(len(self.negatives)))]
+            x0, y0 = self._anywhere(image, rng)
+        rgb = _window(image.rgb, x0, y0, w)
+        points = image.points - np.array([x0, y0])
+        out = w // t.output_stride
+        target = gaussian_target(points, (out, out), t.output_stride, t.sigma_um / self.mpp)
+        valid = (rgb.max(axis=2) > PAD_VALUE).astype(np.float32)
+        # an output px gets loss only where its whole footprint is tissue
+        valid = valid.reshape(out, t.output_stride, out, t.output_stride).min(axis=(1, 3))
+        x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
+        maps = torch.from_numpy(np.stack([target, valid]))
+        if rng.random() < 0.5:
+            x, maps = x.flip(-1), maps.flip(-1)
+        turns = int(rng.integers(4))
+        x, maps = torch.rot90(x, turns, (-2, -1)), torch.rot90(maps, turns, (-2, -1))
+        x = augment(x.contiguous(), self.aug, self.seed, self.epoch, index)
+        return x, maps[0].contiguous(), maps[1].contiguous()
+
+    def _around_figure(self, image: Prepared, rng: np.random.Generator) -> tuple[int, int]:
+        h, w_img = image.rgb.shape[:2]
+        w, m = self.targets.window_px, self.targets.margin_px
+        i = image.centre_index if image.centre_index is not None else int(rng.integers(len(image.points)))
+        cx, cy = image.points[i]
+        lo_x, hi_x = max(0, int(cx) - w + m), min(w_img - w, int(cx) - m)
+        lo_y, hi_y = max(0, int(cy) - w + m), min(h - w, int(cy) - m)
+        x0 = int(rng.integers(lo_x, hi_x + 1)) if hi_x >= lo_x else max(0, min(w_img - w, int(cx) - w // 2))
+        y0 = int(rng.integers(lo_y, hi_y + 1)) if hi_y >= lo_y else max(0, min(h - w, int(cy) - w // 2))
+        return x0, y0
+
+    def _anywhere(self, image: Prepared, rng: np.random.Generator) -> tuple[int, int]:
+        if image.usable_windows is not None:
+            ys, xs = np.nonzero(image.usable_windows)
+            k = int(rng.integers(len(ys)))
+            return int(xs[k]), int(ys[k])
+        h, w_img = image.rgb.shape[:2]
+        w = self.targets.window_px
+        return int(rng.integers(max(1, w_img - w + 1))), int(rng.integers(max(1, h - w + 1)))
+
+
+def _window(rgb: np.ndarray, x0: int, y0: int, size: int) -> np.ndarray:
+    """A size x size window, padded with black where it leaves the image (black gets no loss)."""
+    out = np.zeros((size, size, 3), np.uint8)
+    part = rgb[y0 : y0 + size, x0 : x0 + size]
+    out[: part.shape[0], : part.shape[1]] = part
+    return out
+
+
+def _normalise(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return (batch.to(device).float() / 255.0 - 0.5) / 0.5
+
+
+def train_mitosis(
+    train_images: list[PointImage],
+    val_images: list[PointImage],
+    cfg: TrainConfig,
+    out: Path,
+    *,
+    device: torch.device,
+    targets: DenseTargets | None = None,
+    augmentation: AugmentConfig | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train the dense model and write the model folder; the card carries held-out detection metrics."""
+    targets = targets or DenseTargets()
+    cfg.extra = {**cfg.extra, "targets": asdict(targets)}
+    aug = augmentation or AugmentConfig(flips=False, rotate90=False, scale=0.0)
+    split = {
+        side: [prepare(i, cfg.mpp, targets.window_px) for i in images]
+        for side, images in (("train", train_images), ("val", val_images))
+    }
+    positives = [p for p in split["train"] if len(p.points)]
+    negatives = [p for p in split["train"] if not len(p.points)]
+    val_crops = [p for p in split["val"] if len(p.points)]
+    val_fields = [p for p in split["val"] if not len(p.points)]
+    if not positives or not val_crops:
+        raise DataError("mitosis training needs images with figures on both sides of the split")
+    model = build_model(cfg, 1, device)
+    dataset = _Windows(positives, negatives, targets, cfg.mpp, aug, cfg.seed)
+
+    def train_epoch(epoch: int, optimiser: torch.optim.Optimizer) -> float:
+        dataset.epoch = epoch
+        loader = DataLoader(
+            dataset,
+            batch_size=cfg.batch_size,
+            shuffle=True,
+            num_workers=cfg.workers,
+            generator=torch.Generator().manual_seed(cfg.seed + epoch),
+        )
+        bar = Progress(len(dataset), f"epoch {epoch + 1}/{cfg.epochs}", enabled=progress)
+        total = 0.0
+        for x, target, valid in loader:
+            optimiser.zero_grad()
+            logits = model(_normalise(x, device))[:, 0]
+            target, valid = target.to(device), valid.to(device)
+            weight = valid * (1 + targets.positive_weight * target)
+            loss = (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * weight).sum()
+            loss = loss / weight.sum().clamp(min=1)
+            loss.backward()
+            optimiser.step()
+            total += loss.item() * len(x)
+            bar.update(len(x))
+        bar.close()
+        return total / len(dataset)
+
+    card = mitosis_card(cfg, targets, {})
+
+    def validate() -> dict[str, float]:
+        return detection_metrics(model, card, val_crops, val_fields, device)["at_threshold"]
+
+    started = time.perf_counter()
+    state = fit(model, cfg, out, device=device, train_epoch=train_epoch, validate=validate, watched="f1")
+    report = detection_metrics(model, card, val_crops, val_fields, device)
+    card = mitosis_card(
+        cfg,
+        targets,
+        {
+            "validation": report["at_threshold"],
+            "validation_curve": report["curve"],
+            "selected_by": "last epoch" if cfg.select == "last" else "best validation f1",
+            "seconds": round(time.perf_counter() - started, 1),
+        },
+        training={
+            "config": asdict(cfg),
+            "augmentation": {**asdict(aug), "flips": True, "rotate90": True, "shifted_windows": True},
+            "train_images": {"with_figures": len(positives), "figure_free_fields": len(negatives)},
+            "val_images": {"with_figures": len(val_crops), "figure_free_fields": len(val_fields)},
+            "train_groups": sorted({p.group for p in split["train"]}),
+            "val_groups": sorted({p.group for p in split["val"]}),
+            "best_epoch": state.best_epoch,
+            "history": state.history,
+            "command": command_line(),
+            "data": cfg.extra.get("data", []),
+            "description": cfg.extra.get("description", ""),
+        },
+    )
+    save_model(out, model.cpu(), card)
+    return card.model_dump(mode="json")
+
+
+def mitosis_card(
+    cfg: TrainConfig, targets: DenseTargets, metrics: dict[str, Any], training: dict[str, Any] | None = None
+) -> ModelCard:
+    return ModelCard(
+        name=f"mitosis-{cfg.architecture}",
+        task="mitosis",
+        kind="dense",
+        architecture=cfg.architecture,
+        architecture_args=cfg.architecture_args or {},
+        mpp=cfg.mpp,
+        tile_px=cfg.tile_px,
+        output_stride=targets.output_stride,
+        halo_px=targets.halo_px,
+        classes=["mitosis"],
+        activation="sigmoid",
+        normalisation={"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
+        training=training or {},
+        metrics=metrics,
+    )

@@ -1,0 +1,194 @@
+"""The epoch loop shared by every trainer: model and optimiser set-up, learning-rate schedule, early stopping on a
+validation metric, and checkpoints that make a killed run resume from its last finished epoch.
+
+Checkpoints (`checkpoint.pt`, written atomically after every epoch) hold only tensors and numbers and are read back
+with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..atomic import atomic_path
+from ..models.architectures import build
+from .data import DataError
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    task: str
+    classes: list[str]
+    architecture: str = "small_cnn"
+    architecture_args: dict[str, Any] | None = None
+    mpp: float = 0.5
+    tile_px: int = 150
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    patience: int = 5
+    seed: int = 0
+    workers: int = 1
+    freeze_backbone: bool = False
+    init_checkpoint: str | None = None
+    schedule: str = "cosine"  # "cosine": the learning rate falls to 0 over `epochs`; "constant"
+    select: str = "best"  # "best": the epoch with the best validation metric; "last": the final epoch
+    extra: dict[str, Any] = field(default_factory=dict)  # a trainer's own settings (e.g. target sigma)
+
+    def fingerprint(self) -> str:
+        """What a checkpoint must match to be resumed. More epochs may be asked of a constant-rate run; a cosine
+        schedule is fixed by its length."""
+        data = {k: v for k, v in asdict(self).items() if k not in ("patience", "workers")}
+        data["extra"] = {k: v for k, v in self.extra.items() if k != "description"}
+        if self.schedule == "constant":
+            data["epochs"] = None
+        return json.dumps(data, sort_keys=True)
+
+
+@dataclass
+class LoopState:
+    epoch: int = 0
+    best_score: float = -1.0
+    best_epoch: int = 0
+    stale: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def command_line() -> str:
+    """The command that is running, as a user would type it (the program by name, not by its venv path)."""
+    program = Path(sys.argv[0]).name if sys.argv else "python"
+    return " ".join(shlex.quote(a) for a in [program, *sys.argv[1:]])
+
+
+def build_model(cfg: TrainConfig, n_outputs: int, device: torch.device) -> nn.Module:
+    torch.manual_seed(cfg.seed)
+    model = build(cfg.architecture, n_outputs, **(cfg.architecture_args or {})).to(device)
+    if cfg.init_checkpoint:
+        init_from(model, Path(cfg.init_checkpoint))
+    return model
+
+
+def fit(
+    model: nn.Module,
+    cfg: TrainConfig,
+    out: Path,
+    *,
+    device: torch.device,
+    train_epoch: Callable[[int, torch.optim.Optimizer], float],
+    validate: Callable[[], dict[str, float]],
+    watched: str,
+) -> LoopState:
+    """Run epochs until `cfg.epochs` or `cfg.patience` epochs without a better `watched` metric; leaves the model
+    holding the selected epoch's weights. `train_epoch(epoch, optimiser)` returns the epoch's mean loss."""
+    if cfg.schedule not in ("cosine", "constant") or cfg.select not in ("best", "last"):
+        raise DataError(f"unknown schedule {cfg.schedule!r} or selection {cfg.select!r}")
+    out.mkdir(parents=True, exist_ok=True)
+    params = [p for name, p in model.named_parameters() if not (cfg.freeze_backbone and not _is_head(name, model))]
+    optimiser = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda e: 0.5 * (1 + math.cos(math.pi * e / cfg.epochs)) if cfg.schedule == "cosine" else 1.0
+    )
+    state = LoopState()
+    best: dict[str, torch.Tensor] | None = None
+    path = out / CHECKPOINT
+    fingerprint = cfg.fingerprint()
+    if path.exists():
+        best, state = _resume(path, fingerprint, model, optimiser, schedule, device)
+    while state.epoch < cfg.epochs and state.stale < cfg.patience:
+        model.train()
+        loss = train_epoch(state.epoch, optimiser)
+        schedule.step()
+        model.eval()
+        metrics = validate()
+        state.epoch += 1
+        state.history.append({"epoch": state.epoch, "loss": loss, **metrics})
+        if cfg.select == "last" or metrics[watched] > state.best_score:
+            state.best_score, state.best_epoch, state.stale = metrics[watched], state.epoch, 0
+            best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            state.stale += 1
+        _save(path, model, optimiser, schedule, best, state, fingerprint)
+    if best is None:
+        raise DataError(f"{path}: the checkpoint holds no finished epoch; delete it and train again")
+    model.load_state_dict(best)
+    model.eval()
+    return state
+
+
+def _is_head(name: str, model: nn.Module) -> bool:
+    """The last parameterised module is the head (kept trainable when the backbone is frozen)."""
+    last = [n for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))][-1]
+    return name.startswith(last + ".")
+
+
+def init_from(model: nn.Module, path: Path) -> None:
+    """Start from a local checkpoint (e.g. an ImageNet or pathology backbone); the head is left as built."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, weights_only=True)
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise DataError(f"{path} shares no weights with the architecture (names or shapes differ)")
+    model.load_state_dict(usable, strict=False)
+
+
+def _resume(
+    path: Path,
+    fingerprint: str,
+    model: nn.Module,
+    optimiser: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    device: torch.device,
+) -> tuple[dict[str, torch.Tensor] | None, LoopState]:
+    ckpt = torch.load(path, weights_only=True, map_location=device)
+    if ckpt.get("config") != fingerprint:
+        raise DataError(
+            f"{path.parent} holds a checkpoint of another training configuration; give another -o folder "
+            f"or delete {path} to start afresh"
+        )
+    model.load_state_dict(ckpt["model"])
+    optimiser.load_state_dict(ckpt["optimiser"])
+    schedule.load_state_dict(ckpt["schedule"])
+    history = [dict(zip(ckpt["history_keys"], row, strict=True)) for row in ckpt["history"]]
+    state = LoopState(ckpt["epoch"], ckpt["best_score"], ckpt["best_epoch"], ckpt["stale"], history)
+    return ckpt["best_model"], state
+
+
+def _save(
+    path: Path,
+    model: nn.Module,
+    optimiser: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    best: dict[str, torch.Tensor] | None,
+    state: LoopState,
+    fingerprint: str,
+) -> None:
+    keys = sorted({k for row in state.history for k in row})
+    payload = {
+        "config": fingerprint,
+        "model": model.state_dict(),
+        "optimiser": optimiser.state_dict(),
+        "schedule": schedule.state_dict(),
+        "best_model": best,
+        "epoch": state.epoch,
+        "best_score": state.best_score,
+        "best_epoch": state.best_epoch,
+        "stale": state.stale,
+        "history_keys": keys,
+        "history": [[row.get(k, float("nan")) for k in keys] for row in state.history],
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)

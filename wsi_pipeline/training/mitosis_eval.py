@@ -1,0 +1,167 @@
+"""Detection metrics of a dense mitosis model on point-annotated images, with the pipeline's own post-processing
+(Gaussian smoothing, local maxima at least `min_distance_um` apart, threshold) so the figures describe what `run`
+reports.
+
+Per threshold: figure-centre recall (an AMi-Br crop's own figure is found), recall, precision and F1 over every
+annotated figure (one-to-one matching within `radius_um`), false detections per crop, and false detections per mm²
+on figure-free fields. Detections are found once at the lowest threshold and filtered by value, which equals
+running the peak finder at each threshold (a peak is only ever suppressed by a higher one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..atomic import write_json
+from ..evaluate import match_detections
+from ..models import LoadedModel, ModelCard
+from ..postprocess.maxima import find_peaks
+from .data import DataError
+from .points import PointImage
+
+if TYPE_CHECKING:
+    from .dense import Prepared
+
+THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 1.0, 0.05))
+
+
+@dataclass(frozen=True)
+class DetectionParams:
+    threshold: float = 0.5
+    min_distance_um: float = 10.0
+    smooth_sigma_um: float = 1.0
+    radius_um: float = 7.5
+
+
+def predict_map(model: nn.Module, card: ModelCard, rgb: np.ndarray, device: torch.device) -> np.ndarray:
+    """The model's probability map of one RGB image (padded with white to a multiple of the output stride)."""
+    s = card.output_stride
+    h, w = rgb.shape[:2]
+    ph, pw = -h % s, -w % s
+    padded = np.pad(rgb, ((0, ph), (0, pw), (0, 0)), constant_values=255) if ph or pw else rgb
+    mean = torch.tensor(card.normalisation.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(card.normalisation.std, device=device).view(1, 3, 1, 1)
+    x = torch.from_numpy(np.ascontiguousarray(padded)).permute(2, 0, 1)[None].to(device).float() / 255
+    with torch.inference_mode():
+        logits = model((x - mean) / std)[0, 0].float()
+    return torch.sigmoid(logits).cpu().numpy()[: (h + ph) // s, : (w + pw) // s]
+
+
+def detect(prob: np.ndarray, card: ModelCard, params: DetectionParams, threshold: float) -> np.ndarray:
+    """(N, 3) detections: x, y in input px (pixel index coordinates) and the smoothed peak value."""
+    px_um = card.mpp * card.output_stride
+    peaks = find_peaks(
+        prob,
+        min_distance=max(1, round(params.min_distance_um / px_um)),
+        threshold=threshold,
+        sigma=params.smooth_sigma_um / px_um,
+    )
+    s = card.output_stride
+    return np.c_[peaks.cols * s + (s - 1) / 2, peaks.rows * s + (s - 1) / 2, peaks.values]
+
+
+def detection_metrics(
+    model: nn.Module,
+    card: ModelCard,
+    crops: list[Prepared],
+    fields: list[Prepared],
+    device: torch.device,
+    params: DetectionParams | None = None,
+) -> dict[str, Any]:
+    """Metrics at `params.threshold` and a curve over THRESHOLDS."""
+    params = params or DetectionParams()
+    model.eval()
+    radius = params.radius_um / card.mpp
+    lowest = min(THRESHOLDS[0], params.threshold)
+    crop_dets = [detect(predict_map(model, card, c.rgb, device), card, params, lowest) for c in crops]
+    field_dets, field_mm2 = [], 0.0
+    for f in fields:
+        dets = detect(predict_map(model, card, f.rgb, device), card, params, lowest)
+        usable = _usable_centres(f)
+        rows = np.clip(dets[:, 1].astype(int), 0, usable.shape[0] - 1)
+        cols = np.clip(dets[:, 0].astype(int), 0, usable.shape[1] - 1)
+        inside = usable[rows, cols]
+        field_dets.append(dets[inside])
+        field_mm2 += usable.sum() * card.mpp**2 / 1e6
+    curve = [_at(t, crops, crop_dets, field_dets, field_mm2, radius) for t in sorted({*THRESHOLDS, params.threshold})]
+    at = next(row for row in curve if row["threshold"] == params.threshold)
+    return {"at_threshold": at, "curve": curve, "params": params.__dict__, "crops": len(crops), "fields": len(fields)}
+
+
+def _usable_centres(field: Prepared) -> np.ndarray:
+    """Pixels of a figure-free field where a detection counts as false (far from any painted figure)."""
+    return field.usable if field.usable is not None else np.ones(field.rgb.shape[:2], bool)
+
+
+def _at(
+    threshold: float,
+    crops: list[Prepared],
+    crop_dets: list[np.ndarray],
+    field_dets: list[np.ndarray],
+    field_mm2: float,
+    radius: float,
+) -> dict[str, float]:
+    tp = fp = fn = centres = centre_hits = 0
+    for crop, dets in zip(crops, crop_dets, strict=True):
+        kept = dets[dets[:, 2] >= threshold, :2]
+        score = match_detections(kept, crop.points, radius)
+        tp, fp, fn = tp + score.true_positives, fp + score.false_positives, fn + score.false_negatives
+        if crop.centre_index is not None:
+            centres += 1
+            centre_hits += any(t == crop.centre_index for _, t in score.matches)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    field_fp = sum(int((d[:, 2] >= threshold).sum()) for d in field_dets)
+    return {
+        "threshold": threshold,
+        "centre_recall": centre_hits / centres if centres else float("nan"),
+        "recall": recall,
+        "precision": precision,
+        "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+        "false_per_crop": fp / len(crops) if crops else float("nan"),
+        "false_per_mm2_figure_free": field_fp / field_mm2 if field_mm2 else float("nan"),
+    }
+
+
+def evaluate_mitosis(
+    model: LoadedModel, images: list[PointImage], out: Path, device: torch.device, params: DetectionParams
+) -> dict[str, Any]:
+    """`wsi-pipeline evaluate mitosis`: detection metrics, OUT/evaluation.json and OUT/froc.png."""
+    from .dense import prepare
+
+    card = model.card
+    if card.kind != "dense":
+        raise DataError(f"{card.name} is a {card.kind} model; mitosis evaluation needs a dense one")
+    prepared = [prepare(i, card.mpp, card.tile_px) for i in images]
+    crops = [p for p in prepared if len(p.points)]
+    fields = [p for p in prepared if not len(p.points)]
+    if not crops:
+        raise DataError("mitosis evaluation needs images with annotated figures")
+    report = detection_metrics(model.module.to(device), card, crops, fields, device, params)
+    report = {"model": card.name, **report}
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "evaluation.json", report)
+    at = report["at_threshold"]
+    froc_png(
+        out / "froc.png",
+        report["curve"],
+        f"{card.name}: recall {at['centre_recall']:.3f} at {at['false_per_crop']:.2f} FP/crop (t={params.threshold})",
+    )
+    return report
+
+
+def froc_png(path: Path, curve: list[dict[str, float]], title: str) -> None:
+    """Figure-centre recall against false detections per crop, one point per threshold."""
+    from .evaluation import curve_png
+
+    xs = np.array([row["false_per_crop"] for row in curve])
+    ys = np.array([row["centre_recall"] if np.isfinite(row["centre_recall"]) else row["recall"] for row in curve])
+    order = np.argsort(xs, kind="stable")
+    x_max = max(1.0, float(xs.max()))
+    curve_png(path, xs[order], ys[order], title, "false detections per crop", "figure recall", x_max=x_max)
