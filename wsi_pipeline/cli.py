@@ -670,10 +670,10 @@ def train(
         init_checkpoint=init_checkpoint,
         extra={"data": [*data, *([val_data] if val_data else [])], "description": description},
     )
-    items, cfg.classes = _training_items(task, data, class_specs, group_pattern, mpp)
+    items, cfg.classes = _training_items(task, data, class_specs, group_pattern, mpp, tile_px)
     if val_data:
         train_items = items
-        val_items, val_classes = _training_items(task, (val_data,), class_specs, group_pattern, mpp)
+        val_items, val_classes = _training_items(task, (val_data,), class_specs, group_pattern, mpp, tile_px)
         if val_classes != cfg.classes:
             raise ConfigError(f"--val-data classes {val_classes} differ from the training classes {cfg.classes}")
     else:
@@ -694,19 +694,30 @@ def train(
 
 
 def _training_items(
-    task: str, folders: tuple[str, ...], class_specs: tuple[str, ...], group_pattern: str, mpp: float | None
+    task: str,
+    folders: tuple[str, ...],
+    class_specs: tuple[str, ...],
+    group_pattern: str,
+    mpp: float | None,
+    tile_px: int | None = None,
 ) -> tuple[list[Any], list[str]]:
     """Every folder's items and the class names (all folders must give the same classes)."""
     if task == "mitosis":
         from .training.points import point_images
 
         return [image for folder in folders for image in point_images(folder, mpp)], ["mitosis"]
+    from .training.annotations import annotated_items, is_annotated_folder
     from .training.data import folder_items
 
     items: list[Any] = []
     classes: list[str] | None = None
     for folder in folders:
-        found, names = folder_items(folder, _class_map(class_specs), group_pattern or None)
+        if is_annotated_folder(folder):  # slides + QuPath GeoJSON exports
+            if mpp is None or tile_px is None:
+                raise ConfigError(f"{folder}: tiles from annotated slides need --mpp and --tile-px")
+            found, names = annotated_items(folder, _class_map(class_specs), mpp=mpp, tile_px=tile_px)
+        else:
+            found, names = folder_items(folder, _class_map(class_specs), group_pattern or None)
         if classes is not None and names != classes:
             raise ConfigError(f"{folder} has classes {names}, the other data folders {classes}")
         items += found
@@ -766,7 +777,7 @@ def evaluate(
     from .models import load_model
 
     model = load_model(model_dir, task=task)
-    items, classes = _training_items(task, data, class_specs, group_pattern, mpp)
+    items, classes = _training_items(task, data, class_specs, group_pattern, mpp or model.card.mpp, model.card.tile_px)
     if held_out:
         groups = set(model.card.training.get("val_groups", []))
         items = [i for i in items if i.group in groups]
@@ -778,11 +789,20 @@ def evaluate(
         params = DetectionParams(threshold=threshold, radius_um=radius_um)
         report = evaluate_mitosis(model, items, Path(out_dir), resolve_device(device), params)
         at = report["at_threshold"]
+        figures = ", ".join(
+            f"{label} {'n/a' if at[key] is None else format(at[key], '.3f')}"
+            for key, label in (
+                ("centre_recall", "figure-centre recall"),
+                ("recall", "recall"),
+                ("precision", "precision"),
+                ("f1", "F1"),
+                ("false_per_crop", "false per crop"),
+                ("false_per_mm2_figure_free", "false per mm² figure-free"),
+            )
+        )
         click.echo(
             f"{report['crops']} images with figures, {report['fields']} figure-free fields at threshold "
-            f"{threshold}: figure-centre recall {at['centre_recall']:.3f}, recall {at['recall']:.3f}, precision "
-            f"{at['precision']:.3f}, F1 {at['f1']:.3f}, {at['false_per_crop']:.2f} false per crop, "
-            f"{at['false_per_mm2_figure_free']:.2f} false per mm² figure-free; report in {out_dir}"
+            f"{threshold}: {figures}; report in {out_dir}"
         )
         return
     from .training.evaluation import evaluate_classifier

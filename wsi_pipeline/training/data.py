@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import WsiError
+from ..slide import Slide
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 # Kather 2016 / NCT-CRC-HE file names carry their source image as CRC-Prim-HE-NN.
@@ -25,10 +26,20 @@ class DataError(WsiError):
 
 
 @dataclass(frozen=True)
+class SlideRegion:
+    """A tile read from a slide: top-left level-0 px (x, y), at `mpp` µm/px."""
+
+    x: int
+    y: int
+    mpp: float
+
+
+@dataclass(frozen=True)
 class TileItem:
-    path: Path
+    path: Path  # an image file, or the slide a `region` is read from
     label: int
     group: str  # source image (or slide); tiles of one group stay on one side of a split
+    region: SlideRegion | None = None
 
 
 def folder_items(
@@ -101,6 +112,10 @@ def split_by_group(items: Sequence[G], val_fraction: float = 0.25, seed: int = 0
 
 def load_tile(item: TileItem, size: int | None = None) -> np.ndarray:
     """RGB uint8; a tile of another size than `size` is an error naming the file (resize data beforehand)."""
+    if item.region is not None:
+        if size is None:
+            raise DataError(f"{item.path}: a tile read from a slide needs a tile size")
+        return _slide(item.path).read_region(item.region.x, item.region.y, size, size, item.region.mpp)
     try:
         with Image.open(item.path) as image:
             rgb = np.array(image.convert("RGB"))  # writable: torch.from_numpy needs that
@@ -112,3 +127,13 @@ def load_tile(item: TileItem, size: int | None = None) -> np.ndarray:
             "give tiles of one size or set the tile size to match"
         )
     return rgb
+
+
+_SLIDES: dict[Path, Slide] = {}
+
+
+def _slide(path: Path) -> Slide:
+    """One handle per slide and process (a Slide opens OpenSlide lazily in each worker process)."""
+    if path not in _SLIDES:
+        _SLIDES[path] = Slide(path)
+    return _SLIDES[path]

@@ -66,6 +66,10 @@ def detect(prob: np.ndarray, card: ModelCard, params: DetectionParams, threshold
     return np.c_[peaks.cols * s + (s - 1) / 2, peaks.rows * s + (s - 1) / 2, peaks.values]
 
 
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def detection_metrics(
     model: nn.Module,
     card: ModelCard,
@@ -106,7 +110,8 @@ def _at(
     field_dets: list[np.ndarray],
     field_mm2: float,
     radius: float,
-) -> dict[str, float]:
+) -> dict[str, float | None]:
+    """One operating point; a figure that cannot be measured (no centred crops, no figure-free field) is None."""
     tp = fp = fn = centres = centre_hits = 0
     for crop, dets in zip(crops, crop_dets, strict=True):
         kept = dets[dets[:, 2] >= threshold, :2]
@@ -120,12 +125,12 @@ def _at(
     field_fp = sum(int((d[:, 2] >= threshold).sum()) for d in field_dets)
     return {
         "threshold": threshold,
-        "centre_recall": centre_hits / centres if centres else float("nan"),
+        "centre_recall": centre_hits / centres if centres else None,
         "recall": recall,
         "precision": precision,
         "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
-        "false_per_crop": fp / len(crops) if crops else float("nan"),
-        "false_per_mm2_figure_free": field_fp / field_mm2 if field_mm2 else float("nan"),
+        "false_per_crop": fp / len(crops) if crops else None,
+        "false_per_mm2_figure_free": field_fp / field_mm2 if field_mm2 else None,
     }
 
 
@@ -151,17 +156,18 @@ def evaluate_mitosis(
     froc_png(
         out / "froc.png",
         report["curve"],
-        f"{card.name}: recall {at['centre_recall']:.3f} at {at['false_per_crop']:.2f} FP/crop (t={params.threshold})",
+        f"{card.name}: recall {_fmt(at['centre_recall'] or at['recall'])} at {_fmt(at['false_per_crop'])} FP/crop "
+        f"(t={params.threshold})",
     )
     return report
 
 
-def froc_png(path: Path, curve: list[dict[str, float]], title: str) -> None:
+def froc_png(path: Path, curve: list[dict[str, float | None]], title: str) -> None:
     """Figure-centre recall against false detections per crop, one point per threshold."""
     from .evaluation import curve_png
 
     xs = np.array([row["false_per_crop"] for row in curve])
-    ys = np.array([row["centre_recall"] if np.isfinite(row["centre_recall"]) else row["recall"] for row in curve])
+    ys = np.array([row["centre_recall"] if row["centre_recall"] is not None else row["recall"] for row in curve])
     order = np.argsort(xs, kind="stable")
     x_max = max(1.0, float(xs.max()))
     curve_png(path, xs[order], ys[order], title, "false detections per crop", "figure recall", x_max=x_max)
