@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -196,3 +197,25 @@ def test_evaluate_command_report_is_consistent(data_dir: Path, tmp_path: Path) -
     assert (tmp_path / "r" / "roc.png").stat().st_size > 1000
     fpr, tpr = roc_points(np.array([1, 0, 1, 0]), np.array([0.9, 0.8, 0.4, 0.1]))
     assert fpr.tolist() == [0, 0, 0.5, 0.5, 1] and tpr.tolist() == [0, 0.5, 0.5, 1, 1]
+
+
+def test_training_recipe_values_apply_and_unknown_keys_are_refused(data_dir: Path, tmp_path: Path) -> None:
+    from tests.conftest import run_cli
+
+    kather = str(data_dir / "epithelium_stroma" / "kather2016")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "class: ['epithelium=01_TUMOR,06_MUCOSA', stroma=02_STROMA]\ntile_px: 150\nmpp: 0.495\nepochs: 1\n"
+        "arch_arg: [width=4]\nschedule: constant\ndescribe: Kather test tiles\n"
+    )
+    out = tmp_path / "m"
+    result = run_cli("train", "epithelium_stroma", kather, "-o", str(out), "-c", str(recipe), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["classes"] == ["epithelium", "stroma"] and card["architecture_args"] == {"width": 4}
+    assert (
+        card["training"]["config"]["schedule"] == "constant" and card["training"]["description"] == "Kather test tiles"
+    )
+    recipe.write_text("epoch: 3\n")
+    result = run_cli("train", "epithelium_stroma", kather, "-o", str(tmp_path / "n"), "-c", str(recipe))
+    assert result.returncode == 7 and "unknown option(s) ['epoch']" in result.stderr

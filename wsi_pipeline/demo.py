@@ -1,7 +1,8 @@
 """`make demo`: write a synthetic slide with planted figures, run the pipeline on it, and say where to look.
 
-Until trained models ship, the demo's mitosis model is the hand-set dark-figure detector
-(`wsi_pipeline.models.demo`): it finds the planted figures, whose true positions are in the slide's .truth.json.
+Epithelium/stroma and metastasis run with the shipped trained models. For mitosis the demo uses the hand-set
+dark-figure detector (`wsi_pipeline.models.demo`) because a synthetic slide's planted figures are dark discs, not
+mitoses: their true positions are in the slide's .truth.json, so the demo can say how many it found.
 """
 
 from __future__ import annotations
@@ -31,10 +32,12 @@ def main() -> None:
         write_synthetic_slide(slide_path, default_layout(12000, 9000, 0.25, seed=7, n_figures=25, pen=True))
     model_dir = write_figure_detector(out / "models" / "demo-figure-detector", 0.25)
     print(f"slide   {slide_path}\n        synthetic, 12000 x 9000 px at 0.25 µm/px, a pen stroke, 25 planted figures")
-    print(f"model   {model_dir} (hand-set dark-figure detector, not a trained mitosis model)")
+    print(f"models  mitosis: {model_dir} (hand-set dark-figure detector, not a trained mitosis model)")
+    print("        epithelium_stroma, metastasis: the shipped trained models (wsi_pipeline/models/defaults)")
     config = load_config(None, [f"tasks.mitosis.model={model_dir}", "tasks.mitosis.smooth_sigma_um=3"])
     results = out / "results"
-    batch = run_batch([str(slide_path)], results, config, ["mitosis"], device="auto", workers=1, progress=True)
+    tasks = ["mitosis", "epithelium_stroma", "metastasis"]
+    batch = run_batch([str(slide_path)], results, config, tasks, device="auto", workers=1, progress=True)
     print(summary_table(batch))
     slide_dir = results / "demo-synthetic"
     spec = read_truth(slide_path)

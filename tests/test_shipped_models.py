@@ -1,0 +1,121 @@
+"""The shipped default models: complete cards, small safe weights, figures that re-measure exactly, seamless
+stitching of the trained dense network, and `run` using them when the configuration names none."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import CMU, run_cli
+from wsi_pipeline.config import TissueConfig
+from wsi_pipeline.engine import TaskRequest, predict_slide
+from wsi_pipeline.heatmap import open_heatmap
+from wsi_pipeline.models import default_model_dir, load_model, resolve_model
+from wsi_pipeline.models.card import TASKS
+from wsi_pipeline.models.loading import CARD_FILE, ModelError
+from wsi_pipeline.slide import Slide
+from wsi_pipeline.tiling import plan_tiles
+from wsi_pipeline.tissue import detect_tissue
+
+CPU = torch.device("cpu")
+KATHER_CLASSES = ["--class", "epithelium=01_TUMOR,06_MUCOSA", "--class", "stroma=02_STROMA"]
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_each_task_ships_a_small_model_with_a_complete_card(task: str) -> None:
+    model = resolve_model(task, None)
+    card = model.card
+    assert model.path == default_model_dir(task) and card.task == task
+    assert (model.path / "weights.safetensors").stat().st_size < 5_000_000
+    assert card.training["description"] and card.training["command"].startswith(f"wsi-pipeline train {task} ")
+    assert card.training["train_groups"] and set(card.training["train_groups"]).isdisjoint(card.training["val_groups"])
+    assert card.metrics["validation"] and card.metrics["evaluation"]
+    assert (model.path / "evaluation" / "evaluation.json").is_file()
+
+
+def test_epithelium_model_remeasures_its_card_on_held_out_kather_tiles(data_dir: Path, tmp_path: Path) -> None:
+    path = default_model_dir("epithelium_stroma")
+    kather = data_dir / "epithelium_stroma" / "kather2016"
+    result = run_cli(
+        "evaluate", "epithelium_stroma", str(path), str(kather), "--held-out", *KATHER_CLASSES, "-o", str(tmp_path)
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "evaluation.json").read_text())
+    card = json.loads((path / CARD_FILE).read_text())
+    assert report["balanced_accuracy"] == pytest.approx(card["metrics"]["evaluation"]["balanced_accuracy"], abs=1e-9)
+    assert report["roc_auc"]["value"] == pytest.approx(card["metrics"]["evaluation"]["roc_auc"]["value"], abs=1e-9)
+    assert report["tiles"] == card["training"]["val_tiles"]
+
+
+def test_metastasis_model_remeasures_its_card_on_pcam_valid(data_dir: Path, tmp_path: Path) -> None:
+    path = default_model_dir("metastasis")
+    valid = data_dir / "metastasis" / "pcam" / "valid"
+    classes = ["--class", "tumour=1", "--class", "normal=0", "--positive", "tumour"]
+    result = run_cli("evaluate", "metastasis", str(path), str(valid), *classes, "-o", str(tmp_path), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "evaluation.json").read_text())
+    card = json.loads((path / CARD_FILE).read_text())
+    assert report["tiles"] == 3000
+    assert report["roc_auc"]["value"] == pytest.approx(card["metrics"]["evaluation"]["roc_auc"]["value"], abs=1e-6)
+    # training measured the same tiles (AUC of the other class: equal up to float ties)
+    assert report["roc_auc"]["value"] == pytest.approx(card["metrics"]["validation"]["roc_auc"], abs=1e-4)
+
+
+@pytest.mark.parametrize("tile_px", [128, 256])
+def test_trained_mitosis_network_stitches_seamlessly(data_dir: Path, tmp_path: Path, tile_px: int) -> None:
+    """The shipped weights, read at 0.998 µm/px to keep the whole-region pass small: stitching equals one pass."""
+    copy = tmp_path / "mitosis"
+    shutil.copytree(default_model_dir("mitosis"), copy)
+    card = json.loads((copy / CARD_FILE).read_text())
+    card["mpp"] = 0.998
+    (copy / CARD_FILE).write_text(json.dumps(card))
+    model = load_model(copy, task="mitosis")
+    slide = Slide(CMU)
+    tissue = detect_tissue(slide, TissueConfig())
+    plan = plan_tiles(slide, tissue, 0.998, tile_px, overlap_px=2 * model.card.halo_px, min_tissue=0.0)
+    store = tmp_path / "heatmaps.zarr"
+    predict_slide(
+        slide,
+        [TaskRequest("mitosis", model, plan, dtype="float32")],
+        store,
+        device=CPU,
+        batch_size=8,
+        workers=1,
+        progress=False,
+    )
+    stitched = open_heatmap(store / "mitosis").channel("mitosis")
+    n_cols, n_rows = plan.grid
+    step = tile_px - 2 * model.card.halo_px
+    width, height = (n_cols - 1) * step + tile_px, (n_rows - 1) * step + tile_px
+    rgb = slide.read_region(slide.bounds.x, slide.bounds.y, width, height, 0.998)
+    x = (torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255 - 0.5) / 0.5
+    with torch.inference_mode():
+        reference = torch.sigmoid(model.module(x))[0, 0].numpy()
+    assert stitched.shape == reference.shape == (height // 4, width // 4)
+    assert np.abs(stitched - reference).max() <= 1e-4
+
+
+def test_run_uses_the_shipped_models_unless_configured(synthetic_slide, tmp_path: Path) -> None:
+    path, _ = synthetic_slide
+    out = tmp_path / "o"
+    result = run_cli("run", str(path), "-o", str(out), "--tasks", "metastasis", "--device", "cpu", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    record = json.loads((out / "synthetic" / "run.json").read_text())
+    assert Path(record["models"]["metastasis"]["path"]) == default_model_dir("metastasis")
+    missing = tmp_path / "no-such-model"
+    result = run_cli(
+        "run",
+        str(path),
+        "-o",
+        str(tmp_path / "o2"),
+        "--tasks",
+        "metastasis",
+        "--set",
+        f"tasks.metastasis.model={missing}",
+    )
+    assert result.returncode == ModelError.exit_code and f"model folder {missing} not found" in result.stderr
