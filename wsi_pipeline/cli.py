@@ -526,6 +526,13 @@ def _training_defaults(ctx: click.Context, _param: click.Parameter, value: str |
 
 
 TASK_CHOICE = click.Choice(["epithelium_stroma", "mitosis", "metastasis"])
+group_pattern_option = click.option(
+    "--group-pattern",
+    default=r"(CRC-Prim-HE-\d+)",
+    show_default=True,
+    help="Regex whose first group names a tile's source image (the split and --held-out use it); '' = each tile "
+    "alone. Annotated slides, AMi-Br and MITOS-2012 data are grouped by slide / field whatever it says.",
+)
 
 
 @main.command()
@@ -591,12 +598,7 @@ TASK_CHOICE = click.Choice(["epithelium_stroma", "mitosis", "metastasis"])
     default=None,
     help="A separate validation folder (e.g. PCam's valid/, split by slide) instead of a split of DATA.",
 )
-@click.option(
-    "--group-pattern",
-    default=r"(CRC-Prim-HE-\d+)",
-    show_default=True,
-    help="Regex whose first group names a tile's source image (split by it); '' = split by tile.",
-)
+@group_pattern_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=1, show_default=True, help="Data-loading processes.")
@@ -744,12 +746,7 @@ def _training_items(
     is_flag=True,
     help="Only the source images / slides the model card lists as validation (never seen in training).",
 )
-@click.option(
-    "--group-pattern",
-    default=r"(CRC-Prim-HE-\d+)",
-    show_default=True,
-    help="Regex whose first group names a tile's source image (for --held-out).",
-)
+@group_pattern_option
 @click.option("--mpp", type=float, default=None, help="µm/px of a points.csv folder's images (mitosis).")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="Mitosis threshold.")
 @click.option("--radius-um", type=click.FloatRange(min=0, min_open=True), default=7.5, show_default=True)

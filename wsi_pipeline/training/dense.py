@@ -19,13 +19,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ..models import ModelCard, save_model
-from ..progress import Progress
 from .augment import AugmentConfig, augment
 from .data import DataError
-from .loop import TrainConfig, build_model, command_line, fit
+from .loop import TrainConfig, build_model, command_line, fit, run_epoch
 from .mitosis_eval import detection_metrics
 from .points import PointImage
 
@@ -207,30 +206,15 @@ def train_mitosis(
     model = build_model(cfg, 1, device)
     dataset = _Windows(positives, negatives, targets, cfg.mpp, aug, cfg.seed)
 
+    def batch_loss(batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        x, target, valid = (t.to(device) for t in batch)
+        logits = model(_normalise(x, device))[:, 0]
+        weight = valid * (1 + targets.positive_weight * target)
+        loss = (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * weight).sum()
+        return loss / weight.sum().clamp(min=1)
+
     def train_epoch(epoch: int, optimiser: torch.optim.Optimizer) -> float:
-        dataset.epoch = epoch
-        loader = DataLoader(
-            dataset,
-            batch_size=cfg.batch_size,
-            shuffle=True,
-            num_workers=cfg.workers,
-            generator=torch.Generator().manual_seed(cfg.seed + epoch),
-        )
-        bar = Progress(len(dataset), f"epoch {epoch + 1}/{cfg.epochs}", enabled=progress)
-        total = 0.0
-        for x, target, valid in loader:
-            optimiser.zero_grad()
-            logits = model(_normalise(x, device))[:, 0]
-            target, valid = target.to(device), valid.to(device)
-            weight = valid * (1 + targets.positive_weight * target)
-            loss = (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * weight).sum()
-            loss = loss / weight.sum().clamp(min=1)
-            loss.backward()
-            optimiser.step()
-            total += loss.item() * len(x)
-            bar.update(len(x))
-        bar.close()
-        return total / len(dataset)
+        return run_epoch(dataset, cfg, epoch, optimiser, batch_loss, progress=progress)
 
     card = mitosis_card(cfg, targets, {})
 

@@ -18,9 +18,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from ..atomic import atomic_path
 from ..models.architectures import build
+from ..progress import Progress
 from .data import DataError
 
 CHECKPOINT = "checkpoint.pt"
@@ -125,6 +127,38 @@ def fit(
     model.load_state_dict(best)
     model.eval()
     return state
+
+
+def run_epoch(
+    dataset: Any,
+    cfg: TrainConfig,
+    epoch: int,
+    optimiser: torch.optim.Optimizer,
+    batch_loss: Callable[[tuple[torch.Tensor, ...]], torch.Tensor],
+    *,
+    progress: bool,
+) -> float:
+    """One pass over `dataset` (shuffled from seed + epoch) with a progress bar; `batch_loss` maps a batch to its
+    mean loss. Returns the epoch's mean loss per sample."""
+    dataset.epoch = epoch  # seeds the augmentation
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        num_workers=cfg.workers,
+        generator=torch.Generator().manual_seed(cfg.seed + epoch),
+    )
+    bar = Progress(len(dataset), f"epoch {epoch + 1}/{cfg.epochs}", enabled=progress)
+    total = 0.0
+    for batch in loader:
+        optimiser.zero_grad()
+        loss = batch_loss(batch)
+        loss.backward()
+        optimiser.step()
+        total += loss.item() * len(batch[0])
+        bar.update(len(batch[0]))
+    bar.close()
+    return total / len(dataset)
 
 
 def _is_head(name: str, model: nn.Module) -> bool:

@@ -17,10 +17,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..evaluate import balanced_accuracy, roc_auc
 from ..models import ModelCard, save_model
-from ..progress import Progress
 from .augment import AugmentConfig, augment
 from .data import DataError, TileItem, load_tile
-from .loop import CHECKPOINT, TrainConfig, build_model, command_line, fit
+from .loop import CHECKPOINT, TrainConfig, build_model, command_line, fit, run_epoch
 
 __all__ = ["CHECKPOINT", "TrainConfig", "train_classifier"]
 
@@ -92,26 +91,12 @@ def train_classifier(
         weight=torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32, device=device)
     )
 
+    def batch_loss(batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        tiles, labels = batch
+        return loss_fn(model(_normalise(tiles, device)), labels.to(device))
+
     def train_epoch(epoch: int, optimiser: torch.optim.Optimizer) -> float:
-        train_set.epoch = epoch
-        loader = DataLoader(
-            train_set,
-            batch_size=cfg.batch_size,
-            num_workers=cfg.workers,
-            generator=torch.Generator().manual_seed(cfg.seed + epoch),
-            shuffle=True,
-        )
-        bar = Progress(len(train_set), f"epoch {epoch + 1}/{cfg.epochs}", enabled=progress)
-        total = 0.0
-        for batch, y in loader:
-            optimiser.zero_grad()
-            loss = loss_fn(model(_normalise(batch, device)), y.to(device))
-            loss.backward()
-            optimiser.step()
-            total += loss.item() * len(y)
-            bar.update(len(y))
-        bar.close()
-        return total / len(train_set)
+        return run_epoch(train_set, cfg, epoch, optimiser, batch_loss, progress=progress)
 
     started = time.perf_counter()
     state = fit(
