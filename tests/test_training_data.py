@@ -122,7 +122,7 @@ def test_train_command(data_dir: Path, tmp_path: Path) -> None:
         *common,
     )
     assert result.returncode == 0, result.stderr
-    assert "split by source image" in result.stdout and (tmp_path / "m" / "weights.safetensors").exists()
+    assert "split by source" in result.stdout and (tmp_path / "m" / "weights.safetensors").exists()
     bad = run_cli(
         "train",
         "epithelium_stroma",
@@ -150,7 +150,7 @@ def test_train_command(data_dir: Path, tmp_path: Path) -> None:
         "stroma=02_STROMA",
         *common,
     )
-    assert separate.returncode == 0 and "99 train / 99 validation tiles, validation folder" in separate.stdout
+    assert separate.returncode == 0 and "99 train / 99 validation images, validation folder" in separate.stdout
 
 
 def test_evaluate_command_report_is_consistent(data_dir: Path, tmp_path: Path) -> None:

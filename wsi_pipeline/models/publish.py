@@ -12,6 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from ..training.loop import group_list
 from .card import TASKS
 from .loading import CARD_FILE, WEIGHTS_FILE, load_model
 
@@ -27,6 +28,9 @@ def publish(work: Path, defaults: Path, task: str) -> Path:
         raise SystemExit(f"{report_file} is missing: run `wsi-pipeline evaluate {task} ...` first (see the Makefile)")
     card = json.loads((source / CARD_FILE).read_text())
     report = json.loads(report_file.read_text())
+    for key in ("train_groups", "val_groups"):
+        if key in card.get("training", {}):
+            card["training"][key] = group_list(card["training"][key])
     card["metrics"]["evaluation"] = {"report": f"evaluation/{report_file.name}", **_headline(report)}
     tmp = defaults / f".{task}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -68,6 +68,14 @@ class LoopState:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+def group_list(groups: set[str] | list[str]) -> list[str]:
+    """Sources for the card; tiles that are each their own group (no source known) are summarised, not listed."""
+    names = sorted(set(groups))
+    if names and all(g.startswith("tile:") for g in names):
+        return [f"tile:* ({len(names)} tiles, no source known: each tile is its own group)"]
+    return names
+
+
 def command_line() -> str:
     """The command that is running, as a user would type it (the program by name, not by its venv path)."""
     program = Path(sys.argv[0]).name if sys.argv else "python"

@@ -19,7 +19,7 @@ from ..evaluate import balanced_accuracy, roc_auc
 from ..models import ModelCard, save_model
 from .augment import AugmentConfig, augment
 from .data import DataError, TileItem, load_tile
-from .loop import CHECKPOINT, TrainConfig, build_model, command_line, fit, run_epoch
+from .loop import CHECKPOINT, TrainConfig, build_model, command_line, fit, group_list, run_epoch
 
 __all__ = ["CHECKPOINT", "TrainConfig", "train_classifier"]
 
@@ -125,8 +125,8 @@ def train_classifier(
             "augmentation": asdict(aug),
             "train_tiles": len(train_items),
             "val_tiles": len(val_items),
-            "train_groups": sorted({i.group for i in train_items}),
-            "val_groups": sorted({i.group for i in val_items}),
+            "train_groups": group_list({i.group for i in train_items}),
+            "val_groups": group_list({i.group for i in val_items}),
             "best_epoch": state.best_epoch,
             "history": state.history,
             "command": command_line(),
