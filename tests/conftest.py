@@ -56,3 +56,27 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[
         cwd=cwd,
         timeout=600,
     )
+
+
+def stitched_and_whole_region(slide, plan, model, store: Path, workers: int = 2):  # type: ignore[no-untyped-def]
+    """A dense model's `mitosis` map stitched by the engine from `plan`, and the same network run once on the whole
+    grid region (what stitching must reproduce), both as float32 arrays."""
+    import torch
+
+    from wsi_pipeline.engine import TaskRequest, predict_slide
+    from wsi_pipeline.heatmap import open_heatmap
+
+    device = torch.device("cpu")
+    request = TaskRequest("mitosis", model, plan, dtype="float32")
+    predict_slide(slide, [request], store, device=device, batch_size=16, workers=workers, progress=False)
+    stitched = open_heatmap(store / "mitosis").channel("mitosis")
+    tile, overlap = plan.params["tile_px"], plan.params["overlap_px"]
+    n_cols, n_rows = plan.grid
+    width, height = (n_cols - 1) * (tile - overlap) + tile, (n_rows - 1) * (tile - overlap) + tile
+    rgb = slide.read_region(slide.bounds.x, slide.bounds.y, width, height, plan.params["mpp"])
+    norm = model.card.normalisation
+    x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255
+    x = (x - torch.tensor(norm.mean).view(1, 3, 1, 1)) / torch.tensor(norm.std).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        reference = torch.sigmoid(model.module(x))[0, 0].numpy()
+    return stitched, reference

@@ -10,7 +10,7 @@ import pytest
 import torch
 import zarr
 
-from tests.conftest import CMU, run_cli
+from tests.conftest import CMU, run_cli, stitched_and_whole_region
 from wsi_pipeline.config import TissueConfig
 from wsi_pipeline.engine import TaskRequest, predict_slide, resolve_device
 from wsi_pipeline.errors import ConfigError
@@ -66,38 +66,12 @@ def cmu(data_dir: Path) -> tuple[Slide, object]:
     return slide, detect_tissue(slide, TissueConfig())
 
 
-def _reference_dense(slide: Slide, plan, model) -> np.ndarray:
-    """The network run once on the whole grid region (what stitching must reproduce)."""
-    tile, overlap = plan.params["tile_px"], plan.params["overlap_px"]
-    n_cols, n_rows = plan.grid
-    width, height = (n_cols - 1) * (tile - overlap) + tile, (n_rows - 1) * (tile - overlap) + tile
-    rgb = slide.read_region(slide.bounds.x, slide.bounds.y, width, height, plan.params["mpp"])
-    card = model.card
-    x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255
-    x = (x - torch.tensor(card.normalisation.mean).view(1, 3, 1, 1)) / torch.tensor(card.normalisation.std).view(
-        1, 3, 1, 1
-    )
-    with torch.inference_mode():
-        return torch.sigmoid(model.module(x))[0, 0].numpy()
-
-
 @pytest.mark.parametrize(("tile_px", "stride"), [(64, 1), (128, 1), (96, 2)])
 def test_dense_stitching_equals_whole_region(cmu, tmp_path: Path, tile_px: int, stride: int) -> None:
     slide, tissue = cmu
     model = load_model(dense_model(tmp_path, stride=stride), task="mitosis")
     plan = plan_tiles(slide, tissue, 0.499, tile_px, overlap_px=16, min_tissue=0.0)
-    store = tmp_path / "heatmaps.zarr"
-    predict_slide(
-        slide,
-        [TaskRequest("mitosis", model, plan, dtype="float32")],
-        store,
-        device=CPU,
-        batch_size=16,
-        workers=2,
-        progress=False,
-    )
-    stitched = open_heatmap(store / "mitosis").channel("mitosis")
-    reference = _reference_dense(slide, plan, model)
+    stitched, reference = stitched_and_whole_region(slide, plan, model, tmp_path / "heatmaps.zarr")
     assert stitched.shape == reference.shape
     assert np.abs(stitched - reference).max() <= 1e-4
 

@@ -11,10 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import CMU, run_cli
+from tests.conftest import CMU, run_cli, stitched_and_whole_region
 from wsi_pipeline.config import TissueConfig
-from wsi_pipeline.engine import TaskRequest, predict_slide
-from wsi_pipeline.heatmap import open_heatmap
 from wsi_pipeline.models import default_model_dir, load_model, resolve_model
 from wsi_pipeline.models.card import TASKS
 from wsi_pipeline.models.loading import CARD_FILE, ModelError
@@ -78,24 +76,10 @@ def test_trained_mitosis_network_stitches_seamlessly(data_dir: Path, tmp_path: P
     slide = Slide(CMU)
     tissue = detect_tissue(slide, TissueConfig())
     plan = plan_tiles(slide, tissue, 0.998, tile_px, overlap_px=2 * model.card.halo_px, min_tissue=0.0)
-    store = tmp_path / "heatmaps.zarr"
-    predict_slide(
-        slide,
-        [TaskRequest("mitosis", model, plan, dtype="float32")],
-        store,
-        device=CPU,
-        batch_size=8,
-        workers=1,
-        progress=False,
-    )
-    stitched = open_heatmap(store / "mitosis").channel("mitosis")
+    stitched, reference = stitched_and_whole_region(slide, plan, model, tmp_path / "heatmaps.zarr", workers=1)
     n_cols, n_rows = plan.grid
     step = tile_px - 2 * model.card.halo_px
     width, height = (n_cols - 1) * step + tile_px, (n_rows - 1) * step + tile_px
-    rgb = slide.read_region(slide.bounds.x, slide.bounds.y, width, height, 0.998)
-    x = (torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255 - 0.5) / 0.5
-    with torch.inference_mode():
-        reference = torch.sigmoid(model.module(x))[0, 0].numpy()
     assert stitched.shape == reference.shape == (height // 4, width // 4)
     assert np.abs(stitched - reference).max() <= 1e-4
 

@@ -653,9 +653,10 @@ def train(
     dense = task == "mitosis"
     if not dense and (tile_px is None or mpp is None):
         raise ConfigError(f"training a {task} classifier needs --tile-px and --mpp (the data's tile size and µm/px)")
+    items, classes = _training_items(task, data, class_specs, group_pattern, mpp, tile_px)
     cfg = TrainConfig(
         task=task,
-        classes=["mitosis"],
+        classes=classes,
         architecture=arch or ("dense_fcn" if dense else "small_cnn"),
         architecture_args=_key_values(arch_args, "--arch-arg"),
         mpp=mpp or 0.25,
@@ -672,7 +673,6 @@ def train(
         init_checkpoint=init_checkpoint,
         extra={"data": [*data, *([val_data] if val_data else [])], "description": description},
     )
-    items, cfg.classes = _training_items(task, data, class_specs, group_pattern, mpp, tile_px)
     if val_data:
         train_items = items
         val_items, val_classes = _training_items(task, (val_data,), class_specs, group_pattern, mpp, tile_px)

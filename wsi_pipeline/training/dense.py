@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from ..models import ModelCard, save_model
 from .augment import AugmentConfig, augment
 from .data import DataError
-from .loop import TrainConfig, build_model, command_line, fit, run_epoch
+from .loop import NORMALISATION, TrainConfig, build_model, command_line, fit, normalise, run_epoch
 from .mitosis_eval import detection_metrics
 from .points import PointImage
 
@@ -174,10 +174,6 @@ def _window(rgb: np.ndarray, x0: int, y0: int, size: int) -> np.ndarray:
     return out
 
 
-def _normalise(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return (batch.to(device).float() / 255.0 - 0.5) / 0.5
-
-
 def train_mitosis(
     train_images: list[PointImage],
     val_images: list[PointImage],
@@ -208,7 +204,7 @@ def train_mitosis(
 
     def batch_loss(batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         x, target, valid = (t.to(device) for t in batch)
-        logits = model(_normalise(x, device))[:, 0]
+        logits = model(normalise(x, device))[:, 0]
         weight = valid * (1 + targets.positive_weight * target)
         loss = (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * weight).sum()
         return loss / weight.sum().clamp(min=1)
@@ -218,12 +214,18 @@ def train_mitosis(
 
     card = mitosis_card(cfg, targets, {})
 
+    reports: list[dict[str, Any]] = []  # full reports (with the curve) of the epochs validated in this process
+
     def validate() -> dict[str, float]:
-        return detection_metrics(model, card, val_crops, val_fields, device)["at_threshold"]
+        reports.append(detection_metrics(model, card, val_crops, val_fields, device))
+        return reports[-1]["at_threshold"]
 
     started = time.perf_counter()
     state = fit(model, cfg, out, device=device, train_epoch=train_epoch, validate=validate, watched="f1")
-    report = detection_metrics(model, card, val_crops, val_fields, device)
+    # the last validation belongs to the last epoch; measure again only when another epoch was selected or when a
+    # finished run was resumed (nothing validated here)
+    selected_last = bool(reports) and state.best_epoch == state.epoch
+    report = reports[-1] if selected_last else detection_metrics(model, card, val_crops, val_fields, device)
     card = mitosis_card(
         cfg,
         targets,
@@ -266,7 +268,7 @@ def mitosis_card(
         halo_px=targets.halo_px,
         classes=["mitosis"],
         activation="sigmoid",
-        normalisation={"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
+        normalisation=NORMALISATION,
         training=training or {},
         metrics=metrics,
     )

@@ -22,10 +22,21 @@ from torch.utils.data import DataLoader
 
 from ..atomic import atomic_path
 from ..models.architectures import build
+from ..models.card import Normalisation
 from ..progress import Progress
 from .data import DataError
 
 CHECKPOINT = "checkpoint.pt"
+# Every trainer feeds the network (RGB / 255 - mean) / std with these values and writes them into the card it makes,
+# so the engine (which normalises from the card) sees what training saw.
+NORMALISATION = Normalisation(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+def normalise(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float on `device`, normalised as NORMALISATION says."""
+    mean = torch.tensor(NORMALISATION.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(NORMALISATION.std, device=device).view(1, 3, 1, 1)
+    return (batch.to(device).float() / 255.0 - mean) / std
 
 
 @dataclass
@@ -66,6 +77,11 @@ class LoopState:
     best_epoch: int = 0
     stale: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+
+    def selected_metrics(self) -> dict[str, float]:
+        """The validation metrics measured at the selected epoch (the model holds that epoch's weights)."""
+        row = self.history[self.best_epoch - 1]
+        return {k: v for k, v in row.items() if k not in ("epoch", "loss")}
 
 
 def group_list(groups: set[str] | list[str]) -> list[str]:

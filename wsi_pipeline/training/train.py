@@ -19,7 +19,17 @@ from ..evaluate import balanced_accuracy, roc_auc
 from ..models import ModelCard, save_model
 from .augment import AugmentConfig, augment
 from .data import DataError, TileItem, load_tile
-from .loop import CHECKPOINT, TrainConfig, build_model, command_line, fit, group_list, run_epoch
+from .loop import (
+    CHECKPOINT,
+    NORMALISATION,
+    TrainConfig,
+    build_model,
+    command_line,
+    fit,
+    group_list,
+    normalise,
+    run_epoch,
+)
 
 __all__ = ["CHECKPOINT", "TrainConfig", "train_classifier"]
 
@@ -39,16 +49,12 @@ class _Tiles(Dataset):
         return tile, item.label
 
 
-def _normalise(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return (batch.to(device).float() / 255.0 - 0.5) / 0.5
-
-
 def _evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     model.eval()
     probs, labels = [], []
     with torch.inference_mode():
         for batch, y in loader:
-            probs.append(torch.softmax(model(_normalise(batch, device)), 1).cpu().numpy())
+            probs.append(torch.softmax(model(normalise(batch, device)), 1).cpu().numpy())
             labels.append(y.numpy())
     return np.concatenate(probs), np.concatenate(labels)
 
@@ -93,7 +99,7 @@ def train_classifier(
 
     def batch_loss(batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         tiles, labels = batch
-        return loss_fn(model(_normalise(tiles, device)), labels.to(device))
+        return loss_fn(model(normalise(tiles, device)), labels.to(device))
 
     def train_epoch(epoch: int, optimiser: torch.optim.Optimizer) -> float:
         return run_epoch(train_set, cfg, epoch, optimiser, batch_loss, progress=progress)
@@ -108,7 +114,7 @@ def train_classifier(
         validate=lambda: _metrics(*_evaluate(model, val_loader, device)),
         watched=watched,
     )
-    final = _metrics(*_evaluate(model, val_loader, device))
+    final = state.selected_metrics()  # measured in the loop: no second pass over the validation tiles
     card = ModelCard(
         name=f"{cfg.task}-{cfg.architecture}",
         task=cfg.task,
@@ -119,7 +125,7 @@ def train_classifier(
         tile_px=cfg.tile_px,
         classes=cfg.classes,
         activation="softmax",
-        normalisation={"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
+        normalisation=NORMALISATION,
         training={
             "config": asdict(cfg),
             "augmentation": asdict(aug),
