@@ -103,6 +103,24 @@ def test_tiles_from_task_config_with_override(data_dir: Path, tmp_path: Path) ->
     assert plan["grid"] == [18, 24] and plan["count"] == 18 * 24
 
 
+def test_task_tiles_follow_the_model_card_and_a_conflicting_value_is_refused(data_dir: Path, tmp_path: Path) -> None:
+    from wsi_pipeline.models.loading import default_model_dir, load_card
+
+    card = load_card(default_model_dir("epithelium_stroma"))
+    result = run_cli("tiles", str(CMU), "-o", str(tmp_path), "--task", "epithelium_stroma")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads((tmp_path / "CMU-1-Small-Region" / "tiles-epithelium_stroma.json").read_text())
+    assert (plan["params"]["mpp"], plan["params"]["tile_px"]) == (card.mpp, card.tile_px)
+    wrong = run_cli(
+        "predict", str(CMU), "-o", str(tmp_path), "--task", "epithelium_stroma", "--set",
+        f"tasks.epithelium_stroma.tile_px={card.tile_px + 74}", "--device", "cpu",
+    )  # fmt: skip
+    assert wrong.returncode == 7, wrong.stderr
+    assert f"tasks.epithelium_stroma.tile_px is {card.tile_px + 74} but classifier" in wrong.stderr
+    assert f"expects {card.tile_px} px tiles" in wrong.stderr
+    assert not (tmp_path / "CMU-1-Small-Region" / "heatmaps.zarr").exists()
+
+
 def test_config_errors_name_the_key() -> None:
     result = run_cli("config", "--set", "tasks.mitosis.tile_pz=3")
     assert result.returncode == 7

@@ -16,7 +16,9 @@ def test_shipped_default_yaml_equals_the_defaults() -> None:
     shipped = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
     assert shipped == Config().model_dump(mode="json")
     cfg = load_config(ROOT / "configs" / "default.yaml")
-    assert cfg.tasks.mitosis.mpp == 0.25 and cfg.tasks.epithelium_stroma.tile_px == 224
+    # resolution and classifier tile size come from the model cards unless set; the dense mitosis net gets 512 px
+    assert cfg.tasks.mitosis.mpp is None and cfg.tasks.epithelium_stroma.tile_px is None
+    assert cfg.tasks.mitosis.tile_px == 512
 
 
 def test_set_overrides_and_file_merge(tmp_path: Path) -> None:
@@ -24,7 +26,7 @@ def test_set_overrides_and_file_merge(tmp_path: Path) -> None:
     path.write_text("tasks:\n  metastasis:\n    threshold: 0.7\n")
     cfg = load_config(path, ["tasks.mitosis.tile_px=384", "tissue.pen_filter=false"])
     assert cfg.tasks.metastasis.threshold == 0.7
-    assert cfg.tasks.metastasis.tile_px == 96  # untouched keys keep their defaults
+    assert cfg.tasks.metastasis.overlap_px == 48  # untouched keys keep their defaults
     assert cfg.tasks.mitosis.tile_px == 384 and cfg.tissue.pen_filter is False
 
 

@@ -195,7 +195,7 @@ def tissue(
     "--task",
     type=click.Choice(TASK_NAMES),
     default=None,
-    help="Take µm/px, tile size, overlap and min tissue from this task's configuration.",
+    help="Plan the tiles `run` reads for this task (configured values, else the model card's).",
 )
 @click.option("--mpp", type=float, default=None, help="Target µm/px of the tiles.")
 @click.option("--tile-px", type=int, default=None, help="Tile edge in px at the target µm/px.")
@@ -217,14 +217,17 @@ def tiles(
     overrides: tuple[str, ...],
 ) -> None:
     """Plan tiles at a target µm/px: OUT/<slide_id>/tiles-<name>.json (+ .geojson for QuPath, .png)."""
-    from .stages import tiles_stage
+    from .models.loading import default_model_dir, load_card
+    from .stages import task_tiling, tiles_stage
     from .tissue import detect_tissue
 
     cfg = _config(config_path, overrides)
-    if task is not None:
+    if task is not None:  # the tiles `run` would read: the task's configured values, else its model card's
         t = getattr(cfg.tasks, task)
-        mpp = t.mpp if mpp is None else mpp
-        tile_px = t.tile_px if tile_px is None else tile_px
+        card = load_card(Path(t.model) if t.model is not None else default_model_dir(task))
+        task_mpp, task_tile_px = task_tiling(task, t, card)
+        mpp = task_mpp if mpp is None else mpp
+        tile_px = task_tile_px if tile_px is None else tile_px
         overlap_px = t.overlap_px if overlap_px is None else overlap_px
         min_tissue = t.min_tissue if min_tissue is None else min_tissue
     if mpp is None or tile_px is None:

@@ -54,11 +54,18 @@ class TissueConfig(_Strict):
 
 
 class TaskConfig(_Strict):
-    """One analysis task: where it reads (µm/px, tile size, overlap) and how its outputs are thresholded."""
+    """One analysis task: where it reads (µm/px, tile size, overlap) and how its outputs are thresholded.
+
+    `mpp` and `tile_px` default to the model card's: a model only works at the resolution it was trained at, and a
+    classifier only on its own tile size, so a value that disagrees with the card is refused before any tile is read.
+    Dense (fully convolutional) models may run on larger tiles than they were trained on.
+    """
 
     enabled: bool = True
-    mpp: float = Field(gt=0, le=64, description="µm/px the model sees")
-    tile_px: int = Field(gt=0, le=8192, description="tile edge in px at `mpp`")
+    mpp: float | None = Field(None, gt=0, le=64, description="µm/px the model sees; null = the model card's")
+    tile_px: int | None = Field(
+        None, gt=0, le=8192, description="tile edge in px at `mpp`; null = the model card's (dense: may be larger)"
+    )
     overlap_px: int = Field(0, ge=0, description="overlap between neighbouring tiles in px at `mpp`")
     min_tissue: float = Field(0.1, ge=0, le=1, description="tiles with a smaller tissue fraction are skipped")
     batch_size: int = Field(64, gt=0, le=4096)
@@ -67,7 +74,7 @@ class TaskConfig(_Strict):
 
     @model_validator(mode="after")
     def _overlap_fits(self) -> TaskConfig:
-        if self.overlap_px >= self.tile_px:
+        if self.tile_px is not None and self.overlap_px >= self.tile_px:
             raise ValueError(f"overlap_px ({self.overlap_px}) must be smaller than tile_px ({self.tile_px})")
         return self
 
@@ -85,9 +92,10 @@ class MetastasisConfig(TaskConfig):
 
 
 class TasksConfig(_Strict):
-    epithelium_stroma: TaskConfig = TaskConfig(mpp=0.5, tile_px=224, overlap_px=0, min_tissue=0.25)
-    mitosis: MitosisConfig = MitosisConfig(mpp=0.25, tile_px=512, overlap_px=64, min_tissue=0.1, batch_size=16)
-    metastasis: MetastasisConfig = MetastasisConfig(mpp=1.0, tile_px=96, overlap_px=48, min_tissue=0.25)
+    epithelium_stroma: TaskConfig = TaskConfig(overlap_px=0, min_tissue=0.25)
+    # the mitosis network is fully convolutional: 512 px tiles (its card says 96, the training crop) cost fewer reads
+    mitosis: MitosisConfig = MitosisConfig(tile_px=512, overlap_px=64, min_tissue=0.1, batch_size=16)
+    metastasis: MetastasisConfig = MetastasisConfig(overlap_px=48, min_tissue=0.25)
 
 
 class ExportConfig(_Strict):

@@ -190,7 +190,7 @@ def _run(
     t0 = time.perf_counter()
     requests = []
     for task in tasks:
-        plan = task_plan(slide, tissue, getattr(config.tasks, task), models[task].card)
+        plan = task_plan(slide, tissue, task, getattr(config.tasks, task), models[task].card)
         requests.append(TaskRequest(task, models[task], plan))
     timings["tiling_s"] = time.perf_counter() - t0
     store = out / "heatmaps.zarr"

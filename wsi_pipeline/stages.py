@@ -11,6 +11,7 @@ import shapely
 
 from .atomic import write_json
 from .config import Config, TaskConfig, TissueConfig
+from .errors import ConfigError
 from .export.overlay import Overview, save_mask_png
 from .export.qupath import feature, object_id, write_feature_collection
 from .models.card import ModelCard
@@ -117,10 +118,23 @@ def tiles_stage(
     return plan, files
 
 
-def task_plan(slide: Slide, tissue: TissueMask, task_cfg: TaskConfig, card: ModelCard) -> TilePlan:
-    """A task's tiles: the model's µm/px; a classifier's own tile size, a dense model's configured one."""
-    tile_px = card.tile_px if card.kind == "classifier" else task_cfg.tile_px
-    return plan_tiles(slide, tissue, card.mpp, tile_px, task_cfg.overlap_px, task_cfg.min_tissue)
+def task_tiling(task: str, task_cfg: TaskConfig, card: ModelCard) -> tuple[float, int]:
+    """A task's (µm/px, tile px): the configured ones, the model card's where none is configured. A value the model
+    cannot serve is refused by `engine.check_request` before any tile is read."""
+    mpp = card.mpp if task_cfg.mpp is None else task_cfg.mpp
+    tile_px = card.tile_px if task_cfg.tile_px is None else task_cfg.tile_px
+    if task_cfg.overlap_px >= tile_px:
+        raise ConfigError(
+            f"tasks.{task}.overlap_px ({task_cfg.overlap_px}) must be smaller than the tile size ({tile_px} px, "
+            f"{'configured' if task_cfg.tile_px is not None else f'from model {card.name}'})"
+        )
+    return mpp, tile_px
+
+
+def task_plan(slide: Slide, tissue: TissueMask, task: str, task_cfg: TaskConfig, card: ModelCard) -> TilePlan:
+    """A task's tiles over the slide's tissue (see `task_tiling`)."""
+    mpp, tile_px = task_tiling(task, task_cfg, card)
+    return plan_tiles(slide, tissue, mpp, tile_px, task_cfg.overlap_px, task_cfg.min_tissue)
 
 
 def write_tissue_heatmap(store: Path, tissue: TissueMask) -> Path:
@@ -160,7 +174,7 @@ def predict_stage(
     tissue = detect_tissue(slide, config.tissue)
     require_tissue(tissue, slide)
     card = model.card
-    plan = task_plan(slide, tissue, task_cfg, card)
+    plan = task_plan(slide, tissue, task, task_cfg, card)
     store = out_dir / "heatmaps.zarr"
     timings = predict_slide(
         slide,
