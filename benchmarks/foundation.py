@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _report import in_fresh_process, machine_facts, write_report
 
 SIZES = [(20_000, 16_000), (100_000, 80_000)]
 
@@ -59,27 +58,17 @@ def main() -> None:
         return
     runs = []
     for width, height in SIZES:
-        done = subprocess.run(
-            [sys.executable, __file__, "--one", str(width), str(height)], capture_output=True, text=True, check=True
-        )
-        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        runs.append(in_fresh_process(__file__, "--one", str(width), str(height)))
         print(json.dumps(runs[-1]))
     small, large = runs
     report = {
         "benchmark": "foundation",
-        "machine": {
-            "python": platform.python_version(),
-            "cpu_count": __import__("os").cpu_count(),
-            "platform": platform.platform(),
-        },
+        "machine": machine_facts(),
         "runs": runs,
         "area_ratio": (large["width"] * large["height"]) / (small["width"] * small["height"]),
         "peak_rss_ratio_large_over_small": large["peak_rss_mb"] / small["peak_rss_mb"],
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":
