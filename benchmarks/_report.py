@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +23,17 @@ def machine_facts(gpu: str | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "gpu": gpu,
     }
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak resident memory. Linux's VmHWM belongs to the process's address space, which exec
+    starts afresh; `ru_maxrss` does not: a child inherits its parent's high-water mark from the fork, which made
+    earlier figures of this benchmark report the parent's size."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024  # type: ignore[union-attr]
+    except (OSError, AttributeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def in_fresh_process(script: str, *args: str) -> dict[str, Any]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import shutil
 import statistics
 import tempfile
@@ -26,7 +25,7 @@ from typing import TYPE_CHECKING
 # wsi_pipeline before torch, as in `wsi-pipeline` itself: the package sets OpenMP's wait policy, read when torch loads
 import wsi_pipeline  # noqa: F401
 import torch
-from _report import in_fresh_process, machine_facts, write_report
+from _report import in_fresh_process, machine_facts, peak_rss_mb, write_report
 
 if TYPE_CHECKING:
     from wsi_pipeline.models import LoadedModel
@@ -187,7 +186,7 @@ def memory_one(path: Path, tmp: Path) -> dict[str, object]:
     )
     save_model(tmp / "tiny", seeded(build("tiny_fcn", 1, width=8, stride=2), 0), card)
     cfg = load_config(None, ["tasks.mitosis.tile_px=256", "tasks.mitosis.overlap_px=32"])
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = peak_rss_mb()
     t0 = time.perf_counter()
     result = predict_stage(
         Slide(path),
@@ -206,8 +205,8 @@ def memory_one(path: Path, tmp: Path) -> dict[str, object]:
         "height": slide.dimensions[1],
         "tiles": result["tiles"],
         "seconds": time.perf_counter() - t0,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "peak_rss_mb_before_predict": base / 1024,
+        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb_before_predict": base,
     }
 
 

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import tempfile
 import time
 from pathlib import Path
 
-from _report import in_fresh_process, machine_facts, write_report
+from _report import in_fresh_process, machine_facts, peak_rss_mb, write_report
 
 SIZES = [(20_000, 16_000), (100_000, 80_000)]
 
@@ -29,7 +28,7 @@ def measure_one(width: int, height: int, workdir: Path) -> dict[str, float | int
     t0 = time.perf_counter()
     path = write_synthetic_slide(workdir / f"s{width}.svs", default_layout(width, height, 0.25, seed=1, pen=True))
     figures["write_s"] = time.perf_counter() - t0
-    rss_after_write = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_after_write = peak_rss_mb()
     t0 = time.perf_counter()
     slide = Slide(path)
     figures["open_and_check_s"] = time.perf_counter() - t0
@@ -42,8 +41,8 @@ def measure_one(width: int, height: int, workdir: Path) -> dict[str, float | int
     figures["tiles_kept"] = len(plan)
     figures["grid_tiles"] = plan.grid[0] * plan.grid[1]
     figures["file_mb"] = path.stat().st_size / 1e6
-    figures["peak_rss_mb_write"] = rss_after_write / 1024
-    figures["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    figures["peak_rss_mb_write"] = rss_after_write
+    figures["peak_rss_mb"] = peak_rss_mb()
     return figures
 
 

@@ -40,7 +40,7 @@ _LEVEL_TOLERANCE = 1.01
 # Plausible µm/px; a TIFF's default 72 dpi (352 µm/px) is a placeholder, not a measurement.
 _PLAUSIBLE_MPP = (0.02, 50.0)
 # Output rows read and resampled at a time, so memory stays bounded for any region size.
-_ROWS_PER_BLOCK = 1024
+_ROWS_PER_BLOCK = 512
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _UNITS_PER_CM = {"centimeter": 1.0, "inch": 2.54, "millimeter": 0.1, "micrometer": 1e-4}

@@ -139,13 +139,15 @@ def task_plan(slide: Slide, tissue: TissueMask, task: str, task_cfg: TaskConfig,
 
 def write_tissue_heatmap(store: Path, tissue: TissueMask) -> Path:
     """The tissue mask as the `tissue` heatmap (uint8, 255 = tissue) at the mask's µm/px."""
-    from .heatmap import HeatmapGeometry, HeatmapWriter
+    from .heatmap import CHUNK, HeatmapGeometry, HeatmapWriter
 
     h, w = tissue.mask.shape
     geometry = HeatmapGeometry(h, w, tissue.scale[0], 0.0, (tissue.slide_mpp[1], tissue.slide_mpp[0]), (1.0, 1.0))
     writer = HeatmapWriter(store, "tissue", ["tissue"], geometry, dtype="uint8", attrs={"task": "tissue"})
     try:
-        writer.write(0, 0, tissue.mask[None].astype(np.float32))
+        for y0 in range(0, h, CHUNK):  # a band at a time: a float copy of a large slide's whole mask is ~30 MB
+            writer.write(y0, 0, tissue.mask[None, y0 : y0 + CHUNK].astype(np.float32))
+            writer.advance(y0 + CHUNK)
         return writer.close()
     except BaseException:
         writer.abort()

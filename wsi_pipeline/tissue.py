@@ -21,8 +21,11 @@ from skimage import filters, measure, morphology
 
 from .config import TissueConfig
 from .errors import NoTissueError
+from .memory import release_free_memory
 from .polygons import mask_to_polygons
 from .slide import Slide
+
+_STRIP_ROWS = 256
 
 
 @dataclass
@@ -105,39 +108,53 @@ def detect_background(rgb: np.ndarray) -> str:
     return "dark" if float(np.median(border)) < 100 else "light"
 
 
-def candidate_pixels(features: ColourFeatures, mpp: float, params: TissueConfig, background: str) -> np.ndarray:
-    """Pixels that look like tissue before morphology and ink rejection.
+def candidate_pixels(feature: np.ndarray, mpp: float, params: TissueConfig, background: str) -> np.ndarray:
+    """Pixels that look like tissue before morphology and ink rejection (`feature` from `colour_maps`).
 
     The feature is smoothed over `smooth_um` first, so JPEG noise on glass at full resolution reads as glass,
     as it does at thumbnail scale: the rule gives the same answer at any µm/px.
     """
-    sigma = params.smooth_um / mpp
+    # scipy in float32 rather than skimage.filters.gaussian, which works on a float64 copy (twice the memory)
+    smooth = ndimage.gaussian_filter(feature, params.smooth_um / mpp, mode="nearest", truncate=4.0, output=np.float32)
     if background == "dark":
-        grey = filters.gaussian(features.value, sigma=sigma, preserve_range=True)
-        threshold = filters.threshold_otsu(grey) if np.ptp(grey) > 0 else np.inf
-        return grey > max(threshold, 20.0)
-    sat = filters.gaussian(features.sat, sigma=sigma)
-    threshold = filters.threshold_otsu(sat) if np.ptp(sat) > 0 else params.saturation_max
+        threshold = filters.threshold_otsu(smooth) if np.ptp(smooth) > 0 else np.inf
+        return smooth > max(threshold, 20.0)
+    threshold = filters.threshold_otsu(smooth) if np.ptp(smooth) > 0 else params.saturation_max
     threshold = float(np.clip(threshold, params.saturation_min, params.saturation_max))
-    return sat >= threshold
+    return smooth >= threshold
 
 
 # Binary morphology with disks through Euclidean distance transforms (scipy.ndimage): exact for a disk of any
 # radius and independent of it, where skimage's flat footprints cost O(r²) per pixel (minutes for 40 µm at
-# 0.5 µm/px).
+# 0.5 µm/px). The transform runs strip by strip (each strip sees `radius` rows beyond its edges, all that a
+# distance <= radius depends on): scipy's transform needs ~32 bytes a pixel of temporaries.
+def _near(mask: np.ndarray, radius: float) -> np.ndarray:
+    """Pixels within `radius` px (Euclidean) of a True pixel of `mask`; pixels beyond the array count as False."""
+    reach = math.ceil(radius) + 1
+    out = np.zeros_like(mask)
+    height = mask.shape[0]
+    for y0 in range(0, height, _STRIP_ROWS):
+        y1 = min(height, y0 + _STRIP_ROWS)
+        top, bottom = max(0, y0 - reach), min(height, y1 + reach)
+        window = mask[top:bottom]
+        if window.any():
+            out[y0:y1] = (ndimage.distance_transform_edt(~window) <= radius)[y0 - top : y1 - top]
+    return out
+
+
 def _dilate(mask: np.ndarray, radius: float) -> np.ndarray:
     if radius < 1 or not mask.any():
         return mask.copy()
-    return ndimage.distance_transform_edt(~mask) <= radius
+    return _near(mask, radius)
 
 
 def _close(mask: np.ndarray, radius: float) -> np.ndarray:
     """Dilate then erode by a disk; padded so that tissue touching the border is not eroded by the edge."""
     if radius < 1 or not mask.any():
         return mask.copy()
-    pad = int(np.ceil(radius)) + 1
+    pad = math.ceil(radius) + 1
     grown = _dilate(np.pad(mask, pad), radius)
-    return (ndimage.distance_transform_edt(grown) > radius)[pad:-pad, pad:-pad]
+    return ~_near(~grown, radius)[pad:-pad, pad:-pad]
 
 
 def clean_mask(candidate: np.ndarray, ink: np.ndarray | None, mpp: float, params: TissueConfig) -> np.ndarray:
@@ -160,12 +177,27 @@ def clean_mask(candidate: np.ndarray, ink: np.ndarray | None, mpp: float, params
     return mask
 
 
+def colour_maps(rgb: np.ndarray, background: str, params: TissueConfig) -> tuple[np.ndarray, np.ndarray | None]:
+    """The per-pixel tissue feature (saturation on a light background, value on a dark one; float32) and, on a light
+    background with the pen filter on, the ink mask. Computed in strips of rows so that the colour features'
+    temporaries (~50 bytes a pixel) stay one strip's worth: a 100k-px-wide slide's thumbnail is 8 Mpx."""
+    feature = np.empty(rgb.shape[:2], dtype=np.float32)
+    ink = np.zeros(rgb.shape[:2], dtype=bool) if params.pen_filter and background == "light" else None
+    for y0 in range(0, rgb.shape[0], _STRIP_ROWS):
+        strip = slice(y0, y0 + _STRIP_ROWS)
+        features = ColourFeatures.of(rgb[strip])
+        feature[strip] = features.value if background == "dark" else features.sat
+        if ink is not None:
+            ink[strip] = ink_pixels(features, params)
+    return feature, ink
+
+
 def tissue_mask_from_rgb(rgb: np.ndarray, mpp: float, params: TissueConfig) -> tuple[np.ndarray, str]:
     """The cleaned tissue mask of an RGB image at `mpp` µm/px, and the background kind used."""
     background = detect_background(rgb) if params.background == "auto" else params.background
-    features = ColourFeatures.of(rgb)
-    candidate = candidate_pixels(features, mpp, params, background)
-    ink = ink_pixels(features, params) if params.pen_filter and background == "light" else None
+    feature, ink = colour_maps(rgb, background, params)
+    candidate = candidate_pixels(feature, mpp, params, background)
+    del feature
     return clean_mask(candidate, ink, mpp, params), background
 
 
@@ -179,6 +211,7 @@ def detect_tissue(slide: Slide, params: TissueConfig) -> TissueMask:
     mask, background = tissue_mask_from_rgb(thumbnail, mask_mpp, params)
     simplify_px = params.simplify_um / slide_mpp.mean
     polygons = mask_to_polygons(mask, scale, (b.x, b.y), simplify_px)
+    release_free_memory()  # the feature maps and distance transforms of a large thumbnail are gone: hand them back
     return TissueMask(mask, mask_mpp, (b.x, b.y), scale, thumbnail, background, polygons, (slide_mpp.x, slide_mpp.y))
 
 
