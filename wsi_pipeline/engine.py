@@ -27,16 +27,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from .errors import ConfigError, WsiError
 from .heatmap import HeatmapGeometry, HeatmapWriter
-from .memory import release_free_memory
+from .memory import HeapTrimmer
 from .models import LoadedModel
 from .progress import Progress
 from .slide import Slide
 from .tiling import TilePlan
 
-# Batches between two returns of freed heap memory to the OS (memory.py). Measured on a 100 000 x 80 000 px slide
-# (887 tiles, a dense model): peak RSS 1007-1199 MB untrimmed, 874 every 4 batches, 803 every batch; trimming every
-# batch cost ~5 % of end-to-end speed (freed pages are faulted in again), every 4 batches too little to measure.
-_TRIM_EVERY = 4
+# Heap memory freed by inference is handed back to the OS when it piles up (memory.HeapTrimmer). Measured on a
+# 100 000 x 80 000 px slide (887 tiles, a dense model): peak RSS 1007-1199 MB never trimmed, 803 MB trimmed after
+# every batch, which cost ~5 % of end-to-end speed; docs/benchmarks.md has the trimmer's figures.
 
 
 def default_workers() -> int:
@@ -319,7 +318,7 @@ def _run_group(
     names = "+".join(s.request.name for s in sinks)
     bar = Progress(len(plan), f"{slide.slide_id} {names}", enabled=progress)
     wait_s = compute_s = 0.0
-    batches = 0
+    heap = HeapTrimmer()
     tick = time.perf_counter()
     with torch.inference_mode(), _one_line_worker_errors():
         for indices, batch in make_loader(slide, plan, batch_size, workers, device):
@@ -333,9 +332,7 @@ def _run_group(
                 sink.consume(idx, sink.forward(unit))
                 sink.advance(following)
             bar.update(len(idx))
-            batches += 1
-            if batches % _TRIM_EVERY == 0:
-                release_free_memory()
+            heap.after_batch()
             tick = time.perf_counter()
             compute_s += tick - got
     elapsed = bar.close()
