@@ -267,6 +267,10 @@ def predict_slide(
     for group in read_groups(requests):
         plan = group[0].plan
         sinks = []
+        started = time.perf_counter()
+        # The workers start (a spawn re-imports torch: seconds on a GPU machine) and read ahead while the models move
+        # to the device and the heatmaps are created.
+        tiles = iter(make_loader(slide, plan, batch_size, workers, device))
         try:
             for request in group:
                 card = request.model.card
@@ -278,7 +282,7 @@ def predict_slide(
                     for name in card.written_classes
                 ]
                 sinks.append(_Sink(request, writers, device))
-            timings["reads"].append(_run_group(slide, plan, sinks, device, batch_size, workers, progress))
+            timings["reads"].append(_run_group(slide, plan, sinks, tiles, device, progress, started))
             for sink in sinks:
                 for _, writer in sink.writers:
                     writer.close()
@@ -288,6 +292,8 @@ def predict_slide(
                     if not writer.closed:
                         writer.abort()
             raise
+        finally:
+            del tiles  # shuts the workers down now, also on failure
     return timings
 
 
@@ -310,18 +316,21 @@ def _run_group(
     slide: Slide,
     plan: TilePlan,
     sinks: list[_Sink],
+    tiles: Iterator[tuple[torch.Tensor, torch.Tensor]],
     device: torch.device,
-    batch_size: int,
-    workers: int,
     progress: bool,
+    started: float,
 ) -> dict[str, Any]:
+    """Feed every batch of `tiles` to each sink; `started` is when the group's setup began, so the reported seconds
+    include the loader's start-up."""
     names = "+".join(s.request.name for s in sinks)
     bar = Progress(len(plan), f"{slide.slide_id} {names}", enabled=progress)
     wait_s = compute_s = 0.0
     heap = HeapTrimmer()
     tick = time.perf_counter()
+    setup_s = tick - started
     with torch.inference_mode(), _one_line_worker_errors():
-        for indices, batch in make_loader(slide, plan, batch_size, workers, device):
+        for indices, batch in tiles:
             got = time.perf_counter()
             wait_s += got - tick
             unit = batch.to(device, non_blocking=True).float().div_(255.0)
@@ -335,12 +344,14 @@ def _run_group(
             heap.after_batch()
             tick = time.perf_counter()
             compute_s += tick - got
-    elapsed = bar.close()
+    bar.close()
+    elapsed = time.perf_counter() - started
     return {
         "tasks": [s.request.name for s in sinks],
         "tiles": len(plan),
         "seconds": elapsed,
         "tiles_per_s": len(plan) / elapsed if elapsed > 0 else None,
+        "setup_s": setup_s,
         "wait_for_tiles_s": wait_s,
         "compute_and_write_s": compute_s,
         "device": str(device),
