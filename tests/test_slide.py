@@ -111,7 +111,7 @@ def test_read_at_half_resolution_is_area_average(data_dir: Path) -> None:
 def test_block_reads_match_one_resize(data_dir: Path) -> None:
     """Regions taller than one read block are stitched without a seam."""
     s = Slide(CMU)
-    region = s.read_region(0, 0, 700, 1400, 0.998)  # 2 blocks of output rows, 2800 level-0 rows
+    region = s.read_region(0, 0, 700, 1400, 0.998)  # 3 blocks of output rows (512 each), 2800 level-0 rows
     full = openslide.OpenSlide(str(CMU)).read_region((0, 0), 0, (1400, 2800)).convert("RGB")
     assert np.array_equal(region, np.asarray(full.reduce(2)))
     # a non-integral factor resamples each block with the same box filter as one resize of the whole

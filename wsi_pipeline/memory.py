@@ -46,15 +46,10 @@ def free_heap_bytes() -> int | None:
     return None if _MALLINFO2 is None else int(_MALLINFO2().fordblks)
 
 
-def release_free_memory(min_free_mb: float = 0.0) -> None:
-    """Give the heap's free pages back to the OS (glibc) when it holds more than `min_free_mb` free; a no-op where
-    there is no malloc_trim."""
-    if _LIBC is None:
-        return
-    free = free_heap_bytes()
-    if free is not None and free < min_free_mb * 2**20:
-        return
-    _LIBC.malloc_trim(0)
+def release_free_memory() -> None:
+    """Give the heap's free pages back to the OS (glibc); a no-op where there is no malloc_trim."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 class HeapTrimmer:
@@ -64,7 +59,6 @@ class HeapTrimmer:
     def __init__(self, min_mb: float = 64.0) -> None:
         self.min_bytes = min_mb * 2**20
         self.limit: float | None = None
-        self.trims = 0
 
     def after_batch(self) -> None:
         free = free_heap_bytes()
@@ -74,4 +68,3 @@ class HeapTrimmer:
             self.limit = max(self.min_bytes, 2.0 * free)
         elif free > self.limit:
             release_free_memory()
-            self.trims += 1
