@@ -62,4 +62,4 @@ models: $(STAMP)
 		-c configs/models/mitosis.yaml -o $(MODELS_WORK)/mitosis
 	$(BIN)/wsi-pipeline evaluate mitosis $(MODELS_WORK)/mitosis $(DATA)/mitosis/amibr_tupac16 \
 		$(DATA)/mitosis/mitos2012_scannerA --held-out -o $(MODELS_WORK)/mitosis/evaluation
-	$(BIN)/python -m wsi_pipeline.models.publish $(MODELS_WORK) $(MODELS)
+	$(BIN)/python -m wsi_pipeline.training.publish $(MODELS_WORK) $(MODELS)

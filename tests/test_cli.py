@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CMU, DICOM, NDPI, TCGA, run_cli
+from tests.helpers import CMU, DICOM, NDPI, TCGA, run_cli
 
 
 def test_info_json_on_real_slides(data_dir: Path) -> None:

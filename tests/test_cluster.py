@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
-from tests.slurm import LocalSlurm, unavailable_reason
+from tests.helpers import run_cli
+from tests.helpers.slurm import LocalSlurm, unavailable_reason
 from tests.test_run import _outputs, mitosis_options
 from wsi_pipeline.models.demo import write_figure_detector
 from wsi_pipeline.synth import default_layout, write_synthetic_slide

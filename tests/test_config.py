@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 from wsi_pipeline.config import Config, load_config
 from wsi_pipeline.errors import ConfigError
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import zarr
 
-from tests.conftest import CMU, run_cli, stitched_and_whole_region
+from tests.helpers import CMU, run_cli, stitched_and_whole_region
 from wsi_pipeline.config import TissueConfig
 from wsi_pipeline.engine import TaskRequest, predict_slide, resolve_device
 from wsi_pipeline.errors import ConfigError

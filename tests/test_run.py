@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from shapely.geometry import shape
 
-from tests.conftest import CMU, DICOM, NDPI, TCGA, run_cli
+from tests.helpers import CMU, DICOM, NDPI, TCGA, run_cli
 from wsi_pipeline.evaluate import match_detections
 from wsi_pipeline.heatmap import open_heatmap
 from wsi_pipeline.models.demo import write_figure_detector

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import CMU, run_cli, stitched_and_whole_region
+from tests.helpers import CMU, run_cli, stitched_and_whole_region
 from wsi_pipeline.config import TissueConfig
 from wsi_pipeline.models import default_model_dir, load_model, resolve_model
-from wsi_pipeline.models.card import TASKS
+from wsi_pipeline.models import shipped_tasks
 from wsi_pipeline.models.loading import CARD_FILE, ModelError
 from wsi_pipeline.slide import Slide
 from wsi_pipeline.tiling import plan_tiles
@@ -24,7 +24,7 @@ CPU = torch.device("cpu")
 KATHER_CLASSES = ["--class", "epithelium=01_TUMOR,06_MUCOSA", "--class", "stroma=02_STROMA"]
 
 
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", shipped_tasks())
 def test_each_task_ships_a_small_model_with_a_complete_card(task: str) -> None:
     model = resolve_model(task, None)
     card = model.card

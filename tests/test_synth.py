@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import openslide
 
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 from wsi_pipeline.synth import SynthSpec, read_truth, truth_path
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import CMU
+from tests.helpers import CMU
 from wsi_pipeline.config import TissueConfig
 from wsi_pipeline.errors import ConfigError
 from wsi_pipeline.slide import Slide

@@ -12,7 +12,7 @@ import shapely
 from PIL import Image
 from shapely.geometry import Point, shape
 
-from tests.conftest import CMU, NDPI, TCGA
+from tests.helpers import CMU, NDPI, TCGA
 from wsi_pipeline.config import TissueConfig
 from wsi_pipeline.errors import NoTissueError
 from wsi_pipeline.polygons import mask_to_polygons

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 from wsi_pipeline.slide import Slide
 from wsi_pipeline.training.annotations import annotated_items
 from wsi_pipeline.training.data import DataError, load_tile

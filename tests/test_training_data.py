@@ -105,7 +105,7 @@ def test_train_classifier_resumes_and_writes_a_loadable_model(data_dir: Path, tm
 
 
 def test_train_command(data_dir: Path, tmp_path: Path) -> None:
-    from tests.conftest import run_cli
+    from tests.helpers import run_cli
 
     kather = str(data_dir / "epithelium_stroma" / "kather2016")
     common = ["--tile-px", "150", "--mpp", "0.495", "--epochs", "1", "--device", "cpu"]
@@ -156,7 +156,7 @@ def test_train_command(data_dir: Path, tmp_path: Path) -> None:
 def test_evaluate_command_report_is_consistent(data_dir: Path, tmp_path: Path) -> None:
     import json
 
-    from tests.conftest import run_cli
+    from tests.helpers import run_cli
     from wsi_pipeline.training.evaluation import roc_points
     from wsi_pipeline.training.train import TrainConfig, train_classifier
 
@@ -200,7 +200,7 @@ def test_evaluate_command_report_is_consistent(data_dir: Path, tmp_path: Path) -
 
 
 def test_training_recipe_values_apply_and_unknown_keys_are_refused(data_dir: Path, tmp_path: Path) -> None:
-    from tests.conftest import run_cli
+    from tests.helpers import run_cli
 
     kather = str(data_dir / "epithelium_stroma" / "kather2016")
     recipe = tmp_path / "recipe.yaml"

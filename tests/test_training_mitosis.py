@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 from wsi_pipeline.models.architectures import build
 from wsi_pipeline.training.data import DataError, split_by_group
 from wsi_pipeline.training.dense import gaussian_target, prepare

@@ -7,16 +7,12 @@ import errno
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from .errors import OutputError
-
-
-def _temporary_sibling(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+from .layout import TEMPORARY_MARK, temporary_sibling
 
 
 @contextlib.contextmanager
@@ -27,7 +23,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary_sibling(final)
+    tmp = temporary_sibling(final)
     try:
         yield tmp
         if final.is_dir() and not final.is_symlink():
@@ -66,9 +62,9 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
 def remove_stale_temporaries(folder: Path) -> list[Path]:
     """Delete temporary outputs left in `folder` by processes that no longer run (a killed run); returns them."""
     removed = []
-    for entry in folder.glob(".*.tmp-*"):
+    for entry in folder.glob(f".*{TEMPORARY_MARK}*"):
         try:
-            pid = int(entry.name.rsplit(".tmp-", 1)[1].split("-", 1)[0])
+            pid = int(entry.name.rsplit(TEMPORARY_MARK, 1)[1].split("-", 1)[0])
         except (IndexError, ValueError):
             continue
         if pid == os.getpid() or _alive(pid):

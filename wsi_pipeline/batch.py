@@ -17,30 +17,20 @@ from typing import Any
 from .atomic import remove_stale_temporaries, write_text
 from .config import Config
 from .errors import ConfigError
+from .layout import SLIDE_EXTENSIONS, RunLayout, slide_id_for
 from .lock import output_lock
-from .models import LoadedModel, resolve_model
+from .models import LoadedModel
 from .pipeline import SlideOutcome, process_slide
-from .slide import SLIDE_EXTENSIONS, slide_id_for
+from .tasks import parse_task_list, task_model, task_names
+from .tasks import tasks as registered_tasks
 
 MANIFEST_COLUMNS = ["slide", "slide_id", "status", "error", "seconds", "tiles"]
-COHORT_COLUMNS = [
-    "slide_id",
-    "slide",
-    "mpp",
-    "mpp_source",
-    "tissue_area_mm2",
-    "mitosis_count",
-    "mitosis_per_mm2",
-    "mitosis_per_10_hpf",
-    "metastasis_score",
-    "metastasis_regions",
-    "metastasis_tumor_area_mm2",
-    "metastasis_largest_lesion_diameter_um",
-    "metastasis_category",
-    "epithelium_stroma_epithelium_area_mm2",
-    "epithelium_stroma_stroma_area_mm2",
-    "epithelium_stroma_epithelium_fraction",
-]
+SLIDE_COLUMNS = ["slide_id", "slide", "mpp", "mpp_source", "tissue_area_mm2"]
+
+
+def cohort_columns() -> list[str]:
+    """The slide's own figures, then each registered task's (`<task>_<key>`), in registration order."""
+    return [*SLIDE_COLUMNS, *(f"{t.name}_{key}" for t in registered_tasks() for key in t.cohort_columns)]
 
 
 def discover(inputs: Sequence[str]) -> list[Path]:
@@ -98,9 +88,16 @@ def _override_for(path: Path, slide_id: str, table: dict[str, float]) -> float |
     return None
 
 
-def load_task_models(config: Config, tasks: Sequence[str]) -> dict[str, LoadedModel]:
-    """Every task's model (configured, else the shipped default), loaded and checked before the first slide."""
-    return {t: resolve_model(t, getattr(config.tasks, t).model) for t in tasks}
+def load_task_models(config: Config, names: Sequence[str]) -> dict[str, LoadedModel]:
+    """Every task's model (configured, else the task's default), loaded and checked before the first slide."""
+    return {t: task_model(t, config.task(t).model) for t in names}
+
+
+def select_tasks(config: Config, spec: str | None) -> list[str]:
+    """`--tasks a,b` checked against the registry, or every task the configuration enables."""
+    if spec:
+        return parse_task_list(spec)
+    return [t for t in task_names() if config.task(t).enabled]
 
 
 @dataclass
@@ -141,15 +138,15 @@ def write_manifest(path: Path, outcomes: Sequence[SlideOutcome]) -> None:
 
 
 def cohort_row(summary: dict[str, Any]) -> dict[str, Any]:
-    row = {k: summary.get(k) for k in ("slide_id", "slide", "mpp", "mpp_source", "tissue_area_mm2")}
-    for task in ("mitosis", "metastasis", "epithelium_stroma"):
+    row = {k: summary.get(k) for k in SLIDE_COLUMNS}
+    for task in task_names():
         for key, value in (summary.get(task) or {}).items():
             row[f"{task}_{key}"] = value
     return row
 
 
 def write_cohort(path: Path, summaries: Iterable[dict[str, Any]]) -> None:
-    write_text(path, _csv(COHORT_COLUMNS, [cohort_row(s) for s in summaries]))
+    write_text(path, _csv(cohort_columns(), [cohort_row(s) for s in summaries]))
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -168,16 +165,6 @@ def shard_paths(paths: Sequence[Path], shard: tuple[int, int] | None) -> list[Pa
     return list(paths) if shard is None else list(paths[shard[0] :: shard[1]])
 
 
-def _outputs_paths(out: Path, shard: tuple[int, int] | None) -> tuple[Path, Path]:
-    if shard is None:
-        return out / "manifest.csv", out / "cohort_summary.csv"
-    tag = f"{shard[0]}-of-{shard[1]}"
-    return out / "shards" / f"manifest-{tag}.csv", out / "shards" / f"cohort_summary-{tag}.csv"
-
-
-SUBMITTED_LIST = "slides.txt"  # in OUT/shards/: the slide list a `submit` sharded
-
-
 def read_slide_list(path: str | os.PathLike[str]) -> list[str]:
     """One slide path per line (blank lines and # comments ignored)."""
     try:
@@ -191,12 +178,13 @@ def gather(out: Path) -> tuple[Path, Path, int]:
     """Merge the shards' manifests into OUT/manifest.csv and OUT/cohort_summary.csv; returns them and the number
     of failed slides. Newer shard manifests win; slides of a submitted list with no row at all (their job was
     killed, timed out or lost its node) are recorded as failed."""
+    layout = RunLayout(out)
     rows: dict[str, dict[str, str]] = {}
-    for path in sorted((out / "shards").glob("manifest-*.csv"), key=lambda p: p.stat().st_mtime_ns):
+    for path in sorted(layout.shard_manifests(), key=lambda p: p.stat().st_mtime_ns):
         with path.open(newline="", encoding="utf-8") as fh:
             for row in csv.DictReader(fh):
                 rows[row["slide_id"]] = row
-    submitted = out / "shards" / SUBMITTED_LIST
+    submitted = layout.submitted_list
     if submitted.exists():
         paths = discover(read_slide_list(submitted))
         for path, slide_id in assign_ids(paths).items():
@@ -213,16 +201,16 @@ def gather(out: Path) -> tuple[Path, Path, int]:
                 },
             )
     if not rows:
-        raise ConfigError(f"no shard manifests in {out / 'shards'}; run `wsi-pipeline run --shard I/N` first")
+        raise ConfigError(f"no shard manifests in {layout.shards}; run `wsi-pipeline run --shard I/N` first")
     ordered = [rows[k] for k in sorted(rows)]
-    write_text(out / "manifest.csv", _csv(MANIFEST_COLUMNS, ordered))
+    write_text(layout.manifest, _csv(MANIFEST_COLUMNS, ordered))
     summaries = []
     for row in ordered:
-        summary = out / row["slide_id"] / "summary.json"
+        summary = layout.slide(row["slide_id"]).summary
         if row["status"] in ("done", "skipped") and summary.exists():
             summaries.append(json.loads(summary.read_text()))
-    write_cohort(out / "cohort_summary.csv", summaries)
-    return out / "manifest.csv", out / "cohort_summary.csv", sum(r["status"] == "failed" for r in ordered)
+    write_cohort(layout.cohort, summaries)
+    return layout.manifest, layout.cohort, sum(r["status"] == "failed" for r in ordered)
 
 
 @contextlib.contextmanager
@@ -268,7 +256,7 @@ def run_batch(
     models = load_task_models(config, tasks)
     overrides = read_mpp_file(mpp_file) if mpp_file else {}
     ids = assign_ids(paths)  # over the whole list, so every shard names a slide the same way
-    manifest_path, cohort_path = _outputs_paths(out, shard)
+    manifest_path, cohort_path = RunLayout(out).batch_files(shard)
     outcomes: list[SlideOutcome] = []
     with output_lock(out, shard), dask_client(dask_scheduler):
         remove_stale_temporaries(out)
@@ -309,9 +297,10 @@ def summary_table(result: BatchResult) -> str:
 
 def read_manifest_outcomes(out: Path) -> BatchResult:
     """OUT/manifest.csv read back as outcomes (for the table `submit` prints at the end)."""
-    path = out / "manifest.csv"
+    layout = RunLayout(out)
+    path = layout.manifest
     if not path.exists():
-        raise ConfigError(f"{path} does not exist: the gather job did not run; see {out / 'shards' / 'logs'}")
+        raise ConfigError(f"{path} does not exist: the gather job did not run; see {layout.logs}")
     with path.open(newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     return BatchResult(

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import write_text
-from .batch import SUBMITTED_LIST, discover
+from .batch import discover
 from .errors import WsiError
+from .layout import RunLayout
 
 TERMINAL_STATES = {
     "COMPLETED",
@@ -49,6 +50,35 @@ class JobResources:
     account: str | None = None
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """The `run` options every array task passes on, as the user gave them to `submit`."""
+
+    config_path: str | None = None
+    overrides: tuple[str, ...] = ()
+    tasks: str | None = None
+    device: str | None = None
+    default_mpp: float | None = None
+    mpp_file: str | None = None
+    overwrite: bool = False
+
+    def arguments(self) -> list[str]:
+        """The same options on `run`'s command line (paths made absolute: jobs start elsewhere)."""
+        options: list[str] = []
+        if self.config_path:
+            options += ["-c", str(Path(self.config_path).resolve())]
+        for item in self.overrides:
+            options += ["--set", item]
+        for flag, value in (("--tasks", self.tasks), ("--device", self.device), ("--default-mpp", self.default_mpp)):
+            if value is not None:
+                options += [flag, str(value)]
+        if self.mpp_file:
+            options += ["--mpp-file", str(Path(self.mpp_file).resolve())]
+        if self.overwrite:
+            options.append("--overwrite")
+        return options
+
+
 @dataclass
 class SubmitPlan:
     slides: list[Path]
@@ -59,7 +89,7 @@ class SubmitPlan:
 
     @property
     def list_file(self) -> Path:
-        return self.out / "shards" / SUBMITTED_LIST
+        return RunLayout(self.out).submitted_list
 
 
 def _directives(resources: JobResources, name: str, log: str) -> list[str]:
@@ -78,7 +108,7 @@ def plan_submission(
     out: Path,
     resources: JobResources,
     slides_per_job: int,
-    run_options: Sequence[str],
+    run_options: RunOptions,
     python: str = sys.executable,
 ) -> SubmitPlan:
     """The slide list and the two job scripts (nothing is written or submitted)."""
@@ -89,7 +119,8 @@ def plan_submission(
         raise ClusterError(f"no slides found in {', '.join(inputs)}")
     out = out.resolve()
     shards = math.ceil(len(slides) / slides_per_job)
-    logs = out / "shards" / "logs"
+    layout = RunLayout(out)
+    logs = layout.logs
     cli = f"{shlex.quote(python)} -m wsi_pipeline.cli"
     array = [
         "#!/bin/bash",
@@ -102,9 +133,9 @@ def plan_submission(
         array.append(f"#SBATCH --gres=gpu:{resources.gpus_per_job}")
     workers = max(1, resources.cpus_per_job - 1)
     run = [
-        f"{cli} run -o {shlex.quote(str(out))} --slide-list {shlex.quote(str(out / 'shards' / SUBMITTED_LIST))}",
+        f"{cli} run -o {shlex.quote(str(out))} --slide-list {shlex.quote(str(layout.submitted_list))}",
         f"--shard ${{SLURM_ARRAY_TASK_ID}}/{shards} --workers {workers} --no-progress",
-        *(shlex.quote(o) for o in run_options),
+        *(shlex.quote(o) for o in run_options.arguments()),
     ]
     array += ["set -uo pipefail", " ".join(run)]
     gather = [
@@ -153,9 +184,9 @@ def submit(
 ) -> tuple[str, str]:
     """Write the list and scripts under OUT/shards/, submit the array and the gather job, and (with `follow`) wait
     until the gather job has ended. Returns (array job id, gather job id)."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    folder = plan.out / "shards" / f"submit-{stamp}"
-    (plan.out / "shards" / "logs").mkdir(parents=True, exist_ok=True)
+    layout = RunLayout(plan.out)
+    folder = layout.submit_folder(time.strftime("%Y%m%d-%H%M%S"))
+    layout.logs.mkdir(parents=True, exist_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
     write_text(plan.list_file, "".join(f"{p}\n" for p in plan.slides))
     array_path, gather_path = folder / "array.sbatch", folder / "gather.sbatch"

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import WsiError
+from .layout import RunLayout
 
 
 class OutputLockedError(WsiError):
@@ -45,10 +46,11 @@ def _take(path: Path, shared: bool) -> int:
 @contextlib.contextmanager
 def output_lock(out: Path, shard: tuple[int, int] | None = None) -> Iterator[None]:
     out.mkdir(parents=True, exist_ok=True)
-    fds = [_take(out / ".lock", shared=shard is not None)]
+    layout = RunLayout(out)
+    fds = [_take(layout.lock, shared=shard is not None)]
     try:
         if shard is not None:
-            fds.append(_take(out / f".lock-shard-{shard[0]}-of-{shard[1]}", shared=False))
+            fds.append(_take(layout.shard_lock(shard), shared=False))
         yield
     finally:
         for fd in fds:

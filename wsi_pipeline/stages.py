@@ -1,4 +1,7 @@
-"""Per-slide stages that write files: tissue detection and tile planning (the CLI only parses and delegates)."""
+"""Per-slide stages that write files: tissue detection, tile planning, one task's prediction (the CLI delegates here).
+
+Every path comes from `layout.SlideLayout`; every QuPath tissue or tile object from `export.qupath`.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +10,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import shapely
 
 from .atomic import write_json
 from .config import Config, TaskConfig, TissueConfig
+from .engine import TaskRequest, predict_slide, resolve_device
 from .errors import ConfigError
 from .export.overlay import Overview, save_mask_png
-from .export.qupath import feature, object_id, write_feature_collection
+from .export.qupath import TISSUE_COLOR, tile_features, tissue_features, write_feature_collection
+from .heatmap import CHUNK, HeatmapGeometry, HeatmapWriter
+from .layout import SlideLayout
+from .models import LoadedModel
 from .models.card import ModelCard
+from .models.loading import load_card
 from .slide import Slide
+from .tasks import get_task, task_model
 from .tiling import TilePlan, plan_tiles
 from .tissue import TissueMask, detect_tissue, require_tissue
 
-TISSUE_COLOR = (0, 160, 60)
 TILE_COLOR = (30, 90, 220)
 
 
@@ -30,37 +37,36 @@ class TissueOutputs:
     summary: dict[str, Any]
 
 
-def tissue_stage(slide: Slide, params: TissueConfig, out_dir: Path, *, require: bool = True) -> TissueOutputs:
-    """Detect tissue and write tissue.geojson, tissue_mask.png, overview.png and tissue.json under `out_dir`."""
+def _layout(out: SlideLayout | Path) -> SlideLayout:
+    """Stages take a slide's folder as a path or as its layout."""
+    return out if isinstance(out, SlideLayout) else SlideLayout(Path(out))
+
+
+def qupath_offset(slide: Slide) -> tuple[float, float]:
+    """OpenSlide coordinates minus this are QuPath's (the bounds corner is QuPath's origin)."""
+    return (slide.bounds.x, slide.bounds.y)
+
+
+def tissue_stage(
+    slide: Slide, params: TissueConfig, out: SlideLayout | Path, *, require: bool = True, overview: bool = True
+) -> TissueOutputs:
+    """Detect tissue and write tissue.geojson, tissue_mask.png, tissue.json and (with `overview`) overview.png."""
+    out = _layout(out)
     tissue = detect_tissue(slide, params)
     if require:
         require_tissue(tissue, slide)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    offset = (slide.bounds.x, slide.bounds.y)
+    out.root.mkdir(parents=True, exist_ok=True)
     mpp = slide.mpp
-    features = (
-        feature(
-            poly,
-            "annotation",
-            object_id_=object_id(slide.slide_id, "tissue", i),
-            class_name="Tissue",
-            color=TISSUE_COLOR,
-            offset=offset,
-            measurements={"Area mm^2": poly.area * mpp.x * mpp.y / 1e6},
-        )
-        for i, poly in enumerate(tissue.polygons)
+    files = {"geojson": out.tissue_geojson, "mask": out.tissue_mask, "summary": out.tissue_summary}
+    write_feature_collection(
+        files["geojson"], tissue_features(slide.slide_id, tissue.polygons, (mpp.x, mpp.y), qupath_offset(slide))
     )
-    files = {
-        "geojson": out_dir / "tissue.geojson",
-        "mask": out_dir / "tissue_mask.png",
-        "overview": out_dir / "overview.png",
-        "summary": out_dir / "tissue.json",
-    }
-    write_feature_collection(files["geojson"], features)
     save_mask_png(tissue.mask, files["mask"])
-    overview = Overview(tissue.thumbnail, tissue.origin, tissue.scale)
-    overview.outline(tissue.geometry, TISSUE_COLOR)
-    overview.save(files["overview"])
+    if overview:
+        files["overview"] = out.overview
+        picture = Overview(tissue.thumbnail, tissue.origin, tissue.scale)
+        picture.outline(tissue.geometry, TISSUE_COLOR)
+        picture.save(files["overview"])
     summary = {
         "slide": str(slide.path),
         "slide_id": slide.slide_id,
@@ -73,10 +79,24 @@ def tissue_stage(slide: Slide, params: TissueConfig, out_dir: Path, *, require: 
     return TissueOutputs(tissue, files, summary)
 
 
+def plan_tile_features(slide_id: str, name: str, plan: TilePlan, offset: tuple[float, float]):  # type: ignore[no-untyped-def]
+    """QuPath tile objects of a plan with their tissue fraction."""
+    rows = zip(
+        plan.cols.tolist(),
+        plan.rows.tolist(),
+        plan.x.tolist(),
+        plan.y.tolist(),
+        plan.tissue_fraction.tolist(),
+        strict=True,
+    )
+    tiles = ((c, r, float(x), float(y), {"Tissue fraction": float(f)}) for c, r, x, y, f in rows)
+    return tile_features(slide_id, name, tiles, plan.tile_size_level0, offset)
+
+
 def tiles_stage(
     slide: Slide,
     tissue: TissueMask,
-    out_dir: Path,
+    out: SlideLayout | Path,
     name: str,
     *,
     mpp: float,
@@ -86,34 +106,16 @@ def tiles_stage(
     tissue_params: TissueConfig,
 ) -> tuple[TilePlan, dict[str, Path]]:
     """Plan tiles and write tiles-<name>.json (the plan), .geojson (QuPath tile objects) and .png (overview)."""
+    out = _layout(out)
     plan = plan_tiles(slide, tissue, mpp, tile_px, overlap_px, min_tissue)
-    plan.params["tissue"] = tissue_params.model_dump(mode="json")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files = {kind: out_dir / f"tiles-{name}.{kind}" for kind in ("json", "geojson", "png")}
+    plan.tissue_params = tissue_params.model_dump(mode="json")
+    out.root.mkdir(parents=True, exist_ok=True)
+    files = {kind: out.tiles(name, kind) for kind in ("json", "geojson", "png")}
     plan.save(files["json"])
-    w, h = plan.tile_size_level0
-    offset = (slide.bounds.x, slide.bounds.y)
-    features = (
-        feature(
-            shapely.box(x, y, x + w, y + h),
-            "tile",
-            object_id_=object_id(slide.slide_id, name, c, r),
-            offset=offset,
-            measurements={"Tissue fraction": float(f)},
-        )
-        for c, r, x, y, f in zip(
-            plan.cols.tolist(),
-            plan.rows.tolist(),
-            plan.x.tolist(),
-            plan.y.tolist(),
-            plan.tissue_fraction.tolist(),
-            strict=True,
-        )
-    )
-    write_feature_collection(files["geojson"], features)
+    write_feature_collection(files["geojson"], plan_tile_features(slide.slide_id, name, plan, qupath_offset(slide)))
     overview = Overview(tissue.thumbnail, tissue.origin, tissue.scale)
     overview.outline(tissue.geometry, TISSUE_COLOR)
-    overview.boxes(plan.x, plan.y, w, h, (*TILE_COLOR, 160))
+    overview.boxes(plan.x, plan.y, *plan.tile_size_level0, (*TILE_COLOR, 160))
     overview.save(files["png"])
     return plan, files
 
@@ -131,6 +133,47 @@ def task_tiling(task: str, task_cfg: TaskConfig, card: ModelCard) -> tuple[float
     return mpp, tile_px
 
 
+@dataclass(frozen=True)
+class TileRequest:
+    """What `tiles` plans: a name and the grid's µm/px, size, overlap and minimum tissue."""
+
+    name: str
+    mpp: float
+    tile_px: int
+    overlap_px: int
+    min_tissue: float
+
+
+def tile_request(
+    config: Config,
+    task: str | None,
+    mpp: float | None,
+    tile_px: int | None,
+    overlap_px: int | None,
+    min_tissue: float | None,
+) -> TileRequest:
+    """The tiles `run` would read for `task` (configured values, else its model card's), explicit values winning;
+    without a task, `mpp` and `tile_px` are needed (overlap 0 and minimum tissue 0.1 by default)."""
+    if task is not None:
+        t = config.task(task)
+        default = get_task(task, "--task").default_model()
+        if t.model is None and default is None:
+            raise ConfigError(f"--task {task}: the task ships no model; set tasks.{task}.model")
+        card = load_card(Path(t.model) if t.model is not None else default)  # type: ignore[arg-type]
+        task_mpp, task_tile_px = task_tiling(task, t, card)
+        mpp = task_mpp if mpp is None else mpp
+        tile_px = task_tile_px if tile_px is None else tile_px
+        overlap_px = t.overlap_px if overlap_px is None else overlap_px
+        min_tissue = t.min_tissue if min_tissue is None else min_tissue
+    if mpp is None or tile_px is None:
+        raise ConfigError("give --mpp and --tile-px (e.g. --mpp 0.5 --tile-px 224), or --task NAME")
+    if mpp <= 0:
+        raise ConfigError(f"--mpp must be positive, got {mpp}")
+    overlap_px = 0 if overlap_px is None else overlap_px
+    min_tissue = 0.1 if min_tissue is None else min_tissue
+    return TileRequest(task or f"{mpp:g}um-{tile_px}px", mpp, tile_px, overlap_px, min_tissue)
+
+
 def task_plan(slide: Slide, tissue: TissueMask, task: str, task_cfg: TaskConfig, card: ModelCard) -> TilePlan:
     """A task's tiles over the slide's tissue (see `task_tiling`)."""
     mpp, tile_px = task_tiling(task, task_cfg, card)
@@ -139,8 +182,6 @@ def task_plan(slide: Slide, tissue: TissueMask, task: str, task_cfg: TaskConfig,
 
 def write_tissue_heatmap(store: Path, tissue: TissueMask) -> Path:
     """The tissue mask as the `tissue` heatmap (uint8, 255 = tissue) at the mask's µm/px."""
-    from .heatmap import CHUNK, HeatmapGeometry, HeatmapWriter
-
     h, w = tissue.mask.shape
     geometry = HeatmapGeometry(h, w, tissue.scale[0], 0.0, (tissue.slide_mpp[1], tissue.slide_mpp[0]), (1.0, 1.0))
     writer = HeatmapWriter(store, "tissue", ["tissue"], geometry, dtype="uint8", attrs={"task": "tissue"})
@@ -158,7 +199,7 @@ def predict_stage(
     slide: Slide,
     config: Config,
     task: str,
-    out_dir: Path,
+    out: SlideLayout | Path,
     *,
     model_path: str | None,
     device: str = "auto",
@@ -166,30 +207,27 @@ def predict_stage(
     workers: int = 2,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run one task over the slide and write its heatmaps (and `tissue`) into out_dir/heatmaps.zarr."""
-    from .engine import TaskRequest, predict_slide, resolve_device
-    from .models import resolve_model
-
-    task_cfg = getattr(config.tasks, task)
-    model = resolve_model(task, model_path or task_cfg.model)  # before any tile is read
+    """Run one task over the slide and write its heatmaps (and `tissue`) into the slide's heatmaps.zarr."""
+    out = _layout(out)
+    task_cfg = config.task(task)
+    model: LoadedModel = task_model(task, model_path or task_cfg.model)  # before any tile is read
     torch_device = resolve_device(device)
     tissue = detect_tissue(slide, config.tissue)
     require_tissue(tissue, slide)
     card = model.card
     plan = task_plan(slide, tissue, task, task_cfg, card)
-    store = out_dir / "heatmaps.zarr"
     timings = predict_slide(
         slide,
         [TaskRequest(task, model, plan)],
-        store,
+        out.heatmaps,
         device=torch_device,
         batch_size=batch_size or task_cfg.batch_size,
         workers=workers,
         progress=progress,
     )
-    write_tissue_heatmap(store, tissue)
+    write_tissue_heatmap(out.heatmaps, tissue)
     return {
-        "store": store,
+        "store": out.heatmaps,
         "heatmaps": [*card.written_classes, "tissue"],
         "tiles": len(plan),
         "timings": timings,

@@ -25,9 +25,55 @@ from .tissue import TissueMask
 PLAN_FORMAT = "wsi-pipeline/tile-plan@1"
 
 
+@dataclass(frozen=True)
+class TileSpec:
+    """Everything that decides a plan's grid: what a tile is (µm/px, px, overlap), which tiles are kept, and the
+    slide geometry it was made for. Two plans with equal specs read identical tiles."""
+
+    mpp: float  # target µm/px
+    tile_px: int
+    overlap_px: int
+    min_tissue: float
+    slide_mpp: tuple[float, float]  # (x, y) µm per level-0 px
+    downsample: tuple[float, float]  # (x, y) level-0 px per target px
+    bounds: tuple[int, int, int, int]  # x, y, width, height in level-0 px
+
+    @property
+    def stride_px(self) -> int:
+        return self.tile_px - self.overlap_px
+
+    @property
+    def tile_size_level0(self) -> tuple[float, float]:
+        """Tile edge in level-0 px (x, y)."""
+        return self.tile_px * self.downsample[0], self.tile_px * self.downsample[1]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "mpp": self.mpp,
+            "tile_px": self.tile_px,
+            "overlap_px": self.overlap_px,
+            "min_tissue": self.min_tissue,
+            "slide_mpp": list(self.slide_mpp),
+            "downsample": list(self.downsample),
+            "bounds": list(self.bounds),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TileSpec:
+        return cls(
+            mpp=float(data["mpp"]),
+            tile_px=int(data["tile_px"]),
+            overlap_px=int(data["overlap_px"]),
+            min_tissue=float(data["min_tissue"]),
+            slide_mpp=(float(data["slide_mpp"][0]), float(data["slide_mpp"][1])),
+            downsample=(float(data["downsample"][0]), float(data["downsample"][1])),
+            bounds=tuple(int(v) for v in data["bounds"]),  # type: ignore[arg-type]
+        )
+
+
 @dataclass
 class TilePlan:
-    params: dict[str, Any]  # everything that decides the plan; compared by `check_compatible`
+    spec: TileSpec
     grid: tuple[int, int]  # (n_cols, n_rows) of the full grid before tissue filtering
     cols: np.ndarray  # int32, kept tiles only
     rows: np.ndarray
@@ -35,24 +81,32 @@ class TilePlan:
     y: np.ndarray
     tissue_fraction: np.ndarray  # float32 in [0, 1]
     slide: dict[str, Any] = field(default_factory=dict)
+    tissue_params: dict[str, Any] | None = None  # the tissue detection the plan was made on (saved with it)
 
     def __len__(self) -> int:
         return int(self.cols.size)
 
     @property
     def stride_px(self) -> int:
-        return int(self.params["tile_px"]) - int(self.params["overlap_px"])
+        return self.spec.stride_px
 
     @property
     def tile_size_level0(self) -> tuple[float, float]:
-        """Tile edge in level-0 px (x, y)."""
-        tile = self.params["tile_px"]
-        return tile * self.params["downsample"][0], tile * self.params["downsample"][1]
+        return self.spec.tile_size_level0
+
+    @property
+    def saved_params(self) -> dict[str, Any]:
+        """The spec (and tissue parameters, when known) as saved in the plan file and heatmap attributes."""
+        params = self.spec.to_json()
+        if self.tissue_params is not None:
+            params["tissue"] = self.tissue_params
+        return params
 
     def check_compatible(self, expected: dict[str, Any]) -> None:
         """Raise ConfigError naming the first parameter that differs from `expected`."""
+        params = self.saved_params
         for key, value in expected.items():
-            have = self.params.get(key)
+            have = params.get(key)
             if have != value:
                 raise ConfigError(
                     f"tile plan was made with {key}={have!r} but the configuration asks for {value!r}; "
@@ -62,7 +116,7 @@ class TilePlan:
     def to_json(self) -> dict[str, Any]:
         return {
             "format": PLAN_FORMAT,
-            "params": self.params,
+            "params": self.saved_params,
             "slide": self.slide,
             "grid": list(self.grid),
             "count": len(self),
@@ -83,7 +137,7 @@ class TilePlan:
             raise ConfigError(f"{path} is not a wsi-pipeline tile plan ({PLAN_FORMAT}); make it with `tiles`")
         table = np.asarray(data["tiles"], dtype=np.float64).reshape(-1, 5)
         return cls(
-            params=data["params"],
+            spec=TileSpec.from_json(data["params"]),
             grid=tuple(data["grid"]),  # type: ignore[arg-type]
             cols=table[:, 0].astype(np.int32),
             rows=table[:, 1].astype(np.int32),
@@ -91,21 +145,22 @@ class TilePlan:
             y=table[:, 3].astype(np.int64),
             tissue_fraction=table[:, 4].astype(np.float32),
             slide=data.get("slide", {}),
+            tissue_params=data["params"].get("tissue"),
         )
 
 
-def plan_params(slide: Slide, mpp: float, tile_px: int, overlap_px: int, min_tissue: float) -> dict[str, Any]:
+def tile_spec(slide: Slide, mpp: float, tile_px: int, overlap_px: int, min_tissue: float) -> TileSpec:
     slide_mpp = slide.mpp
     b = slide.bounds
-    return {
-        "mpp": float(mpp),
-        "tile_px": int(tile_px),
-        "overlap_px": int(overlap_px),
-        "min_tissue": float(min_tissue),
-        "slide_mpp": [slide_mpp.x, slide_mpp.y],
-        "downsample": [mpp / slide_mpp.x, mpp / slide_mpp.y],
-        "bounds": [b.x, b.y, b.width, b.height],
-    }
+    return TileSpec(
+        mpp=float(mpp),
+        tile_px=int(tile_px),
+        overlap_px=int(overlap_px),
+        min_tissue=float(min_tissue),
+        slide_mpp=(slide_mpp.x, slide_mpp.y),
+        downsample=(mpp / slide_mpp.x, mpp / slide_mpp.y),
+        bounds=(b.x, b.y, b.width, b.height),
+    )
 
 
 def _summed_area(mask: np.ndarray) -> np.ndarray:
@@ -157,8 +212,8 @@ def plan_tiles(
         raise ConfigError(f"overlap_px must be in [0, tile_px), got {overlap_px} with tile_px {tile_px}")
     if not 0.0 <= min_tissue <= 1.0:
         raise ConfigError(f"min_tissue must be in [0, 1], got {min_tissue}")
-    params = plan_params(slide, mpp, tile_px, overlap_px, min_tissue)
-    dsx, dsy = params["downsample"]
+    spec = tile_spec(slide, mpp, tile_px, overlap_px, min_tissue)
+    dsx, dsy = spec.downsample
     b = slide.bounds
     stride = tile_px - overlap_px
     width_t, height_t = b.width / dsx, b.height / dsy  # bounds size in target px
@@ -171,7 +226,7 @@ def plan_tiles(
     fraction = tissue_fractions(tissue, x.astype(np.float64), y.astype(np.float64), tile_px * dsx, tile_px * dsy)
     keep = fraction >= min_tissue if min_tissue > 0 else np.ones(fraction.shape, bool)
     return TilePlan(
-        params=params,
+        spec=spec,
         grid=(n_cols, n_rows),
         cols=cols[keep].astype(np.int32),
         rows=rows[keep].astype(np.int32),

@@ -10,7 +10,7 @@ import json
 import math
 import os
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -94,3 +94,44 @@ def write_feature_collection(
                 count += 1
             fh.write("\n]}\n")
     return count
+
+
+TISSUE_COLOR = (0, 160, 60)
+
+
+def tissue_features(
+    slide_id: str, polygons: Iterable[shapely.Geometry], mpp: tuple[float, float], offset: tuple[float, float]
+) -> Iterator[dict[str, Any]]:
+    """The tissue outline as QuPath annotations of class `Tissue`, each with its area (the one place they are made:
+    `tissue.geojson` and `qupath.geojson` carry the same objects)."""
+    for i, poly in enumerate(polygons):
+        yield feature(
+            poly,
+            "annotation",
+            object_id_=object_id(slide_id, "tissue", i),
+            class_name="Tissue",
+            color=TISSUE_COLOR,
+            offset=offset,
+            measurements={"Area mm^2": poly.area * mpp[0] * mpp[1] / 1e6},
+        )
+
+
+def tile_features(
+    slide_id: str,
+    name: str,
+    tiles: Iterable[tuple[int, int, float, float, Mapping[str, float]]],
+    size: tuple[float, float],
+    offset: tuple[float, float],
+) -> Iterator[dict[str, Any]]:
+    """Tiles as QuPath `tile` objects: (col, row, x, y, measurements) each, `size` their level-0 edge (x, y).
+    Their measurements become heatmaps in QuPath with *Measure › Show measurement maps*."""
+    w, h = size
+    for col, row, x, y, measurements in tiles:
+        yield feature(
+            shapely.box(x, y, x + w, y + h),
+            "tile",
+            object_id_=object_id(slide_id, name, col, row),
+            name=name,
+            measurements=measurements,
+            offset=offset,
+        )

@@ -6,8 +6,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-TASKS = ("epithelium_stroma", "mitosis", "metastasis")
-
 
 class Normalisation(BaseModel):
     """Applied on the device to RGB scaled to [0, 1]: (x - mean) / std."""
@@ -21,7 +19,7 @@ class ModelCard(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    task: Literal["epithelium_stroma", "mitosis", "metastasis"]
+    task: str = Field(description="the registered task the model serves (e.g. mitosis)")
     kind: Literal["classifier", "dense"] = Field(description="one vector per tile, or a map per tile")
     architecture: str = Field(description="a name in wsi_pipeline.models.architectures")
     architecture_args: dict[str, Any] = Field(default_factory=dict)

@@ -29,9 +29,12 @@ class ModelError(WsiError):
 
 @dataclass
 class LoadedModel:
+    """A model ready for the engine: its card, the network, and the format whose predictor runs it."""
+
     card: ModelCard
     module: nn.Module
     path: Path | None = None
+    format: str = "torch"
 
 
 def save_model(directory: str | os.PathLike[str], module: nn.Module, card: ModelCard) -> Path:
@@ -67,9 +70,17 @@ def default_model_dir(task: str) -> Path:
     return directory
 
 
-def resolve_model(task: str, configured: str | os.PathLike[str] | None) -> LoadedModel:
-    """The configured model folder, or the shipped default when none is configured."""
-    return load_model(configured if configured is not None else default_model_dir(task), task=task)
+def shipped_tasks() -> list[str]:
+    """Tasks with a shipped default model folder."""
+    return sorted(p.name for p in DEFAULTS_DIR.iterdir() if (p / CARD_FILE).is_file()) if DEFAULTS_DIR.is_dir() else []
+
+
+def resolve_model(
+    task: str, configured: str | os.PathLike[str] | None, default: str | os.PathLike[str] | None = None
+) -> LoadedModel:
+    """The configured model folder, else `default`, else the task's shipped default."""
+    chosen = configured if configured is not None else default
+    return load_model(chosen if chosen is not None else default_model_dir(task), task=task)
 
 
 def load_model(directory: str | os.PathLike[str], task: str | None = None) -> LoadedModel:

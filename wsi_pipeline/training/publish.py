@@ -1,4 +1,4 @@
-"""`python -m wsi_pipeline.models.publish WORK DEFAULTS`: the last step of `make models`.
+"""`python -m wsi_pipeline.training.publish WORK DEFAULTS`: the last step of `make models`.
 
 For each task trained in WORK/<task>, the weights, the card and the held-out evaluation (WORK/<task>/evaluation)
 replace DEFAULTS/<task>; the evaluation's figures go into the card (`metrics.evaluation`) so the card says what the
@@ -12,9 +12,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from ..training.loop import group_list
-from .card import TASKS
-from .loading import CARD_FILE, WEIGHTS_FILE, load_model
+from ..models.loading import CARD_FILE, WEIGHTS_FILE, load_model
+from .loop import group_list
 
 EVALUATION_FILES = ("evaluation.json", "roc.png", "froc.png")
 
@@ -64,9 +63,12 @@ def _headline(report: dict) -> dict:
 
 def main(argv: list[str]) -> None:
     if len(argv) != 2:
-        raise SystemExit("usage: python -m wsi_pipeline.models.publish WORK_DIR DEFAULTS_DIR")
+        raise SystemExit("usage: python -m wsi_pipeline.training.publish WORK_DIR DEFAULTS_DIR")
     work, defaults = Path(argv[0]), Path(argv[1])
-    for task in TASKS:
+    trained = sorted(p.name for p in work.iterdir() if (p / CARD_FILE).is_file())
+    if not trained:
+        raise SystemExit(f"no trained model folders (with {CARD_FILE}) in {work}")
+    for task in trained:
         print(f"published {publish(work, defaults, task)}")
 
 

@@ -1,0 +1,53 @@
+"""Helpers shared by the test modules (no test module imports another): data paths, the CLI in a subprocess, and
+the stitched-versus-whole-region comparison of dense models."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = Path(os.environ.get("WSI_SHARED_DATA", ROOT.parent / "shared" / "data"))
+SLIDES = DATA / "slides"
+CMU = SLIDES / "CMU-1-Small-Region.svs"
+TCGA = SLIDES / "TCGA-CR-7395-01A-01-TS1.svs"
+NDPI = SLIDES / "Hamamatsu-fluorescence-DAPI.ndpi"
+DICOM = SLIDES / "DICOM-column-major-unreadable-by-openslide.dcm"
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The real console entry point in a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "wsi_pipeline.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=600,
+        env=None if env is None else {**os.environ, **env},
+    )
+
+
+def stitched_and_whole_region(slide, plan, model, store: Path, workers: int = 2):  # type: ignore[no-untyped-def]
+    """A dense model's `mitosis` map stitched by the engine from `plan`, and the same network run once on the whole
+    grid region (what stitching must reproduce), both as float32 arrays."""
+    import torch
+
+    from wsi_pipeline.engine import TaskRequest, predict_slide
+    from wsi_pipeline.heatmap import open_heatmap
+
+    device = torch.device("cpu")
+    request = TaskRequest("mitosis", model, plan, dtype="float32")
+    predict_slide(slide, [request], store, device=device, batch_size=16, workers=workers, progress=False)
+    stitched = open_heatmap(store / "mitosis").channel("mitosis")
+    tile, overlap = plan.spec.tile_px, plan.spec.overlap_px
+    n_cols, n_rows = plan.grid
+    width, height = (n_cols - 1) * (tile - overlap) + tile, (n_rows - 1) * (tile - overlap) + tile
+    rgb = slide.read_region(slide.bounds.x, slide.bounds.y, width, height, plan.spec.mpp)
+    norm = model.card.normalisation
+    x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255
+    x = (x - torch.tensor(norm.mean).view(1, 3, 1, 1)) / torch.tensor(norm.std).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        reference = torch.sigmoid(model.module(x))[0, 0].numpy()
+    return stitched, reference

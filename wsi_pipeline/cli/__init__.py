@@ -1,0 +1,34 @@
+"""The `wsi-pipeline` command line: one module per command group, each only parsing options and delegating.
+
+Every user-facing error is one line on stderr and a distinct exit status (see the README's table).
+"""
+
+from __future__ import annotations
+
+import click
+
+from .. import __version__
+from ..config import dump_config
+from .cluster import gather, submit
+from .common import WsiGroup, config_option, run_config, set_option
+from .inference import predict, run
+from .slides import info, synth, tiles, tissue
+from .training import evaluate, train
+
+
+@click.group(cls=WsiGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="wsi-pipeline")
+def main() -> None:
+    """Whole-slide image analysis: tissue, tiles, CNN heatmaps and QuPath outputs."""
+
+
+@main.command("config")
+@config_option
+@set_option
+def config_cmd(config_path: str | None, overrides: tuple[str, ...]) -> None:
+    """Validate a configuration and print it resolved (defaults + file + --set)."""
+    click.echo(dump_config(run_config(config_path, overrides)), nl=False)
+
+
+for command in (info, synth, tissue, tiles, predict, run, submit, gather, train, evaluate):
+    main.add_command(command)

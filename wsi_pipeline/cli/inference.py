@@ -1,0 +1,164 @@
+"""Commands that run models: predict (one task on one slide) and run (every task on a folder of slides)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from ..errors import ConfigError
+from ..layout import SlideLayout
+from ..pipeline import SlideOutcome
+from ..slide import Slide
+from .common import backend_option, config_option, device_option, run_config, set_option, slide_mpp_option
+
+
+@click.command()
+@click.argument("slide_path", metavar="SLIDE", type=click.Path())
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Output folder.")
+@click.option("--task", required=True, help="A registered task (epithelium_stroma, mitosis, metastasis, ...).")
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(),
+    default=None,
+    help="Model folder (model_card.json + weights.safetensors); default: tasks.<task>.model.",
+)
+@device_option
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Tiles per batch [task's batch_size].")
+@click.option(
+    "--workers", type=click.IntRange(min=0), default=None, help="Tile-reading worker processes [cores - 1, at least 1]."
+)
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@slide_mpp_option
+@backend_option
+@config_option
+@set_option
+def predict(
+    slide_path: str,
+    out_dir: str,
+    task: str,
+    model_path: str | None,
+    device: str,
+    batch_size: int | None,
+    workers: int | None,
+    progress: bool,
+    slide_mpp: float | None,
+    backend: str | None,
+    config_path: str | None,
+    overrides: tuple[str, ...],
+) -> None:
+    """Run one task over SLIDE's tiles: OUT/<slide_id>/heatmaps.zarr/<class> (OME-Zarr) and tissue."""
+    from ..engine import default_workers
+    from ..stages import predict_stage
+    from ..tasks import get_task
+
+    cfg = run_config(config_path, overrides, backend)
+    get_task(task, "--task")
+    with Slide(slide_path, mpp=slide_mpp, backend=cfg.slide.backend) as slide:
+        result = predict_stage(
+            slide,
+            cfg,
+            task,
+            SlideLayout(Path(out_dir) / slide.slide_id),
+            model_path=model_path,
+            device=device,
+            batch_size=batch_size,
+            workers=default_workers() if workers is None else workers,
+            progress=progress,
+        )
+    read = result["timings"]["reads"][0]
+    click.echo(
+        f"{slide.slide_id}: {result['tiles']} tiles with {result['model']} on {read['device']} in "
+        f"{read['seconds']:.1f} s ({read['tiles_per_s'] or 0:.1f} tiles/s)"
+    )
+    for name in result["heatmaps"]:
+        click.echo(f"  heatmap  {result['store'] / name}")
+
+
+@click.command()
+@click.argument("slides", nargs=-1)
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Output folder.")
+@click.option(
+    "--slide-list",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="A file with one slide path per line (added to SLIDES).",
+)
+@click.option("--tasks", default=None, help="Comma-separated tasks to run [every enabled task].")
+@device_option
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="Tile-reading processes [cores - 1].")
+@click.option("--overwrite", is_flag=True, help="Redo slides whose outputs are complete and compatible.")
+@click.option("--default-mpp", type=float, default=None, help="µm/px for slides that record none.")
+@click.option(
+    "--mpp-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="CSV with columns slide,mpp: per-slide µm/px that override the files.",
+)
+@click.option(
+    "--dask-scheduler",
+    default=None,
+    metavar="ADDRESS",
+    help="Run post-processing on an existing dask scheduler (tcp://host:port) [a local one].",
+)
+@click.option(
+    "--shard",
+    default=None,
+    metavar="I/N",
+    help="Process only shard I of N (0-based, round-robin over the sorted slide list).",
+)
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@backend_option
+@config_option
+@set_option
+def run(
+    slides: tuple[str, ...],
+    out_dir: str,
+    slide_list: str | None,
+    tasks: str | None,
+    device: str,
+    workers: int | None,
+    overwrite: bool,
+    default_mpp: float | None,
+    mpp_file: str | None,
+    dask_scheduler: str | None,
+    shard: str | None,
+    progress: bool,
+    backend: str | None,
+    config_path: str | None,
+    overrides: tuple[str, ...],
+) -> None:
+    """Run the pipeline on SLIDES (files, folders, glob patterns): see docs/outputs.md for what OUT holds."""
+    from ..batch import parse_shard, read_slide_list, run_batch, select_tasks, summary_table
+    from ..engine import default_workers
+
+    inputs = [*slides, *(read_slide_list(slide_list) if slide_list else [])]
+    if not inputs:
+        raise ConfigError("give slides (files, folders or glob patterns) or --slide-list FILE")
+    cfg = run_config(config_path, overrides, backend)
+
+    def report(outcome: SlideOutcome) -> None:
+        text = f"{outcome.slide_id}: {outcome.status} ({outcome.seconds:.1f} s)"
+        click.echo(text + (f" — {outcome.error}" if outcome.error else ""), err=outcome.status == "failed")
+
+    result = run_batch(
+        inputs,
+        Path(out_dir),
+        cfg,
+        select_tasks(cfg, tasks),
+        device=device,
+        workers=default_workers() if workers is None else workers,
+        overwrite=overwrite,
+        default_mpp=default_mpp,
+        mpp_file=mpp_file,
+        progress=progress,
+        shard=parse_shard(shard) if shard else None,
+        dask_scheduler=dask_scheduler,
+        on_slide=report,
+    )
+    click.echo(summary_table(result))
+    listing = "shards/manifest-*.csv; merge with `wsi-pipeline gather`" if shard else "manifest.csv, cohort_summary.csv"
+    click.echo(f"outputs in {Path(out_dir).resolve()} ({listing}, <slide_id>/)")
+    sys.exit(result.exit_code)

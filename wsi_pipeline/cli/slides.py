@@ -1,0 +1,169 @@
+"""Commands on one slide: info, synth, tissue, tiles."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import MissingMppError
+from ..layout import SlideLayout
+from ..slide import Slide
+from .common import backend_option, config_option, run_config, set_option, slide_mpp_option
+
+
+@click.command()
+@click.argument("slide_path", metavar="SLIDE", type=click.Path())
+@click.option(
+    "--mpp",
+    "--slide-mpp",
+    "mpp",
+    type=float,
+    default=None,
+    help="µm/px of level 0, overriding the slide's metadata.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@click.option("--backend", default="auto", show_default=True, help="Slide reader backend (auto, openslide, ...).")
+def info(slide_path: str, mpp: float | None, as_json: bool, backend: str) -> None:
+    """Geometry, levels, µm/px (and where it came from), bounds and associated images of SLIDE."""
+    with Slide(slide_path, mpp=mpp, backend=backend) as slide:
+        data = slide.info()
+    click.echo(json.dumps(data, indent=2) if as_json else format_info(data))
+    if data["mpp"] is None:
+        raise MissingMppError(
+            f"{slide_path}: the slide records no µm/px; give it with --mpp (or --slide-mpp), "
+            "e.g. --mpp 0.25 for 40x, 0.5 for 20x"
+        )
+
+
+def format_info(d: dict[str, Any]) -> str:
+    mpp = d["mpp"]
+    mpp_text = "unknown (give --mpp)" if mpp is None else f"{mpp['x']:.4f} x {mpp['y']:.4f} µm/px ({mpp['source']})"
+    b = d["bounds"]
+    lines = [
+        f"slide        {d['path']}",
+        f"slide_id     {d['slide_id']}",
+        f"reader       {d['backend']}",
+        f"vendor       {d['vendor']}",
+        f"dimensions   {d['dimensions'][0]} x {d['dimensions'][1]} px",
+        f"mpp          {mpp_text}",
+        f"objective    {d['objective_power'] if d['objective_power'] is not None else 'unknown'}",
+        f"bounds       x={b['x']} y={b['y']} {b['width']} x {b['height']}",
+        f"associated   {', '.join(d['associated_images']) or 'none'}",
+        f"levels       {d['level_count']}",
+    ]
+    lines += [
+        f"  level {lv['level']}: {lv['width']} x {lv['height']}  downsample {lv['downsample']:.4f}"
+        for lv in d["levels"]
+    ]
+    return "\n".join(lines)
+
+
+@click.command()
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--width", type=click.IntRange(min=64), default=8000, show_default=True)
+@click.option("--height", type=click.IntRange(min=64), default=6000, show_default=True)
+@click.option(
+    "--mpp", type=click.FloatRange(min=0.05, max=20), default=0.5, show_default=True, help="µm/px of level 0."
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--figures",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Number of round dark figures planted in the tissue.",
+)
+@click.option("--pen/--no-pen", default=False, show_default=True, help="Draw a green pen stroke on the glass.")
+def synth(out: str, width: int, height: int, mpp: float, seed: int, figures: int, pen: bool) -> None:
+    """Write a synthetic pyramidal Aperio TIFF with known tissue (and OUT's .truth.json)."""
+    from ..synth import default_layout, truth_path, write_synthetic_slide
+
+    spec = default_layout(width, height, mpp, seed=seed, n_figures=figures, pen=pen)
+    path = write_synthetic_slide(out, spec)
+    click.echo(f"wrote {path} ({width} x {height} px at {mpp} µm/px); truth in {truth_path(path)}")
+
+
+@click.command()
+@click.argument("slide_path", metavar="SLIDE", type=click.Path())
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Output folder.")
+@slide_mpp_option
+@backend_option
+@config_option
+@set_option
+def tissue(
+    slide_path: str,
+    out_dir: str,
+    slide_mpp: float | None,
+    backend: str | None,
+    config_path: str | None,
+    overrides: tuple[str, ...],
+) -> None:
+    """Detect tissue: OUT/<slide_id>/tissue.geojson, tissue_mask.png, overview.png, tissue.json."""
+    from ..stages import tissue_stage
+
+    cfg = run_config(config_path, overrides, backend)
+    with Slide(slide_path, mpp=slide_mpp, backend=cfg.slide.backend) as slide:
+        result = tissue_stage(slide, cfg.tissue, SlideLayout(Path(out_dir) / slide.slide_id))
+    s = result.summary
+    click.echo(
+        f"{s['slide_id']}: {s['regions']} tissue region(s), {s['area_mm2']:.3f} mm² (mask at {s['mask_mpp']:.2f} µm/px)"
+    )
+    for kind, path in result.files.items():
+        click.echo(f"  {kind:9s} {path}")
+
+
+@click.command()
+@click.argument("slide_path", metavar="SLIDE", type=click.Path())
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Output folder.")
+@click.option(
+    "--task", default=None, help="Plan the tiles `run` reads for this task (configured values, else the model card's)."
+)
+@click.option("--mpp", type=float, default=None, help="Target µm/px of the tiles.")
+@click.option("--tile-px", type=int, default=None, help="Tile edge in px at the target µm/px.")
+@click.option("--overlap-px", type=int, default=None, help="Overlap between neighbouring tiles in px [0].")
+@click.option("--min-tissue", type=float, default=None, help="Keep tiles with at least this tissue fraction [0.1].")
+@slide_mpp_option
+@backend_option
+@config_option
+@set_option
+def tiles(
+    slide_path: str,
+    out_dir: str,
+    task: str | None,
+    mpp: float | None,
+    tile_px: int | None,
+    overlap_px: int | None,
+    min_tissue: float | None,
+    slide_mpp: float | None,
+    backend: str | None,
+    config_path: str | None,
+    overrides: tuple[str, ...],
+) -> None:
+    """Plan tiles at a target µm/px: OUT/<slide_id>/tiles-<name>.json (+ .geojson for QuPath, .png)."""
+    from ..stages import tile_request, tiles_stage
+    from ..tissue import detect_tissue
+
+    cfg = run_config(config_path, overrides, backend)
+    want = tile_request(cfg, task, mpp, tile_px, overlap_px, min_tissue)
+    with Slide(slide_path, mpp=slide_mpp, backend=cfg.slide.backend) as slide:
+        plan, files = tiles_stage(
+            slide,
+            detect_tissue(slide, cfg.tissue),
+            SlideLayout(Path(out_dir) / slide.slide_id),
+            want.name,
+            mpp=want.mpp,
+            tile_px=want.tile_px,
+            overlap_px=want.overlap_px,
+            min_tissue=want.min_tissue,
+            tissue_params=cfg.tissue,
+        )
+    n_cols, n_rows = plan.grid
+    click.echo(
+        f"{slide.slide_id}: {len(plan)} of {n_cols * n_rows} tiles kept ({n_cols} x {n_rows} grid, "
+        f"{want.tile_px} px at {want.mpp:g} µm/px, overlap {want.overlap_px} px, min tissue {want.min_tissue:g})"
+    )
+    for kind, path in files.items():
+        click.echo(f"  {kind:8s} {path}")

@@ -1,0 +1,230 @@
+"""Commands that make and measure models: train and evaluate. Settings are validated by `TrainSettings`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+from click.core import ParameterSource
+
+GROUP_PATTERN = r"(CRC-Prim-HE-\d+)"
+group_pattern_option = click.option(
+    "--group-pattern",
+    default=None,
+    help="Regex whose first group names a tile's source image (the split and --held-out use it); '' = each tile "
+    f"alone [{GROUP_PATTERN}]. Annotated slides, AMi-Br and MITOS-2012 data are grouped by slide / field whatever "
+    "it says.",
+)
+class_option = click.option(
+    "--class",
+    "classes",
+    multiple=True,
+    metavar="NAME=FOLDER[,FOLDER]",
+    help="An output class and the folders it is made of (default: one class per folder).",
+)
+
+# Options of `train` that are training settings (TrainSettings fields): recipe / --set values, the command line wins.
+SETTING_OPTIONS = (
+    "classes",
+    "arch",
+    "arch_args",
+    "tile_px",
+    "mpp",
+    "epochs",
+    "lr",
+    "batch_size",
+    "schedule",
+    "select",
+    "patience",
+    "val_fraction",
+    "val_data",
+    "group_pattern",
+    "seed",
+    "device",
+    "workers",
+    "describe",
+    "freeze_backbone",
+    "init",
+)
+
+
+def given_options(ctx: click.Context, values: dict[str, Any]) -> dict[str, Any]:
+    """The setting options the user typed (not click's defaults)."""
+    typed = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    return {k: values[k] for k in SETTING_OPTIONS if ctx.get_parameter_source(k) in typed}
+
+
+@click.command()
+@click.argument("task")
+@click.argument("data", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True))
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Model folder.")
+@click.option(
+    "-c",
+    "--config",
+    "recipe",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="A training recipe (YAML of settings by option name, e.g. configs/models/metastasis.yaml).",
+)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe setting.")
+@class_option
+@click.option("--arch", default=None, help="Architecture (registry or torchvision name) [small_cnn; dense_fcn].")
+@click.option(
+    "--arch-arg",
+    "arch_args",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="An argument of the architecture, e.g. --arch-arg width=16 --arch-arg blocks=4.",
+)
+@click.option("--tile-px", type=int, default=None, help="Tile size of the data (px) [dense tasks: 96].")
+@click.option("--mpp", type=float, default=None, help="µm/px of the data [dense tasks: 0.25].")
+@click.option("--epochs", type=int, default=None, help="[20]")
+@click.option("--lr", type=float, default=None, help="[0.001]")
+@click.option("--batch-size", type=int, default=None, help="[32]")
+@click.option("--schedule", type=click.Choice(["cosine", "constant"]), default=None, help="Learning rate [cosine].")
+@click.option(
+    "--select",
+    type=click.Choice(["best", "last"]),
+    default=None,
+    help="Keep the epoch with the best validation metric (ROC AUC for two classes, balanced accuracy for more, "
+    "detection F1 for mitosis), or the last epoch (then validation data only measures, it never chooses) [best].",
+)
+@click.option("--patience", type=int, default=None, help="Stop after this many epochs without improvement [5].")
+@click.option("--val-fraction", type=float, default=None, help="Share of source images for validation [0.25].")
+@click.option(
+    "--val-data",
+    type=click.Path(file_okay=False, exists=True),
+    default=None,
+    help="A separate validation folder (e.g. PCam's valid/, split by slide) instead of a split of DATA.",
+)
+@group_pattern_option
+@click.option("--seed", type=int, default=None, help="[0]")
+@click.option("--device", default=None, help="[auto]")
+@click.option("--workers", type=int, default=None, help="Data-loading processes [1].")
+@click.option(
+    "--describe",
+    default=None,
+    help="The training data for the model card: dataset, licence, citation, what the classes mean.",
+)
+@click.option("--freeze-backbone", is_flag=True, default=None, help="Train only the new head.")
+@click.option(
+    "--init",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="Start from a local checkpoint (.safetensors or weights-only .pt).",
+)
+@click.pass_context
+def train(
+    ctx: click.Context,
+    task: str,
+    data: tuple[str, ...],
+    out_dir: str,
+    recipe: str | None,
+    overrides: tuple[str, ...],
+    **options: Any,
+) -> None:
+    """Train a TASK model from DATA folders, split by source image or slide (never by tile).
+
+    Classifiers (epithelium_stroma, metastasis) read folder-per-class tiles; mitosis reads point-annotated images
+    (AMi-Br crops, a points.csv, MITOS-2012 fields as negatives) and learns a dense probability map.
+    """
+    from ..training.commands import train_model
+    from ..training.settings import load_train_settings
+
+    given = given_options(ctx, options)
+    for key in ("classes", "arch_args"):  # multiple options: typed means at least one
+        if key in given and not given[key]:
+            del given[key]
+        elif key in given:
+            given[key] = list(given[key])
+    settings = load_train_settings(task, recipe, overrides, given)
+    card, n_train, n_val = train_model(settings, data, Path(out_dir))
+    click.echo(
+        f"model in {out_dir}: validation {card['metrics']['validation']} "
+        f"(epoch {card['training']['best_epoch']}, {card['metrics']['selected_by']}; {n_train} train / "
+        f"{n_val} validation images, {'validation folder' if settings.val_data else 'split by source'})"
+    )
+
+
+@click.command()
+@click.argument("task")
+@click.argument("model_dir", metavar="MODEL", type=click.Path(file_okay=False, exists=True))
+@click.argument("data", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True))
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Report folder.")
+@class_option
+@click.option("--positive", default=None, help="Class scored by ROC AUC [the model's first class].")
+@click.option(
+    "--held-out",
+    is_flag=True,
+    help="Only the source images / slides the model card lists as validation (never seen in training).",
+)
+@group_pattern_option
+@click.option("--mpp", type=float, default=None, help="µm/px of a points.csv folder's images (mitosis).")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="Mitosis threshold.")
+@click.option("--radius-um", type=click.FloatRange(min=0, min_open=True), default=7.5, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+def evaluate(
+    task: str,
+    model_dir: str,
+    data: tuple[str, ...],
+    out_dir: str,
+    classes: tuple[str, ...],
+    positive: str | None,
+    held_out: bool,
+    group_pattern: str | None,
+    mpp: float | None,
+    threshold: float,
+    radius_um: float,
+    device: str,
+) -> None:
+    """Evaluate a model on labelled DATA; writes OUT/evaluation.json and a curve (roc.png, or froc.png for mitosis).
+
+    Classifiers: balanced accuracy, ROC AUC with a bootstrap 95 % interval, confusion matrix. Mitosis: figure-centre
+    recall, recall, precision and F1 within --radius-um, false detections per crop and per mm² of figure-free field.
+    """
+    from ..training.commands import evaluate_model
+    from ..training.settings import TrainSettings
+
+    class_map = TrainSettings.model_construct(classes=list(classes)).class_map()
+    report = evaluate_model(
+        task,
+        model_dir,
+        data,
+        Path(out_dir),
+        class_map=class_map,
+        positive=positive,
+        held_out=held_out,
+        group_pattern=GROUP_PATTERN if group_pattern is None else group_pattern,
+        mpp=mpp,
+        threshold=threshold,
+        radius_um=radius_um,
+        device=device,
+    )
+    click.echo(_report_line(report, threshold, out_dir))
+
+
+def _report_line(report: dict[str, Any], threshold: float, out_dir: str) -> str:
+    if "at_threshold" in report:
+        at = report["at_threshold"]
+        figures = ", ".join(
+            f"{label} {'n/a' if at[key] is None else format(at[key], '.3f')}"
+            for key, label in (
+                ("centre_recall", "figure-centre recall"),
+                ("recall", "recall"),
+                ("precision", "precision"),
+                ("f1", "F1"),
+                ("false_per_crop", "false per crop"),
+                ("false_per_mm2_figure_free", "false per mm² figure-free"),
+            )
+        )
+        return (
+            f"{report['crops']} images with figures, {report['fields']} figure-free fields at threshold "
+            f"{threshold}: {figures}; report in {out_dir}"
+        )
+    auc = report["roc_auc"]
+    return (
+        f"{report['tiles']} tiles: balanced accuracy {report['balanced_accuracy']:.3f}; ROC AUC "
+        f"({auc['positive']}) {auc['value']:.3f} [95 % CI {auc['ci95'][0]:.3f}, {auc['ci95'][1]:.3f}]; "
+        f"report in {out_dir}"
+    )

@@ -1,0 +1,28 @@
+"""The engine: tile loading (`loader`), batched inference (`run`), stitching into heatmaps (`stitch`), devices.
+
+Knows nothing of OpenSlide (an import contract checks it): it reads tiles through `Slide` and runs models through
+`Predictor`s, so a new reader backend or model format needs no change here.
+"""
+
+from .device import resolve_device
+from .loader import TileDataset, default_workers, make_loader
+from .run import TaskRequest, check_request, predict_slide, read_groups
+from .stitch import STITCHERS, ClassifierStitcher, DenseCrop, DenseStitcher, Stitcher, dense_crop, tile_measurements
+
+__all__ = [
+    "STITCHERS",
+    "ClassifierStitcher",
+    "DenseCrop",
+    "DenseStitcher",
+    "Stitcher",
+    "TaskRequest",
+    "TileDataset",
+    "check_request",
+    "default_workers",
+    "dense_crop",
+    "make_loader",
+    "predict_slide",
+    "read_groups",
+    "resolve_device",
+    "tile_measurements",
+]

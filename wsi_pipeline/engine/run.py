@@ -1,0 +1,150 @@
+"""Batched inference over tile plans (MONAI's inferer): one read feeds every task whose plan reads the same tiles.
+
+Tiles travel from the loader as uint8; each task's `Predictor` normalises and runs its model on the device and its
+`Stitcher` writes the outputs. On CUDA: pinned memory, non-blocking copies, channels_last and bf16 autocast; on the
+CPU, fp32.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from ..memory import HeapTrimmer
+from ..models import LoadedModel, Predictor, make_predictor
+from ..progress import Progress
+from ..slide import Slide
+from ..tiling import TilePlan, TileSpec
+from .loader import make_loader, one_line_worker_errors
+from .stitch import Stitcher, stitcher_class
+
+
+@dataclass
+class TaskRequest:
+    """One task to run: its name, its loaded model and its tile plan."""
+
+    name: str
+    model: LoadedModel
+    plan: TilePlan
+    dtype: str = "float16"
+
+
+def check_request(request: TaskRequest) -> None:
+    """Refuse a plan the model cannot be run on, before any tile is read."""
+    card, spec = request.model.card, request.plan.spec
+    key = f"tasks.{request.name}"
+    if abs(spec.mpp - card.mpp) > 1e-6 * card.mpp:
+        raise ConfigError(f"{key}.mpp is {spec.mpp} but model {card.name} expects {card.mpp} µm/px")
+    stitcher_class(card).check(card, spec, key)
+
+
+def read_groups(requests: Sequence[TaskRequest]) -> list[list[TaskRequest]]:
+    """Tasks whose plans read identical tiles (same spec and kept tiles) share one read."""
+    groups: dict[tuple[TileSpec, int], list[TaskRequest]] = {}
+    for request in requests:
+        groups.setdefault((request.plan.spec, len(request.plan)), []).append(request)
+    return list(groups.values())
+
+
+def predict_slide(
+    slide: Slide,
+    requests: Sequence[TaskRequest],
+    store: Path,
+    *,
+    device: torch.device,
+    batch_size: int = 32,
+    workers: int = 2,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run every request over its plan and write its heatmaps into `store`; returns timings.
+
+    Raises before reading when a model cannot serve its plan; on any failure, partial heatmaps are discarded.
+    """
+    names = [c for request in requests for c in request.model.card.written_classes]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"two tasks write heatmaps named {duplicates}; set heatmap_classes in a model card")
+    for request in requests:
+        check_request(request)
+    timings: dict[str, Any] = {"reads": []}
+    for group in read_groups(requests):
+        plan = group[0].plan
+        stitchers: list[Stitcher] = []
+        started = time.perf_counter()
+        # The workers start (a spawn re-imports torch: seconds on a GPU machine) and read ahead while the models move
+        # to the device and the heatmaps are created.
+        tiles = iter(make_loader(slide, plan, batch_size, workers, device))
+        try:
+            predictors = []
+            for request in group:
+                predictors.append(make_predictor(request.model, device))
+                card = request.model.card
+                stitchers.append(stitcher_class(card)(request.name, card, request.plan, store, request.dtype))
+            names = [r.name for r in group]
+            timings["reads"].append(
+                _run_group(
+                    slide, plan, names, list(zip(predictors, stitchers, strict=True)), tiles, device, progress, started
+                )
+            )
+            for stitcher in stitchers:
+                stitcher.finalize()
+        except BaseException:
+            for stitcher in stitchers:
+                stitcher.abort()
+            raise
+        finally:
+            del tiles  # shuts the workers down now, also on failure
+    return timings
+
+
+def _run_group(
+    slide: Slide,
+    plan: TilePlan,
+    names: list[str],
+    pairs: list[tuple[Predictor, Stitcher]],
+    tiles: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    progress: bool,
+    started: float,
+) -> dict[str, Any]:
+    """Feed every batch of `tiles` to each predictor and its stitcher; `started` is when the group's setup began, so
+    the reported seconds include the loader's start-up."""
+    bar = Progress(len(plan), f"{slide.slide_id} {'+'.join(names)}", enabled=progress)
+    wait_s = compute_s = 0.0
+    heap = HeapTrimmer()  # untrimmed, the freed heap kept a large slide's peak RSS 1007-1199 MB instead of ~803 MB
+    tick = time.perf_counter()
+    setup_s = tick - started
+    with torch.inference_mode(), one_line_worker_errors():
+        for indices, batch in tiles:
+            got = time.perf_counter()
+            wait_s += got - tick
+            on_device = batch.to(device, non_blocking=True)
+            idx: np.ndarray = indices.numpy()
+            last = int(idx[-1])
+            following = last + 1 if last + 1 < len(plan) else None
+            for predictor, stitcher in pairs:
+                stitcher.aggregate(idx, predictor(on_device))
+                stitcher.advance(following)
+            bar.update(len(idx))
+            heap.after_batch()
+            tick = time.perf_counter()
+            compute_s += tick - got
+    bar.close()
+    elapsed = time.perf_counter() - started
+    return {
+        "tasks": names,
+        "tiles": len(plan),
+        "seconds": elapsed,
+        "tiles_per_s": len(plan) / elapsed if elapsed > 0 else None,
+        "setup_s": setup_s,
+        "wait_for_tiles_s": wait_s,
+        "compute_and_write_s": compute_s,
+        "device": str(device),
+    }

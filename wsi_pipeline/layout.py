@@ -1,0 +1,147 @@
+"""The name of every output file and folder of a run and of a slide. No other module builds an output path by hand.
+
+A run folder `OUT/` holds the batch files, the shard files of cluster runs, the locks and one folder per slide;
+see docs/outputs.md for what each file contains.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+# File suffixes of slides: folders are searched for them, and a slide's id is its file name without one.
+SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm")
+TEMPORARY_MARK = ".tmp-"
+
+
+def slide_id_for(path: str | os.PathLike[str]) -> str:
+    """A filesystem-safe name for a slide's output folder (the file name without its extension)."""
+    stem = Path(path).name
+    for ext in SLIDE_EXTENSIONS:
+        if stem.lower().endswith(ext):
+            stem = stem[: -len(ext)]
+            break
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._")
+    return safe or "slide"
+
+
+def temporary_sibling(path: Path, tag: str = "") -> Path:
+    """A hidden name beside `path` for building it; `remove_stale_temporaries` recognises it by the pid in it."""
+    return path.with_name(f".{path.name}{tag}{TEMPORARY_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+@dataclass(frozen=True)
+class SlideLayout:
+    """The files of one slide's folder (final or the temporary one it is built in)."""
+
+    root: Path
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def run_record(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def heatmaps(self) -> Path:
+        return self.root / "heatmaps.zarr"
+
+    def heatmap(self, name: str) -> Path:
+        return self.heatmaps / name
+
+    @property
+    def qupath(self) -> Path:
+        return self.root / "qupath.geojson"
+
+    @property
+    def qupath_gz(self) -> Path:
+        return self.root / "qupath.geojson.gz"
+
+    @property
+    def overview(self) -> Path:
+        return self.root / "overview.png"
+
+    @property
+    def tissue_geojson(self) -> Path:
+        return self.root / "tissue.geojson"
+
+    @property
+    def tissue_mask(self) -> Path:
+        return self.root / "tissue_mask.png"
+
+    @property
+    def tissue_summary(self) -> Path:
+        return self.root / "tissue.json"
+
+    def tiles(self, name: str, kind: str) -> Path:
+        """`tiles-<name>.json` (the plan), `.geojson` (QuPath tiles) or `.png` (overview)."""
+        return self.root / f"tiles-{name}.{kind}"
+
+    def table(self, file_name: str) -> Path:
+        """A task's own table of objects (e.g. the mitosis task's `mitoses.csv`)."""
+        return self.root / file_name
+
+
+def heatmap_temporary(store: Path, name: str) -> Path:
+    """Where heatmap `name` of `store` is built before it is renamed into the store."""
+    return temporary_sibling(store, f".{name}")
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The files of a run folder `OUT/`."""
+
+    root: Path
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.csv"
+
+    @property
+    def cohort(self) -> Path:
+        return self.root / "cohort_summary.csv"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
+
+    def shard_lock(self, shard: tuple[int, int]) -> Path:
+        return self.root / f".lock-shard-{shard[0]}-of-{shard[1]}"
+
+    @property
+    def shards(self) -> Path:
+        return self.root / "shards"
+
+    @property
+    def submitted_list(self) -> Path:
+        """The slide list a `submit` sharded (fixed at submission)."""
+        return self.shards / "slides.txt"
+
+    @property
+    def logs(self) -> Path:
+        return self.shards / "logs"
+
+    def submit_folder(self, stamp: str) -> Path:
+        return self.shards / f"submit-{stamp}"
+
+    def shard_manifests(self) -> list[Path]:
+        return sorted(self.shards.glob("manifest-*.csv"))
+
+    def batch_files(self, shard: tuple[int, int] | None) -> tuple[Path, Path]:
+        """(manifest, cohort table) a run writes: OUT's own, or its shard's under OUT/shards/."""
+        if shard is None:
+            return self.manifest, self.cohort
+        tag = f"{shard[0]}-of-{shard[1]}"
+        return self.shards / f"manifest-{tag}.csv", self.shards / f"cohort_summary-{tag}.csv"
+
+    def slide(self, slide_id: str) -> SlideLayout:
+        return SlideLayout(self.root / slide_id)
+
+    def slide_temporary(self, slide_id: str) -> SlideLayout:
+        """A hidden folder a slide is built in; renamed to `slide(slide_id)` when complete."""
+        return SlideLayout(temporary_sibling(self.root / slide_id))

@@ -1,0 +1,26 @@
+"""Slide reading: a `SlideReader` protocol with registered backends, and the `Slide` facade the pipeline uses.
+
+Knows nothing of torch (an import contract checks it). Modules: `reader` (protocol + registry), `backends/`
+(one module per library), `mpp` (µm/px and its source), `resample` (regions at any µm/px), `integrity`
+(truncation checks), `facade` (`Slide`).
+"""
+
+from ..layout import SLIDE_EXTENSIONS, slide_id_for
+from .facade import Bounds, Slide
+from .integrity import check_tiff_complete
+from .mpp import Mpp
+from .reader import SlideReader, backend_names, check_backend_name, open_reader, register_backend
+
+__all__ = [
+    "SLIDE_EXTENSIONS",
+    "Bounds",
+    "Mpp",
+    "Slide",
+    "SlideReader",
+    "backend_names",
+    "check_backend_name",
+    "check_tiff_complete",
+    "open_reader",
+    "register_backend",
+    "slide_id_for",
+]

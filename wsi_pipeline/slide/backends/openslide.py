@@ -1,0 +1,92 @@
+"""The OpenSlide backend: every format OpenSlide reads (SVS, NDPI, MRXS, SCN, generic tiled TIFF, DICOM, ...)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openslide
+from PIL import Image
+
+from ...errors import SlideUnreadableError
+from ..integrity import check_tiff_complete, is_tiff
+from ..reader import register_backend
+
+
+class OpenSlideReader:
+    """`SlideReader` over openslide-python; the handle is opened lazily in each process."""
+
+    backend = "openslide"
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._handle: openslide.OpenSlide | None = None
+        self._pid: int | None = None
+        osr = self._osr  # opens, mapping OpenSlide's errors to ours
+        self.level_dimensions: tuple[tuple[int, int], ...] = tuple(osr.level_dimensions)
+        self.level_downsamples: tuple[float, ...] = tuple(float(d) for d in osr.level_downsamples)
+        self.properties: dict[str, str] = dict(osr.properties)
+        self.associated_images: tuple[str, ...] = tuple(sorted(osr.associated_images.keys()))
+
+    @property
+    def _osr(self) -> openslide.OpenSlide:
+        if self._handle is None or self._pid != os.getpid():
+            try:
+                self._handle = openslide.OpenSlide(str(self.path))
+            except openslide.OpenSlideUnsupportedFormatError as exc:
+                if is_tiff(self.path):
+                    check_tiff_complete(self.path)
+                raise SlideUnreadableError(
+                    f"{self.path}: OpenSlide does not recognise this file format; convert it to a pyramidal TIFF "
+                    "(e.g. with `vips tiffsave --tile --pyramid`) or check that it is a slide"
+                ) from exc
+            except openslide.OpenSlideError as exc:
+                if is_tiff(self.path):
+                    check_tiff_complete(self.path)
+                raise SlideUnreadableError(
+                    f"{self.path}: OpenSlide cannot read this file ({exc}); re-export or convert the slide "
+                    "to a format OpenSlide supports (e.g. pyramidal TIFF)"
+                ) from exc
+            self._pid = os.getpid()
+        return self._handle
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_handle"] = None
+        state["_pid"] = None
+        return state
+
+    def read_level(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        try:
+            rgba = self._osr.read_region((x, y), level, (width, height))
+        except openslide.OpenSlideError as exc:
+            raise SlideUnreadableError(
+                f"{self.path}: reading level {level} at ({x}, {y}) failed ({exc}); the file is damaged — "
+                "copy it again from its source"
+            ) from exc
+        return np.asarray(_on_white(rgba))
+
+    def read_associated(self, name: str) -> np.ndarray:
+        return np.asarray(_on_white(self._osr.associated_images[name]))
+
+    def close(self) -> None:
+        if self._handle is not None and self._pid == os.getpid():
+            self._handle.close()
+        self._handle = None
+
+
+def _on_white(rgba: Image.Image) -> Image.Image:
+    """Composite OpenSlide's (non-premultiplied) RGBA onto white; returns RGB."""
+    if rgba.mode != "RGBA":
+        return rgba.convert("RGB")
+    alpha = rgba.getchannel("A")
+    if alpha.getextrema() == (255, 255):
+        return rgba.convert("RGB")
+    white = Image.new("RGB", rgba.size, (255, 255, 255))
+    white.paste(rgba.convert("RGB"), mask=alpha)
+    return white
+
+
+register_backend("openslide", OpenSlideReader, priority=0)

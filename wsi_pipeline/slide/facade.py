@@ -1,0 +1,167 @@
+"""`Slide`: the one object the pipeline holds for a slide file, a thin facade over a `SlideReader`.
+
+It adds what every backend shares: the µm/px with its source, bounds, regions at a target µm/px, the integrity
+check and the `info` report. Knows nothing of torch; pickles into tile-reading workers with its reader.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import MissingMppError, SlideNotFoundError
+from ..layout import slide_id_for
+from .integrity import check_tiff_complete, is_tiff
+from .mpp import Mpp, mpp_from_properties, plausible
+from .reader import SlideReader, open_reader
+from .resample import best_level, read_resampled
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The non-empty region of a slide in level-0 px (`openslide.bounds-*`); QuPath's origin is its corner."""
+
+    x: int
+    y: int
+    width: int
+    height: int
+
+
+class Slide:
+    """A whole-slide image: geometry, µm/px with its source, and region reads at a target µm/px."""
+
+    def __init__(
+        self, path: str | os.PathLike[str], mpp: float | None = None, *, check: bool = True, backend: str = "auto"
+    ) -> None:
+        self.path = Path(path)
+        self._mpp_override = mpp
+        if not self.path.exists():
+            raise SlideNotFoundError(f"{self.path}: no such file; check the path (and that the share is mounted)")
+        if not self.path.is_file():
+            raise SlideNotFoundError(f"{self.path} is not a file; give a slide file (or a folder to `run`)")
+        if mpp is not None and not (mpp > 0 and plausible(mpp)):
+            raise MissingMppError(f"µm/px {mpp} is not plausible; give the scan's µm/px, e.g. 0.25 for 40x")
+        self.reader: SlideReader = open_reader(self.path, backend)
+        self.level_dimensions = self.reader.level_dimensions
+        self.level_downsamples = self.reader.level_downsamples
+        self.dimensions: tuple[int, int] = self.level_dimensions[0]
+        self.level_count: int = len(self.level_dimensions)
+        self.properties: dict[str, str] = dict(self.reader.properties)
+        self.associated_images: tuple[str, ...] = self.reader.associated_images
+        if check and is_tiff(self.path):
+            check_tiff_complete(self.path)
+
+    def with_mpp(self, mpp: float) -> Slide:
+        """The same slide (same reader, nothing reopened) with its µm/px overridden."""
+        clone = object.__new__(Slide)
+        clone.__dict__.update(self.__dict__)
+        if not (mpp > 0 and plausible(mpp)):
+            raise MissingMppError(f"µm/px {mpp} is not plausible; give the scan's µm/px, e.g. 0.25 for 40x")
+        clone._mpp_override = mpp
+        return clone
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- geometry --------------------------------------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        return self.reader.backend
+
+    @property
+    def slide_id(self) -> str:
+        return slide_id_for(self.path)
+
+    @property
+    def vendor(self) -> str | None:
+        return self.properties.get("openslide.vendor")
+
+    @property
+    def objective_power(self) -> float | None:
+        value = self.properties.get("openslide.objective-power")
+        try:
+            return float(value) if value is not None else None
+        except ValueError:
+            return None
+
+    @property
+    def bounds(self) -> Bounds:
+        p = self.properties
+        if "openslide.bounds-x" in p:
+            return Bounds(
+                int(p["openslide.bounds-x"]),
+                int(p["openslide.bounds-y"]),
+                int(p["openslide.bounds-width"]),
+                int(p["openslide.bounds-height"]),
+            )
+        return Bounds(0, 0, *self.dimensions)
+
+    @property
+    def mpp_or_none(self) -> Mpp | None:
+        if self._mpp_override is not None:
+            return Mpp(self._mpp_override, self._mpp_override, "override")
+        return mpp_from_properties(self.properties)
+
+    @property
+    def mpp(self) -> Mpp:
+        found = self.mpp_or_none
+        if found is None:
+            raise MissingMppError(
+                f"{self.path}: the slide records no µm/px (no openslide.mpp-x, no TIFF resolution tags); "
+                "give it with --slide-mpp (e.g. --slide-mpp 0.25 for 40x, 0.5 for 20x)"
+            )
+        return found
+
+    def best_level(self, downsample: float) -> int:
+        """The coarsest level whose resolution is at least as fine as `downsample` (with 1 % slack)."""
+        return best_level(self.level_downsamples, downsample)
+
+    # --- pixels ----------------------------------------------------------------------------------------------
+    def read_region(self, x: int, y: int, width: int, height: int, mpp: float) -> np.ndarray:
+        """RGB uint8 (height, width, 3) at `mpp` µm/px whose top-left corner is level-0 pixel (x, y).
+
+        Reads from the best level and resamples (area average when shrinking, bicubic when enlarging);
+        transparent and out-of-bounds pixels become white.
+        """
+        slide_mpp = self.mpp
+        return read_resampled(self.reader, x, y, width, height, (mpp / slide_mpp.x, mpp / slide_mpp.y))
+
+    def thumbnail(self, mpp: float) -> np.ndarray:
+        """The bounded region of the slide at `mpp` µm/px (RGB uint8)."""
+        b = self.bounds
+        slide_mpp = self.mpp
+        width = max(1, round(b.width * slide_mpp.x / mpp))
+        height = max(1, round(b.height * slide_mpp.y / mpp))
+        return self.read_region(b.x, b.y, width, height, mpp)
+
+    def info(self) -> dict[str, Any]:
+        """Everything `wsi-pipeline info` reports, JSON-serialisable."""
+        mpp = self.mpp_or_none
+        b = self.bounds
+        return {
+            "path": str(self.path),
+            "slide_id": self.slide_id,
+            "backend": self.backend,
+            "vendor": self.vendor,
+            "dimensions": list(self.dimensions),
+            "level_count": self.level_count,
+            "levels": [
+                {"level": i, "width": w, "height": h, "downsample": ds}
+                for i, ((w, h), ds) in enumerate(zip(self.level_dimensions, self.level_downsamples, strict=True))
+            ],
+            "mpp": None if mpp is None else {"x": mpp.x, "y": mpp.y, "source": mpp.source},
+            "objective_power": self.objective_power,
+            "bounds": {"x": b.x, "y": b.y, "width": b.width, "height": b.height},
+            "associated_images": list(self.associated_images),
+            "file_bytes": self.path.stat().st_size,
+        }

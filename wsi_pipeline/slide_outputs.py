@@ -1,0 +1,100 @@
+"""A slide's exports assembled from finished artefacts and the tasks' results: QuPath objects, point tables and
+the overview picture. The exporters themselves (`export/`) know nothing of tasks."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import shapely
+
+from .atomic import write_text
+from .engine import TaskRequest, tile_measurements
+from .export.overlay import Overview, draw_points, heat_overlay
+from .export.qupath import TISSUE_COLOR, feature, object_id, tile_features, tissue_features
+from .heatmap import open_heatmap
+from .layout import SlideLayout
+from .tasks import TaskResult, get_task
+from .tasks.common import region_level
+from .tissue import TissueMask
+
+
+def qupath_features(
+    slide_id: str,
+    tissue: TissueMask,
+    results: dict[str, TaskResult],
+    requests: list[TaskRequest],
+    out: SlideLayout,
+    offset: tuple[float, float],
+) -> Iterator[dict[str, Any]]:
+    """Everything QuPath should show, one feature at a time (see docs/outputs.md): tissue and regions as
+    annotations, points as detections, every analysed tile as a `tile` with the task's probabilities."""
+    yield from tissue_features(slide_id, tissue.polygons, tissue.slide_mpp, offset)
+    for result in results.values():
+        for region in result.regions:
+            yield feature(
+                region.polygon,
+                "annotation",
+                object_id_=region.object_id,
+                class_name=region.cls,
+                color=region.colour,
+                measurements=region.measurements,
+                offset=offset,
+            )
+    for result in results.values():
+        for points in result.points:
+            for i, (x, y, p) in enumerate(points.xyp.tolist()):
+                yield feature(
+                    shapely.Point(x, y),
+                    "detection",
+                    object_id_=object_id(slide_id, points.kind, i),
+                    class_name=points.cls,
+                    color=points.colour,
+                    measurements={points.measurement: p},
+                    offset=offset,
+                )
+    for request in requests:
+        card, plan = request.model.card, request.plan
+        heats = {c: open_heatmap(out.heatmap(c)) for c in card.written_classes}
+        tiles = (
+            (int(plan.cols[i]), int(plan.rows[i]), float(plan.x[i]), float(plan.y[i]), measurements)
+            for i, measurements in tile_measurements(plan, card, heats)
+        )
+        yield from tile_features(slide_id, request.name, tiles, plan.tile_size_level0, offset)
+
+
+def write_point_tables(out: SlideLayout, results: dict[str, TaskResult], offset: tuple[float, float]) -> None:
+    """Each task with a point table (mitosis: mitoses.csv) writes its first point set in QuPath coordinates."""
+    for name, result in results.items():
+        table = get_task(name).point_table
+        if table is None:
+            continue
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["x", "y", "probability"])
+        for x, y, p in result.points[0].xyp.tolist() if result.points else []:
+            writer.writerow([f"{x - offset[0]:.2f}", f"{y - offset[1]:.2f}", f"{p:.4f}"])
+        write_text(out.table(table), buffer.getvalue())
+
+
+def write_overview(out: SlideLayout, tissue: TissueMask, results: dict[str, TaskResult]) -> None:
+    """The thumbnail with every task's heatmap overlay, the tissue outline, regions and (drawn) points."""
+    overview = Overview(tissue.thumbnail, tissue.origin, tissue.scale)
+    for result in results.values():
+        if result.overlay is not None:
+            name = result.overlay.heatmap
+            values, origin, scale = region_level(open_heatmap(out.heatmap(name)), name)
+            heat_overlay(overview, values, origin, scale, result.overlay.colour)
+    overview.outline(tissue.geometry, TISSUE_COLOR)
+    for result in results.values():
+        for region in result.regions:
+            overview.outline(region.polygon, region.colour)
+    for result in results.values():
+        for points in result.points:
+            if points.drawn and len(points.xyp):
+                xyp = np.asarray(points.xyp)
+                draw_points(overview, xyp[:, 0], xyp[:, 1], points.colour)
+    overview.save(out.overview)

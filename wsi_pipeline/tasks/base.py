@@ -1,0 +1,119 @@
+"""What a task is: its configuration model, and the objects and figures it makes of its finished heatmaps.
+
+A task never reads a slide or runs a model: the engine has written its heatmaps when `postprocess` is called, and
+the pipeline turns the returned `TaskResult` into summary.json entries, cohort columns, QuPath objects and overlays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+import shapely
+from pydantic import Field, model_validator
+
+from ..models.card import ModelCard
+from ..schema import StrictModel
+
+Colour = tuple[int, int, int]
+
+
+class TaskConfig(StrictModel):
+    """One analysis task: where it reads (µm/px, tile size, overlap) and how its outputs are thresholded.
+
+    `mpp` and `tile_px` default to the model card's: a model only works at the resolution it was trained at, and a
+    classifier only on its own tile size, so a value that disagrees with the card is refused before any tile is read.
+    Dense (fully convolutional) models may run on larger tiles than they were trained on.
+    """
+
+    enabled: bool = True
+    mpp: float | None = Field(None, gt=0, le=64, description="µm/px the model sees; null = the model card's")
+    tile_px: int | None = Field(
+        None, gt=0, le=8192, description="tile edge in px at `mpp`; null = the model card's (dense: may be larger)"
+    )
+    overlap_px: int = Field(0, ge=0, description="overlap between neighbouring tiles in px at `mpp`")
+    min_tissue: float = Field(0.1, ge=0, le=1, description="tiles with a smaller tissue fraction are skipped")
+    batch_size: int = Field(64, gt=0, le=4096)
+    model: str | None = Field(None, description="path to a model directory; None = the shipped default")
+    threshold: float = Field(0.5, ge=0, le=1, description="probability above which a pixel/tile is positive")
+
+    @model_validator(mode="after")
+    def _overlap_fits(self) -> TaskConfig:
+        if self.tile_px is not None and self.overlap_px >= self.tile_px:
+            raise ValueError(f"overlap_px ({self.overlap_px}) must be smaller than tile_px ({self.tile_px})")
+        return self
+
+
+@dataclass
+class RegionObject:
+    """A region for QuPath (an annotation) and the overview: level-0 px of the slide (OpenSlide coordinates)."""
+
+    cls: str
+    colour: Colour
+    object_id: str
+    polygon: shapely.Geometry
+    measurements: dict[str, float]
+
+
+@dataclass
+class PointObjects:
+    """Points for QuPath (detections): `xyp` rows are level-0 x, y (OpenSlide coordinates) and a probability."""
+
+    kind: str  # the id namespace, e.g. "mitosis"
+    cls: str
+    colour: Colour
+    measurement: str  # the measurement name of the probability
+    xyp: np.ndarray  # (N, 3) float64
+    drawn: bool = True  # marked on the overview
+
+
+@dataclass
+class Overlay:
+    """A heatmap to blend over the overview: its name in heatmaps.zarr and a colour."""
+
+    heatmap: str
+    colour: Colour
+
+
+@dataclass
+class TaskResult:
+    summary: dict[str, Any]
+    regions: list[RegionObject] = field(default_factory=list)
+    points: list[PointObjects] = field(default_factory=list)
+    overlay: Overlay | None = None
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """What a task's post-processing may use: its finished heatmaps and the slide's geometry."""
+
+    task: str
+    slide_id: str
+    card: ModelCard
+    config: Any  # the task's own TaskConfig subclass
+    heatmaps: Path  # the heatmaps.zarr store
+    slide_mpp: tuple[float, float]  # (x, y) µm per level-0 px
+    tissue_mm2: float
+
+    def heatmap_path(self, name: str) -> Path:
+        return self.heatmaps / name
+
+
+class Task(Protocol):
+    """A registered analysis task (see docs/architecture.md, "Adding a task")."""
+
+    name: str
+    config_model: ClassVar[type[TaskConfig]] | type[TaskConfig]
+    cohort_columns: tuple[str, ...]  # summary keys written to cohort_summary.csv as <name>_<key>
+    point_table: str | None  # file name of a CSV of its first point set (e.g. mitoses.csv), or None
+    model_kind: str  # "classifier" or "dense": the kind of model `train` makes for the task
+
+    def default_config(self) -> TaskConfig: ...
+
+    def default_model(self) -> Path | None:
+        """The model folder used when `tasks.<name>.model` is not set (None: the user must set it)."""
+        ...
+
+    def postprocess(self, context: TaskContext) -> TaskResult: ...

@@ -1,0 +1,50 @@
+"""Epithelium / stroma: per-class probability maps of a patch classifier; regions of each class and their areas."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..heatmap import open_heatmap
+from ..models.loading import default_model_dir
+from .base import Overlay, RegionObject, TaskConfig, TaskContext, TaskResult
+from .common import region_level, region_objects, regions_of
+from .registry import register_task
+
+CLASSES = (("epithelium", "Epithelium", (150, 0, 200)), ("stroma", "Stroma", (230, 150, 0)))
+
+
+class EpitheliumStromaTask:
+    name = "epithelium_stroma"
+    config_model = TaskConfig
+    cohort_columns = ("epithelium_area_mm2", "stroma_area_mm2", "epithelium_fraction")
+    model_kind = "classifier"  # what `train` makes for it
+    point_table = None
+
+    def default_config(self) -> TaskConfig:
+        return TaskConfig(overlap_px=0, min_tissue=0.25)
+
+    def default_model(self) -> Path | None:
+        return default_model_dir(self.name)
+
+    def postprocess(self, context: TaskContext) -> TaskResult:
+        cfg = context.config
+        written = context.card.written_classes
+        summary: dict[str, Any] = {"threshold": cfg.threshold}
+        regions: list[RegionObject] = []
+        for cls, label, colour in CLASSES:
+            if cls not in written:
+                continue
+            found = regions_of(
+                *region_level(open_heatmap(context.heatmap_path(cls)), cls), cfg.threshold, context.slide_mpp
+            )
+            summary[f"{cls}_area_mm2"] = round(sum(r.area_um2 for r in found) / 1e6, 6)
+            regions += region_objects(context.slide_id, label, colour, found)
+        if "epithelium_area_mm2" in summary:
+            tissue = context.tissue_mm2
+            summary["epithelium_fraction"] = round(summary["epithelium_area_mm2"] / tissue, 6) if tissue else 0.0
+        overlay_cls = "epithelium" if "epithelium" in written else written[0]
+        return TaskResult(summary, regions, overlay=Overlay(overlay_cls, CLASSES[0][2]))
+
+
+register_task(EpitheliumStromaTask())

@@ -1,0 +1,82 @@
+"""Metastasis: a tumour-probability map from a patch classifier run with a stride; lesions are thresholded regions
+(CAMELYON16 style, with AJCC size categories) and candidates its local maxima; the slide score is the smoothed max."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from pydantic import Field
+from scipy import ndimage
+
+from ..heatmap import open_heatmap
+from ..models.loading import default_model_dir
+from ..postprocess.maxima import find_peaks
+from ..postprocess.regions import lesion_category
+from .base import Overlay, PointObjects, TaskConfig, TaskContext, TaskResult
+from .common import positive_class, region_level, region_objects, regions_of
+from .registry import register_task
+
+TUMOUR = (200, 0, 0)
+CANDIDATE = (255, 80, 80)
+
+
+class MetastasisConfig(TaskConfig):
+    min_lesion_um: float = Field(0.0, ge=0, description="regions with a smaller longest diameter are dropped")
+    smooth_sigma_um: float = Field(20.0, ge=0, description="Gaussian smoothing of the tumour map")
+    candidate_distance_um: float = Field(
+        75.0, gt=0, description="minimum distance between two tumour candidates (local maxima of the smoothed map)"
+    )
+
+
+class MetastasisTask:
+    name = "metastasis"
+    config_model = MetastasisConfig
+    cohort_columns = ("score", "regions", "tumor_area_mm2", "largest_lesion_diameter_um", "category")
+    model_kind = "classifier"  # what `train` makes for it
+    point_table = None
+
+    def default_config(self) -> MetastasisConfig:
+        return MetastasisConfig(overlap_px=48, min_tissue=0.25)
+
+    def default_model(self) -> Path | None:
+        return default_model_dir(self.name)
+
+    def postprocess(self, context: TaskContext) -> TaskResult:
+        cfg = context.config
+        name = positive_class(context.card.written_classes, ("tumor", "tumour", "metastasis"))
+        values, origin, scale = region_level(open_heatmap(context.heatmap_path(name)), name)
+        px_um = scale[0] * context.slide_mpp[0]
+        smoothed = ndimage.gaussian_filter(values, cfg.smooth_sigma_um / px_um) if cfg.smooth_sigma_um else values
+        regions = [
+            r
+            for r in regions_of(values, origin, scale, cfg.threshold, context.slide_mpp)
+            if r.longest_diameter_um >= cfg.min_lesion_um
+        ]
+        candidates = find_peaks(
+            smoothed, min_distance=max(1, round(cfg.candidate_distance_um / px_um)), threshold=cfg.threshold / 2
+        )
+        largest = max((r.longest_diameter_um for r in regions), default=0.0)
+        summary = {
+            "score": round(float(smoothed.max(initial=0.0)), 6),
+            "threshold": cfg.threshold,
+            "regions": len(regions),
+            "tumor_area_mm2": round(sum(r.area_um2 for r in regions) / 1e6, 6),
+            "largest_lesion_diameter_um": round(largest, 2),
+            "category": lesion_category(largest) if regions else "negative",
+            "candidates": len(candidates),
+        }
+        xyp = np.c_[
+            origin[0] + (candidates.cols + 0.5) * scale[0],
+            origin[1] + (candidates.rows + 0.5) * scale[1],
+            candidates.values.astype(np.float64),
+        ]
+        return TaskResult(
+            summary,
+            region_objects(context.slide_id, "Tumor", TUMOUR, regions),
+            points=[PointObjects("candidate", "Tumor candidate", CANDIDATE, "Tumor probability", xyp, drawn=False)],
+            overlay=Overlay(name, TUMOUR),
+        )
+
+
+register_task(MetastasisTask())

@@ -1,0 +1,72 @@
+"""Mitosis: a dense probability map; mitoses are its local maxima (chunked with a halo via dask)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+from pydantic import Field
+
+from ..heatmap import open_heatmap
+from ..models.loading import default_model_dir
+from ..postprocess.maxima import find_peaks
+from .base import Overlay, PointObjects, TaskConfig, TaskContext, TaskResult
+from .common import level_transform, positive_class
+from .registry import register_task
+
+COLOUR = (0, 90, 255)
+
+
+class MitosisConfig(TaskConfig):
+    min_distance_um: float = Field(10.0, gt=0, description="minimum distance between two detected mitoses")
+    smooth_sigma_um: float = Field(1.0, ge=0, description="Gaussian smoothing before peak finding")
+    match_radius_um: float = Field(7.5, gt=0, description="a detection within this radius of a truth is a hit")
+    hpf_area_mm2: float = Field(0.237, gt=0, description="area of one high-power field (0.55 mm FN at 40x)")
+
+
+class MitosisTask:
+    name = "mitosis"
+    config_model = MitosisConfig
+    cohort_columns = ("count", "per_mm2", "per_10_hpf")
+    model_kind = "dense"  # what `train` makes for it
+    point_table = "mitoses.csv"
+
+    def default_config(self) -> MitosisConfig:
+        # the network is fully convolutional: 512 px tiles (its card says 96, the training crop) cost fewer reads
+        return MitosisConfig(tile_px=512, overlap_px=64, min_tissue=0.1, batch_size=16)
+
+    def default_model(self) -> Path | None:
+        return default_model_dir(self.name)
+
+    def postprocess(self, context: TaskContext) -> TaskResult:
+        cfg = context.config
+        name = positive_class(context.card.written_classes, ("mitosis",))
+        heat = open_heatmap(context.heatmap_path(name))
+        origin, scale = level_transform(heat, 0)
+        px_um = scale[0] * context.slide_mpp[0]
+        channel = heat.channels.index(name)
+        values = da.from_zarr(heat.levels[0])[channel].astype(np.float32) * heat.attrs["value_scale"]
+        peaks = find_peaks(
+            values,
+            min_distance=max(1, round(cfg.min_distance_um / px_um)),
+            threshold=cfg.threshold,
+            sigma=cfg.smooth_sigma_um / px_um,
+        )
+        x = origin[0] + (peaks.cols + 0.5) * scale[0]
+        y = origin[1] + (peaks.rows + 0.5) * scale[1]
+        count = len(peaks)
+        per_mm2 = count / context.tissue_mm2 if context.tissue_mm2 > 0 else 0.0
+        summary = {
+            "count": count,
+            "per_mm2": round(per_mm2, 6),
+            "per_10_hpf": round(per_mm2 * 10 * cfg.hpf_area_mm2, 6),
+            "hpf_area_mm2": cfg.hpf_area_mm2,
+            "threshold": cfg.threshold,
+            "min_distance_um": cfg.min_distance_um,
+        }
+        points = PointObjects("mitosis", "Mitosis", COLOUR, "Mitosis probability", np.c_[x, y, peaks.values])
+        return TaskResult(summary, points=[points], overlay=Overlay(name, COLOUR))
+
+
+register_task(MitosisTask())

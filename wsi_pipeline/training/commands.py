@@ -1,0 +1,90 @@
+"""`train` and `evaluate` as functions: settings in, a model folder or a report out (the CLI parses, these act)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..engine import resolve_device
+from ..errors import ConfigError
+from ..models import load_model
+from .data import split_by_group
+from .loop import TrainConfig
+from .settings import TrainSettings
+from .sources import training_items
+
+
+def train_model(settings: TrainSettings, data: tuple[str, ...], out: Path) -> tuple[dict[str, Any], int, int]:
+    """Train a model for `settings.task` into `out`; returns its card and the train / validation item counts."""
+    s = settings
+    class_map = s.class_map()
+    items, classes = training_items(s.task, data, class_map, s.group_pattern, s.mpp, s.tile_px)
+    cfg = TrainConfig(
+        task=s.task,
+        classes=classes,
+        architecture=s.arch or "",
+        architecture_args=s.architecture_args(),
+        mpp=s.model_mpp,
+        tile_px=s.model_tile_px,
+        epochs=s.epochs,
+        lr=s.lr,
+        batch_size=s.batch_size,
+        schedule=s.schedule,
+        select=s.select,
+        patience=s.patience,
+        seed=s.seed,
+        workers=s.workers,
+        freeze_backbone=s.freeze_backbone,
+        init_checkpoint=s.init,
+        extra={"data": [*data, *([s.val_data] if s.val_data else [])], "description": s.describe},
+    )
+    if s.val_data:
+        train_items = items
+        val_items, val_classes = training_items(s.task, (s.val_data,), class_map, s.group_pattern, s.mpp, s.tile_px)
+        if val_classes != cfg.classes:
+            raise ConfigError(f"--val-data classes {val_classes} differ from the training classes {cfg.classes}")
+    else:
+        train_items, val_items = split_by_group(items, s.val_fraction, s.seed)
+    device = resolve_device(s.device)
+    if s.dense:
+        from .dense import train_mitosis
+
+        card = train_mitosis(train_items, val_items, cfg, out, device=device)
+    else:
+        from .train import train_classifier
+
+        card = train_classifier(train_items, val_items, cfg, out, device=device)
+    return card, len(train_items), len(val_items)
+
+
+def evaluate_model(
+    task: str,
+    model_dir: str,
+    data: tuple[str, ...],
+    out: Path,
+    *,
+    class_map: dict[str, list[str]] | None,
+    positive: str | None,
+    held_out: bool,
+    group_pattern: str,
+    mpp: float | None,
+    threshold: float,
+    radius_um: float,
+    device: str,
+) -> dict[str, Any]:
+    """Evaluate a model on labelled data and write OUT/evaluation.json and a curve; returns the report."""
+    model = load_model(model_dir, task=task)
+    items, classes = training_items(task, data, class_map, group_pattern, mpp or model.card.mpp, model.card.tile_px)
+    if held_out:
+        groups = set(model.card.training.get("val_groups", []))
+        items = [i for i in items if i.group in groups]
+        if not items:
+            raise ConfigError(f"--held-out: none of DATA is among {model_dir}'s validation sources")
+    if model.card.kind == "dense":
+        from .mitosis_eval import DetectionParams, evaluate_mitosis
+
+        params = DetectionParams(threshold=threshold, radius_um=radius_um)
+        return evaluate_mitosis(model, items, out, resolve_device(device), params)
+    from .evaluation import evaluate_classifier
+
+    return evaluate_classifier(model, items, classes, out, resolve_device(device), positive)

@@ -1,0 +1,120 @@
+"""Training settings: one validated model, loaded like the run configuration (defaults <- recipe <- `--set`, then
+the options given on the command line), so that no default is decided in the CLI.
+
+A recipe (`configs/models/<task>.yaml`) names settings by the `train` option they stand for (`arch_arg` or
+`arch-arg`, `class`, `describe`, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import AliasChoices, ConfigDict, Field, model_validator
+
+from ..config import merged_settings, validated
+from ..errors import ConfigError
+from ..schema import StrictModel
+from ..tasks import get_task
+
+# Point-annotated mitosis data in ../shared/data (AMi-Br / TUPAC16 crops, MITOS-2012) is at 0.25 µm/px (40x), and the
+# dense network learns from 96 px windows of it: these are the defaults of a dense task, not of classifiers, whose
+# tile size and µm/px must come from the data.
+DENSE_DEFAULT_MPP = 0.25
+DENSE_DEFAULT_TILE_PX = 96
+
+
+class TrainSettings(StrictModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    task: str
+    classes: list[str] = Field(
+        default_factory=list,
+        validation_alias=AliasChoices("classes", "class"),
+        description="NAME=FOLDER[,FOLDER] per output class (default: one class per folder)",
+    )
+    arch: str | None = Field(None, description="architecture [small_cnn; dense_fcn for dense tasks]")
+    arch_args: list[str] = Field(default_factory=list, validation_alias=AliasChoices("arch_args", "arch_arg"))
+    tile_px: int | None = Field(None, ge=8, description="tile size of the data (px)")
+    mpp: float | None = Field(None, gt=0, description="µm/px of the data")
+    epochs: int = Field(20, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(32, ge=1)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    select: Literal["best", "last"] = "best"
+    patience: int = Field(5, ge=1)
+    val_fraction: float = Field(0.25, ge=0.05, le=0.9)
+    val_data: str | None = None
+    group_pattern: str = r"(CRC-Prim-HE-\d+)"
+    seed: int = 0
+    device: str = "auto"
+    workers: int = Field(1, ge=0)
+    describe: str = ""
+    freeze_backbone: bool = False
+    init: str | None = None
+
+    @property
+    def dense(self) -> bool:
+        return get_task(self.task).model_kind == "dense"
+
+    @model_validator(mode="after")
+    def _resolution(self) -> TrainSettings:
+        get_task(self.task)
+        if self.dense:
+            self.__dict__["arch"] = self.arch or "dense_fcn"
+        else:
+            if self.tile_px is None or self.mpp is None:
+                raise ValueError(
+                    f"training a {self.task} classifier needs tile_px and mpp (--tile-px, --mpp: the data's tile "
+                    "size and µm/px)"
+                )
+            self.__dict__["arch"] = self.arch or "small_cnn"
+        return self
+
+    @property
+    def model_mpp(self) -> float:
+        """The µm/px the model is made for: the data's (a dense task's point data defaults to 0.25)."""
+        return self.mpp if self.mpp is not None else DENSE_DEFAULT_MPP
+
+    @property
+    def model_tile_px(self) -> int:
+        return self.tile_px if self.tile_px is not None else DENSE_DEFAULT_TILE_PX
+
+    def architecture_args(self) -> dict[str, Any]:
+        """`arch_arg: [width=16]` as {'width': 16}, each value read as YAML."""
+        import yaml
+
+        values: dict[str, Any] = {}
+        for spec in self.arch_args:
+            key, sep, raw = spec.partition("=")
+            if not key or not sep:
+                raise ConfigError(f"--arch-arg {spec!r}: expected KEY=VALUE")
+            values[key] = yaml.safe_load(raw)
+        return values
+
+    def class_map(self) -> dict[str, list[str]] | None:
+        """`--class NAME=FOLDER[,FOLDER]` as {class: folders}; None when none were given."""
+        mapping = {}
+        for spec in self.classes:
+            name, _, folders = spec.partition("=")
+            if not name or not folders:
+                raise ConfigError(f"--class {spec!r}: expected NAME=FOLDER[,FOLDER]")
+            mapping[name] = [f for f in folders.split(",") if f]
+        return mapping or None
+
+
+def load_train_settings(
+    task: str, recipe: str | None, overrides: tuple[str, ...], given: dict[str, Any]
+) -> TrainSettings:
+    """Defaults <- recipe <- `--set KEY=VALUE` <- options given on the command line, validated once."""
+    data, origin = merged_settings({}, recipe, overrides, "training recipe")
+    data = {key.replace("-", "_"): value for key, value in data.items()}
+    aliases = {"class": "classes", "arch_arg": "arch_args"}
+    data = {aliases.get(k, k): v for k, v in data.items()}
+    known = set(TrainSettings.model_fields)
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{origin}: unknown training setting(s) {unknown}; see wsi-pipeline train --help")
+    for key, value in given.items():
+        data[aliases.get(key, key)] = value
+    data["task"] = task
+    return validated(TrainSettings, data, origin)
