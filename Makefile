@@ -16,7 +16,7 @@ help:
 	@echo "make install  create $(VENV) and install wsi-pipeline with its dependencies"
 	@echo "make test     run the test suite (installs first when needed)"
 	@echo "make demo     run the pipeline on a built-in synthetic slide and say where the outputs are"
-	@echo "make lint     ruff check + format check"
+	@echo "make lint     ruff check + format check + import contracts (lint-imports)"
 	@echo "make bench    benchmarks (JSON in benchmarks/results/)"
 	@echo "make models   retrain the three shipped models from $(DATA) (CPU: about 25 min) and rewrite their cards"
 
@@ -35,6 +35,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check wsi_pipeline tests benchmarks
 	$(BIN)/ruff format --check wsi_pipeline tests benchmarks
+	$(BIN)/lint-imports
 
 demo: $(STAMP)
 	$(BIN)/python -m wsi_pipeline.demo --out $(DEMO_OUT)

@@ -13,8 +13,7 @@ import torch
 
 from tests.helpers import CMU, run_cli, stitched_and_whole_region
 from wsi_pipeline.config import TissueConfig
-from wsi_pipeline.models import default_model_dir, load_model, resolve_model
-from wsi_pipeline.models import shipped_tasks
+from wsi_pipeline.models import default_model_dir, load_model, resolve_model, shipped_tasks
 from wsi_pipeline.models.loading import CARD_FILE, ModelError
 from wsi_pipeline.slide import Slide
 from wsi_pipeline.tiling import plan_tiles

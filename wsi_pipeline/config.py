@@ -168,17 +168,15 @@ def validated(model: type[StrictModel], data: dict[str, Any], origin: str) -> An
 
 
 def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- YAML file <- `--set` overrides, validated once at the end (after loading the named plugins, so
-    that their task sections validate)."""
-    data, origin = merged_settings(Config().model_dump(mode="python"), path, overrides, "config file")
-    plugins = data.get("plugins") or []
+    """Defaults <- YAML file <- `--set` overrides, validated once at the end. The plugins it names are loaded
+    first, so that their task sections get their defaults and validate with their own models."""
+    given, origin = merged_settings({}, path, overrides, "config file")
+    plugins = given.get("plugins") or []
     if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
         raise ConfigError(f"invalid configuration in {origin}:\n  plugins: expected a list of module names or files")
     load_plugins(plugins)
-    for name, section in Config().model_dump(mode="python")["tasks"].items():  # plugin tasks get their defaults
-        if not isinstance(data.get("tasks"), dict):
-            break
-        data["tasks"].setdefault(name, section)
+    data = Config().model_dump(mode="python")
+    _merge(data, given)
     return validated(Config, data, origin)
 
 

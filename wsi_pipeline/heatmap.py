@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import numpy as np
 import zarr
 
 from .errors import OutputError
+from .layout import heatmap_temporary
 
 CHUNK = 512
 MIN_LEVELS = 3
@@ -110,7 +110,7 @@ class HeatmapWriter:
         self.dtype = dtype
         self.chunk = chunk
         self.attrs = dict(attrs or {})
-        self.tmp = self.store.parent / f".{self.store.name}.{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.tmp = heatmap_temporary(self.store, name)
         self.group = zarr.open_group(str(self.tmp), mode="w", zarr_format=3)
         shape = (len(self.channels), geometry.height, geometry.width)
         self.array = self.group.create_array("0", shape=shape, chunks=(1, chunk, chunk), dtype=dtype, fill_value=0)

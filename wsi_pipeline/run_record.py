@@ -13,6 +13,7 @@ import numpy as np
 from . import __version__
 from .config import Config
 from .models import LoadedModel
+from .slide import backend_versions
 
 RUN_FORMAT = "wsi-pipeline/run@1"
 
@@ -64,7 +65,6 @@ def model_records(tasks: list[str], models: dict[str, LoadedModel]) -> dict[str,
 
 
 def versions() -> dict[str, str]:
-    import openslide
     import torch
     import zarr
 
@@ -72,8 +72,7 @@ def versions() -> dict[str, str]:
         "wsi_pipeline": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "openslide": openslide.__library_version__,
-        "openslide_python": openslide.__version__,
+        **backend_versions(),
         "zarr": zarr.__version__,
         "numpy": np.__version__,
     }

@@ -9,7 +9,7 @@ from ..layout import SLIDE_EXTENSIONS, slide_id_for
 from .facade import Bounds, Slide
 from .integrity import check_tiff_complete
 from .mpp import Mpp
-from .reader import SlideReader, backend_names, check_backend_name, open_reader, register_backend
+from .reader import SlideReader, backend_names, backend_versions, check_backend_name, open_reader, register_backend
 
 __all__ = [
     "SLIDE_EXTENSIONS",
@@ -18,6 +18,7 @@ __all__ = [
     "Slide",
     "SlideReader",
     "backend_names",
+    "backend_versions",
     "check_backend_name",
     "check_tiff_complete",
     "open_reader",

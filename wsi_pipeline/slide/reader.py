@@ -31,7 +31,8 @@ class SlideReader(Protocol):
     associated_images: tuple[str, ...]
 
     def read_level(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
-        """RGB uint8 (height, width, 3) of `level` whose top-left is level-0 pixel (x, y); transparent or outside
+        """RGB uint8 (height, width, 3) of `level` whose top-left is level-0 pixel (x, y), i.e. level pixel
+        (x / downsample, y / downsample) (a fractional one interpolated, as OpenSlide does); transparent or outside
         pixels are white. Errors: SlideUnreadableError (or SlideTruncatedError) naming the level and place."""
         ...
 
@@ -51,6 +52,7 @@ class Backend:
     open: Callable[[Path], SlideReader]
     accepts: Callable[[Path], bool]
     priority: int = 0
+    versions: Callable[[], dict[str, str]] = dict  # library versions for run records
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -63,9 +65,10 @@ def register_backend(
     *,
     accepts: Callable[[Path], bool] = lambda _path: True,
     priority: int = 0,
+    versions: Callable[[], dict[str, str]] = dict,
 ) -> None:
     """Make a backend available to `open_reader(path, backend=name)` and to `auto`."""
-    _BACKENDS[name] = Backend(name, open_, accepts, priority)
+    _BACKENDS[name] = Backend(name, open_, accepts, priority, versions)
 
 
 def _load_builtin() -> None:
@@ -76,6 +79,12 @@ def _load_builtin() -> None:
 def backend_names() -> list[str]:
     _load_builtin()
     return sorted(_BACKENDS)
+
+
+def backend_versions() -> dict[str, str]:
+    """The versions of every registered backend's libraries (for run records)."""
+    _load_builtin()
+    return {key: value for backend in _BACKENDS.values() for key, value in backend.versions().items()}
 
 
 def check_backend_name(name: str) -> str:

@@ -113,7 +113,7 @@ def load_train_settings(
     known = set(TrainSettings.model_fields)
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(f"{origin}: unknown training setting(s) {unknown}; see wsi-pipeline train --help")
+        raise ConfigError(f"training recipe {origin}: unknown option(s) {unknown}; see wsi-pipeline train --help")
     for key, value in given.items():
         data[aliases.get(key, key)] = value
     data["task"] = task

@@ -89,4 +89,8 @@ def _on_white(rgba: Image.Image) -> Image.Image:
     return white
 
 
-register_backend("openslide", OpenSlideReader, priority=0)
+def _versions() -> dict[str, str]:
+    return {"openslide": openslide.__library_version__, "openslide_python": openslide.__version__}
+
+
+register_backend("openslide", OpenSlideReader, priority=0, versions=_versions)
