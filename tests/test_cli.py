@@ -9,6 +9,8 @@ import pytest
 
 from tests.helpers import CMU, DICOM, NDPI, TCGA, run_cli
 
+pytestmark = pytest.mark.e2e  # the CLI in subprocesses / whole runs
+
 
 def test_info_json_on_real_slides(data_dir: Path) -> None:
     result = run_cli("info", str(CMU), "--json")

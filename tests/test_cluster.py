@@ -16,6 +16,8 @@ from tests.test_run import _outputs, mitosis_options
 from wsi_pipeline.models.demo import write_figure_detector
 from wsi_pipeline.synth import default_layout, write_synthetic_slide
 
+pytestmark = pytest.mark.e2e  # the CLI in subprocesses / whole runs
+
 HARD_TIMEOUT = 300  # seconds; every wait on the scheduler has one
 
 

@@ -197,6 +197,7 @@ def _damage_middle_tile_row(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.e2e
 def test_predict_command_and_failure_midway(tmp_path: Path) -> None:
     from wsi_pipeline.synth import default_layout, write_synthetic_slide
 

@@ -21,6 +21,8 @@ from wsi_pipeline.heatmap import open_heatmap
 from wsi_pipeline.models.demo import write_figure_detector
 from wsi_pipeline.synth import default_layout, read_truth, write_synthetic_slide
 
+pytestmark = pytest.mark.e2e  # the CLI in subprocesses / whole runs
+
 OBJECT_TYPES = {"annotation", "detection", "tile", "cell", "tmaCore"}
 
 

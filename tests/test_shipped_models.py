@@ -35,6 +35,7 @@ def test_each_task_ships_a_small_model_with_a_complete_card(task: str) -> None:
     assert (model.path / "evaluation" / "evaluation.json").is_file()
 
 
+@pytest.mark.e2e
 def test_epithelium_model_remeasures_its_card_on_held_out_kather_tiles(data_dir: Path, tmp_path: Path) -> None:
     path = default_model_dir("epithelium_stroma")
     kather = data_dir / "epithelium_stroma" / "kather2016"
@@ -49,6 +50,7 @@ def test_epithelium_model_remeasures_its_card_on_held_out_kather_tiles(data_dir:
     assert report["tiles"] == card["training"]["val_tiles"]
 
 
+@pytest.mark.e2e
 def test_metastasis_model_remeasures_its_card_on_pcam_valid(data_dir: Path, tmp_path: Path) -> None:
     path = default_model_dir("metastasis")
     valid = data_dir / "metastasis" / "pcam" / "valid"
@@ -83,6 +85,7 @@ def test_trained_mitosis_network_stitches_seamlessly(data_dir: Path, tmp_path: P
     assert np.abs(stitched - reference).max() <= 1e-4
 
 
+@pytest.mark.e2e
 def test_run_uses_the_shipped_models_unless_configured(synthetic_slide, tmp_path: Path) -> None:
     path, _ = synthetic_slide
     out = tmp_path / "o"

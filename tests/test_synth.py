@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import openslide
+import pytest
 
 from tests.helpers import run_cli
 from wsi_pipeline.synth import SynthSpec, read_truth, truth_path
@@ -53,6 +54,7 @@ def test_truth_round_trip(synthetic_slide: tuple[Path, SynthSpec]) -> None:
     assert spec.tissue_area_um2() == spec.tissue_geometry().area * 0.25
 
 
+@pytest.mark.e2e
 def test_synth_command(tmp_path: Path) -> None:
     out = tmp_path / "cli.svs"
     result = run_cli(

@@ -111,6 +111,7 @@ def test_real_slide_plan_save_load_and_compatibility(data_dir: Path, tmp_path: P
     )
 
 
+@pytest.mark.e2e
 def test_huge_slide_plan(huge_slide: tuple[Path, SynthSpec]) -> None:
     path, spec = huge_slide
     slide = Slide(path)

@@ -55,6 +55,7 @@ def test_synthetic_slide_mask_matches_truth_and_rejects_pen(synthetic_slide: tup
     assert found.intersection(pen).area < 0.01 * pen.area
 
 
+@pytest.mark.e2e
 def test_huge_slide_mask(huge_slide: tuple[Path, SynthSpec]) -> None:
     path, spec = huge_slide
     tissue = detect_tissue(Slide(path), PARAMS)

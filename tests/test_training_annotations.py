@@ -83,6 +83,7 @@ def test_annotation_errors_name_the_problem(annotated: Path) -> None:
         annotated_items(annotated, None, mpp=0.5, tile_px=64)
 
 
+@pytest.mark.e2e
 def test_train_command_on_annotated_slides(annotated: Path, tmp_path: Path) -> None:
     out = tmp_path / "model"
     result = run_cli(

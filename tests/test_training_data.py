@@ -66,6 +66,7 @@ def test_augmentation_is_seeded_and_hed_round_trips(data_dir: Path) -> None:
     assert torch.equal(augment(tile, nothing, 0, 0, 0), tile)
 
 
+@pytest.mark.e2e
 def test_train_classifier_resumes_and_writes_a_loadable_model(data_dir: Path, tmp_path: Path) -> None:
     from wsi_pipeline.models import load_model
     from wsi_pipeline.training.train import CHECKPOINT, TrainConfig, train_classifier
@@ -104,6 +105,7 @@ def test_train_classifier_resumes_and_writes_a_loadable_model(data_dir: Path, tm
     assert set(model.card.training["train_groups"]).isdisjoint(model.card.training["val_groups"])
 
 
+@pytest.mark.e2e
 def test_train_command(data_dir: Path, tmp_path: Path) -> None:
     from tests.helpers import run_cli
 
@@ -153,6 +155,7 @@ def test_train_command(data_dir: Path, tmp_path: Path) -> None:
     assert separate.returncode == 0 and "99 train / 99 validation images, validation folder" in separate.stdout
 
 
+@pytest.mark.e2e
 def test_evaluate_command_report_is_consistent(data_dir: Path, tmp_path: Path) -> None:
     import json
 
@@ -199,6 +202,7 @@ def test_evaluate_command_report_is_consistent(data_dir: Path, tmp_path: Path) -
     assert fpr.tolist() == [0, 0, 0.5, 0.5, 1] and tpr.tolist() == [0, 0.5, 0.5, 1, 1]
 
 
+@pytest.mark.e2e
 def test_training_recipe_values_apply_and_unknown_keys_are_refused(data_dir: Path, tmp_path: Path) -> None:
     from tests.helpers import run_cli
 

@@ -77,6 +77,7 @@ def test_dense_fcn_depends_on_no_pixel_beyond_its_declared_halo() -> None:
     assert rows.min() <= 80 - 24  # and the halo is not grossly larger than the receptive field
 
 
+@pytest.mark.e2e
 def test_train_and_evaluate_mitosis_commands(data_dir: Path, tmp_path: Path) -> None:
     """A small, fast run through the CLI: the card is a dense model with held-out metrics, and `evaluate
     --held-out` on the same sources reproduces them exactly."""

@@ -21,7 +21,7 @@ from .schema import StrictModel
 from .slide import check_backend_name
 from .tasks import TaskConfig, load_plugins, tasks
 from .tasks import registry as task_registry
-from .tissue import TissueConfig
+from .tissue_config import TissueConfig
 
 __all__ = ["Config", "ExportConfig", "SlideConfig", "TaskConfig", "TissueConfig", "dump_config", "load_config"]
 

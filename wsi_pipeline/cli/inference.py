@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from ..errors import ConfigError
 from ..layout import SlideLayout
-from ..pipeline import SlideOutcome
 from ..slide import Slide
+
+if TYPE_CHECKING:
+    from ..pipeline import SlideOutcome
+
 from .common import backend_option, config_option, device_option, run_config, set_option, slide_mpp_option
 
 

@@ -8,7 +8,9 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-GROUP_PATTERN = r"(CRC-Prim-HE-\d+)"
+from ..training.settings import TrainSettings
+
+GROUP_PATTERN = TrainSettings.model_fields["group_pattern"].default
 group_pattern_option = click.option(
     "--group-pattern",
     default=None,
@@ -184,7 +186,6 @@ def evaluate(
     recall, recall, precision and F1 within --radius-um, false detections per crop and per mm² of figure-free field.
     """
     from ..training.commands import evaluate_model
-    from ..training.settings import TrainSettings
 
     class_map = TrainSettings.model_construct(classes=list(classes)).class_map()
     report = evaluate_model(

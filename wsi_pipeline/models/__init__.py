@@ -1,18 +1,31 @@
-"""Models: architectures, model cards and safe checkpoint loading. Knows nothing of OpenSlide."""
+"""Models: architectures, model cards, safe loading and the `Predictor` seam. Knows nothing of OpenSlide.
 
-from .card import ModelCard
-from .loading import LoadedModel, default_model_dir, load_model, resolve_model, save_model, shipped_tasks
-from .predictor import Predictor, make_predictor, register_format
+Names are imported on first use (PEP 562), so that reading a card or a model folder does not import torch.
+"""
 
-__all__ = [
-    "LoadedModel",
-    "ModelCard",
-    "Predictor",
-    "default_model_dir",
-    "load_model",
-    "make_predictor",
-    "register_format",
-    "resolve_model",
-    "save_model",
-    "shipped_tasks",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "ModelCard": "card",
+    "default_model_dir": "folders",
+    "load_card": "folders",
+    "shipped_tasks": "folders",
+    "ModelError": "folders",
+    "LoadedModel": "loading",
+    "load_model": "loading",
+    "resolve_model": "loading",
+    "save_model": "loading",
+    "Predictor": "predictor",
+    "make_predictor": "predictor",
+    "register_format": "predictor",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)

@@ -2,29 +2,31 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..atomic import atomic_path, write_json
-from ..errors import WsiError
 from .architectures import build
 from .card import ModelCard
+from .folders import CARD_FILE, DEFAULTS_DIR, WEIGHTS_FILE, ModelError, default_model_dir, load_card, shipped_tasks
 
-CARD_FILE = "model_card.json"
-WEIGHTS_FILE = "weights.safetensors"
-# The shipped defaults, one folder per task, written by `make models` (installed with the package).
-DEFAULTS_DIR = Path(__file__).resolve().parent / "defaults"
-
-
-class ModelError(WsiError):
-    exit_code = 10
-    kind = "bad-model"
+__all__ = [
+    "CARD_FILE",
+    "DEFAULTS_DIR",
+    "WEIGHTS_FILE",
+    "LoadedModel",
+    "ModelError",
+    "default_model_dir",
+    "load_card",
+    "load_model",
+    "resolve_model",
+    "save_model",
+    "shipped_tasks",
+]
 
 
 @dataclass
@@ -45,34 +47,6 @@ def save_model(directory: str | os.PathLike[str], module: nn.Module, card: Model
         save_file(state, str(tmp))
     write_json(directory / CARD_FILE, card.model_dump(mode="json"))
     return directory
-
-
-def load_card(directory: Path) -> ModelCard:
-    path = directory / CARD_FILE
-    if not path.is_file():
-        raise ModelError(
-            f"{directory}: no {CARD_FILE}; a model is a folder with {CARD_FILE} and {WEIGHTS_FILE} (see docs/models.md)"
-        )
-    try:
-        return ModelCard.model_validate(json.loads(path.read_text()))
-    except (ValidationError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{path} is not a valid model card: {exc}") from exc
-
-
-def default_model_dir(task: str) -> Path:
-    """The shipped model of `task`; an installation without it is told how to make it."""
-    directory = DEFAULTS_DIR / task
-    if not (directory / CARD_FILE).is_file():
-        raise ModelError(
-            f"the default {task} model is missing from {DEFAULTS_DIR}; rebuild it with `make models` "
-            f"(needs ../shared/data) or set tasks.{task}.model to a model folder"
-        )
-    return directory
-
-
-def shipped_tasks() -> list[str]:
-    """Tasks with a shipped default model folder."""
-    return sorted(p.name for p in DEFAULTS_DIR.iterdir() if (p / CARD_FILE).is_file()) if DEFAULTS_DIR.is_dir() else []
 
 
 def resolve_model(

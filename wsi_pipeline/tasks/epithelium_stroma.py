@@ -5,10 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..heatmap import open_heatmap
-from ..models.loading import default_model_dir
+from ..models.folders import default_model_dir
 from .base import Overlay, RegionObject, TaskConfig, TaskContext, TaskResult
-from .common import region_level, region_objects, regions_of
 from .registry import register_task
 
 CLASSES = (("epithelium", "Epithelium", (150, 0, 200)), ("stroma", "Stroma", (230, 150, 0)))
@@ -28,6 +26,11 @@ class EpitheliumStromaTask:
         return default_model_dir(self.name)
 
     def postprocess(self, context: TaskContext) -> TaskResult:
+        # imported here, not at module level: the CLI and the configuration load every task without zarr, dask
+        # or scikit-image
+        from ..heatmap import open_heatmap
+        from .common import region_level, region_objects, regions_of
+
         cfg = context.config
         written = context.card.written_classes
         summary: dict[str, Any] = {"threshold": cfg.threshold}

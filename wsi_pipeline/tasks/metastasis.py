@@ -7,14 +7,9 @@ from pathlib import Path
 
 import numpy as np
 from pydantic import Field
-from scipy import ndimage
 
-from ..heatmap import open_heatmap
-from ..models.loading import default_model_dir
-from ..postprocess.maxima import find_peaks
-from ..postprocess.regions import lesion_category
+from ..models.folders import default_model_dir
 from .base import Overlay, PointObjects, TaskConfig, TaskContext, TaskResult
-from .common import positive_class, region_level, region_objects, regions_of
 from .registry import register_task
 
 TUMOUR = (200, 0, 0)
@@ -43,6 +38,15 @@ class MetastasisTask:
         return default_model_dir(self.name)
 
     def postprocess(self, context: TaskContext) -> TaskResult:
+        # imported here, not at module level: the CLI and the configuration load every task without zarr, dask
+        # or scikit-image
+        from scipy import ndimage
+
+        from ..heatmap import open_heatmap
+        from ..postprocess.maxima import find_peaks
+        from ..postprocess.regions import lesion_category
+        from .common import positive_class, region_level, region_objects, regions_of
+
         cfg = context.config
         name = positive_class(context.card.written_classes, ("tumor", "tumour", "metastasis"))
         values, origin, scale = region_level(open_heatmap(context.heatmap_path(name)), name)

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import dask.array as da
 import numpy as np
 from pydantic import Field
 
-from ..heatmap import open_heatmap
-from ..models.loading import default_model_dir
-from ..postprocess.maxima import find_peaks
+from ..models.folders import default_model_dir
 from .base import Overlay, PointObjects, TaskConfig, TaskContext, TaskResult
-from .common import level_transform, positive_class
 from .registry import register_task
 
 COLOUR = (0, 90, 255)
@@ -40,6 +36,14 @@ class MitosisTask:
         return default_model_dir(self.name)
 
     def postprocess(self, context: TaskContext) -> TaskResult:
+        # imported here, not at module level: the CLI and the configuration load every task without zarr, dask
+        # or scikit-image
+        import dask.array as da
+
+        from ..heatmap import open_heatmap
+        from ..postprocess.maxima import find_peaks
+        from .common import level_transform, positive_class
+
         cfg = context.config
         name = positive_class(context.card.written_classes, ("mitosis",))
         heat = open_heatmap(context.heatmap_path(name))

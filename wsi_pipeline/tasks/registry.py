@@ -15,10 +15,14 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
-from ..models.loading import LoadedModel, ModelError, load_model
+from ..models.folders import ModelError
 from .base import Task
+
+if TYPE_CHECKING:
+    from ..models.loading import LoadedModel
 
 _TASKS: dict[str, Task] = {}
 _LISTENERS: list[Callable[[], None]] = []
@@ -84,6 +88,8 @@ def get_task(name: str, option: str = "task") -> Task:
 
 def task_model(name: str, configured: str | None) -> LoadedModel:
     """Task `name`'s model: the configured folder, else the task's own default; checked before any tile is read."""
+    from ..models.loading import load_model  # torch, only when a model is loaded
+
     if configured is not None:
         return load_model(configured, task=name)
     default = get_task(name).default_model()
