@@ -35,6 +35,7 @@ class HaematoxylinTask:
     name = NAME
     config_model = HaematoxylinConfig
     cohort_columns = ("mean_density", "dense_area_mm2")
+    report_columns = (("mean_density", "haematoxylin density"),)
     point_table = None
     model_kind = "dense"
 

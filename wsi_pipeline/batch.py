@@ -17,10 +17,12 @@ from typing import Any
 from .atomic import remove_stale_temporaries, write_text
 from .config import Config
 from .errors import ConfigError
+from .export.report import Column, write_report
 from .layout import SLIDE_EXTENSIONS, RunLayout, slide_id_for
 from .lock import output_lock
 from .models import LoadedModel
 from .pipeline import SlideOutcome, process_slide
+from .progress import BatchProgress
 from .tasks import parse_task_list, task_model, task_names
 from .tasks import tasks as registered_tasks
 
@@ -122,19 +124,19 @@ def _csv(columns: list[str], rows: Iterable[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
+def manifest_row(o: SlideOutcome) -> dict[str, str]:
+    return {
+        "slide": str(o.slide),
+        "slide_id": o.slide_id,
+        "status": o.status,
+        "error": o.error,
+        "seconds": f"{o.seconds:.2f}",
+        "tiles": str(o.tiles),
+    }
+
+
 def write_manifest(path: Path, outcomes: Sequence[SlideOutcome]) -> None:
-    rows = [
-        {
-            "slide": str(o.slide),
-            "slide_id": o.slide_id,
-            "status": o.status,
-            "error": o.error,
-            "seconds": f"{o.seconds:.2f}",
-            "tiles": o.tiles,
-        }
-        for o in outcomes
-    ]
-    write_text(path, _csv(MANIFEST_COLUMNS, rows))
+    write_text(path, _csv(MANIFEST_COLUMNS, [manifest_row(o) for o in outcomes]))
 
 
 def cohort_row(summary: dict[str, Any]) -> dict[str, Any]:
@@ -147,6 +149,22 @@ def cohort_row(summary: dict[str, Any]) -> dict[str, Any]:
 
 def write_cohort(path: Path, summaries: Iterable[dict[str, Any]]) -> None:
     write_text(path, _csv(cohort_columns(), [cohort_row(s) for s in summaries]))
+
+
+def report_columns() -> list[Column]:
+    """report.html's table: the slide, its status and tissue, each registered task's chosen figures, the time."""
+    return [
+        Column(None, "slide_id", "slide"),
+        Column(None, "status", "status"),
+        Column(None, "error", "error"),
+        Column(None, "tissue_area_mm2", "tissue mm²"),
+        *(Column(t.name, key, header) for t in registered_tasks() for key, header in t.report_columns),
+        Column(None, "seconds", "seconds"),
+    ]
+
+
+def write_batch_report(out: Path, outcomes: Sequence[SlideOutcome]) -> Path:
+    return write_report(out, [manifest_row(o) for o in outcomes], report_columns())
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -210,6 +228,7 @@ def gather(out: Path) -> tuple[Path, Path, int]:
         if row["status"] in ("done", "skipped") and summary.exists():
             summaries.append(json.loads(summary.read_text()))
     write_cohort(layout.cohort, summaries)
+    write_report(out, ordered, report_columns())
     return layout.manifest, layout.cohort, sum(r["status"] == "failed" for r in ordered)
 
 
@@ -258,9 +277,11 @@ def run_batch(
     ids = assign_ids(paths)  # over the whole list, so every shard names a slide the same way
     manifest_path, cohort_path = RunLayout(out).batch_files(shard)
     outcomes: list[SlideOutcome] = []
+    todo = shard_paths(paths, shard)
+    batch_bar = BatchProgress(len(todo))  # one line per slide in logs, also with --no-progress (tile bars only)
     with output_lock(out, shard), dask_client(dask_scheduler):
         remove_stale_temporaries(out)
-        for path in shard_paths(paths, shard):
+        for path in todo:
             slide_id = ids[path]
             outcome = process_slide(
                 path,
@@ -280,7 +301,11 @@ def run_batch(
             write_manifest(manifest_path, outcomes)
             if on_slide is not None:
                 on_slide(outcome)
+            batch_bar.update(failed=outcome.status == "failed")
+        batch_bar.close()
         write_cohort(cohort_path, (o.summary for o in outcomes if o.summary is not None))
+        if shard is None:  # shards' pages would each show part of the cohort: `gather` writes the whole one
+            write_batch_report(out, outcomes)
     return BatchResult(outcomes)
 
 

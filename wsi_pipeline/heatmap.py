@@ -22,6 +22,7 @@ from .errors import OutputError
 from .layout import heatmap_temporary
 
 CHUNK = 512
+AXES = ("c", "y", "x")  # NGFF 0.5: every array's zarr v3 dimension_names equal the multiscale's axes
 MIN_LEVELS = 3
 FORMAT = "wsi-pipeline/heatmap@1"
 
@@ -78,9 +79,9 @@ def _ngff_multiscales(name: str, geometry: HeatmapGeometry, levels: int) -> dict
             {
                 "name": name,
                 "axes": [
-                    {"name": "c", "type": "channel"},
-                    {"name": "y", "type": "space", "unit": "micrometer"},
-                    {"name": "x", "type": "space", "unit": "micrometer"},
+                    {"name": AXES[0], "type": "channel"},
+                    {"name": AXES[1], "type": "space", "unit": "micrometer"},
+                    {"name": AXES[2], "type": "space", "unit": "micrometer"},
                 ],
                 "datasets": datasets,
             }
@@ -113,7 +114,9 @@ class HeatmapWriter:
         self.tmp = heatmap_temporary(self.store, name)
         self.group = zarr.open_group(str(self.tmp), mode="w", zarr_format=3)
         shape = (len(self.channels), geometry.height, geometry.width)
-        self.array = self.group.create_array("0", shape=shape, chunks=(1, chunk, chunk), dtype=dtype, fill_value=0)
+        self.array = self.group.create_array(
+            "0", shape=shape, chunks=(1, chunk, chunk), dtype=dtype, fill_value=0, dimension_names=AXES
+        )
         self._bands: dict[int, np.ndarray] = {}
         self._flushed_below = 0  # rows below this are final
         self.closed = False
@@ -179,6 +182,7 @@ class HeatmapWriter:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(self.tmp, final)
+            list_images(self.store)
         except OSError as exc:
             self.abort()
             raise OutputError(f"could not write heatmap {final}: {exc}; check free disk space and permissions") from exc
@@ -194,6 +198,17 @@ class HeatmapWriter:
 def _ensure_root(store: Path) -> None:
     if not (store / "zarr.json").exists():
         zarr.open_group(str(store), mode="a", zarr_format=3)
+
+
+def list_images(store: Path) -> list[str]:
+    """Record the store's finished images so that viewers find them: the root says it is a collection of images
+    (NGFF 0.5's bioformats2raw layout) and its `OME` group lists their paths (`series`)."""
+    names = sorted(p.name for p in store.iterdir() if p.is_dir() and p.name != "OME" and (p / "zarr.json").exists())
+    root = zarr.open_group(str(store), mode="a", zarr_format=3)
+    root.attrs["ome"] = {"version": "0.5", "bioformats2raw.layout": 3}
+    ome = zarr.open_group(str(store / "OME"), mode="a", zarr_format=3)
+    ome.attrs["ome"] = {"version": "0.5", "series": names}
+    return names
 
 
 def build_pyramid(group: zarr.Group, chunk: int) -> int:
@@ -212,7 +227,12 @@ def build_pyramid(group: zarr.Group, chunk: int) -> int:
             coarse = da.clip(da.round(coarse), 0, 255)
         coarse = coarse.astype(src.dtype).rechunk((1, chunk, chunk))
         dst = group.create_array(
-            str(level + 1), shape=coarse.shape, chunks=(1, chunk, chunk), dtype=src.dtype, fill_value=0
+            str(level + 1),
+            shape=coarse.shape,
+            chunks=(1, chunk, chunk),
+            dtype=src.dtype,
+            fill_value=0,
+            dimension_names=AXES,
         )
         da.store(coarse, dst, lock=False)
         level += 1

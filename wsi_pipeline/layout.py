@@ -66,6 +66,10 @@ class SlideLayout:
     def overview(self) -> Path:
         return self.root / "overview.png"
 
+    def overlay(self, task: str) -> Path:
+        """`overlay-<task>.png`: the slide with the task's heatmap, objects, colour bar, legend and scale bar."""
+        return self.root / f"overlay-{task}.png"
+
     @property
     def tissue_geojson(self) -> Path:
         return self.root / "tissue.geojson"
@@ -105,6 +109,11 @@ class RunLayout:
     @property
     def cohort(self) -> Path:
         return self.root / "cohort_summary.csv"
+
+    @property
+    def report(self) -> Path:
+        """`report.html`: the cohort page (table, pictures, run record)."""
+        return self.root / "report.html"
 
     @property
     def lock(self) -> Path:

@@ -25,7 +25,7 @@ from .layout import RunLayout, SlideLayout
 from .models import LoadedModel
 from .run_record import RUN_FORMAT, compatibility_key, completed_run, model_records, versions
 from .slide import Slide
-from .slide_outputs import qupath_features, write_overview, write_point_tables
+from .slide_outputs import qupath_features, write_overview, write_point_tables, write_task_overlays
 from .stages import qupath_offset, task_plan, tissue_stage, write_tissue_heatmap
 from .tasks import TaskContext, TaskResult, get_task
 
@@ -174,6 +174,7 @@ def _run(
     for target in targets:
         write_feature_collection(target, qupath_features(slide_id, tissue, results, requests, out, offset))
     write_overview(out, tissue, results)
+    write_task_overlays(out, slide, slide_id, tissue, results)
     timings["export_s"] = time.perf_counter() - t0
     return {
         "slide": str(slide.path),

@@ -52,3 +52,46 @@ class Progress:
         elif self.enabled:
             self._line()
         return elapsed
+
+
+class BatchProgress:
+    """Slides done of the batch, elapsed time and ETA: a tqdm bar on a terminal, one plain line per slide in logs."""
+
+    def __init__(self, total: int, stream: TextIO | None = None, enabled: bool = True) -> None:
+        self.stream = stream or sys.stderr
+        self.total = total
+        self.done = 0
+        self.failed = 0
+        self.started = time.perf_counter()
+        self.enabled = enabled
+        self.bar = (
+            tqdm(total=total, desc="slides", unit="slide", file=self.stream, position=0, leave=True)
+            if enabled and self.stream.isatty()
+            else None
+        )
+
+    def update(self, failed: bool = False) -> None:
+        self.done += 1
+        self.failed += int(failed)
+        if self.bar is not None:
+            self.bar.update(1)
+        elif self.enabled:
+            print(self.line(), file=self.stream, flush=True)
+
+    def line(self) -> str:
+        elapsed = time.perf_counter() - self.started
+        eta = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
+        failed = f", {self.failed} failed" if self.failed else ""
+        return f"slides {self.done}/{self.total} done{failed}, elapsed {_clock(elapsed)}, ETA {_clock(eta)}"
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _clock(seconds: float) -> str:
+    if seconds != seconds:  # NaN: no slide finished yet
+        return "unknown"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"

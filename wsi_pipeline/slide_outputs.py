@@ -13,10 +13,12 @@ import shapely
 
 from .atomic import write_text
 from .engine import TaskRequest, tile_measurements
-from .export.overlay import Overview, draw_points, heat_overlay
+from .export.figures import MIN_LONG_SIDE_PX, Marks, Outline, OverlayFigure, save_overlay
+from .export.overlay import Overview, draw_points, heat_overlay, sample_on_grid
 from .export.qupath import TISSUE_COLOR, feature, object_id, tile_features, tissue_features
 from .heatmap import open_heatmap
 from .layout import SlideLayout
+from .slide import Slide
 from .tasks import TaskResult, get_task
 from .tasks.common import region_level
 from .tissue import TissueMask
@@ -98,3 +100,59 @@ def write_overview(out: SlideLayout, tissue: TissueMask, results: dict[str, Task
                 xyp = np.asarray(points.xyp)
                 draw_points(overview, xyp[:, 0], xyp[:, 1], points.colour)
     overview.save(out.overview)
+
+
+def _rings(geometry: shapely.Geometry, origin: tuple[float, float], scale: tuple[float, float]) -> list[np.ndarray]:
+    """Exterior and interior rings of (multi)polygons in image px of a grid at `origin`, `scale`."""
+    rings = []
+    for poly in getattr(geometry, "geoms", [geometry]):
+        if poly.is_empty or poly.geom_type != "Polygon":
+            continue
+        for ring in (poly.exterior, *poly.interiors):
+            xy = np.asarray(ring.coords, dtype=np.float64)
+            rings.append(np.c_[(xy[:, 0] - origin[0]) / scale[0], (xy[:, 1] - origin[1]) / scale[1]])
+    return rings
+
+
+def write_task_overlays(
+    out: SlideLayout, slide: Slide, slide_id: str, tissue: TissueMask, results: dict[str, TaskResult]
+) -> list[str]:
+    """`overlay-<task>.png` for every task with an overlay; returns the tasks drawn. The slide is read once, at a
+    µm/px that makes its long side at least 1500 px."""
+    drawn = [name for name, result in results.items() if result.overlay is not None]
+    if not drawn:
+        return []
+    b, mpp = slide.bounds, slide.mpp
+    long_um = max(b.width * mpp.x, b.height * mpp.y)
+    picture_mpp = long_um / MIN_LONG_SIDE_PX
+    image = slide.thumbnail(picture_mpp)
+    h, w = image.shape[:2]
+    origin, scale = (float(b.x), float(b.y)), (b.width / w, b.height / h)
+    on_tissue = sample_on_grid(tissue.mask.astype(np.float32), tissue.origin, tissue.scale, origin, scale, (h, w)) > 0
+    tissue_outline = Outline("Tissue", TISSUE_COLOR, _rings(tissue.geometry, origin, scale))
+    for name in drawn:
+        result = results[name]
+        overlay = result.overlay
+        assert overlay is not None
+        values, v_origin, v_scale = region_level(open_heatmap(out.heatmap(overlay.heatmap)), overlay.heatmap)
+        outlines: dict[str, Outline] = {}
+        for region in result.regions:
+            outline = outlines.setdefault(region.cls, Outline(region.cls, region.colour))
+            outline.rings += _rings(region.polygon, origin, scale)
+        marks = [
+            Marks(p.cls, p.colour, np.c_[(p.xyp[:, 0] - origin[0]) / scale[0], (p.xyp[:, 1] - origin[1]) / scale[1]])
+            for p in result.points
+            if p.drawn
+        ]
+        figure = OverlayFigure(
+            title=f"{slide_id} — {name}: {overlay.heatmap} probability",
+            image=image,
+            values=sample_on_grid(values, v_origin, v_scale, origin, scale, (h, w), fill=np.nan),
+            tissue=on_tissue,
+            value_label=f"{overlay.heatmap} probability",
+            um_per_px=picture_mpp,
+            outlines=[tissue_outline, *outlines.values()],
+            marks=marks,
+        )
+        save_overlay(out.overlay(name), figure)
+    return drawn

@@ -113,7 +113,12 @@ def predict(
     metavar="I/N",
     help="Process only shard I of N (0-based, round-robin over the sorted slide list).",
 )
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option(
+    "--progress/--no-progress",
+    default=True,
+    show_default=True,
+    help="Per-tile progress bars (the one line per finished slide always comes).",
+)
 @backend_option
 @config_option
 @set_option

@@ -48,6 +48,27 @@ def save_mask_png(mask: np.ndarray, path: str | os.PathLike[str]) -> None:
         Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format="PNG")
 
 
+def sample_on_grid(
+    values: np.ndarray,
+    origin: tuple[float, float],
+    scale: tuple[float, float],
+    grid_origin: tuple[float, float],
+    grid_scale: tuple[float, float],
+    shape: tuple[int, int],
+    fill: float = 0.0,
+) -> np.ndarray:
+    """`values` (pixel edges at level-0 `origin` + index * `scale`) sampled at the centres of a grid of `shape`
+    whose pixel (0, 0) starts at `grid_origin`, `grid_scale` level-0 px per pixel (nearest value; `fill` outside)."""
+    h, w = shape
+    cols = np.floor(((grid_origin[0] + (np.arange(w) + 0.5) * grid_scale[0]) - origin[0]) / scale[0]).astype(np.int64)
+    rows = np.floor(((grid_origin[1] + (np.arange(h) + 0.5) * grid_scale[1]) - origin[1]) / scale[1]).astype(np.int64)
+    inside_c = (cols >= 0) & (cols < values.shape[1])
+    inside_r = (rows >= 0) & (rows < values.shape[0])
+    sampled = np.full((h, w), fill, np.float32)
+    sampled[np.ix_(inside_r, inside_c)] = values[np.ix_(rows[inside_r], cols[inside_c])]
+    return sampled
+
+
 def heat_overlay(
     overview: Overview,
     values: np.ndarray,
@@ -58,15 +79,7 @@ def heat_overlay(
 ) -> None:
     """Blend `color` over the overview in proportion to a heatmap's value (nearest heatmap px per overview px)."""
     base = np.asarray(overview.image, dtype=np.float32)
-    h, w = base.shape[:2]
-    ox, oy = overview.origin
-    sx, sy = overview.scale
-    cols = np.floor(((ox + (np.arange(w) + 0.5) * sx) - origin[0]) / scale[0]).astype(np.int64)
-    rows = np.floor(((oy + (np.arange(h) + 0.5) * sy) - origin[1]) / scale[1]).astype(np.int64)
-    inside_c = (cols >= 0) & (cols < values.shape[1])
-    inside_r = (rows >= 0) & (rows < values.shape[0])
-    sampled = np.zeros((h, w), np.float32)
-    sampled[np.ix_(inside_r, inside_c)] = values[np.ix_(rows[inside_r], cols[inside_c])]
+    sampled = sample_on_grid(values, origin, scale, overview.origin, overview.scale, base.shape[:2])
     weight = (np.clip(sampled, 0, 1) * alpha)[..., None]
     blended = base * (1 - weight) + np.asarray(color, np.float32) * weight
     overview.image = Image.fromarray(np.clip(blended + 0.5, 0, 255).astype(np.uint8))

@@ -107,6 +107,7 @@ class Task(Protocol):
     name: str
     config_model: ClassVar[type[TaskConfig]] | type[TaskConfig]
     cohort_columns: tuple[str, ...]  # summary keys written to cohort_summary.csv as <name>_<key>
+    report_columns: tuple[tuple[str, str], ...]  # (summary key, header) shown in report.html's table
     point_table: str | None  # file name of a CSV of its first point set (e.g. mitoses.csv), or None
     model_kind: str  # "classifier" or "dense": the kind of model `train` makes for the task
 

@@ -28,6 +28,7 @@ class MetastasisTask:
     name = "metastasis"
     config_model = MetastasisConfig
     cohort_columns = ("score", "regions", "tumor_area_mm2", "largest_lesion_diameter_um", "category")
+    report_columns = (("category", "metastasis"), ("score", "tumour score"))
     model_kind = "classifier"  # what `train` makes for it
     point_table = None
 

@@ -25,6 +25,7 @@ class MitosisTask:
     name = "mitosis"
     config_model = MitosisConfig
     cohort_columns = ("count", "per_mm2", "per_10_hpf")
+    report_columns = (("count", "mitoses"), ("per_mm2", "mitoses / mm²"), ("per_10_hpf", "mitoses / 10 HPF"))
     model_kind = "dense"  # what `train` makes for it
     point_table = "mitoses.csv"
 
