@@ -49,11 +49,12 @@ def main() -> None:
         f"{score.false_positives} false detections"
     )
     print(f"done in {time.perf_counter() - started:.1f} s. Outputs are in {results}:")
-    print("  manifest.csv, cohort_summary.csv")
+    print("  report.html (open it in a browser), manifest.csv, cohort_summary.csv")
     for path in sorted(slide_dir.iterdir()):
         print(f"  demo-synthetic/{path.name}")
     print(
-        "Open demo-synthetic/overview.png; in QuPath open the slide and drag qupath.geojson onto it;\n"
+        f"Open {results / 'report.html'} in a browser, or demo-synthetic/overlay-<task>.png;\n"
+        "in QuPath open the slide and drag qupath.geojson onto it;\n"
         "heatmaps.zarr opens in napari (ome-zarr plugin)."
     )
 
