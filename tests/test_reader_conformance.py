@@ -77,11 +77,11 @@ def test_every_level_reads_the_stored_pixels(
         for level, reference in enumerate(stored_levels(path)):
             ds = slide.level_downsamples[level]
             h, w = reference.shape[:2]
-            # the read's origin is in level-0 px: an interior crop where the downsample is whole (a level pixel is
-            # then a whole level-0 pixel); the corner elsewhere (OpenSlide interpolates a fractional level origin)
+            # an interior crop (level px) where the downsample is whole; the corner where it is not (OpenSlide
+            # places reads by level-0 px, and interpolates a level pixel that is not a whole level-0 pixel)
             x0, y0 = (w // 5 + 1, h // 7 + 3) if ds == int(ds) else (0, 0)
             width, height = min(300, w - x0), min(200, h - y0)
-            got = slide.reader.read_level(int(x0 * ds), int(y0 * ds), level, width, height)
+            got = slide.reader.read_level(x0, y0, level, width, height)
             assert_same_pixels(got, reference[y0 : y0 + height, x0 : x0 + width])
 
 
@@ -98,6 +98,21 @@ def test_regions_at_native_and_half_resolution(
         half = slide.read_region(400, 600, 128, 96, 2 * mpp)
         block = level0[600:792, 400:656].astype(np.float64).reshape(96, 2, 128, 2, 3).mean(axis=(1, 3))
         assert np.abs(half.astype(np.float64) - block).max() <= 1.0
+
+
+@pytest.mark.parametrize("factor", [1.0, 2.0, 1.996, 3.888, 0.5])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_region_equals_the_same_pixels_of_a_larger_read(
+    data_dir: Path, pyramid_slide: tuple[Path, SynthSpec], backend: str, factor: float
+) -> None:
+    """Position-consistent reads at any µm/px, from fractional level-0 corners: what dense stitching relies on."""
+    for path in (CMU, pyramid_slide[0]):
+        slide = Slide(path, backend=backend)
+        mpp = slide.mpp.x * factor
+        x, y = 301.3, 517.9
+        larger = slide.read_region(x, y, 300, 240, mpp)
+        region = slide.read_region(x + 37 * factor, y + 53 * factor, 100, 80, mpp)
+        assert np.array_equal(region, larger[53:133, 37:137]), (path.name, factor)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -16,7 +16,7 @@ from wsi_pipeline.config import TissueConfig
 from wsi_pipeline.models import default_model_dir, load_model, resolve_model, shipped_tasks
 from wsi_pipeline.models.loading import CARD_FILE, ModelError
 from wsi_pipeline.slide import Slide
-from wsi_pipeline.tiling import plan_tiles
+from wsi_pipeline.tiling import TilePlan, plan_tiles
 from wsi_pipeline.tissue import detect_tissue
 
 CPU = torch.device("cpu")
@@ -82,6 +82,27 @@ def test_trained_mitosis_network_stitches_seamlessly(data_dir: Path, tmp_path: P
     step = tile_px - 2 * model.card.halo_px
     width, height = (n_cols - 1) * step + tile_px, (n_rows - 1) * step + tile_px
     assert stitched.shape == reference.shape == (height // 4, width // 4)
+    assert np.abs(stitched - reference).max() <= 1e-4
+
+
+@pytest.mark.parametrize("tile_px", [128, 256])
+def test_mitosis_map_at_a_non_integer_factor_stitches_seamlessly(data_dir: Path, tmp_path: Path, tile_px: int) -> None:
+    """The shipped network at its own 0.25 µm/px on a 0.499 µm/px slide (x 1.996, fractional tile origins): the
+    stitched map equals one pass over the same region (a 3 x 3 block of tiles, to keep that pass small)."""
+    model = resolve_model("mitosis", None)
+    slide = Slide(CMU)
+    tissue = detect_tissue(slide, TissueConfig())
+    overlap = 2 * model.card.halo_px
+    full = plan_tiles(slide, tissue, model.card.mpp, tile_px, overlap_px=overlap, min_tissue=0.0)
+    x0 = full.spec.stride_px * full.spec.downsample[0]
+    assert abs(x0 - round(x0)) > 1e-3  # tile origins really are fractional level-0 px
+    keep = (full.cols < 3) & (full.rows < 3)
+    plan = TilePlan(
+        full.spec, (3, 3), full.cols[keep], full.rows[keep], full.x[keep], full.y[keep], full.tissue_fraction[keep]
+    )
+    stitched, reference = stitched_and_whole_region(slide, plan, model, tmp_path / "heatmaps.zarr", workers=1)
+    side = (2 * (tile_px - overlap) + tile_px) // model.card.output_stride
+    assert stitched.shape == reference.shape == (side, side)
     assert np.abs(stitched - reference).max() <= 1e-4
 
 

@@ -5,6 +5,7 @@ Every path comes from `layout.SlideLayout`; every QuPath tissue or tile object f
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,9 @@ def tissue_stage(
     return TissueOutputs(tissue, files, summary)
 
 
-def plan_tile_features(slide_id: str, name: str, plan: TilePlan, offset: tuple[float, float]):  # type: ignore[no-untyped-def]
+def plan_tile_features(
+    slide_id: str, name: str, plan: TilePlan, offset: tuple[float, float]
+) -> Iterator[dict[str, Any]]:
     """QuPath tile objects of a plan with their tissue fraction."""
     rows = zip(
         plan.cols.tolist(),

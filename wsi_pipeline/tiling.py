@@ -1,7 +1,8 @@
 """Tile plans: where to read tiles for a task (µm/px, tile px, overlap), with each tile's tissue fraction.
 
 The grid lives in target-resolution pixels anchored at the slide's bounds corner: tile (col, row) covers target
-pixels [col*stride, col*stride + tile_px) and its level-0 origin is bounds + round(col*stride*downsample). Tiles
+pixels [col*stride, col*stride + tile_px) and its level-0 origin is bounds + col*stride*downsample, kept fractional:
+regions are read through one global transform (`slide.resample`), so tiles agree wherever they overlap. Tiles
 are ordered row by row, so a plan is deterministic. Plans are saved with their parameters so that a later stage can
 refuse a plan made for another configuration.
 """
@@ -77,7 +78,7 @@ class TilePlan:
     grid: tuple[int, int]  # (n_cols, n_rows) of the full grid before tissue filtering
     cols: np.ndarray  # int32, kept tiles only
     rows: np.ndarray
-    x: np.ndarray  # int64 level-0 origin (OpenSlide coordinates)
+    x: np.ndarray  # float64 level-0 origin (OpenSlide coordinates), fractional where the downsample is
     y: np.ndarray
     tissue_fraction: np.ndarray  # float32 in [0, 1]
     slide: dict[str, Any] = field(default_factory=dict)
@@ -122,7 +123,7 @@ class TilePlan:
             "count": len(self),
             "columns": ["col", "row", "x", "y", "tissue_fraction"],
             "tiles": [
-                [int(c), int(r), int(x), int(y), round(float(f), 4)]
+                [int(c), int(r), float(x), float(y), round(float(f), 4)]
                 for c, r, x, y, f in zip(self.cols, self.rows, self.x, self.y, self.tissue_fraction, strict=True)
             ],
         }
@@ -141,8 +142,8 @@ class TilePlan:
             grid=tuple(data["grid"]),  # type: ignore[arg-type]
             cols=table[:, 0].astype(np.int32),
             rows=table[:, 1].astype(np.int32),
-            x=table[:, 2].astype(np.int64),
-            y=table[:, 3].astype(np.int64),
+            x=table[:, 2].copy(),
+            y=table[:, 3].copy(),
             tissue_fraction=table[:, 4].astype(np.float32),
             slide=data.get("slide", {}),
             tissue_params=data["params"].get("tissue"),
@@ -219,11 +220,11 @@ def plan_tiles(
     width_t, height_t = b.width / dsx, b.height / dsy  # bounds size in target px
     n_cols = max(1, math.ceil((width_t - overlap_px) / stride))
     n_rows = max(1, math.ceil((height_t - overlap_px) / stride))
-    col_x = b.x + np.round(np.arange(n_cols) * stride * dsx).astype(np.int64)
-    row_y = b.y + np.round(np.arange(n_rows) * stride * dsy).astype(np.int64)
+    col_x = b.x + np.arange(n_cols) * (stride * dsx)
+    row_y = b.y + np.arange(n_rows) * (stride * dsy)
     rows, cols = np.divmod(np.arange(n_rows * n_cols, dtype=np.int64), n_cols)
     x, y = col_x[cols], row_y[rows]
-    fraction = tissue_fractions(tissue, x.astype(np.float64), y.astype(np.float64), tile_px * dsx, tile_px * dsy)
+    fraction = tissue_fractions(tissue, x, y, tile_px * dsx, tile_px * dsy)
     keep = fraction >= min_tissue if min_tissue > 0 else np.ones(fraction.shape, bool)
     return TilePlan(
         spec=spec,

@@ -34,7 +34,7 @@ class TileDataset(Dataset):
         return int(self.x.size)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor]:
-        rgb = self.slide.read_region(int(self.x[index]), int(self.y[index]), self.tile_px, self.tile_px, self.mpp)
+        rgb = self.slide.read_region(float(self.x[index]), float(self.y[index]), self.tile_px, self.tile_px, self.mpp)
         return index, torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
 
 

@@ -36,7 +36,6 @@ class TorchModulePredictor:
         self.module = model.module.to(device).eval().to(memory_format=torch.channels_last)
         model.module = self.module
         norm = self.card.normalisation
-        # x/255 then (x - mean)/std folded into one multiply-add: (x - 255 mean) / (255 std)
         self.mean = torch.tensor(norm.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(norm.std, device=device).view(1, 3, 1, 1)
         self.indices = [self.card.classes.index(c) for c in self.card.written_classes]

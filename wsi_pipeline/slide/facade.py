@@ -127,11 +127,11 @@ class Slide:
         return best_level(self.level_downsamples, downsample)
 
     # --- pixels ----------------------------------------------------------------------------------------------
-    def read_region(self, x: int, y: int, width: int, height: int, mpp: float) -> np.ndarray:
-        """RGB uint8 (height, width, 3) at `mpp` µm/px whose top-left corner is level-0 pixel (x, y).
+    def read_region(self, x: float, y: float, width: int, height: int, mpp: float) -> np.ndarray:
+        """RGB uint8 (height, width, 3) at `mpp` µm/px whose top-left corner is level-0 point (x, y).
 
-        Reads from the best level and resamples (area average when shrinking, bicubic when enlarging);
-        transparent and out-of-bounds pixels become white.
+        Position-consistent at any µm/px (see `resample.read_resampled`): a pixel's value does not depend on the
+        region it is read in. Transparent and out-of-bounds pixels become white.
         """
         slide_mpp = self.mpp
         return read_resampled(self.reader, x, y, width, height, (mpp / slide_mpp.x, mpp / slide_mpp.y))

@@ -31,9 +31,9 @@ class SlideReader(Protocol):
     associated_images: tuple[str, ...]
 
     def read_level(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
-        """RGB uint8 (height, width, 3) of `level` whose top-left is level-0 pixel (x, y), i.e. level pixel
-        (x / downsample, y / downsample) (a fractional one interpolated, as OpenSlide does); transparent or outside
-        pixels are white. Errors: SlideUnreadableError (or SlideTruncatedError) naming the level and place."""
+        """RGB uint8 (height, width, 3): pixels [x, x + width) x [y, y + height) of `level`, in that level's own
+        pixels (negative or past the edge allowed: white there, as are transparent pixels). Errors:
+        SlideUnreadableError (or SlideTruncatedError) naming the level and place."""
         ...
 
     def read_associated(self, name: str) -> np.ndarray:

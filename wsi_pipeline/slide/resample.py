@@ -27,12 +27,56 @@ def best_level(downsamples: tuple[float, ...], downsample: float) -> int:
     return best
 
 
-def read_resampled(
-    reader: SlideReader, x: int, y: int, width: int, height: int, scale: tuple[float, float]
-) -> np.ndarray:
-    """RGB uint8 (height, width, 3) whose top-left is level-0 pixel (x, y), `scale` level-0 px per output px.
+def _area_weights(first_edge: float, step: float, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Input pixels and weights of `count` output pixels whose edges are `first_edge + i * step` (input px): the
+    weight of input pixel k is the length of [k, k + 1) inside the output pixel over `step` (an exact area mean)."""
+    edges = first_edge + np.arange(count + 1) * step
+    index = np.floor(edges[:-1]).astype(np.int64)[:, None] + np.arange(math.ceil(step) + 1)[None, :]
+    weight = np.clip(edges[1:, None], index, index + 1) - np.clip(edges[:-1, None], index, index + 1)
+    return index, (weight / step).astype(np.float32)
 
-    Reads from the best level and resamples (area average when shrinking, bicubic when enlarging).
+
+# Added before rounding: a value that is exactly k + 0.5 (common at simple fractions) comes out of two reads as
+# k + 0.5 +- 1e-12 and would round both ways; the bias sends every such tie up, far above the arithmetic's noise.
+_TIE_BIAS = 1e-4
+
+
+def area_mean(block: np.ndarray, box: tuple[float, float, float, float], size: tuple[int, int]) -> np.ndarray:
+    """The exact area mean of `block` (H, W, 3) over the output grid `size` (w, h) that spans `box` (left, top,
+    right, bottom in block px), rounded to uint8.
+
+    Written here rather than PIL's resize(BOX) because PIL counts an input pixel by where its centre falls: at the
+    rational factors slides have (1.996, 3.888) centres land exactly on output pixel edges, and two reads of the
+    same pixel resolve that tie differently; overlap weights have no such ties, so every read agrees.
+    """
+    w, h = size
+    columns, column_weights = _area_weights(box[0], (box[2] - box[0]) / w, w)
+    rows, row_weights = _area_weights(box[1], (box[3] - box[1]) / h, h)
+    columns = np.minimum(columns, block.shape[1] - 1)  # entries past the edge carry zero weight
+    rows = np.minimum(rows, block.shape[0] - 1)
+    top = int(rows.min())
+    picked = block[top : int(rows.max()) + 1].astype(np.float32)
+    horizontal = sum(picked[:, columns[:, k]] * column_weights[None, :, k, None] for k in range(columns.shape[1]))
+    rows -= top
+    vertical = sum(horizontal[rows[:, k]] * row_weights[:, k, None, None] for k in range(rows.shape[1]))
+    return np.clip(np.floor(vertical + (0.5 + _TIE_BIAS)), 0, 255).astype(np.uint8)
+
+
+def _whole(value: float) -> bool:
+    return abs(value - round(value)) < 1e-9
+
+
+def read_resampled(
+    reader: SlideReader, x: float, y: float, width: int, height: int, scale: tuple[float, float]
+) -> np.ndarray:
+    """RGB uint8 (height, width, 3) whose top-left corner is level-0 point (x, y) (fractional allowed), `scale`
+    level-0 px per output px.
+
+    One global affine transform: output pixel (row, col) is the area [x + col sx, x + (col + 1) sx) x [y + row sy,
+    ...) of the slide, whichever region it is read in, so overlapping reads agree pixel for pixel and stitched maps
+    have no seams at any µm/px. Reads the best level (in whole level px, with a margin wider than the filter) and
+    resamples: an exact area mean when shrinking (`area_mean`), PIL's bicubic when enlarging, a plain copy or PIL's
+    correctly rounded k x k mean when the region falls on whole level pixels.
     """
     if width <= 0 or height <= 0:
         raise ValueError(f"region size must be positive, got {width}x{height}")
@@ -40,26 +84,34 @@ def read_resampled(
     level = best_level(reader.level_downsamples, min(scale_x, scale_y))
     level_ds = reader.level_downsamples[level]
     fx, fy = scale_x / level_ds, scale_y / level_ds  # level px per output px
-    out = np.empty((height, width, 3), dtype=np.uint8)
-    exact = abs(fx - 1) < 1e-9 and abs(fy - 1) < 1e-9
+    u0, v0 = x / level_ds, y / level_ds  # the region's corner in level px
+    aligned = _whole(u0) and _whole(v0) and _whole(fx) and _whole(fy) and min(round(fx), round(fy)) >= 1
     factor = (round(fx), round(fy))
-    integral = min(factor) >= 1 and abs(fx - factor[0]) < 1e-9 and abs(fy - factor[1]) < 1e-9
+    exact = aligned and factor == (1, 1)
+    shrink = min(fx, fy) >= 1
+    # PIL normalises a filter over the pixels it has: a margin past the filter's reach (bicubic: 2 px at the larger
+    # of 1 and the scale) keeps every output pixel's weights the same as in any other read that covers it
+    pad = 0 if aligned else math.ceil(2 * max(fx, fy, 1.0)) + 1
+    out = np.empty((height, width, 3), dtype=np.uint8)
+    left = math.floor(u0 + 1e-9) - pad
+    n_cols = math.ceil(u0 + width * fx - 1e-9) + pad - left
     for row0 in range(0, height, ROWS_PER_BLOCK):
         row1 = min(height, row0 + ROWS_PER_BLOCK)
-        top = row0 * fy
-        first_row = math.floor(top + 1e-9)
-        n_rows = max(1, math.ceil(row1 * fy - 1e-9) - first_row)
-        n_cols = max(1, math.ceil(width * fx - 1e-9))
-        origin_y = y + round(first_row * level_ds)
-        block = reader.read_level(x, origin_y, level, n_cols, n_rows)
+        top = v0 + row0 * fy
+        first_row = math.floor(top + 1e-9) - pad
+        n_rows = math.ceil(v0 + row1 * fy - 1e-9) + pad - first_row
+        block = reader.read_level(left, first_row, level, n_cols, n_rows)
         if exact:
             out[row0:row1] = block[: row1 - row0, :width]
-        elif integral:
+        elif aligned:
             # a whole-pixel k x k mean (e.g. 0.5 µm/px from a 0.25 µm/px level): PIL's reduce is correctly rounded
             # and about twice as fast as resize(BOX), whose fixed-point weights can be 1 off
-            out[row0:row1] = np.asarray(Image.fromarray(block).reduce(factor))
+            out[row0:row1] = np.asarray(Image.fromarray(block).reduce(factor))[: row1 - row0, :width]
         else:
-            box = (0.0, top - first_row, width * fx, top - first_row + (row1 - row0) * fy)
-            resample = Image.Resampling.BOX if min(fx, fy) >= 1 else Image.Resampling.BICUBIC
-            out[row0:row1] = np.asarray(Image.fromarray(block).resize((width, row1 - row0), resample=resample, box=box))
+            box = (u0 - left, top - first_row, u0 - left + width * fx, top - first_row + (row1 - row0) * fy)
+            if shrink:
+                out[row0:row1] = area_mean(block, box, (width, row1 - row0))
+            else:
+                picture = Image.fromarray(block).resize((width, row1 - row0), Image.Resampling.BICUBIC, box=box)
+                out[row0:row1] = np.asarray(picture)
     return out

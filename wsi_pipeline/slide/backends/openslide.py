@@ -59,11 +59,15 @@ class OpenSlideReader:
         return state
 
     def read_level(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        # OpenSlide places reads by level-0 px: exact for level 0 and whole downsamples; where a level's downsample
+        # is not whole (4.0004 is common), OpenSlide interpolates the sub-pixel remainder itself
+        ds = self.level_downsamples[level]
+        x0, y0 = (x, y) if ds == 1 else (round(x * ds), round(y * ds))
         try:
-            rgba = self._osr.read_region((x, y), level, (width, height))
+            rgba = self._osr.read_region((x0, y0), level, (width, height))
         except openslide.OpenSlideError as exc:
             raise SlideUnreadableError(
-                f"{self.path}: reading level {level} at ({x}, {y}) failed ({exc}); the file is damaged — "
+                f"{self.path}: reading level {level} at ({x}, {y}) (level px) failed ({exc}); the file is damaged — "
                 "copy it again from its source"
             ) from exc
         return np.asarray(_on_white(rgba))
