@@ -5,6 +5,8 @@ Every user-facing error is one line on stderr and a distinct exit status (see th
 
 from __future__ import annotations
 
+import logging
+
 import click
 
 from .. import __version__
@@ -20,6 +22,13 @@ from .training import evaluate, train
 @click.version_option(__version__, prog_name="wsi-pipeline")
 def main() -> None:
     """Whole-slide image analysis: tissue, tiles, CNN heatmaps and QuPath outputs."""
+    log = logging.getLogger("wsi_pipeline")  # the project's own notices (e.g. a reader falling back) on stderr
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
 
 
 @main.command("config")

@@ -56,7 +56,7 @@ class Backend:
 
 
 _BACKENDS: dict[str, Backend] = {}
-_BUILTIN = ("wsi_pipeline.slide.backends.openslide",)
+_BUILTIN = ("wsi_pipeline.slide.backends.openslide", "wsi_pipeline.slide.backends.tifffile_direct")
 
 
 def register_backend(
@@ -109,7 +109,7 @@ def open_reader(path: Path, backend: str = "auto") -> SlideReader:
         except SlideTruncatedError:
             raise
         except SlideUnreadableError as exc:
-            error = error or exc  # the best backend's reason is the most useful one
+            error = exc  # the last one tried is the most general reader (OpenSlide): its advice fits best
     if error is not None:
         raise error
     raise SlideUnreadableError(f"{path}: no slide reader accepts this file ({', '.join(backend_names())} tried)")
