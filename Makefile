@@ -10,7 +10,7 @@ DATA   ?= ../shared/data
 MODELS := wsi_pipeline/models/defaults
 MODELS_WORK ?= build/models
 
-.PHONY: install test lint demo bench models clean help
+.PHONY: install test lint demo bench bench-peers models clean help
 
 help:
 	@echo "make install  create $(VENV) and install wsi-pipeline with its dependencies"
@@ -18,6 +18,7 @@ help:
 	@echo "make demo     run the pipeline on a built-in synthetic slide and say where the outputs are"
 	@echo "make lint     ruff check + format check + import contracts (lint-imports)"
 	@echo "make bench    benchmarks (JSON in benchmarks/results/)"
+	@echo "make bench-peers  TIAToolbox 1.3.2 beside wsi-pipeline predict (builds build/peers-venv first)"
 	@echo "make models   retrain the three shipped models from $(DATA) (CPU: about 25 min) and rewrite their cards"
 
 install: $(STAMP)
@@ -46,6 +47,21 @@ clean:
 bench: $(STAMP)
 	$(BIN)/python benchmarks/foundation.py
 	$(BIN)/python benchmarks/engine.py
+	$(BIN)/python benchmarks/read.py
+	$(BIN)/python benchmarks/cpu_model.py
+
+# TIAToolbox 1.3.2 in its own venv (it pins numpy < 1.24 and shapely < 2), beside the same torch; then both tools
+# side by side (benchmarks/results/peers.json).
+PEERS_VENV := build/peers-venv
+$(PEERS_VENV)/.installed:
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install --upgrade pip
+	$(PEERS_VENV)/bin/python -m pip install $(TORCH_SPEC)
+	$(PEERS_VENV)/bin/python -m pip install "tiatoolbox==1.3.2" "setuptools<81" openslide-bin
+	touch $@
+
+bench-peers: $(STAMP) $(PEERS_VENV)/.installed
+	$(BIN)/python benchmarks/peers.py
 
 # The shipped defaults are the output of this target: each model trains in $(MODELS_WORK) (resumable), is
 # evaluated on data it never saw, and only then replaces its folder in $(MODELS) (weights, card, evaluation).

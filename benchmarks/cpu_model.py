@@ -1,0 +1,100 @@
+"""CPU model path: tiles/s of each shipped model and of resnet18 in eager fp32, bf16 autocast, torch.compile fp32
+and torch.compile + bf16, measured in turn in one run, with the largest probability difference to eager fp32 on the
+same real tiles (the engine's bf16 tolerance is 0.02, as on CUDA). Writes benchmarks/results/cpu-model.json; the
+engine's CPU default follows what wins here (docs/benchmarks.md).
+"""
+
+# ruff: noqa: I001  (wsi_pipeline before torch, as in the CLI: it sets OpenMP's wait policy)
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import wsi_pipeline  # noqa: F401
+import torch
+from _report import machine_facts, write_report
+
+TOLERANCE = 0.02
+
+
+def tiles_for(card, n: int) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """`n` real tiles of CMU-1-Small-Region at the model's µm/px and tile size, as the engine feeds them."""
+    from wsi_pipeline.slide import Slide
+
+    slide = Slide(Path(__file__).resolve().parents[1].parent / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs")
+    size = card.tile_px
+    step = size * card.mpp / slide.mpp.x
+    tiles = [slide.read_region(300 + (i % 6) * step, 600 + (i // 6) * step, size, size, card.mpp) for i in range(n)]
+    return torch.stack([torch.from_numpy(t).permute(2, 0, 1) for t in tiles])
+
+
+def run(module: torch.nn.Module, x: torch.Tensor, card, bf16: bool, repeats: int) -> tuple[float, torch.Tensor]:  # type: ignore[no-untyped-def]
+    mean = torch.tensor(card.normalisation.mean).view(1, 3, 1, 1)
+    std = torch.tensor(card.normalisation.std).view(1, 3, 1, 1)
+    unit = ((x.float() / 255 - mean) / std).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = module(unit)  # warm-up (and compilation)
+        rates = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            out = module(unit)
+            rates.append(len(x) / (time.perf_counter() - started))
+    out = out.float()
+    probs = torch.softmax(out, 1) if card.activation == "softmax" else torch.sigmoid(out)
+    return statistics.median(rates), probs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default="benchmarks/results/cpu-model.json")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    from wsi_pipeline.models import ModelCard
+    from wsi_pipeline.models.architectures import build, seeded
+    from wsi_pipeline.tasks import task_model
+
+    models = {name: task_model(name, None) for name in ("epithelium_stroma", "metastasis", "mitosis")}
+    resnet_card = ModelCard(
+        name="resnet18", task="epithelium_stroma", kind="classifier", architecture="resnet18", mpp=0.5, tile_px=224,
+        classes=["a", "b"],
+    )  # fmt: skip
+    rows = []
+    for name, (module, card, batch) in {
+        **{n: (m.module, m.card, 16 if m.card.kind == "dense" else 64) for n, m in models.items()},
+        "resnet18": (seeded(build("resnet18", 2), 0), resnet_card, 16),
+    }.items():
+        if card.kind == "dense":
+            card = card.model_copy(update={"tile_px": 256})
+        module = module.eval().to(memory_format=torch.channels_last)
+        x = tiles_for(card, batch)
+        compiled = torch.compile(module)
+        row: dict[str, object] = {"model": name, "tile_px": card.tile_px, "batch": batch}
+        reference = None
+        for mode, (net, bf16) in {
+            "eager_fp32": (module, False),
+            "eager_bf16": (module, True),
+            "compiled_fp32": (compiled, False),
+            "compiled_bf16": (compiled, True),
+        }.items():
+            started = time.perf_counter()
+            tiles_per_s, probs = run(net, x, card, bf16, args.repeats)
+            reference = probs if reference is None else reference
+            row[mode] = {
+                "tiles_per_s": tiles_per_s,
+                "max_abs_diff": float((probs - reference).abs().max()),
+                "first_call_s": time.perf_counter() - started,
+            }
+        best = max(
+            (m for m in row if isinstance(row[m], dict) and row[m]["max_abs_diff"] <= TOLERANCE),  # type: ignore[index]
+            key=lambda m: row[m]["tiles_per_s"],  # type: ignore[index]
+        )
+        row["fastest_within_tolerance"] = best
+        rows.append(row)
+        print(row, flush=True)
+    write_report(args.out, {"benchmark": "cpu-model", "machine": machine_facts(), "tolerance": TOLERANCE, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
