@@ -89,6 +89,7 @@ def test_classifier_heatmap_is_one_value_per_tile(cmu, tmp_path: Path) -> None:
         batch_size=64,
         workers=0,
         progress=False,
+        precision="fp32",  # compared with the network run directly in fp32
     )
     epi = open_heatmap(store / "epithelium").channel("epithelium")
     stroma = open_heatmap(store / "stroma").channel("stroma")
@@ -318,3 +319,23 @@ def test_cuda_bf16_matches_cpu_fp32(cmu, tmp_path: Path) -> None:
     gpu = open_heatmap(tmp_path / "gpu.zarr" / "mitosis").channel("mitosis")
     cpu = open_heatmap(tmp_path / "cpu.zarr" / "mitosis").channel("mitosis")
     assert np.abs(gpu - cpu).max() < 0.02  # bf16 autocast keeps ~3 significant digits
+
+
+def test_cpu_bf16_by_default_where_native_and_within_the_tolerance(data_dir: Path, tmp_path: Path) -> None:
+    """`precision: auto` autocasts to bf16 on CPUs with native bf16 (2-3x faster, benchmarks/cpu_model.py) and its
+    probabilities stay within the engine's bf16 tolerance (0.02, as on CUDA) of fp32."""
+    from wsi_pipeline.models.predictor import use_bf16
+    from wsi_pipeline.tasks import task_model
+
+    native = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert use_bf16(CPU, "auto") is native and use_bf16(CPU, "fp32") is False and use_bf16(CPU, "bf16") is True
+    slide = Slide(CMU)
+    maps = {}
+    for precision in ("fp32", "bf16"):
+        model = task_model("metastasis", None)
+        plan = plan_tiles(slide, detect_tissue(slide, TissueConfig()), model.card.mpp, model.card.tile_px, 48, 0.25)
+        store = tmp_path / f"{precision}.zarr"
+        request = TaskRequest("metastasis", model, plan, dtype="float32")
+        predict_slide(slide, [request], store, device=CPU, workers=0, progress=False, precision=precision)
+        maps[precision] = open_heatmap(store / "tumour").channel("tumour")
+    assert 0 < np.abs(maps["bf16"] - maps["fp32"]).max() < 0.02

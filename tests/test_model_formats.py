@@ -53,7 +53,8 @@ def test_a_registered_format_runs_through_the_engine(data_dir: Path, tmp_path: P
         model = LoadedModel(card, module, None, format=fmt)
         store = tmp_path / f"{fmt}.zarr"
         request = TaskRequest("metastasis", model, plan, dtype="float32")
-        predict_slide(slide, [request], store, device=torch.device("cpu"), batch_size=8, workers=0, progress=False)
+        cpu = torch.device("cpu")
+        predict_slide(slide, [request], store, device=cpu, batch_size=8, workers=0, progress=False, precision="fp32")
         maps[fmt] = open_heatmap(store / "tumour").channel("tumour")
     covered = maps["torch"] > 0
     assert covered.sum() == len(plan)  # one value per kept tile

@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, create_model, field_validator
@@ -23,7 +23,16 @@ from .tasks import TaskConfig, load_plugins, tasks
 from .tasks import registry as task_registry
 from .tissue_config import TissueConfig
 
-__all__ = ["Config", "ExportConfig", "SlideConfig", "TaskConfig", "TissueConfig", "dump_config", "load_config"]
+__all__ = [
+    "Config",
+    "EngineConfig",
+    "ExportConfig",
+    "SlideConfig",
+    "TaskConfig",
+    "TissueConfig",
+    "dump_config",
+    "load_config",
+]
 
 
 class TasksConfig(StrictModel):
@@ -42,6 +51,13 @@ class SlideConfig(StrictModel):
             raise ValueError(str(exc).removeprefix("slide.backend: ")) from None
 
 
+class EngineConfig(StrictModel):
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA and on CPUs with native bf16 (AMX / AVX512-BF16), else fp32"
+    )
+    compile: bool = Field(False, description="torch.compile every model (8-28 s per model first; pays on long runs)")
+
+
 class ExportConfig(StrictModel):
     geojson_gzip: bool = Field(False, description="also write qupath.geojson.gz")
 
@@ -53,6 +69,7 @@ class Config(StrictModel):
     slide: SlideConfig = SlideConfig()
     tissue: TissueConfig = TissueConfig()
     tasks: TasksConfig = TasksConfig()
+    engine: EngineConfig = EngineConfig()
     export: ExportConfig = ExportConfig()
 
     def task(self, name: str) -> TaskConfig:

@@ -137,6 +137,8 @@ def _run(
             batch_size=max(config.task(t).batch_size for t in tasks),
             workers=workers,
             progress=progress,
+            precision=config.engine.precision,
+            compile_=config.engine.compile,
         )
         if requests
         else {"reads": []}

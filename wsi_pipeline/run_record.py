@@ -39,6 +39,7 @@ def compatibility_key(
         "models": {t: [models[t].card.model_dump(mode="json"), weights_digest(models[t])] for t in tasks},
         "mpp": round(mpp, 9),
         "backend": backend,
+        "precision": config.engine.precision,
         "format": RUN_FORMAT,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]

@@ -227,6 +227,8 @@ def predict_stage(
         batch_size=batch_size or task_cfg.batch_size,
         workers=workers,
         progress=progress,
+        precision=config.engine.precision,
+        compile_=config.engine.compile,
     )
     write_tissue_heatmap(out.heatmaps, tissue)
     return {

@@ -39,7 +39,9 @@ def stitched_and_whole_region(slide, plan, model, store: Path, workers: int = 2)
 
     device = torch.device("cpu")
     request = TaskRequest("mitosis", model, plan, dtype="float32")
-    predict_slide(slide, [request], store, device=device, batch_size=16, workers=workers, progress=False)
+    predict_slide(
+        slide, [request], store, device=device, batch_size=16, workers=workers, progress=False, precision="fp32"
+    )
     stitched = open_heatmap(store / "mitosis").channel("mitosis")
     tile, overlap = plan.spec.tile_px, plan.spec.overlap_px
     n_cols, n_rows = plan.grid

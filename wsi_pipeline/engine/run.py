@@ -62,8 +62,11 @@ def predict_slide(
     batch_size: int = 32,
     workers: int = 2,
     progress: bool = True,
+    precision: str = "auto",
+    compile_: bool = False,
 ) -> dict[str, Any]:
-    """Run every request over its plan and write its heatmaps into `store`; returns timings.
+    """Run every request over its plan and write its heatmaps into `store`; returns timings. `precision` (auto,
+    fp32, bf16) and `compile_` go to each model's predictor (see `models.predictor.use_bf16`).
 
     Raises before reading when a model cannot serve its plan; on any failure, partial heatmaps are discarded.
     """
@@ -84,7 +87,7 @@ def predict_slide(
         try:
             predictors = []
             for request in group:
-                predictors.append(make_predictor(request.model, device))
+                predictors.append(make_predictor(request.model, device, precision, compile_))
                 card = request.model.card
                 stitchers.append(stitcher_class(card)(request.name, card, request.plan, store, request.dtype))
             names = [r.name for r in group]

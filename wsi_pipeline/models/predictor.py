@@ -24,17 +24,31 @@ class Predictor(Protocol):
     def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]: ...
 
 
-class TorchModulePredictor:
-    """A torch `nn.Module` with the card's normalisation and activation: channels_last, bf16 autocast on CUDA,
-    fp32 on the CPU."""
+def use_bf16(device: torch.device, precision: str) -> bool:
+    """`auto`: bf16 autocast on CUDA, and on CPUs with native bf16 (AVX512-BF16 / AMX: 2-3x the fp32 rate of every
+    shipped model, probabilities within 0.0063 of fp32; benchmarks/results/cpu-model.json); fp32 elsewhere."""
+    if precision == "fp32":
+        return False
+    if precision == "bf16" or device.type == "cuda":
+        return True
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
-    def __init__(self, model: LoadedModel, device: torch.device) -> None:
+
+class TorchModulePredictor:
+    """A torch `nn.Module` with the card's normalisation and activation: channels_last, bf16 autocast where it
+    pays (`use_bf16`), optionally `torch.compile`d (worth it for long slides: it costs 8-28 s per model first)."""
+
+    def __init__(
+        self, model: LoadedModel, device: torch.device, precision: str = "auto", compile_: bool = False
+    ) -> None:
         if model.module is None:
             raise ValueError(f"{model.card.name} has no torch module to run")
         self.card = model.card
         self.device = device
+        self.bf16 = use_bf16(device, precision)
         self.module = model.module.to(device).eval().to(memory_format=torch.channels_last)
         model.module = self.module
+        self.run = torch.compile(self.module) if compile_ else self.module
         norm = self.card.normalisation
         self.mean = torch.tensor(norm.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(norm.std, device=device).view(1, 3, 1, 1)
@@ -43,15 +57,15 @@ class TorchModulePredictor:
     def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         unit = batch.float().div_(255.0)
         x = ((unit - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            out = self.module(x)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            out = self.run(x)
         out = out.float()
         out = torch.softmax(out, dim=1) if self.card.activation == "softmax" else torch.sigmoid(out)
         out = out.cpu()
         return {name: out[:, index] for name, index in zip(self.card.written_classes, self.indices, strict=True)}
 
 
-PredictorFactory = Callable[[LoadedModel, torch.device], Predictor]
+PredictorFactory = Callable[..., Predictor]  # (LoadedModel, device, precision=..., compile_=...) -> Predictor
 _FORMATS: dict[str, PredictorFactory] = {"torch": TorchModulePredictor}
 
 
@@ -60,9 +74,13 @@ def register_format(name: str, factory: PredictorFactory) -> None:
     _FORMATS[name] = factory
 
 
-def make_predictor(model: LoadedModel, device: torch.device) -> Predictor:
+def make_predictor(
+    model: LoadedModel, device: torch.device, precision: str = "auto", compile_: bool = False
+) -> Predictor:
     try:
         factory = _FORMATS[model.format]
     except KeyError:
         raise ValueError(f"no predictor for model format {model.format!r}; known: {sorted(_FORMATS)}") from None
+    if factory is TorchModulePredictor:
+        return factory(model, device, precision, compile_)
     return factory(model, device)
