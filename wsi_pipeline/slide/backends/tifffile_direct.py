@@ -33,6 +33,8 @@ _NOT_HANDLED = ("is_ndpi", "is_philips", "is_scn", "is_bif", "is_qpi", "is_lsm",
 CACHE_BYTES = 64 << 20  # decoded tiles kept per process
 DECODE_THREADS = 4
 _UNITS = {1: "none", 2: "inch", 3: "centimeter"}
+# APP14 "Adobe", transform 0: the components are RGB, not YCbCr (how Aperio's "JPEG/RGB" tiles are stored)
+ADOBE_RGB = bytes.fromhex("ffee000e") + b"Adobe" + bytes([0, 100, 0, 0, 0, 0, 0])
 
 
 def _unsupported(path: Path, why: str) -> SlideUnreadableError:
@@ -168,6 +170,26 @@ class TiffDirectReader:
                 f"cannot be decoded ({type(exc).__name__}: {exc}); the file is damaged — copy it again from its source"
             ) from exc
         return np.ascontiguousarray(tile[0, :, :, :3])
+
+    def jpeg_streams(self, level: int, x: int, y: int, width: int, height: int) -> list[tuple[int, int, bytes]]:
+        """The stored JPEG tiles a region of `level` touches, as (tile x, tile y, complete JPEG stream): the shared
+        tables spliced in, and an Adobe marker where the tiles are stored as RGB, so that any JPEG decoder (nvJPEG
+        through torchvision on a GPU) decodes them as tifffile does. Empty when the level is not JPEG."""
+        page = self._tif.series[0].levels[level].pages[0]
+        if page.compression != 7:
+            return []
+        tw, th = int(page.tilewidth), int(page.tilelength)
+        iw, ih = self.level_dimensions[level]
+        across = (iw + tw - 1) // tw
+        tables = page.jpegtables or b""
+        header = (ADOBE_RGB if page.photometric == 2 else b"") + (tables[2:-2] if tables else b"")
+        streams = []
+        for ty in range(max(0, y) // th, (min(ih, y + height) - 1) // th + 1):
+            for tx in range(max(0, x) // tw, (min(iw, x + width) - 1) // tw + 1):
+                index = ty * across + tx
+                data = os.pread(self._local["fd"], int(page.databytecounts[index]), int(page.dataoffsets[index]))
+                streams.append((tx, ty, data[:2] + header + data[2:]))
+        return streams
 
     def read_associated(self, name: str) -> np.ndarray:
         image = self._tif.series[self._associated[name]].asarray()
