@@ -45,7 +45,7 @@ class SeededResnet(ModelABC):
     def infer_batch(model, batch_data, on_gpu):
         model.eval()
         with torch.inference_mode():
-            return [model(batch_data).numpy()]
+            return model(batch_data).numpy()
 
 started = time.perf_counter()
 model = SeededResnet().to(memory_format=torch.channels_last)
@@ -54,8 +54,9 @@ config = IOPatchPredictorConfig(
 )
 predictor = PatchPredictor(model=model, batch_size=64, num_loader_workers=2)
 output = predictor.predict([sys.argv[1]], mode="wsi", ioconfig=config, on_gpu=False, save_dir=sys.argv[3])
-result = json.load(open(output[0][1] + ".raw.json")) if isinstance(output, list) else None
-patches = len(result["coordinates"]) if result else -1
+# one slide: the predictions come back (a batch of slides would be saved as <save_dir>/<i>.raw.json)
+result = output[0] if isinstance(output, list) else json.load(open(next(iter(output.values()))["raw"]))
+patches = len(result["coordinates"])
 print(json.dumps({"patches": patches, "seconds": time.perf_counter() - started}))
 """
 
