@@ -60,13 +60,15 @@ def read_rate(slide: Slide, plan: TilePlan, batch: int, workers: int, device: to
     return len(plan) / (time.perf_counter() - t0)
 
 
-def model_rate(model: LoadedModel, n: int, batch: int, device: torch.device) -> float:
+def model_rate(model: LoadedModel, n: int, batch: int, device: torch.device, precision: str) -> float:
     """(b) tiles/s of the model alone on random uint8 tiles already on the device, with the engine's arithmetic
-    (to float, normalise, channels_last, bf16 autocast on CUDA, back to the host)."""
+    (to float, normalise, channels_last, bf16 autocast where the engine uses it, back to the host)."""
+    from wsi_pipeline.models.predictor import use_bf16
+
     module = model.module.to(device).eval().to(memory_format=torch.channels_last)
     tile = model.card.tile_px
     x = torch.randint(0, 256, (batch, 3, tile, tile), dtype=torch.uint8).to(device)
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(device, precision)):
         module((x.float() / 255).contiguous(memory_format=torch.channels_last))  # warm-up
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -81,7 +83,14 @@ def model_rate(model: LoadedModel, n: int, batch: int, device: torch.device) -> 
 
 
 def end_to_end(
-    slide: Slide, plan: TilePlan, model: LoadedModel, store: Path, batch: int, workers: int, device: torch.device
+    slide: Slide,
+    plan: TilePlan,
+    model: LoadedModel,
+    store: Path,
+    batch: int,
+    workers: int,
+    device: torch.device,
+    precision: str,
 ) -> dict[str, float]:
     """(c) `predict_slide` as `run` calls it: loader, model, stitching and zarr writing, start-up included."""
     from wsi_pipeline.engine import TaskRequest, predict_slide
@@ -95,6 +104,7 @@ def end_to_end(
         batch_size=batch,
         workers=workers,
         progress=False,
+        precision=precision,
     )["reads"][0]
     return {
         "tiles_per_s": len(plan) / timing["seconds"],
@@ -112,6 +122,7 @@ def throughput(
     max_tiles: int,
     arch: str,
     repeats: int,
+    precision: str,
 ) -> dict[str, object]:
     """(a), (b) and (c) side by side, at least `repeats` times in turn; figures are medians over the repeats (this
     2-core virtual machine's rates vary by +-15 % from one second to the next)."""
@@ -131,8 +142,8 @@ def throughput(
     # a small slide (CMU: 71 tiles, ~2 s) gets more repeats, so that every slide's median rests on ~800 tiles
     for _ in range(max(repeats, math.ceil(800 / n))):
         a = read_rate(slide, plan, batch, workers, device)
-        b = model_rate(model, n, batch, device)
-        c = end_to_end(slide, plan, model, tmp / f"{slide.slide_id}.zarr", batch, workers, device)
+        b = model_rate(model, n, batch, device, precision)
+        c = end_to_end(slide, plan, model, tmp / f"{slide.slide_id}.zarr", batch, workers, device, precision)
         repeat_rows.append(
             {
                 "read_tiles_per_s": a,
@@ -152,6 +163,7 @@ def throughput(
         "batch": batch,
         "workers": workers,
         "device": str(device),
+        "precision": precision,
         **median,
         "ratio_min_max": [
             min(r["ratio_e2e_over_min"] for r in repeat_rows),
@@ -221,6 +233,7 @@ def main() -> None:
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--memory", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="the engine's [auto]")
     args = parser.parse_args()
     if args.memory:
         with tempfile.TemporaryDirectory() as tmp:
@@ -240,7 +253,9 @@ def main() -> None:
         # 30 000 x 24 000 px at 0.25 µm/px: about 1 300 tissue tiles of 224 px at 0.5 µm/px, more than --max-tiles
         synthetic = write_synthetic_slide(tmp / "synthetic.svs", default_layout(30000, 24000, 0.25, seed=5))
         for slide_path in [p for p in (synthetic, shared) if p.exists()]:
-            row = throughput(slide_path, tmp, device, workers, batch, args.max_tiles, args.arch, args.repeats)
+            row = throughput(
+                slide_path, tmp, device, workers, batch, args.max_tiles, args.arch, args.repeats, args.precision
+            )
             report["throughput"].append(row)  # type: ignore[union-attr]
             print(json.dumps({k: v for k, v in row.items() if k != "repeats"}))
     if not args.skip_memory:

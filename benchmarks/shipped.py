@@ -1,0 +1,76 @@
+"""End-to-end tiles/s of the three shipped models (the read-bound case): `predict_stage` as `predict` runs it, on a
+synthetic 20 000 x 16 000 px slide at 0.25 µm/px, "before" (OpenSlide reader, fp32 on the CPU: the engine as it was)
+and "after" (the defaults: direct tifffile reader, bf16 autocast where the CPU has it), alternating, `--repeats`
+times, medians. Writes benchmarks/results/shipped.json.
+"""
+
+# ruff: noqa: I001  (wsi_pipeline before torch, as in the CLI: it sets OpenMP's wait policy)
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+from pathlib import Path
+
+import wsi_pipeline  # noqa: F401
+from _report import machine_facts, write_report
+
+SETTINGS = {"before": ("openslide", "fp32"), "after": ("auto", "auto")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default="benchmarks/results/shipped.json")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args()
+    from wsi_pipeline.config import load_config
+    from wsi_pipeline.slide import Slide
+    from wsi_pipeline.stages import predict_stage
+    from wsi_pipeline.synth import default_layout, write_synthetic_slide
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        path = write_synthetic_slide(tmp / "slide.svs", default_layout(20000, 16000, 0.25, seed=5, n_figures=40))
+        for task in ("epithelium_stroma", "metastasis", "mitosis"):
+            rates: dict[str, list[float]] = {name: [] for name in SETTINGS}
+            tiles = 0
+            for _ in range(args.repeats):
+                for name, (backend, precision) in SETTINGS.items():
+                    config = load_config(None, [f"slide.backend={backend}", f"engine.precision={precision}"])
+                    out = tmp / "out"
+                    shutil.rmtree(out, ignore_errors=True)
+                    with Slide(path, backend=backend) as slide:
+                        result = predict_stage(
+                            slide, config, task, out, model_path=None, workers=args.workers, progress=False
+                        )
+                    read = result["timings"]["reads"][0]
+                    tiles = result["tiles"]
+                    rates[name].append(read["tiles_per_s"])
+            row = {
+                "task": task,
+                "tiles": tiles,
+                **{f"{name}_tiles_per_s": statistics.median(values) for name, values in rates.items()},
+                "after_over_before": statistics.median(
+                    a / b for a, b in zip(rates["after"], rates["before"], strict=True)
+                ),
+                "repeats": rates,
+            }
+            rows.append(row)
+            print({k: v for k, v in row.items() if k != "repeats"}, flush=True)
+    write_report(
+        args.out,
+        {
+            "benchmark": "shipped",
+            "machine": machine_facts(),
+            "workers": args.workers,
+            "settings": SETTINGS,
+            "rows": rows,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
