@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import click
 
 from ..errors import ConfigError
-from ..layout import SlideLayout
+from ..layout import RunLayout
 from ..slide import Slide
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ def predict(
             slide,
             cfg,
             task,
-            SlideLayout(Path(out_dir) / slide.slide_id),
+            RunLayout(Path(out_dir)).slide(slide.slide_id),
             model_path=model_path,
             device=device,
             batch_size=batch_size,

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from ..errors import MissingMppError
-from ..layout import SlideLayout
+from ..layout import RunLayout
 from ..slide import Slide
 from .common import backend_option, config_option, run_config, set_option, slide_mpp_option
 
@@ -106,7 +106,7 @@ def tissue(
 
     cfg = run_config(config_path, overrides, backend)
     with Slide(slide_path, mpp=slide_mpp, backend=cfg.slide.backend) as slide:
-        result = tissue_stage(slide, cfg.tissue, SlideLayout(Path(out_dir) / slide.slide_id))
+        result = tissue_stage(slide, cfg.tissue, RunLayout(Path(out_dir)).slide(slide.slide_id))
     s = result.summary
     click.echo(
         f"{s['slide_id']}: {s['regions']} tissue region(s), {s['area_mm2']:.3f} mm² (mask at {s['mask_mpp']:.2f} µm/px)"
@@ -152,7 +152,7 @@ def tiles(
         plan, files = tiles_stage(
             slide,
             detect_tissue(slide, cfg.tissue),
-            SlideLayout(Path(out_dir) / slide.slide_id),
+            RunLayout(Path(out_dir)).slide(slide.slide_id),
             want.name,
             mpp=want.mpp,
             tile_px=want.tile_px,
