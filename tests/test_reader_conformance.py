@@ -116,6 +116,23 @@ def test_a_region_equals_the_same_pixels_of_a_larger_read(
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_damaged_stored_tile_is_exit_5(pyramid_slide: tuple[Path, SynthSpec], tmp_path: Path, backend: str) -> None:
+    damaged = tmp_path / "damaged.svs"
+    damaged.write_bytes(pyramid_slide[0].read_bytes())
+    with tifffile.TiffFile(damaged) as tif:
+        page = tif.pages[0]
+        offset, tile = int(page.dataoffsets[25]), int(page.tilewidth)
+        across = -(-page.imagewidth // tile)
+    with damaged.open("r+b") as fh:
+        fh.seek(offset)
+        fh.write(b"\x00" * 64)
+    slide = Slide(damaged, backend=backend)
+    with pytest.raises(SlideTruncatedError) as err:
+        slide.read_region((25 % across) * tile + 5, (25 // across) * tile + 5, 32, 32, slide.mpp.x)
+    assert err.value.exit_code == 5 and "damaged" in str(err.value)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_outside_the_image_is_white(data_dir: Path, backend: str) -> None:
     slide = Slide(CMU, backend=backend)
     region = slide.reader.read_level(2100, 2900, 0, 200, 100)

@@ -10,7 +10,7 @@ import numpy as np
 import openslide
 from PIL import Image
 
-from ...errors import SlideUnreadableError
+from ...errors import SlideTruncatedError, SlideUnreadableError
 from ..integrity import check_tiff_complete, is_tiff
 from ..reader import register_backend
 
@@ -65,8 +65,8 @@ class OpenSlideReader:
         x0, y0 = (x, y) if ds == 1 else (round(x * ds), round(y * ds))
         try:
             rgba = self._osr.read_region((x0, y0), level, (width, height))
-        except openslide.OpenSlideError as exc:
-            raise SlideUnreadableError(
+        except openslide.OpenSlideError as exc:  # damaged tile data: exit 5 like the other backends
+            raise SlideTruncatedError(
                 f"{self.path}: reading level {level} at ({x}, {y}) (level px) failed ({exc}); the file is damaged — "
                 "copy it again from its source"
             ) from exc
