@@ -5,14 +5,12 @@ exit 5 and a message naming the level and tile."""
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-import tifffile
 
-from tests.helpers import CMU, NDPI, TCGA, run_cli
+from tests.helpers import CMU, NDPI, TCGA, damage_tile, run_cli
 from wsi_pipeline.errors import SlideTruncatedError
 from wsi_pipeline.slide import Slide
 from wsi_pipeline.synth import default_layout, write_synthetic_slide
@@ -44,21 +42,9 @@ def test_auto_prefers_direct_decode_and_falls_back_to_openslide(
     ]
 
 
-def _damage_one_tile(source: Path, target: Path, level: int, index: int) -> tuple[int, int]:
-    shutil.copy(source, target)
-    with tifffile.TiffFile(target) as tif:
-        page = tif.series[0].levels[level].pages[0]
-        offset = int(page.dataoffsets[index])
-        across = -(-page.imagewidth // page.tilewidth)
-    with target.open("r+b") as fh:
-        fh.seek(offset)
-        fh.write(b"\x00" * 64)  # the JPEG start-of-image marker and header are gone
-    return index % across, index // across
-
-
 def test_a_damaged_tile_fails_with_its_level_and_place(data_dir: Path, tmp_path: Path) -> None:
     damaged = tmp_path / "damaged.svs"
-    tx, ty = _damage_one_tile(CMU, damaged, 0, 20)
+    tx, ty = damage_tile(CMU, damaged, 0, 20)
     slide = Slide(damaged)  # the directories are intact: it opens
     assert slide.backend == "tifffile"
     with pytest.raises(SlideTruncatedError) as err:

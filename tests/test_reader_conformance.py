@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from tests.helpers import CMU, DICOM, TCGA
+from tests.helpers import CMU, DICOM, TCGA, damage_tile
 from wsi_pipeline.errors import MissingMppError, SlideNotFoundError, SlideTruncatedError, SlideUnreadableError
 from wsi_pipeline.slide import Slide, SlideReader, backend_names
 from wsi_pipeline.synth import SynthSpec, default_layout, write_synthetic_slide
@@ -118,17 +118,11 @@ def test_a_region_equals_the_same_pixels_of_a_larger_read(
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_damaged_stored_tile_is_exit_5(pyramid_slide: tuple[Path, SynthSpec], tmp_path: Path, backend: str) -> None:
     damaged = tmp_path / "damaged.svs"
-    damaged.write_bytes(pyramid_slide[0].read_bytes())
-    with tifffile.TiffFile(damaged) as tif:
-        page = tif.pages[0]
-        offset, tile = int(page.dataoffsets[25]), int(page.tilewidth)
-        across = -(-page.imagewidth // tile)
-    with damaged.open("r+b") as fh:
-        fh.seek(offset)
-        fh.write(b"\x00" * 64)
+    col, row = damage_tile(pyramid_slide[0], damaged, 0, 25)
+    tile = 256  # the generator's tile size
     slide = Slide(damaged, backend=backend)
     with pytest.raises(SlideTruncatedError) as err:
-        slide.read_region((25 % across) * tile + 5, (25 // across) * tile + 5, 32, 32, slide.mpp.x)
+        slide.read_region(col * tile + 5, row * tile + 5, 32, 32, slide.mpp.x)
     assert err.value.exit_code == 5 and "damaged" in str(err.value)
 
 

@@ -29,6 +29,24 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
     )
 
 
+def damage_tile(source: Path, target: Path, level: int, index: int) -> tuple[int, int]:
+    """Copy a tiled TIFF slide and overwrite the first bytes of one stored tile (its JPEG header): the directories
+    stay intact, that tile no longer decodes. Returns the tile's (column, row)."""
+    import shutil
+
+    import tifffile
+
+    shutil.copy(source, target)
+    with tifffile.TiffFile(target) as tif:
+        page = tif.series[0].levels[level].pages[0]
+        offset = int(page.dataoffsets[index])
+        across = -(-page.imagewidth // page.tilewidth)
+    with target.open("r+b") as fh:
+        fh.seek(offset)
+        fh.write(b"\x00" * 64)
+    return index % across, index // across
+
+
 def stitched_and_whole_region(slide, plan, model, store: Path, workers: int = 2):  # type: ignore[no-untyped-def]
     """A dense model's `mitosis` map stitched by the engine from `plan`, and the same network run once on the whole
     grid region (what stitching must reproduce), both as float32 arrays."""
