@@ -35,20 +35,16 @@ class OpenSlideReader:
         if self._handle is None or self._pid != os.getpid():
             try:
                 self._handle = openslide.OpenSlide(str(self.path))
-            except openslide.OpenSlideUnsupportedFormatError as exc:
+            except openslide.OpenSlideError as exc:  # unsupported format included (a subclass)
                 if is_tiff(self.path):
-                    check_tiff_complete(self.path)
-                raise SlideUnreadableError(
-                    f"{self.path}: OpenSlide does not recognise this file format; convert it to a pyramidal TIFF "
-                    "(e.g. with `vips tiffsave --tile --pyramid`) or check that it is a slide"
-                ) from exc
-            except openslide.OpenSlideError as exc:
-                if is_tiff(self.path):
-                    check_tiff_complete(self.path)
-                raise SlideUnreadableError(
-                    f"{self.path}: OpenSlide cannot read this file ({exc}); re-export or convert the slide "
-                    "to a format OpenSlide supports (e.g. pyramidal TIFF)"
-                ) from exc
+                    check_tiff_complete(self.path)  # a truncated TIFF is reported as such, not as unreadable
+                if isinstance(exc, openslide.OpenSlideUnsupportedFormatError):
+                    why = "OpenSlide does not recognise this file format; convert it to a pyramidal TIFF (e.g. with "
+                    why += "`vips tiffsave --tile --pyramid`) or check that it is a slide"
+                else:
+                    why = f"OpenSlide cannot read this file ({exc}); re-export or convert the slide to a format "
+                    why += "OpenSlide supports (e.g. pyramidal TIFF)"
+                raise SlideUnreadableError(f"{self.path}: {why}") from exc
             self._pid = os.getpid()
         return self._handle
 
