@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from wsi_pipeline.batch import assign_ids, discover, read_mpp_file
-from wsi_pipeline.errors import ConfigError
+from wsi_pipeline.errors import ConfigError, UsageError
 
 
 def test_discover_files_folders_and_globs(tmp_path: Path) -> None:
@@ -28,12 +28,17 @@ def test_discover_files_folders_and_globs(tmp_path: Path) -> None:
     assert names == ["a/deep/y.NDPI", "a/x.svs", "b/x.svs", "c/z.tif", "missing.svs"]  # sorted per input, unique
 
 
-def test_ids_are_unique_and_stable(tmp_path: Path) -> None:
-    paths = [tmp_path / "a" / "x.svs", tmp_path / "b" / "x.svs", tmp_path / "c" / "z.tif"]
-    ids = assign_ids(paths)
-    assert ids[paths[2]] == "z"
-    assert ids[paths[0]] != ids[paths[1]] and ids[paths[0]].startswith("x-") and len(ids[paths[0]]) == 8
-    assert assign_ids(paths) == ids
+def test_ids_come_from_the_file_name_alone_and_clashes_are_refused(tmp_path: Path) -> None:
+    a, b, z = tmp_path / "a" / "x.svs", tmp_path / "b" / "x.svs", tmp_path / "c" / "z.tif"
+    assert assign_ids([a, z]) == {a: "x", z: "z"}
+    assert assign_ids([a]) == {a: "x"}  # the same id alone as in a batch: nothing depends on the other slides
+    with pytest.raises(UsageError, match=r"2 slides would share the output folder x/: .*a/x.svs, .*b/x.svs") as err:
+        assign_ids([a, b, z])
+    assert err.value.exit_code == 2
+    with pytest.raises(UsageError):  # one folder on a case-insensitive disk
+        assign_ids([tmp_path / "X.svs", tmp_path / "d" / "x.SVS"])
+    accented = assign_ids([tmp_path / "a é b.svs", tmp_path / "a b.svs", tmp_path / "e\u0301.ndpi"])
+    assert list(accented.values()) == ["a_é_b", "a_b", "é"]  # letters of any script kept; NFC like macOS names
 
 
 def test_mpp_file(tmp_path: Path) -> None:
@@ -58,7 +63,7 @@ def test_shards_partition_the_list() -> None:
     assert parts[1] == [Path("s01.svs"), Path("s04.svs"), Path("s07.svs"), Path("s10.svs")]
     assert parse_shard("2/3") == (2, 3)
     for bad in ("3/3", "x", "1/0", "-1/2"):
-        with pytest.raises(ConfigError):
+        with pytest.raises(UsageError):  # a command-line mistake: exit 2, as the README says
             parse_shard(bad)
 
 

@@ -156,6 +156,11 @@ def test_bad_models_fail_before_reading(cmu, tmp_path: Path) -> None:
         load_model(dense_model(tmp_path), task="epithelium_stroma")
     broken = dense_model(tmp_path / "b")
     (broken / "weights.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ModelError, match="sha256 differs from the card's"):
+        load_model(broken)
+    unchecked = json.loads((broken / "model_card.json").read_text())
+    unchecked["weights_sha256"] = None  # a card from before checksums: the damage is still found, later
+    (broken / "model_card.json").write_text(json.dumps(unchecked))
     with pytest.raises(ModelError, match="cannot be read"):
         load_model(broken)
     mismatched = dense_model(tmp_path / "m")

@@ -9,10 +9,12 @@ import json
 import os
 import re
 import shutil
+import unicodedata
 from pathlib import Path
 
 import numpy as np
 import pytest
+import regex
 import zarr
 from PIL import Image
 
@@ -168,14 +170,17 @@ def test_qupath_script_names_the_files_the_run_wrote(finished_run: tuple[Path, s
     assert unsafe is not None
     assert "new File(new File(RUN_FOLDER, slideId(fileName)), 'qupath.geojson')" in script
 
-    def groovy_rule(name: str) -> str:  # the script's rule, transliterated
+    def groovy_rule(name: str) -> str:  # the script's rule, transliterated; `regex` reads its \p{L} as Java does
+        name = unicodedata.normalize("NFC", name)
         stem = next((name[: -len(e)] for e in SLIDE_EXTENSIONS if name.lower().endswith(e)), name)
-        safe = re.sub(r"^[._]+|[._]+$", "", re.sub(unsafe.group(1), "_", stem))
+        safe = re.sub(r"^[._]+|[._]+$", "", regex.sub(unsafe.group(1), "_", stem))
         return safe or "slide"
 
     for row in _done(out):
         name = Path(row["slide"]).name
         assert groovy_rule(name) == slide_id_for(name) == row["slide_id"]
         assert (out / groovy_rule(name) / "qupath.geojson").is_file()
-    for tricky in ("x/slide name (copy).ome.tiff", "/x/..svs", "a.b.SVS"):
-        assert groovy_rule(Path(tricky).name) == slide_id_for(tricky)
+    tricky = ("x/slide name (copy).ome.tiff", "/x/..svs", "a.b.SVS", "a é b.svs", "e\u0301 ½ 日本.ndpi", "Ωmega².tif")
+    for name in tricky:
+        assert groovy_rule(Path(name).name) == slide_id_for(name)
+    assert slide_id_for("a é b.svs") != slide_id_for("a b.svs")  # non-ASCII letters are kept, not dropped

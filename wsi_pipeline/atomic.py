@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import shutil
@@ -11,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import OutputError
+from .errors import write_failure
 from .layout import TEMPORARY_MARK, temporary_sibling
 
 
@@ -31,11 +30,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(tmp, final)
     except OSError as exc:
         _remove(tmp)
-        if exc.errno == errno.ENOSPC:
-            raise OutputError(
-                f"no space left on the device while writing {final}: free disk space or choose "
-                "another output folder with -o"
-            ) from exc
+        failure = write_failure(exc, final)
+        if failure is not None:
+            raise failure from exc
         raise
     except BaseException:
         _remove(tmp)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import csv
 import glob
-import hashlib
 import io
 import json
+import logging
+import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -16,17 +17,19 @@ from typing import Any
 
 from .atomic import remove_stale_temporaries, write_text
 from .config import Config
-from .errors import ConfigError
+from .errors import ConfigError, OutputWriteError, UsageError, WsiError
 from .export.report import Column, write_report
 from .layout import SLIDE_EXTENSIONS, RunLayout, slide_id_for
 from .lock import output_lock
 from .models import LoadedModel
 from .pipeline import SlideOutcome, process_slide
 from .progress import BatchProgress
+from .stages import check_task_settings
 from .tasks import parse_task_list, task_model, task_names
 from .tasks import tasks as registered_tasks
 
-MANIFEST_COLUMNS = ["slide", "slide_id", "status", "error", "seconds", "tiles"]
+log = logging.getLogger(__name__)
+MANIFEST_COLUMNS = ["slide", "slide_id", "status", "error", "seconds", "tiles", "note"]
 SLIDE_COLUMNS = ["slide_id", "slide", "mpp", "mpp_source", "tissue_area_mm2"]
 
 
@@ -36,58 +39,106 @@ def cohort_columns() -> list[str]:
 
 
 def discover(inputs: Sequence[str]) -> list[Path]:
-    """Files as given; folders searched recursively for slide extensions; glob patterns expanded. Sorted, unique."""
-    found: dict[Path, None] = {}
+    """Files as given; folders searched recursively for slide extensions; glob patterns expanded. Sorted, unique
+    (one entry per file, however it was named). A folder or pattern that yields no slide is a warning."""
+    found: dict[Path, Path] = {}
     for item in inputs:
         path = Path(item)
+        matched: list[Path] = []
         if path.is_dir():
-            for candidate in sorted(path.rglob("*")):
-                if (
-                    candidate.is_file()
-                    and candidate.name.lower().endswith(SLIDE_EXTENSIONS)
-                    and not candidate.name.startswith(".")
-                ):
-                    found[candidate] = None
+            matched = [
+                candidate
+                for candidate in sorted(path.rglob("*"))
+                if candidate.is_file()
+                and candidate.name.lower().endswith(SLIDE_EXTENSIONS)
+                and not candidate.name.startswith(".")
+            ]
+            if not matched:
+                log.warning("warning: folder %s holds no slide (%s)", item, ", ".join(SLIDE_EXTENSIONS))
         elif any(ch in item for ch in "*?["):
-            for match in sorted(glob.glob(item, recursive=True)):
-                if Path(match).is_file():
-                    found[Path(match)] = None
+            matched = [Path(m) for m in sorted(glob.glob(item, recursive=True)) if Path(m).is_file()]
+            if not matched:
+                log.warning("warning: pattern %s matches no file", item)
         else:
-            found[path] = None  # a missing file is reported as a failed slide, not dropped
-    return list(found)
+            matched = [path]  # a missing file is reported as a failed slide, not dropped
+        for candidate in matched:
+            found.setdefault(candidate.resolve(), candidate)
+    return list(found.values())
 
 
 def assign_ids(paths: Sequence[Path]) -> dict[Path, str]:
-    """Stable, unique, filesystem-safe ids: the file name, with a short hash of the path where names collide."""
-    base = {p: slide_id_for(p) for p in paths}
-    counts: dict[str, int] = {}
-    for name in base.values():
-        counts[name] = counts.get(name, 0) + 1
-    return {
-        p: name if counts[name] == 1 else f"{name}-{hashlib.sha1(str(p.resolve()).encode()).hexdigest()[:6]}"
-        for p, name in base.items()
-    }
+    """Each slide's id from its file name alone (`layout.slide_id_for`), so that it never depends on the other
+    slides of the batch. Two slides whose ids are equal, or differ only in case (one folder on a macOS or Windows
+    disk), would share an output folder: the batch is refused before any slide runs."""
+    ids = {p: slide_id_for(p) for p in paths}
+    groups: dict[str, list[Path]] = {}
+    for path, slide_id in ids.items():
+        groups.setdefault(slide_id.casefold(), []).append(path)
+    clashes = [group for group in groups.values() if len(group) > 1]
+    if clashes:
+        first = clashes[0]
+        more = f" (and {len(clashes) - 1} more such group(s))" if len(clashes) > 1 else ""
+        raise UsageError(
+            f"{len(first)} slides would share the output folder {ids[first[0]]}/: "
+            f"{', '.join(str(p) for p in first)}{more}; rename them so that their file names differ, or run them "
+            "into separate -o folders"
+        )
+    return ids
 
 
 def read_mpp_file(path: str | os.PathLike[str]) -> dict[str, float]:
-    """CSV with columns `slide,mpp`: slide may be a file name, a path, or a slide_id."""
+    """CSV with columns `slide,mpp`: slide may be a file name, a path, or a slide_id; every mpp positive."""
     table: dict[str, float] = {}
     try:
         with open(path, newline="", encoding="utf-8") as fh:
-            for row in csv.DictReader(fh):
-                table[row["slide"].strip()] = float(row["mpp"])
+            reader = csv.DictReader(fh)
+            if reader.fieldnames is None or not {"slide", "mpp"} <= {f.strip() for f in reader.fieldnames}:
+                raise ConfigError(
+                    f"--mpp-file {path}: expected a CSV whose header has columns slide,mpp "
+                    f"(found {', '.join(reader.fieldnames or []) or 'no header'})"
+                )
+            for line, row in enumerate(reader, start=2):
+                row = {k.strip(): v for k, v in row.items() if k is not None}
+                try:
+                    value = float(row["mpp"])
+                except (TypeError, ValueError):
+                    raise ConfigError(f"--mpp-file {path} line {line}: mpp {row['mpp']!r} is not a number") from None
+                if not (value > 0 and math.isfinite(value)):
+                    raise ConfigError(f"--mpp-file {path} line {line}: mpp must be positive, got {value}")
+                table[(row["slide"] or "").strip()] = value
     except FileNotFoundError as exc:
         raise ConfigError(f"--mpp-file {path} not found") from exc
-    except (KeyError, ValueError, TypeError) as exc:
-        raise ConfigError(f"--mpp-file {path}: expected a CSV with columns slide,mpp and numeric mpp ({exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"--mpp-file {path} is not a UTF-8 text CSV ({exc.reason})") from exc
+    if not table:
+        raise ConfigError(f"--mpp-file {path} has no rows; give one line slide,mpp per slide")
     return table
 
 
+def _override_keys(path: Path, slide_id: str) -> tuple[str, ...]:
+    return (str(path), path.name, slide_id, path.stem)
+
+
 def _override_for(path: Path, slide_id: str, table: dict[str, float]) -> float | None:
-    for key in (str(path), path.name, slide_id, path.stem):
+    for key in _override_keys(path, slide_id):
         if key in table:
             return table[key]
     return None
+
+
+def warn_unmatched_overrides(table: dict[str, float], ids: dict[Path, str], source: str) -> None:
+    """Rows of --mpp-file that name no slide of the batch are most often a typo: say so."""
+    known = {key for path, slide_id in ids.items() for key in _override_keys(path, slide_id)}
+    unmatched = [name for name in table if name not in known]
+    if len(unmatched) == len(table):
+        log.warning("warning: --mpp-file %s names no slide of this batch (rows: %s)", source, ", ".join(unmatched[:5]))
+    elif unmatched:
+        log.warning(
+            "warning: --mpp-file %s: %d row(s) name no slide of this batch: %s",
+            source,
+            len(unmatched),
+            ", ".join(unmatched[:5]),
+        )
 
 
 def load_task_models(config: Config, names: Sequence[str]) -> dict[str, LoadedModel]:
@@ -95,11 +146,20 @@ def load_task_models(config: Config, names: Sequence[str]) -> dict[str, LoadedMo
     return {t: task_model(t, config.task(t).model) for t in names}
 
 
+def check_task_requests(config: Config, names: Sequence[str], models: dict[str, LoadedModel]) -> None:
+    """Settings a task's model cannot take fail the whole batch before the first slide (exit 7), not each slide."""
+    for name in names:
+        check_task_settings(name, config.task(name), models[name].card)
+
+
 def select_tasks(config: Config, spec: str | None) -> list[str]:
     """`--tasks a,b` checked against the registry, or every task the configuration enables."""
-    if spec:
+    if spec is not None:
         return parse_task_list(spec)
-    return [t for t in task_names() if config.task(t).enabled]
+    enabled = [t for t in task_names() if config.task(t).enabled]
+    if not enabled:
+        raise ConfigError("the configuration enables no task; set tasks.<task>.enabled: true or give --tasks")
+    return enabled
 
 
 @dataclass
@@ -132,6 +192,7 @@ def manifest_row(o: SlideOutcome) -> dict[str, str]:
         "error": o.error,
         "seconds": f"{o.seconds:.2f}",
         "tiles": str(o.tiles),
+        "note": o.note,
     }
 
 
@@ -172,9 +233,9 @@ def parse_shard(text: str) -> tuple[int, int]:
     try:
         index, count = (int(part) for part in text.split("/"))
     except ValueError as exc:
-        raise ConfigError(f"--shard {text!r}: expected I/N, e.g. --shard 0/4") from exc
+        raise UsageError(f"--shard {text!r}: expected I/N, e.g. --shard 0/4") from exc
     if count < 1 or not 0 <= index < count:
-        raise ConfigError(f"--shard {text!r}: need 0 <= I < N")
+        raise UsageError(f"--shard {text!r}: need 0 <= I < N")
     return index, count
 
 
@@ -188,7 +249,7 @@ def read_slide_list(path: str | os.PathLike[str]) -> list[str]:
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except FileNotFoundError as exc:
-        raise ConfigError(f"--slide-list {path} not found") from exc
+        raise UsageError(f"--slide-list {path} not found") from exc
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
@@ -225,8 +286,9 @@ def gather(out: Path) -> tuple[Path, Path, int]:
     summaries = []
     for row in ordered:
         summary = layout.slide(row["slide_id"]).summary
-        if row["status"] in ("done", "skipped") and summary.exists():
-            summaries.append(json.loads(summary.read_text()))
+        if row["status"] in ("done", "skipped") and summary.is_file():
+            with contextlib.suppress(ValueError):  # a damaged summary: the row stays, the cohort line is left out
+                summaries.append(json.loads(summary.read_text()))
     write_cohort(layout.cohort, summaries)
     write_report(out, ordered, report_columns())
     return layout.manifest, layout.cohort, sum(r["status"] == "failed" for r in ordered)
@@ -271,10 +333,13 @@ def run_batch(
     slide, so it always tells how far a run got."""
     paths = discover(inputs)
     if not paths:
-        raise ConfigError(f"no slides found in {', '.join(inputs)} (extensions: {', '.join(SLIDE_EXTENSIONS)})")
-    models = load_task_models(config, tasks)
+        raise UsageError(f"no slides found in {', '.join(inputs)} (extensions: {', '.join(SLIDE_EXTENSIONS)})")
+    ids = assign_ids(paths)
     overrides = read_mpp_file(mpp_file) if mpp_file else {}
-    ids = assign_ids(paths)  # over the whole list, so every shard names a slide the same way
+    if mpp_file:
+        warn_unmatched_overrides(overrides, ids, mpp_file)
+    models = load_task_models(config, tasks)
+    check_task_requests(config, tasks, models)
     manifest_path, cohort_path = RunLayout(out).batch_files(shard)
     outcomes: list[SlideOutcome] = []
     todo = shard_paths(paths, shard)
@@ -283,20 +348,26 @@ def run_batch(
         remove_stale_temporaries(out)
         for path in todo:
             slide_id = ids[path]
-            outcome = process_slide(
-                path,
-                slide_id,
-                out,
-                config,
-                list(tasks),
-                models,
-                device=device,
-                workers=workers,
-                mpp=_override_for(path, slide_id, overrides),
-                default_mpp=default_mpp,
-                overwrite=overwrite,
-                progress=progress,
-            )
+            try:
+                outcome = process_slide(
+                    path,
+                    slide_id,
+                    out,
+                    config,
+                    list(tasks),
+                    models,
+                    device=device,
+                    workers=workers,
+                    mpp=_override_for(path, slide_id, overrides),
+                    default_mpp=default_mpp,
+                    overwrite=overwrite,
+                    progress=progress,
+                )
+            except OutputWriteError as exc:  # the next slides would fail alike: record this one and stop (exit 9)
+                outcomes.append(SlideOutcome(path, slide_id, "failed", str(exc)))
+                with contextlib.suppress(OSError, WsiError):
+                    write_manifest(manifest_path, outcomes)
+                raise
             outcomes.append(outcome)
             write_manifest(manifest_path, outcomes)
             if on_slide is not None:
@@ -310,9 +381,9 @@ def run_batch(
 
 
 def summary_table(result: BatchResult) -> str:
-    lines = [f"{'slide_id':40s} {'status':8s} {'seconds':>8s} {'tiles':>7s}  error"]
+    lines = [f"{'slide_id':40s} {'status':8s} {'seconds':>8s} {'tiles':>7s}  error / note"]
     for o in result.outcomes:
-        lines.append(f"{o.slide_id[:40]:40s} {o.status:8s} {o.seconds:8.1f} {o.tiles:7d}  {o.error[:120]}")
+        lines.append(f"{o.slide_id[:40]:40s} {o.status:8s} {o.seconds:8.1f} {o.tiles:7d}  {(o.error or o.note)[:120]}")
     counts = {s: sum(o.status == s for o in result.outcomes) for s in ("done", "skipped", "failed")}
     lines.append(
         f"{len(result.outcomes)} slides: {counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed"
@@ -330,7 +401,15 @@ def read_manifest_outcomes(out: Path) -> BatchResult:
         rows = list(csv.DictReader(fh))
     return BatchResult(
         [
-            SlideOutcome(Path(r["slide"]), r["slide_id"], r["status"], r["error"], float(r["seconds"]), int(r["tiles"]))
+            SlideOutcome(
+                Path(r["slide"]),
+                r["slide_id"],
+                r["status"],
+                r["error"],
+                float(r["seconds"]),
+                int(r["tiles"]),
+                note=r.get("note") or "",
+            )
             for r in rows
         ]
     )

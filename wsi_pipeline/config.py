@@ -114,7 +114,7 @@ def _format_errors(exc: ValidationError, origin: str) -> str:
         message = "unknown key (check its spelling)" if err["type"] == "extra_forbidden" else err["msg"]
         value = "" if err["type"] == "extra_forbidden" else f" (got {err.get('input')!r})"
         lines.append(f"{key}: {message}{value}")
-    return f"invalid configuration in {origin}:\n  " + "\n  ".join(lines)
+    return f"invalid configuration in {origin}: " + "; ".join(lines)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -190,7 +190,7 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
     given, origin = merged_settings({}, path, overrides, "config file")
     plugins = given.get("plugins") or []
     if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
-        raise ConfigError(f"invalid configuration in {origin}:\n  plugins: expected a list of module names or files")
+        raise ConfigError(f"invalid configuration in {origin}: plugins: expected a list of module names or files")
     load_plugins(plugins)
     data = Config().model_dump(mode="python")
     _merge(data, given)

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import signal
+
 
 class WsiError(Exception):
     """Base of every error the pipeline reports to a user (never a traceback)."""
 
     exit_code = 1
     kind = "error"
+
+
+class UsageError(WsiError):
+    """The command line asks for something impossible (no slides, a bad --shard, two slides sharing an id)."""
+
+    exit_code = 2
+    kind = "usage"
 
 
 class SlideNotFoundError(WsiError):
@@ -43,3 +54,49 @@ class NoTissueError(WsiError):
 class OutputError(WsiError):
     exit_code = 9
     kind = "output"
+
+
+class OutputWriteError(OutputError):
+    """A write the file system refused (full, over quota, read-only, forbidden): it stops a batch, since every
+    later slide would fail the same way."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's time limit, preemption, `scancel`, `kill`) raised in the main thread, so that it
+    unwinds exactly like Ctrl-C: every `finally` discards what was being written. A KeyboardInterrupt subclass, so
+    that code which already handles Ctrl-C (DataLoader workers included) handles it the same way."""
+
+    exit_code = 128 + signal.SIGTERM
+
+
+def raise_on_sigterm() -> None:
+    """Make SIGTERM raise `Terminated` in this process (and in forked workers, which torch's worker loop ends
+    quietly on a KeyboardInterrupt)."""
+
+    def _handler(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, _handler)
+
+
+# errno values of a failed write, with what the user can do about each.
+_WRITE_FAILURES = {
+    errno.ENOSPC: ("no space left on the device", "free disk space or write to another folder"),
+    errno.EDQUOT: ("disk quota exceeded", "free space within your quota or write to another folder"),
+    errno.EROFS: ("the file system is read-only", "write to a folder on a writable file system"),
+    errno.EACCES: ("permission denied", "write to a folder you may write to (or fix its permissions)"),
+    errno.EPERM: ("operation not permitted", "write to a folder you may write to (or fix its permissions)"),
+}
+
+
+def write_failure(exc: BaseException, path: str | os.PathLike[str] | None = None) -> OutputWriteError | None:
+    """The OutputError (exit 9, one line naming the path and the fix) for an OSError of a failed write; None for
+    any other exception. Looks through the exception's causes: zarr and dask re-raise from inner ones."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _WRITE_FAILURES:
+            reason, fix = _WRITE_FAILURES[seen.errno]
+            where = seen.filename or path or "the output folder"
+            return OutputWriteError(f"cannot write {os.fspath(where)}: {reason}; {fix} (e.g. another -o)")
+        seen = seen.__cause__ or seen.__context__
+    return None

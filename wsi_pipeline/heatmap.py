@@ -18,13 +18,14 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from .errors import OutputError
+from .errors import OutputError, write_failure
 from .layout import heatmap_temporary
 
 CHUNK = 512
 AXES = ("c", "y", "x")  # NGFF 0.5: every array's zarr v3 dimension_names equal the multiscale's axes
 MIN_LEVELS = 3
 FORMAT = "wsi-pipeline/heatmap@1"
+STORE_FORMAT = "wsi-pipeline/heatmaps@1"  # the root of a slide's heatmaps.zarr: complete once all its images are
 
 
 @dataclass(frozen=True)
@@ -185,7 +186,8 @@ class HeatmapWriter:
             list_images(self.store)
         except OSError as exc:
             self.abort()
-            raise OutputError(f"could not write heatmap {final}: {exc}; check free disk space and permissions") from exc
+            failure = write_failure(exc, final)
+            raise failure or OutputError(f"could not write heatmap {final}: {exc}; check the folder") from exc
         self.closed = True
         return final
 
@@ -198,6 +200,20 @@ class HeatmapWriter:
 def _ensure_root(store: Path) -> None:
     if not (store / "zarr.json").exists():
         zarr.open_group(str(store), mode="a", zarr_format=3)
+
+
+def begin_store(store: Path) -> None:
+    """Mark the store incomplete before images are added to it: a reader of the root learns that the set of images
+    is being changed (`finish_store` marks it complete when every image of the command is in place)."""
+    root = zarr.open_group(str(store), mode="a", zarr_format=3)
+    root.attrs["wsi_pipeline"] = {"format": STORE_FORMAT, "complete": False}
+
+
+def finish_store(store: Path) -> list[str]:
+    names = list_images(store)
+    root = zarr.open_group(str(store), mode="a", zarr_format=3)
+    root.attrs["wsi_pipeline"] = {"format": STORE_FORMAT, "complete": True, "images": names}
+    return names
 
 
 def list_images(store: Path) -> list[str]:

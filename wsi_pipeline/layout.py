@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import unicodedata
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,14 +19,24 @@ TEMPORARY_MARK = ".tmp-"
 
 
 def slide_id_for(path: str | os.PathLike[str]) -> str:
-    """A filesystem-safe name for a slide's output folder (the file name without its extension)."""
-    stem = Path(path).name
+    """A slide's id, the name of its output folder, from its file name alone (so a batch, a shard, a later run and
+    QuPath's import script all name it the same): the name NFC-normalised, the slide extension removed, every run
+    of characters other than letters (any script), decimal digits, '.', '_' and '-' replaced by '_', leading and
+    trailing '.' and '_' stripped. Two slides of one batch with the same id are refused (`batch.assign_ids`)."""
+    stem = unicodedata.normalize("NFC", Path(path).name)
     for ext in SLIDE_EXTENSIONS:
         if stem.lower().endswith(ext):
             stem = stem[: -len(ext)]
             break
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._")
+    kept = "".join(ch if _safe_character(ch) else "\0" for ch in stem)
+    safe = re.sub("\0+", "_", kept).strip("._")
     return safe or "slide"
+
+
+def _safe_character(ch: str) -> bool:
+    # unicodedata rather than a regex: Python's re has no \p{L}; the QuPath script's [\p{L}\p{Nd}._-] is this set
+    category = unicodedata.category(ch)
+    return category[0] == "L" or category == "Nd" or ch in "._-"
 
 
 def temporary_sibling(path: Path, tag: str = "") -> Path:

@@ -2,8 +2,9 @@
 all-or-nothing.
 
 Everything for a slide is built in a hidden temporary folder beside `OUT/<slide_id>/` and renamed to it when
-complete, so `OUT/<slide_id>/` exists only when finished. Its `run.json` records a compatibility key (see
-`run_record`); a re-run skips a slide whose key matches.
+complete, so `OUT/<slide_id>/` exists only when finished. Its `run.json` records a compatibility key, the slide's
+fingerprint and every output file's size and sha256 (see `run_record`); a re-run skips a slide only when all of them
+still match, and otherwise redoes it and says why.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from typing import Any
 from .atomic import write_json
 from .config import Config
 from .engine import TaskRequest, predict_slide, resolve_device
-from .errors import WsiError
+from .errors import MissingMppError, OutputWriteError, WsiError, write_failure
 from .export.qupath import write_feature_collection
+from .heatmap import begin_store, finish_store
+from .inventory import take_inventory
 from .layout import RunLayout, SlideLayout
 from .models import LoadedModel
-from .run_record import RUN_FORMAT, compatibility_key, completed_run, model_records, versions
+from .run_record import RUN_FORMAT, compatibility_key, model_records, resume_decision, slide_fingerprint, versions
 from .slide import Slide
 from .slide_outputs import qupath_features, write_overview, write_point_tables, write_task_overlays
 from .stages import qupath_offset, task_plan, tissue_stage, write_tissue_heatmap
@@ -39,12 +42,18 @@ class SlideOutcome:
     seconds: float = 0.0
     tiles: int = 0
     summary: dict[str, Any] | None = None
+    note: str = ""  # why finished outputs were redone (a missing chunk, changed settings, ...)
 
 
 def open_slide(path: Path, config: Config, mpp: float | None, default_mpp: float | None) -> Slide:
     """The slide with its µm/px: a per-slide override, else its metadata, else `default_mpp`."""
     slide = Slide(path, mpp=mpp, backend=config.slide.backend)
-    if slide.mpp_or_none is None and default_mpp is not None:
+    if slide.mpp_or_none is None:
+        if default_mpp is None:
+            raise MissingMppError(
+                f"{path}: the slide records no µm/px; give it with --default-mpp (every slide that records none) "
+                "or a row in --mpp-file (e.g. 0.25 for 40x, 0.5 for 20x)"
+            )
         slide = slide.with_mpp(default_mpp)
     return slide
 
@@ -64,47 +73,60 @@ def process_slide(
     overwrite: bool = False,
     progress: bool = True,
 ) -> SlideOutcome:
-    """Run `tasks` on one slide into OUT/<slide_id>/; never raises for bad input (the outcome says what failed)."""
+    """Run `tasks` on one slide into OUT/<slide_id>/; never raises for bad input (the outcome says what failed).
+    A failed write (full disk, read-only folder) raises OutputWriteError: every later slide would fail the same way.
+    """
     started = time.perf_counter()
     run = RunLayout(out_root)
     final = run.slide(slide_id)
     tmp = run.slide_temporary(slide_id)
+
+    def outcome(status: str, error: str = "", **extra: Any) -> SlideOutcome:
+        return SlideOutcome(path, slide_id, status, error, time.perf_counter() - started, **extra)
+
     try:
         slide = open_slide(path, config, mpp, default_mpp)
         key = compatibility_key(config, tasks, models, slide.mpp.mean, slide.backend)
-        previous = completed_run(final.run_record)
-        if previous and previous.get("compatibility") == key and not overwrite:
-            return SlideOutcome(
-                path,
-                slide_id,
-                "skipped",
-                seconds=time.perf_counter() - started,
-                tiles=int(previous.get("tiles", 0)),
-                summary=json.loads(final.summary.read_text()),
+        fingerprint = slide_fingerprint(path)
+        decision = resume_decision(final, key, fingerprint, path)
+        if decision.foreign is not None:
+            return outcome(
+                "failed",
+                f"{final.root} holds the outputs of another slide with the same id ({decision.foreign}); give this "
+                "run another -o folder, or rename one of the two files",
             )
+        if decision.skip and not overwrite:
+            record = json.loads(final.run_record.read_text())
+            summary = json.loads(final.summary.read_text())
+            return outcome("skipped", tiles=int(record.get("tiles", 0)), summary=summary)
+        note = "redone (--overwrite)" if overwrite and final.root.exists() else decision.note
         tmp.root.mkdir(parents=True)
         record = _run(slide, slide_id, tmp, config, tasks, models, device, workers, progress)
         record.update(
-            {"compatibility": key, "format": RUN_FORMAT, "complete": True, "seconds": time.perf_counter() - started}
+            {
+                "compatibility": key,
+                "slide_fingerprint": fingerprint,
+                "format": RUN_FORMAT,
+                "complete": True,
+                "seconds": time.perf_counter() - started,
+                "outputs": take_inventory(tmp.root),
+            }
         )
         write_json(tmp.run_record, record)
         if final.root.exists():
             shutil.rmtree(final.root)
         os.replace(tmp.root, final.root)
         summary = json.loads(final.summary.read_text())
-        return SlideOutcome(
-            path, slide_id, "done", seconds=time.perf_counter() - started, tiles=record["tiles"], summary=summary
-        )
+        return outcome("done", tiles=record["tiles"], summary=summary, note=note)
+    except OutputWriteError:
+        raise
     except WsiError as exc:
-        return SlideOutcome(path, slide_id, "failed", str(exc), time.perf_counter() - started)
+        return outcome("failed", str(exc))
     except Exception as exc:  # an unexpected bug must not stop the other slides either
-        return SlideOutcome(
-            path,
-            slide_id,
-            "failed",
-            f"internal error {type(exc).__name__}: {exc} (please report)",
-            time.perf_counter() - started,
-        )
+        failure = write_failure(exc, tmp.root)
+        if failure is not None:
+            raise failure from exc
+        return outcome("failed", f"internal error {type(exc).__name__}: {exc} (please report)")
     finally:
         shutil.rmtree(tmp.root, ignore_errors=True)
 
@@ -123,6 +145,7 @@ def _run(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     tissue = tissue_stage(slide, config.tissue, out, overview=False).tissue
+    begin_store(out.heatmaps)
     timings["tissue_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     requests = [TaskRequest(t, models[t], task_plan(slide, tissue, t, config.task(t), models[t].card)) for t in tasks]
@@ -144,6 +167,7 @@ def _run(
         else {"reads": []}
     )
     write_tissue_heatmap(out.heatmaps, tissue)
+    finish_store(out.heatmaps)
     timings["inference_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     mpp = slide.mpp

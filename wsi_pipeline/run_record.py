@@ -1,10 +1,12 @@
-"""A slide's run record (`run.json`): what made its outputs, and the compatibility key a re-run compares."""
+"""A slide's run record (`run.json`): what made its outputs, the compatibility key, the slide's fingerprint and the
+inventory of its outputs, which a re-run compares before it skips the slide (`resume_decision`)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +14,13 @@ import numpy as np
 
 from . import __version__
 from .config import Config
+from .inventory import first_problem
+from .layout import SlideLayout
 from .models import LoadedModel
 from .slide import backend_versions
 
-RUN_FORMAT = "wsi-pipeline/run@1"
+RUN_FORMAT = "wsi-pipeline/run@2"  # @2: with the outputs' inventory and the slide's fingerprint
+_FINGERPRINT_BYTES = 1 << 20
 
 
 def weights_digest(model: LoadedModel) -> str:
@@ -45,13 +50,52 @@ def compatibility_key(
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def completed_run(path: Path) -> dict[str, Any] | None:
-    """The run record at `path` when it says complete, else None."""
+def slide_fingerprint(path: Path) -> dict[str, Any]:
+    """The slide file's size and the sha256 of its first and last MiB: tells a moved slide (same fingerprint) from
+    another slide with the same file name, or a file replaced in place, without reading gigabytes."""
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        digest.update(fh.read(_FINGERPRINT_BYTES))
+        fh.seek(max(0, size - _FINGERPRINT_BYTES))
+        digest.update(fh.read(_FINGERPRINT_BYTES))
+    return {"size": size, "sha256_first_last_mib": digest.hexdigest()}
+
+
+@dataclass(frozen=True)
+class ResumeDecision:
+    """Skip the slide, or redo it and say why (`note`); `foreign` names another slide whose outputs hold the folder."""
+
+    skip: bool
+    note: str = ""
+    foreign: str | None = None
+
+
+def resume_decision(folder: SlideLayout, key: str, fingerprint: dict[str, Any], slide: Path) -> ResumeDecision:
+    """Whether the finished outputs in `folder` can be kept for this slide and these settings."""
+    if not folder.root.exists():
+        return ResumeDecision(False)
     try:
-        record = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    return record if record.get("complete") and record.get("format") == RUN_FORMAT else None
+        record = json.loads(folder.run_record.read_text())
+    except FileNotFoundError:
+        return ResumeDecision(False, "no run record (another command wrote here, or a run was cut short): redone")
+    except (OSError, ValueError):
+        return ResumeDecision(False, "run record unreadable: redone")
+    if not isinstance(record, dict) or not record.get("complete"):
+        return ResumeDecision(False, "run record incomplete: redone")
+    if record.get("format") != RUN_FORMAT:
+        return ResumeDecision(False, f"run record of another format ({record.get('format')}): redone")
+    if record.get("slide_fingerprint") != fingerprint:
+        recorded = str(record.get("slide", "?"))
+        if Path(recorded).resolve() != slide.resolve():
+            return ResumeDecision(False, foreign=recorded)
+        return ResumeDecision(False, "the slide file changed since its outputs were made: redone")
+    if record.get("compatibility") != key:
+        return ResumeDecision(False, "settings, models, µm/px or reader changed since: redone")
+    problem = first_problem(folder.root, record.get("outputs") or {})
+    if problem is not None:
+        return ResumeDecision(False, f"{problem}: redone")
+    return ResumeDecision(True)
 
 
 def model_records(tasks: list[str], models: dict[str, LoadedModel]) -> dict[str, Any]:

@@ -5,6 +5,7 @@ Every path comes from `layout.SlideLayout`; every QuPath tissue or tile object f
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,21 +15,23 @@ import numpy as np
 
 from .atomic import write_json
 from .config import Config, TaskConfig, TissueConfig
-from .engine import TaskRequest, predict_slide, resolve_device
+from .engine import TaskRequest, check_spec, predict_slide, resolve_device
 from .errors import ConfigError
 from .export.overlay import Overview, save_mask_png
 from .export.qupath import TISSUE_COLOR, tile_features, tissue_features, write_feature_collection
-from .heatmap import CHUNK, HeatmapGeometry, HeatmapWriter
+from .heatmap import CHUNK, HeatmapGeometry, HeatmapWriter, begin_store, finish_store
+from .inventory import invalidate
 from .layout import SlideLayout
 from .models import LoadedModel
 from .models.card import ModelCard
 from .models.loading import load_card
 from .slide import Slide
 from .tasks import get_task, task_model
-from .tiling import TilePlan, plan_tiles
+from .tiling import TilePlan, TileSpec, plan_tiles
 from .tissue import TissueMask, detect_tissue, require_tissue
 
 TILE_COLOR = (30, 90, 220)
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -57,6 +60,10 @@ def tissue_stage(
     if require:
         require_tissue(tissue, slide)
     out.root.mkdir(parents=True, exist_ok=True)
+    if invalidate(out.run_record):
+        log.info(
+            "%s: removed (tissue rewrites this slide's tissue files; the next run redoes the slide)", out.run_record
+        )
     mpp = slide.mpp
     files = {"geojson": out.tissue_geojson, "mask": out.tissue_mask, "summary": out.tissue_summary}
     write_feature_collection(
@@ -136,6 +143,18 @@ def task_tiling(task: str, task_cfg: TaskConfig, card: ModelCard) -> tuple[float
     return mpp, tile_px
 
 
+def check_task_settings(task: str, task_cfg: TaskConfig, card: ModelCard) -> None:
+    """Refuse, before any slide is opened, a µm/px, tile size or overlap the task's model cannot take (exit 7)."""
+    mpp, tile_px = task_tiling(task, task_cfg, card)
+    check_spec(
+        task,
+        card,
+        TileSpec(
+            mpp, tile_px, task_cfg.overlap_px, task_cfg.min_tissue, (mpp, mpp), (1.0, 1.0), (0, 0, tile_px, tile_px)
+        ),
+    )
+
+
 @dataclass(frozen=True)
 class TileRequest:
     """What `tiles` plans: a name and the grid's µm/px, size, overlap and minimum tissue."""
@@ -213,12 +232,16 @@ def predict_stage(
     """Run one task over the slide and write its heatmaps (and `tissue`) into the slide's heatmaps.zarr."""
     out = _layout(out)
     task_cfg = config.task(task)
-    model: LoadedModel = task_model(task, model_path or task_cfg.model)  # before any tile is read
+    # before any tile is read; errors name the option the model came from
+    model: LoadedModel = task_model(task, model_path or task_cfg.model, "--model" if model_path else None)
     torch_device = resolve_device(device)
     tissue = detect_tissue(slide, config.tissue)
     require_tissue(tissue, slide)
     card = model.card
     plan = task_plan(slide, tissue, task, task_cfg, card)
+    if invalidate(out.run_record):
+        log.info("%s: removed (predict changes this slide's heatmaps; the next run redoes the slide)", out.run_record)
+    begin_store(out.heatmaps)
     timings = predict_slide(
         slide,
         [TaskRequest(task, model, plan)],
@@ -231,6 +254,7 @@ def predict_stage(
         compile_=config.engine.compile,
     )
     write_tissue_heatmap(out.heatmaps, tissue)
+    finish_store(out.heatmaps)
     return {
         "store": out.heatmaps,
         "heatmaps": [*card.written_classes, "tissue"],

@@ -4,8 +4,9 @@
  * Use: open the project, Automate > Script editor, open this file, set RUN_FOLDER to the run's output folder
  * (the `-o OUT` of `wsi-pipeline run`), then Run > Run for project. For each image the script looks for
  * RUN_FOLDER/<slide_id>/qupath.geojson, where <slide_id> is the image's file name made into an id exactly as
- * wsi-pipeline does it (docs/outputs.md): the slide extension removed, every run of characters other than
- * letters, digits, '.', '_' and '-' replaced by '_', and leading or trailing '.' and '_' stripped.
+ * wsi-pipeline does it (docs/outputs.md): the name NFC-normalised, the slide extension removed, every run of
+ * characters other than letters (any script), decimal digits, '.', '_' and '-' replaced by '_', and leading or
+ * trailing '.' and '_' stripped.
  * Images without a matching file are reported and left alone; existing objects are kept unless CLEAR_FIRST.
  */
 import groovy.transform.Field
@@ -15,10 +16,10 @@ def RUN_FOLDER = '/path/to/OUT'
 def CLEAR_FIRST = false
 
 @Field def SLIDE_EXTENSIONS = ['.svs', '.tif', '.tiff', '.ndpi', '.vms', '.vmu', '.scn', '.mrxs', '.svslide', '.bif', '.dcm']
-@Field def UNSAFE = /[^A-Za-z0-9._-]+/
+@Field def UNSAFE = /[^\p{L}\p{Nd}._-]+/
 
 String slideId(String fileName) {
-    def stem = fileName
+    def stem = java.text.Normalizer.normalize(fileName, java.text.Normalizer.Form.NFC)
     for (ext in SLIDE_EXTENSIONS) {
         if (stem.toLowerCase().endsWith(ext)) {
             stem = stem.substring(0, stem.length() - ext.length())

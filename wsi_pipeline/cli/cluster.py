@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .common import config_option, run_config, set_option
+from .common import config_option, positive_mpp, run_config, set_option
 
 
 @click.command()
@@ -24,7 +24,7 @@ from .common import config_option, run_config, set_option
 @click.option("--tasks", default=None, help="Comma-separated tasks (passed to run).")
 @click.option("--device", default=None, help="Passed to run (default: auto).")
 @click.option("--mpp-file", type=click.Path(dir_okay=False), default=None, help="Passed to run.")
-@click.option("--default-mpp", type=float, default=None, help="Passed to run.")
+@click.option("--default-mpp", type=positive_mpp, default=None, help="Passed to run.")
 @click.option("--overwrite", is_flag=True, help="Passed to run.")
 @click.option("--dry-run", is_flag=True, help="Print the job scripts; submit nothing.")
 @click.option("--no-follow", is_flag=True, help="Submit and return at once (then `gather` when done).")

@@ -8,26 +8,42 @@ from typing import Any
 import click
 
 from ..config import Config, load_config
-from ..errors import WsiError
+from ..errors import Terminated, WsiError, raise_on_sigterm, write_failure
 
 
 class WsiGroup(click.Group):
-    """Turns WsiError into `error: ...` on stderr with the error's exit status; Ctrl-C into exit 130."""
+    """Turns WsiError into `error: ...` on stderr with the error's exit status, a failed write (full disk,
+    read-only or forbidden folder) into exit 9, Ctrl-C into exit 130 and SIGTERM into exit 143."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        raise_on_sigterm()
         try:
             return super().invoke(ctx)
         except WsiError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
+            _fail(exc)
+        except OSError as exc:
+            failure = write_failure(exc)
+            if failure is None:
+                raise
+            _fail(failure)
+        except Terminated:
+            click.echo("terminated (SIGTERM): outputs being written were discarded; re-run to finish", err=True)
+            sys.exit(Terminated.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted: outputs being written were discarded; re-run to finish", err=True)
             sys.exit(130)
 
 
+def _fail(exc: WsiError) -> None:
+    message = " ".join(str(exc).split())  # one line, whatever the message's source put in it
+    click.echo(f"error: {message}", err=True)
+    sys.exit(exc.exit_code)
+
+
+positive_mpp = click.FloatRange(min=0, min_open=True)
 slide_mpp_option = click.option(
     "--slide-mpp",
-    type=float,
+    type=positive_mpp,
     default=None,
     help="µm/px of the slide's level 0, overriding its metadata (needed when the file records none).",
 )

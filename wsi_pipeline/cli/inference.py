@@ -15,7 +15,15 @@ from ..slide import Slide
 if TYPE_CHECKING:
     from ..pipeline import SlideOutcome
 
-from .common import backend_option, config_option, device_option, run_config, set_option, slide_mpp_option
+from .common import (
+    backend_option,
+    config_option,
+    device_option,
+    positive_mpp,
+    run_config,
+    set_option,
+    slide_mpp_option,
+)
 
 
 @click.command()
@@ -94,7 +102,7 @@ def predict(
 @device_option
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Tile-reading processes [cores - 1].")
 @click.option("--overwrite", is_flag=True, help="Redo slides whose outputs are complete and compatible.")
-@click.option("--default-mpp", type=float, default=None, help="µm/px for slides that record none.")
+@click.option("--default-mpp", type=positive_mpp, default=None, help="µm/px for slides that record none.")
 @click.option(
     "--mpp-file",
     type=click.Path(dir_okay=False),
@@ -150,7 +158,8 @@ def run(
 
     def report(outcome: SlideOutcome) -> None:
         text = f"{outcome.slide_id}: {outcome.status} ({outcome.seconds:.1f} s)"
-        click.echo(text + (f" — {outcome.error}" if outcome.error else ""), err=outcome.status == "failed")
+        detail = outcome.error or outcome.note
+        click.echo(text + (f" — {detail}" if detail else ""), err=outcome.status == "failed")
 
     result = run_batch(
         inputs,

@@ -11,7 +11,7 @@ import click
 from ..errors import MissingMppError
 from ..layout import RunLayout
 from ..slide import Slide
-from .common import backend_option, config_option, run_config, set_option, slide_mpp_option
+from .common import backend_option, config_option, positive_mpp, run_config, set_option, slide_mpp_option
 
 
 @click.command()
@@ -20,7 +20,7 @@ from .common import backend_option, config_option, run_config, set_option, slide
     "--mpp",
     "--slide-mpp",
     "mpp",
-    type=float,
+    type=positive_mpp,
     default=None,
     help="µm/px of level 0, overriding the slide's metadata.",
 )

@@ -6,7 +6,7 @@ Knows nothing of OpenSlide (an import contract checks it): it reads tiles throug
 
 from .device import resolve_device
 from .loader import TileDataset, default_workers, make_loader
-from .run import TaskRequest, check_request, predict_slide, read_groups
+from .run import TaskRequest, check_request, check_spec, predict_slide, read_groups
 from .stitch import STITCHERS, ClassifierStitcher, DenseCrop, DenseStitcher, Stitcher, dense_crop, tile_measurements
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "TaskRequest",
     "TileDataset",
     "check_request",
+    "check_spec",
     "default_workers",
     "dense_crop",
     "make_loader",

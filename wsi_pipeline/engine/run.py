@@ -19,6 +19,7 @@ import torch
 from ..errors import ConfigError
 from ..memory import HeapTrimmer
 from ..models import LoadedModel, Predictor, make_predictor
+from ..models.card import ModelCard
 from ..progress import Progress
 from ..slide import Slide
 from ..tiling import TilePlan, TileSpec
@@ -38,8 +39,13 @@ class TaskRequest:
 
 def check_request(request: TaskRequest) -> None:
     """Refuse a plan the model cannot be run on, before any tile is read."""
-    card, spec = request.model.card, request.plan.spec
-    key = f"tasks.{request.name}"
+    check_spec(request.name, request.model.card, request.plan.spec)
+
+
+def check_spec(task: str, card: ModelCard, spec: TileSpec) -> None:
+    """What `check_request` checks; only the spec's µm/px, tile size and overlap take part (so a batch can check
+    its tasks before the first slide is opened)."""
+    key = f"tasks.{task}"
     if abs(spec.mpp - card.mpp) > 1e-6 * card.mpp:
         raise ConfigError(f"{key}.mpp is {spec.mpp} but model {card.name} expects {card.mpp} µm/px")
     stitcher_class(card).check(card, spec, key)

@@ -35,6 +35,9 @@ class ModelCard(BaseModel):
     normalisation: Normalisation = Normalisation()
     training: dict[str, Any] = Field(default_factory=dict, description="data, split, augmentation, command")
     metrics: dict[str, Any] = Field(default_factory=dict, description="measured validation metrics")
+    weights_sha256: str | None = Field(
+        None, description="sha256 of the weights file, written on export and checked on every load"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelCard:

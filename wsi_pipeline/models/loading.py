@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,13 +41,23 @@ class LoadedModel:
 
 
 def save_model(directory: str | os.PathLike[str], module: nn.Module, card: ModelCard) -> Path:
+    """Weights, then the card with the weights' sha256 (checked on every load)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     with atomic_path(directory / WEIGHTS_FILE) as tmp:
         save_file(state, str(tmp))
+    card = card.model_copy(update={"weights_sha256": file_sha256(directory / WEIGHTS_FILE)})
     write_json(directory / CARD_FILE, card.model_dump(mode="json"))
     return directory
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def resolve_model(
@@ -57,16 +68,16 @@ def resolve_model(
     return load_model(chosen if chosen is not None else default_model_dir(task), task=task)
 
 
-def load_model(directory: str | os.PathLike[str], task: str | None = None) -> LoadedModel:
-    """Load and check a model before any tile is read: card valid, task right, weights match the architecture."""
+def load_model(directory: str | os.PathLike[str], task: str | None = None, option: str = "--model") -> LoadedModel:
+    """Load and check a model before any tile is read: card valid, task right, weights the card's (sha256) and
+    matching the architecture. `option` is how the user named the folder (`--model`, `tasks.<task>.model`)."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise ModelError(f"model folder {directory} not found; give --model PATH to a folder with {CARD_FILE}")
+        raise ModelError(f"model folder {directory} not found; set {option} to a folder with {CARD_FILE}")
     card = load_card(directory)
     if task is not None and card.task != task:
         raise ModelError(
-            f"{directory} is a {card.task} model (its card says so), not a {task} model; "
-            f"give a {task} model with --model"
+            f"{directory} is a {card.task} model (its card says so), not a {task} model; set {option} to a {task} model"
         )
     try:
         module = build(card.architecture, len(card.classes), **card.architecture_args)
@@ -75,6 +86,11 @@ def load_model(directory: str | os.PathLike[str], task: str | None = None) -> Lo
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise ModelError(f"{directory}: no {WEIGHTS_FILE}; re-export the model (make models)")
+    if card.weights_sha256 is not None and file_sha256(weights) != card.weights_sha256:
+        raise ModelError(
+            f"{weights} is not the file its card was written for (sha256 differs from the card's weights_sha256): "
+            "the weights were changed or damaged; restore them, or re-export the model (make models)"
+        )
     try:
         state = load_file(str(weights))
     except Exception as exc:  # safetensors raises several error types for damaged files

@@ -17,7 +17,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import ConfigError
+from ..errors import ConfigError, UsageError
 from ..models.folders import ModelError
 from .base import Task
 
@@ -86,24 +86,26 @@ def get_task(name: str, option: str = "task") -> Task:
         raise ConfigError(f"{option}: unknown task {name!r}; choose from {', '.join(_TASKS)}") from None
 
 
-def task_model(name: str, configured: str | None) -> LoadedModel:
+def task_model(name: str, configured: str | None, option: str | None = None) -> LoadedModel:
     """Task `name`'s model: the configured folder, else the task's own default; checked before any tile is read."""
     from ..models.loading import load_model  # torch, only when a model is loaded
 
     if configured is not None:
-        return load_model(configured, task=name)
+        return load_model(configured, task=name, option=option or f"tasks.{name}.model")
     default = get_task(name).default_model()
     if default is None:
         raise ModelError(f"task {name} ships no model; set tasks.{name}.model to a model folder")
-    return load_model(default, task=name)
+    return load_model(default, task=name, option=f"tasks.{name}.model")
 
 
 def parse_task_list(text: str, option: str = "--tasks") -> list[str]:
     """`a,b` -> ['a', 'b'], each checked against the registry."""
-    names = [t.strip() for t in text.split(",") if t.strip()]
+    names = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    if not names:
+        raise UsageError(f"{option} {text!r} names no task; choose from {', '.join(_TASKS)}")
     unknown = [t for t in names if t not in _TASKS]
     if unknown:
-        raise ConfigError(f"{option}: unknown task(s) {', '.join(unknown)}; choose from {', '.join(_TASKS)}")
+        raise UsageError(f"{option}: unknown task(s) {', '.join(unknown)}; choose from {', '.join(_TASKS)}")
     return names
 
 

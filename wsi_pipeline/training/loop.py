@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from ..atomic import atomic_path
 from ..models.architectures import build
 from ..models.card import Normalisation
+from ..models.folders import ModelError
 from ..progress import Progress
 from .data import DataError
 
@@ -193,14 +194,34 @@ def _is_head(name: str, model: nn.Module) -> bool:
 
 def init_from(model: nn.Module, path: Path) -> None:
     """Start from a local checkpoint (e.g. an ImageNet or pathology backbone); the head is left as built."""
-    from safetensors.torch import load_file
-
-    state = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, weights_only=True)
+    state = _checkpoint_tensors(path)
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not usable:
         raise DataError(f"{path} shares no weights with the architecture (names or shapes differ)")
     model.load_state_dict(usable, strict=False)
+
+
+def _checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a `--init` file; a file that needs code to load (a pickled module or object) is refused in one
+    line (exit 10): it would run whatever code it holds."""
+    import pickle
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, SafetensorError, EOFError, ValueError) as exc:
+        raise ModelError(
+            f"--init {path}: not a plain tensor checkpoint (a pickled object that needs code to load, or a damaged "
+            "file); save the network's state_dict with safetensors.torch.save_file and give that file"
+        ) from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # a Lightning-style checkpoint's weights
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"--init {path}: expected a mapping of parameter names to tensors (a state_dict)")
+    return state
 
 
 def _resume(
