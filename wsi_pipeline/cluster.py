@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -18,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import write_text
-from .batch import discover
-from .errors import WsiError
+from .batch import assign_ids, discover
+from .errors import UsageError, WsiError
 from .layout import RunLayout
 
 TERMINAL_STATES = {
@@ -113,10 +114,11 @@ def plan_submission(
 ) -> SubmitPlan:
     """The slide list and the two job scripts (nothing is written or submitted)."""
     if slides_per_job < 1:
-        raise ClusterError("--slides-per-job must be at least 1")
+        raise UsageError("--slides-per-job must be at least 1")
     slides = [p.resolve() for p in discover(inputs)]
     if not slides:
-        raise ClusterError(f"no slides found in {', '.join(inputs)}")
+        raise UsageError(f"no slides found in {', '.join(inputs)}")
+    assign_ids(slides)  # two slides that would share an output folder are refused before anything is queued
     out = out.resolve()
     shards = math.ceil(len(slides) / slides_per_job)
     layout = RunLayout(out)
@@ -137,7 +139,9 @@ def plan_submission(
         f"--shard ${{SLURM_ARRAY_TASK_ID}}/{shards} --workers {workers} --no-progress",
         *(shlex.quote(o) for o in run_options.arguments()),
     ]
-    array += ["set -uo pipefail", " ".join(run)]
+    # exec: the scheduler's SIGTERM (time limit, preemption, scancel) reaches `run` itself, which discards what it
+    # was writing and exits 143; the next submission redoes that shard's unfinished slides
+    array += ["set -uo pipefail", "exec " + " ".join(run)]
     gather = [
         "#!/bin/bash",
         *_directives(resources, "wsi-pipeline-gather", str(logs / "slurm-gather-%j.out")),
@@ -148,8 +152,21 @@ def plan_submission(
     return SubmitPlan(slides, shards, out, "\n".join(array) + "\n", "\n".join(gather) + "\n")
 
 
+def require_scheduler() -> None:
+    """SLURM's commands on PATH, checked before anything is written."""
+    missing = [command for command in ("sbatch", "squeue") if shutil.which(command) is None]
+    if missing:
+        raise ClusterError(
+            f"{' and '.join(missing)} not found on PATH: submit from a SLURM login node (or load its module, e.g. "
+            "`module load slurm`); without a cluster, run the slides here with `wsi-pipeline run`"
+        )
+
+
 def _sbatch(script: Path, *extra: str) -> str:
-    done = subprocess.run(["sbatch", "--parsable", *extra, str(script)], capture_output=True, text=True, timeout=60)
+    try:
+        done = subprocess.run(["sbatch", "--parsable", *extra, str(script)], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ClusterError(f"sbatch could not be run for {script}: {exc}") from exc
     if done.returncode != 0:
         raise ClusterError(f"sbatch refused {script}: {done.stderr.strip() or done.stdout.strip()}")
     return done.stdout.strip().split(";")[0]
@@ -184,15 +201,20 @@ def submit(
 ) -> tuple[str, str]:
     """Write the list and scripts under OUT/shards/, submit the array and the gather job, and (with `follow`) wait
     until the gather job has ended. Returns (array job id, gather job id)."""
+    require_scheduler()
     layout = RunLayout(plan.out)
     folder = layout.submit_folder(time.strftime("%Y%m%d-%H%M%S"))
     layout.logs.mkdir(parents=True, exist_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
-    write_text(plan.list_file, "".join(f"{p}\n" for p in plan.slides))
     array_path, gather_path = folder / "array.sbatch", folder / "gather.sbatch"
-    write_text(array_path, plan.array_script)
-    write_text(gather_path, plan.gather_script)
-    array_id = _sbatch(array_path)
+    try:
+        write_text(plan.list_file, "".join(f"{p}\n" for p in plan.slides))
+        write_text(array_path, plan.array_script)
+        write_text(gather_path, plan.gather_script)
+        array_id = _sbatch(array_path)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)  # nothing was queued: leave no scripts that look submitted
+        raise
     gather_id = _sbatch(gather_path, f"--dependency=afterany:{array_id}")
     echo(
         f"submitted array job {array_id} ({plan.shards} task(s) for {len(plan.slides)} slide(s)) and gather job "

@@ -81,22 +81,23 @@ def raise_on_sigterm() -> None:
 
 # errno values of a failed write, with what the user can do about each.
 _WRITE_FAILURES = {
-    errno.ENOSPC: ("no space left on the device", "free disk space or write to another folder"),
-    errno.EDQUOT: ("disk quota exceeded", "free space within your quota or write to another folder"),
-    errno.EROFS: ("the file system is read-only", "write to a folder on a writable file system"),
-    errno.EACCES: ("permission denied", "write to a folder you may write to (or fix its permissions)"),
-    errno.EPERM: ("operation not permitted", "write to a folder you may write to (or fix its permissions)"),
+    errno.ENOSPC: ("no space left on the device", "free disk space, or write elsewhere (another -o)"),
+    errno.EDQUOT: ("disk quota exceeded", "free space within your quota, or write elsewhere (another -o)"),
+    errno.EROFS: ("the file system is read-only", "write to a writable file system (another -o)"),
+    errno.EACCES: ("permission denied", "fix the folder's permissions, or write elsewhere (another -o)"),
+    errno.EPERM: ("operation not permitted", "fix the folder's permissions, or write elsewhere (another -o)"),
 }
 
 
 def write_failure(exc: BaseException, path: str | os.PathLike[str] | None = None) -> OutputWriteError | None:
     """The OutputError (exit 9, one line naming the path and the fix) for an OSError of a failed write; None for
-    any other exception. Looks through the exception's causes: zarr and dask re-raise from inner ones."""
+    any other exception. `path` (what the user asked for, not a hidden temporary) wins over the OSError's own file
+    name. Looks through the exception's causes: zarr and dask re-raise from inner ones."""
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno in _WRITE_FAILURES:
             reason, fix = _WRITE_FAILURES[seen.errno]
-            where = seen.filename or path or "the output folder"
-            return OutputWriteError(f"cannot write {os.fspath(where)}: {reason}; {fix} (e.g. another -o)")
+            where = path if path is not None else (seen.filename or "the output folder")
+            return OutputWriteError(f"cannot write {os.fspath(where)}: {reason}; {fix}")
         seen = seen.__cause__ or seen.__context__
     return None

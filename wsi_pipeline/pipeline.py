@@ -123,7 +123,7 @@ def process_slide(
     except WsiError as exc:
         return outcome("failed", str(exc))
     except Exception as exc:  # an unexpected bug must not stop the other slides either
-        failure = write_failure(exc, tmp.root)
+        failure = write_failure(exc, final.root)
         if failure is not None:
             raise failure from exc
         return outcome("failed", f"internal error {type(exc).__name__}: {exc} (please report)")

@@ -16,7 +16,7 @@ import numpy as np
 from .atomic import write_json
 from .config import Config, TaskConfig, TissueConfig
 from .engine import TaskRequest, check_spec, predict_slide, resolve_device
-from .errors import ConfigError
+from .errors import ConfigError, write_failure
 from .export.overlay import Overview, save_mask_png
 from .export.qupath import TISSUE_COLOR, tile_features, tissue_features, write_feature_collection
 from .heatmap import CHUNK, HeatmapGeometry, HeatmapWriter, begin_store, finish_store
@@ -241,20 +241,26 @@ def predict_stage(
     plan = task_plan(slide, tissue, task, task_cfg, card)
     if invalidate(out.run_record):
         log.info("%s: removed (predict changes this slide's heatmaps; the next run redoes the slide)", out.run_record)
-    begin_store(out.heatmaps)
-    timings = predict_slide(
-        slide,
-        [TaskRequest(task, model, plan)],
-        out.heatmaps,
-        device=torch_device,
-        batch_size=batch_size or task_cfg.batch_size,
-        workers=workers,
-        progress=progress,
-        precision=config.engine.precision,
-        compile_=config.engine.compile,
-    )
-    write_tissue_heatmap(out.heatmaps, tissue)
-    finish_store(out.heatmaps)
+    try:
+        begin_store(out.heatmaps)  # incomplete until this task's heatmaps and `tissue` are all in place
+        timings = predict_slide(
+            slide,
+            [TaskRequest(task, model, plan)],
+            out.heatmaps,
+            device=torch_device,
+            batch_size=batch_size or task_cfg.batch_size,
+            workers=workers,
+            progress=progress,
+            precision=config.engine.precision,
+            compile_=config.engine.compile,
+        )
+        write_tissue_heatmap(out.heatmaps, tissue)
+        finish_store(out.heatmaps)
+    except OSError as exc:
+        failure = write_failure(exc, out.heatmaps)
+        if failure is None:
+            raise
+        raise failure from exc
     return {
         "store": out.heatmaps,
         "heatmaps": [*card.written_classes, "tissue"],

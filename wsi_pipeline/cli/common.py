@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Any
 
 import click
 
 from ..config import Config, load_config
-from ..errors import Terminated, WsiError, raise_on_sigterm, write_failure
+from ..errors import OutputWriteError, Terminated, WsiError, raise_on_sigterm, write_failure
 
 
 class WsiGroup(click.Group):
@@ -35,6 +36,10 @@ class WsiGroup(click.Group):
 
 
 def _fail(exc: WsiError) -> None:
+    if isinstance(exc, OutputWriteError):
+        # zarr's writer threads may still hold writes that fail after ours did; their asyncio reports at exit
+        # would bury the one line that matters
+        logging.getLogger("asyncio").disabled = True
     message = " ".join(str(exc).split())  # one line, whatever the message's source put in it
     click.echo(f"error: {message}", err=True)
     sys.exit(exc.exit_code)
