@@ -91,8 +91,9 @@ def write_density_model(directory: Path) -> Path:
 
 
 def test_a_registered_task_joins_the_configuration_and_the_cohort_columns() -> None:
-    from wsi_pipeline.batch import cohort_columns, select_tasks
+    from wsi_pipeline.batch import cohort_columns
     from wsi_pipeline.config import Config, load_config
+    from wsi_pipeline.inputs import select_tasks
 
     assert NAME not in Config().model_dump()["tasks"]
     with registered(HaematoxylinTask()):

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import glob
 import io
 import json
-import logging
-import math
-import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,16 +15,24 @@ from .atomic import remove_stale_temporaries, write_text
 from .config import Config
 from .errors import ConfigError, OutputWriteError, UsageError, WsiError
 from .export.report import Column, write_report
-from .layout import SLIDE_EXTENSIONS, RunLayout, slide_id_for
+from .inputs import (
+    assign_ids,
+    discover,
+    override_for,
+    read_mpp_file,
+    read_slide_list,
+    shard_paths,
+    warn_unmatched_overrides,
+)
+from .layout import SLIDE_EXTENSIONS, RunLayout
 from .lock import output_lock
 from .models import LoadedModel
 from .pipeline import SlideOutcome, process_slide
 from .progress import BatchProgress
 from .stages import check_task_settings
-from .tasks import parse_task_list, task_model, task_names
+from .tasks import task_model, task_names
 from .tasks import tasks as registered_tasks
 
-log = logging.getLogger(__name__)
 MANIFEST_COLUMNS = ["slide", "slide_id", "status", "error", "seconds", "tiles", "note"]
 SLIDE_COLUMNS = ["slide_id", "slide", "mpp", "mpp_source", "tissue_area_mm2"]
 
@@ -36,109 +40,6 @@ SLIDE_COLUMNS = ["slide_id", "slide", "mpp", "mpp_source", "tissue_area_mm2"]
 def cohort_columns() -> list[str]:
     """The slide's own figures, then each registered task's (`<task>_<key>`), in registration order."""
     return [*SLIDE_COLUMNS, *(f"{t.name}_{key}" for t in registered_tasks() for key in t.cohort_columns)]
-
-
-def discover(inputs: Sequence[str]) -> list[Path]:
-    """Files as given; folders searched recursively for slide extensions; glob patterns expanded. Sorted, unique
-    (one entry per file, however it was named). A folder or pattern that yields no slide is a warning."""
-    found: dict[Path, Path] = {}
-    for item in inputs:
-        path = Path(item)
-        matched: list[Path] = []
-        if path.is_dir():
-            matched = [
-                candidate
-                for candidate in sorted(path.rglob("*"))
-                if candidate.is_file()
-                and candidate.name.lower().endswith(SLIDE_EXTENSIONS)
-                and not candidate.name.startswith(".")
-            ]
-            if not matched:
-                log.warning("warning: folder %s holds no slide (%s)", item, ", ".join(SLIDE_EXTENSIONS))
-        elif any(ch in item for ch in "*?["):
-            matched = [Path(m) for m in sorted(glob.glob(item, recursive=True)) if Path(m).is_file()]
-            if not matched:
-                log.warning("warning: pattern %s matches no file", item)
-        else:
-            matched = [path]  # a missing file is reported as a failed slide, not dropped
-        for candidate in matched:
-            found.setdefault(candidate.resolve(), candidate)
-    return list(found.values())
-
-
-def assign_ids(paths: Sequence[Path]) -> dict[Path, str]:
-    """Each slide's id from its file name alone (`layout.slide_id_for`), so that it never depends on the other
-    slides of the batch. Two slides whose ids are equal, or differ only in case (one folder on a macOS or Windows
-    disk), would share an output folder: the batch is refused before any slide runs."""
-    ids = {p: slide_id_for(p) for p in paths}
-    groups: dict[str, list[Path]] = {}
-    for path, slide_id in ids.items():
-        groups.setdefault(slide_id.casefold(), []).append(path)
-    clashes = [group for group in groups.values() if len(group) > 1]
-    if clashes:
-        first = clashes[0]
-        more = f" (and {len(clashes) - 1} more such group(s))" if len(clashes) > 1 else ""
-        raise UsageError(
-            f"{len(first)} slides would share the output folder {ids[first[0]]}/: "
-            f"{', '.join(str(p) for p in first)}{more}; rename them so that their file names differ, or run them "
-            "into separate -o folders"
-        )
-    return ids
-
-
-def read_mpp_file(path: str | os.PathLike[str]) -> dict[str, float]:
-    """CSV with columns `slide,mpp`: slide may be a file name, a path, or a slide_id; every mpp positive."""
-    table: dict[str, float] = {}
-    try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            if reader.fieldnames is None or not {"slide", "mpp"} <= {f.strip() for f in reader.fieldnames}:
-                raise ConfigError(
-                    f"--mpp-file {path}: expected a CSV whose header has columns slide,mpp "
-                    f"(found {', '.join(reader.fieldnames or []) or 'no header'})"
-                )
-            for line, row in enumerate(reader, start=2):
-                row = {k.strip(): v for k, v in row.items() if k is not None}
-                try:
-                    value = float(row["mpp"])
-                except (TypeError, ValueError):
-                    raise ConfigError(f"--mpp-file {path} line {line}: mpp {row['mpp']!r} is not a number") from None
-                if not (value > 0 and math.isfinite(value)):
-                    raise ConfigError(f"--mpp-file {path} line {line}: mpp must be positive, got {value}")
-                table[(row["slide"] or "").strip()] = value
-    except FileNotFoundError as exc:
-        raise ConfigError(f"--mpp-file {path} not found") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"--mpp-file {path} is not a UTF-8 text CSV ({exc.reason})") from exc
-    if not table:
-        raise ConfigError(f"--mpp-file {path} has no rows; give one line slide,mpp per slide")
-    return table
-
-
-def _override_keys(path: Path, slide_id: str) -> tuple[str, ...]:
-    return (str(path), path.name, slide_id, path.stem)
-
-
-def _override_for(path: Path, slide_id: str, table: dict[str, float]) -> float | None:
-    for key in _override_keys(path, slide_id):
-        if key in table:
-            return table[key]
-    return None
-
-
-def warn_unmatched_overrides(table: dict[str, float], ids: dict[Path, str], source: str) -> None:
-    """Rows of --mpp-file that name no slide of the batch are most often a typo: say so."""
-    known = {key for path, slide_id in ids.items() for key in _override_keys(path, slide_id)}
-    unmatched = [name for name in table if name not in known]
-    if len(unmatched) == len(table):
-        log.warning("warning: --mpp-file %s names no slide of this batch (rows: %s)", source, ", ".join(unmatched[:5]))
-    elif unmatched:
-        log.warning(
-            "warning: --mpp-file %s: %d row(s) name no slide of this batch: %s",
-            source,
-            len(unmatched),
-            ", ".join(unmatched[:5]),
-        )
 
 
 def load_task_models(config: Config, names: Sequence[str]) -> dict[str, LoadedModel]:
@@ -150,16 +51,6 @@ def check_task_requests(config: Config, names: Sequence[str], models: dict[str, 
     """Settings a task's model cannot take fail the whole batch before the first slide (exit 7), not each slide."""
     for name in names:
         check_task_settings(name, config.task(name), models[name].card)
-
-
-def select_tasks(config: Config, spec: str | None) -> list[str]:
-    """`--tasks a,b` checked against the registry, or every task the configuration enables."""
-    if spec is not None:
-        return parse_task_list(spec)
-    enabled = [t for t in task_names() if config.task(t).enabled]
-    if not enabled:
-        raise ConfigError("the configuration enables no task; set tasks.<task>.enabled: true or give --tasks")
-    return enabled
 
 
 @dataclass
@@ -226,31 +117,6 @@ def report_columns() -> list[Column]:
 
 def write_batch_report(out: Path, outcomes: Sequence[SlideOutcome]) -> Path:
     return write_report(out, [manifest_row(o) for o in outcomes], report_columns())
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """`I/N` with 0 <= I < N (pairs with `sbatch --array=0-(N-1)`)."""
-    try:
-        index, count = (int(part) for part in text.split("/"))
-    except ValueError as exc:
-        raise UsageError(f"--shard {text!r}: expected I/N, e.g. --shard 0/4") from exc
-    if count < 1 or not 0 <= index < count:
-        raise UsageError(f"--shard {text!r}: need 0 <= I < N")
-    return index, count
-
-
-def shard_paths(paths: Sequence[Path], shard: tuple[int, int] | None) -> list[Path]:
-    """Round-robin over the sorted list: deterministic, disjoint, and balanced to within one slide."""
-    return list(paths) if shard is None else list(paths[shard[0] :: shard[1]])
-
-
-def read_slide_list(path: str | os.PathLike[str]) -> list[str]:
-    """One slide path per line (blank lines and # comments ignored)."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError as exc:
-        raise UsageError(f"--slide-list {path} not found") from exc
-    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
 def gather(out: Path) -> tuple[Path, Path, int]:
@@ -358,7 +224,7 @@ def run_batch(
                     models,
                     device=device,
                     workers=workers,
-                    mpp=_override_for(path, slide_id, overrides),
+                    mpp=override_for(path, slide_id, overrides),
                     default_mpp=default_mpp,
                     overwrite=overwrite,
                     progress=progress,

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import write_text
-from .batch import assign_ids, discover
 from .errors import UsageError, WsiError
+from .inputs import assign_ids, discover
 from .layout import RunLayout
 
 TERMINAL_STATES = {

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from ..errors import ConfigError
+from ..errors import UsageError
 from ..layout import RunLayout
 from ..slide import Slide
 
@@ -148,13 +148,20 @@ def run(
     overrides: tuple[str, ...],
 ) -> None:
     """Run the pipeline on SLIDES (files, folders, glob patterns): see docs/outputs.md for what OUT holds."""
-    from ..batch import parse_shard, read_slide_list, run_batch, select_tasks, summary_table
-    from ..engine import default_workers
+    from ..inputs import parse_shard, read_mpp_file, read_slide_list, select_tasks
 
+    # the command line checked before torch is imported: a mistake costs half a second, not three
     inputs = [*slides, *(read_slide_list(slide_list) if slide_list else [])]
     if not inputs:
-        raise ConfigError("give slides (files, folders or glob patterns) or --slide-list FILE")
+        raise UsageError("give slides (files, folders or glob patterns) or --slide-list FILE")
+    shard_spec = parse_shard(shard) if shard else None
     cfg = run_config(config_path, overrides, backend)
+    task_list = select_tasks(cfg, tasks)
+    if mpp_file:
+        read_mpp_file(mpp_file)
+
+    from ..batch import run_batch, summary_table
+    from ..engine import default_workers
 
     def report(outcome: SlideOutcome) -> None:
         text = f"{outcome.slide_id}: {outcome.status} ({outcome.seconds:.1f} s)"
@@ -165,14 +172,14 @@ def run(
         inputs,
         Path(out_dir),
         cfg,
-        select_tasks(cfg, tasks),
+        task_list,
         device=device,
         workers=default_workers() if workers is None else workers,
         overwrite=overwrite,
         default_mpp=default_mpp,
         mpp_file=mpp_file,
         progress=progress,
-        shard=parse_shard(shard) if shard else None,
+        shard=shard_spec,
         dask_scheduler=dask_scheduler,
         on_slide=report,
     )
