@@ -125,6 +125,16 @@ def test_rerun_skips_and_overwrite_or_new_config_redoes(cohort: tuple[Path, Path
     assert "2 slides: 2 done" in changed.stdout
 
 
+def _outputs(out: Path) -> dict[str, bytes]:
+    files = {}
+    for slide_dir in sorted(p.parent for p in out.glob("*/run.json")):
+        for name in ("summary.json", "mitoses.csv", "qupath.geojson", "tissue.geojson"):
+            files[f"{slide_dir.name}/{name}"] = (slide_dir / name).read_bytes()
+        heat = open_heatmap(slide_dir / "heatmaps.zarr" / "mitosis")
+        files[f"{slide_dir.name}/mitosis"] = np.asarray(heat.levels[0]).tobytes()
+    return files
+
+
 def test_run_on_the_real_slide_folder(data_dir: Path, tmp_path: Path) -> None:
     model = write_figure_detector(tmp_path / "model", 0.5)
     mpp_file = tmp_path / "mpp.csv"
