@@ -216,3 +216,40 @@ def test_snakefile_with_the_slurm_profile(slurm: LocalSlurm, three_slides, tmp_p
     assert [r["status"] for r in rows] == ["done"] * 3
     # the two shard jobs really went through SLURM (finished jobs stay listed for MinJobAge = 600 s)
     assert len(_jobs_known() - jobs_before) >= 2
+
+
+def test_a_running_job_the_scheduler_terminates_is_redone_by_the_next_submission(
+    slurm: LocalSlurm, tmp_path: Path
+) -> None:
+    """`scancel` of a running task sends SIGTERM (as a time limit or preemption does): the job script execs `run`,
+    which discards the slide it was writing and exits 143; gather records the slide; submitting again redoes it."""
+    slides = tmp_path / "slides"
+    write_synthetic_slide(slides / "big.svs", default_layout(9000, 7000, 0.25, seed=4, n_figures=5))
+    model = write_figure_detector(tmp_path / "model", 0.25)
+    out = tmp_path / "out"
+    first = _submit(slides, model, out, "--no-follow")
+    assert first.returncode == 0, first.stderr
+    array_id = first.stdout.split("submitted array job ")[1].split()[0]
+    gather_id = first.stdout.split("gather job ")[1].split(";")[0]
+    deadline = time.monotonic() + HARD_TIMEOUT
+    while not (out.exists() and any(p.name.startswith(".big.tmp-") for p in out.iterdir())):
+        assert time.monotonic() < deadline, "the job never started its slide"
+        time.sleep(0.05)
+    subprocess.run(["scancel", f"{array_id}_0"], check=True, timeout=60)
+    while time.monotonic() < deadline:
+        states = subprocess.run(
+            ["squeue", "-h", "--states=all", "-j", gather_id, "-o", "%T"], capture_output=True, text=True, timeout=60
+        ).stdout.strip()
+        if states in ("COMPLETED", "FAILED", "CANCELLED", ""):
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("gather job did not end in time")
+    log = (out / "shards" / "logs" / f"slurm-{array_id}_0.out").read_text()
+    assert "terminated (SIGTERM): outputs being written were discarded" in log and "Traceback" not in log
+    row = next(csv.DictReader((out / "manifest.csv").open()))
+    assert row["status"] == "failed" and "submit again" in row["error"]
+    assert not (out / "big").exists() and not any(".tmp-" in p.name for p in out.iterdir())
+    again = _submit(slides, model, out)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "1 slides: 1 done, 0 skipped, 0 failed" in again.stdout

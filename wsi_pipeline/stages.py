@@ -15,7 +15,7 @@ import numpy as np
 
 from .atomic import write_json
 from .config import Config, TaskConfig, TissueConfig
-from .engine import TaskRequest, check_spec, predict_slide, resolve_device
+from .engine import TaskRequest, check_request, check_spec, predict_slide, resolve_device
 from .errors import ConfigError, write_failure
 from .export.overlay import Overview, save_mask_png
 from .export.qupath import TISSUE_COLOR, tile_features, tissue_features, write_feature_collection
@@ -239,6 +239,7 @@ def predict_stage(
     require_tissue(tissue, slide)
     card = model.card
     plan = task_plan(slide, tissue, task, task_cfg, card)
+    check_request(TaskRequest(task, model, plan))  # refused before the folder is touched
     if invalidate(out.run_record):
         log.info("%s: removed (predict changes this slide's heatmaps; the next run redoes the slide)", out.run_record)
     try:
