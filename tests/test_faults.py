@@ -396,6 +396,25 @@ def test_full_disk_is_exit_9_and_leaves_nothing_complete(case, tmp_path: Path) -
         subprocess.run(["umount", str(small)], check=False)
 
 
+def test_a_library_that_hides_the_errno_is_still_a_write_failure(tmp_path: Path) -> None:
+    """torch.save on a full disk raises RuntimeError, not OSError: the failed write is still named (exit 9)."""
+    from wsi_pipeline.atomic import atomic_path
+    from wsi_pipeline.errors import OutputWriteError
+
+    full = tmp_path / "full"
+    _mount(full, "size=64k")
+    try:
+        with (
+            pytest.raises(OutputWriteError, match=r"cannot write .*ckpt\.pt: no space left") as err,
+            atomic_path(full / "ckpt.pt") as tmp,
+        ):
+            torch.save({"w": torch.zeros(100_000)}, tmp)
+        assert err.value.exit_code == 9 and isinstance(err.value.__cause__, RuntimeError)
+        assert list(full.iterdir()) == []  # neither the temporary nor the probe is left
+    finally:
+        subprocess.run(["umount", str(full)], check=False)
+
+
 def test_read_only_and_forbidden_folders_are_exit_9(case, tmp_path: Path) -> None:
     slide, model, _ = case
     forbidden = tmp_path / "forbidden"

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import write_failure
+from .errors import OutputWriteError, write_failure
 from .layout import TEMPORARY_MARK, temporary_sibling
 
 
@@ -21,7 +21,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     Works for files and directories (e.g. a zarr store). A full disk becomes an OutputError naming the fix.
     """
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise (write_failure(exc, final.parent) or exc) from exc
     tmp = temporary_sibling(final)
     try:
         yield tmp
@@ -34,9 +37,31 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         if failure is not None:
             raise failure from exc
         raise
+    except Exception as exc:
+        _remove(tmp)
+        failure = _diagnose(final.parent, final)
+        if failure is not None:  # a library that hid the errno (torch.save raises RuntimeError on a full disk)
+            raise failure from exc
+        raise
     except BaseException:
         _remove(tmp)
         raise
+
+
+def _diagnose(folder: Path, target: Path) -> OutputWriteError | None:
+    """Why writing into `folder` failed, when the failing library did not say: a 4 KiB probe file shows a full,
+    read-only or forbidden folder (written only after a failure, so it costs nothing on success)."""
+    probe = folder / f".probe{TEMPORARY_MARK}{os.getpid()}"
+    try:
+        with probe.open("wb") as fh:
+            fh.write(b"\0" * 4096)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        return write_failure(exc, target)
+    finally:
+        _remove(probe)
+    return None
 
 
 def _remove(path: Path) -> None:
