@@ -11,6 +11,7 @@ shipped dense mitosis network (its heatmap is the largest output per mm²). Writ
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import subprocess
@@ -76,6 +77,8 @@ def measure(case: dict, workdir: Path) -> dict:
     assert skip_cold and skip_warm, "the finished outputs did not verify"
     _drop_caches()
     rerun_s = _run(slide, out, case["tasks"])
+    with (out / "manifest.csv").open() as fh:
+        rerun = next(csv.DictReader(fh))
     outputs = record["outputs"]
     return {
         "case": case["name"],
@@ -89,6 +92,8 @@ def measure(case: dict, workdir: Path) -> dict:
         "verify_cache_dropped": cold,
         "verify_warm_s": round(verify_warm_s, 3),
         "skipping_rerun_s": round(rerun_s, 2),
+        "rerun_status": rerun["status"],
+        "rerun_note": rerun["note"],
         "verify_over_compute": round(verify_cold_s / compute_s, 5),
         "skipping_rerun_over_compute": round(rerun_s / compute_s, 5),
     }

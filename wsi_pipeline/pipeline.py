@@ -10,6 +10,7 @@ still match, and otherwise redoes it and says why.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -23,6 +24,7 @@ from .engine import TaskRequest, predict_slide, resolve_device
 from .errors import MissingMppError, OutputWriteError, WsiError, write_failure
 from .export.qupath import write_feature_collection
 from .heatmap import begin_store, finish_store
+from .input_guard import outside_reason, slide_colour
 from .inventory import take_inventory
 from .layout import RunLayout, SlideLayout
 from .models import LoadedModel
@@ -31,6 +33,9 @@ from .slide import Slide
 from .slide_outputs import qupath_features, write_overview, write_point_tables, write_task_overlays
 from .stages import qupath_offset, task_plan, tissue_stage, write_tissue_heatmap
 from .tasks import TaskContext, TaskResult, get_task
+from .tissue import TissueMask
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -117,6 +122,7 @@ def process_slide(
             shutil.rmtree(final.root)
         os.replace(tmp.root, final.root)
         summary = json.loads(final.summary.read_text())
+        note = "; ".join(n for n in (note, guard_note(record["input_guard"])) if n)
         return outcome("done", tiles=record["tiles"], summary=summary, note=note)
     except OutputWriteError:
         raise
@@ -129,6 +135,33 @@ def process_slide(
         return outcome("failed", f"internal error {type(exc).__name__}: {exc} (please report)")
     finally:
         shutil.rmtree(tmp.root, ignore_errors=True)
+
+
+def input_guard_findings(
+    slide_id: str, tissue: TissueMask, config: Config, tasks: list[str], models: dict[str, LoadedModel]
+) -> dict[str, dict[str, Any]]:
+    """Tasks whose model the slide's tissue does not suit (`input_guard`): skipped unless `tasks.<task>.force`;
+    each finding is logged, and goes to summary.json, the run record and the manifest's note."""
+    findings: dict[str, dict[str, Any]] = {}
+    for task in tasks:
+        reason = outside_reason(tissue, models[task].card.input_stats)
+        if reason is None:
+            continue
+        forced = config.task(task).force
+        findings[task] = {"reason": reason, "skipped": not forced, "slide_colour_od": slide_colour(tissue)}
+        action = "run anyway (forced)" if forced else f"skipped; set tasks.{task}.force: true to run it anyway"
+        log.warning("warning: %s: %s model not trusted here: %s; %s", slide_id, task, reason, action)
+    return findings
+
+
+def guard_note(findings: dict[str, dict[str, Any]]) -> str:
+    if not findings:
+        return ""
+    skipped = [t for t, f in findings.items() if f["skipped"]]
+    forced = [t for t, f in findings.items() if not f["skipped"]]
+    reason = next(iter(findings.values()))["reason"]
+    parts = [f"{', '.join(skipped)} skipped" if skipped else "", f"{', '.join(forced)} forced" if forced else ""]
+    return f"input guard: {'; '.join(p for p in parts if p)} ({reason})"
 
 
 def _run(
@@ -148,7 +181,9 @@ def _run(
     begin_store(out.heatmaps)
     timings["tissue_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    requests = [TaskRequest(t, models[t], task_plan(slide, tissue, t, config.task(t), models[t].card)) for t in tasks]
+    guard = input_guard_findings(slide_id, tissue, config, tasks, models)
+    chosen = [t for t in tasks if not guard.get(t, {}).get("skipped")]
+    requests = [TaskRequest(t, models[t], task_plan(slide, tissue, t, config.task(t), models[t].card)) for t in chosen]
     timings["tiling_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     inference = (
@@ -192,6 +227,7 @@ def _run(
         "mpp_source": mpp.source,
         "tissue_area_mm2": round(tissue.area_mm2, 6),
         **{t: r.summary for t, r in results.items()},
+        **({"input_guard": guard} if guard else {}),
     }
     write_json(out.summary, summary)
     offset = qupath_offset(slide)
@@ -210,6 +246,7 @@ def _run(
         "tasks": tasks,
         "models": model_records(tasks, models),
         "tiles": sum(len(r.plan) for r in requests),
+        "input_guard": guard,
         "timings": timings,
         "inference": inference,
         "versions": versions(),

@@ -20,6 +20,7 @@ from .errors import ConfigError, write_failure
 from .export.overlay import Overview, save_mask_png
 from .export.qupath import TISSUE_COLOR, tile_features, tissue_features, write_feature_collection
 from .heatmap import CHUNK, HeatmapGeometry, HeatmapWriter, begin_store, finish_store
+from .input_guard import outside_reason
 from .inventory import invalidate
 from .layout import SlideLayout
 from .models import LoadedModel
@@ -240,6 +241,9 @@ def predict_stage(
     card = model.card
     plan = task_plan(slide, tissue, task, task_cfg, card)
     check_request(TaskRequest(task, model, plan))  # refused before the folder is touched
+    reason = outside_reason(tissue, card.input_stats)
+    if reason is not None:  # predict runs the one task it was asked for; `run` skips it unless forced
+        log.warning("warning: %s: the %s model is not to be trusted here: %s", slide.slide_id, task, reason)
     if invalidate(out.run_record):
         log.info("%s: removed (predict changes this slide's heatmaps; the next run redoes the slide)", out.run_record)
     try:

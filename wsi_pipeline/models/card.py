@@ -15,6 +15,22 @@ class Normalisation(BaseModel):
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
 
+class ColourStats(BaseModel):
+    """The colour of the tissue a model was trained on, for the input guard (`input_guard.py`). Each training tile's
+    mean tissue colour as optical density (OD, per RGB channel) is split into its direction (the unit vector: which
+    stain, whatever its amount) and its length (how much stain); the card keeps their mean and standard deviation
+    over the training tiles. The OD of a mean colour does not change with resolution, so a slide's thumbnail can be
+    compared with tiles at the model's µm/px."""
+
+    model_config = ConfigDict(extra="forbid")
+    od_direction_mean: tuple[float, float, float]
+    od_direction_std: tuple[float, float, float]
+    od_length_mean: float
+    od_length_std: float
+    tiles: int = Field(ge=1, description="training tiles measured")
+    max_z: float = Field(4.0, gt=0, description="a slide further than this many standard deviations is outside")
+
+
 class ModelCard(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -35,6 +51,9 @@ class ModelCard(BaseModel):
     normalisation: Normalisation = Normalisation()
     training: dict[str, Any] = Field(default_factory=dict, description="data, split, augmentation, command")
     metrics: dict[str, Any] = Field(default_factory=dict, description="measured validation metrics")
+    input_stats: ColourStats | None = Field(
+        None, description="colour of the training tissue; slides far outside it are skipped unless forced"
+    )
     weights_sha256: str | None = Field(
         None, description="sha256 of the weights file, written on export and checked on every load"
     )

@@ -38,6 +38,9 @@ class TaskConfig(StrictModel):
     batch_size: int = Field(64, gt=0, le=4096)
     model: str | None = Field(None, description="path to a model directory; None = the shipped default")
     threshold: float = Field(0.5, ge=0, le=1, description="probability above which a pixel/tile is positive")
+    force: bool = Field(
+        False, description="run even on slides the input guard finds unlike the model's training tissue"
+    )
 
     @model_validator(mode="after")
     def _overlap_fits(self) -> TaskConfig:

@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..input_guard import training_stats
 from ..models import ModelCard, save_model
+from ..models.card import ColourStats
 from .augment import AugmentConfig, augment
 from .data import DataError
 from .loop import NORMALISATION, TrainConfig, build_model, command_line, fit, normalise, run_epoch
@@ -248,13 +250,18 @@ def train_mitosis(
             "data": cfg.extra.get("data", []),
             "description": cfg.extra.get("description", ""),
         },
+        input_stats=training_stats(p.rgb for p in split["train"]),
     )
     save_model(out, model.cpu(), card)
     return card.model_dump(mode="json")
 
 
 def mitosis_card(
-    cfg: TrainConfig, targets: DenseTargets, metrics: dict[str, Any], training: dict[str, Any] | None = None
+    cfg: TrainConfig,
+    targets: DenseTargets,
+    metrics: dict[str, Any],
+    training: dict[str, Any] | None = None,
+    input_stats: ColourStats | None = None,
 ) -> ModelCard:
     return ModelCard(
         name=f"mitosis-{cfg.architecture}",
@@ -271,4 +278,5 @@ def mitosis_card(
         normalisation=NORMALISATION,
         training=training or {},
         metrics=metrics,
+        input_stats=input_stats,
     )

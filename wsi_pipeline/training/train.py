@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..evaluate import balanced_accuracy, roc_auc
+from ..input_guard import training_stats
 from ..models import ModelCard, save_model
 from .augment import AugmentConfig, augment
 from .data import DataError, TileItem, load_tile
@@ -69,6 +70,17 @@ def _metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 def selection_metric(n_classes: int) -> str:
     """Early stopping watches ROC AUC for two classes (threshold-free), balanced accuracy otherwise."""
     return "roc_auc" if n_classes == 2 else "balanced_accuracy"
+
+
+STATS_TILES = 2000  # training tiles measured for the card's colour statistics (the input guard)
+
+
+def sample_items(items: list[TileItem], count: int, seed: int) -> list[TileItem]:
+    """A seeded sample of at most `count` items (all of them when there are fewer)."""
+    if len(items) <= count:
+        return list(items)
+    order = np.random.default_rng(seed).permutation(len(items))[:count]
+    return [items[i] for i in sorted(order)]
 
 
 def train_classifier(
@@ -144,6 +156,7 @@ def train_classifier(
             "selected_by": "last epoch" if cfg.select == "last" else f"best validation {watched}",
             "seconds": round(time.perf_counter() - started, 1),
         },
+        input_stats=training_stats(load_tile(i, cfg.tile_px) for i in sample_items(train_items, STATS_TILES, cfg.seed)),
     )
     save_model(out, model.cpu(), card)
     return card.model_dump(mode="json")
