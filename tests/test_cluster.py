@@ -75,6 +75,18 @@ def _workflow_config(tmp_path: Path, slides: Path, model: Path, **resources: int
     return config
 
 
+def _wait_until_ended(job_id: str, deadline: float) -> None:
+    """Until squeue says the job ended (or forgot it), within the test's deadline."""
+    while time.monotonic() < deadline:
+        states = subprocess.run(
+            ["squeue", "-h", "--states=all", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=60
+        ).stdout.strip()
+        if states in ("COMPLETED", "FAILED", "CANCELLED", ""):
+            return
+        time.sleep(0.5)
+    pytest.fail(f"job {job_id} did not end in time")
+
+
 def _submit(slides: Path, model: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     return run_cli(
         "submit",
@@ -131,15 +143,7 @@ def test_cancelled_job_is_reported_and_resubmit_completes(slurm: LocalSlurm, thr
     gather_id = first.stdout.split("gather job ")[1].split(";")[0]
     subprocess.run(["scancel", f"{array_id}_2"], check=True, timeout=60)
     deadline = time.monotonic() + HARD_TIMEOUT
-    while time.monotonic() < deadline:
-        states = subprocess.run(
-            ["squeue", "-h", "--states=all", "-j", gather_id, "-o", "%T"], capture_output=True, text=True, timeout=60
-        ).stdout.strip()
-        if states in ("COMPLETED", "FAILED", "CANCELLED", ""):
-            break
-        time.sleep(1)
-    else:
-        pytest.fail("gather job did not end in time")
+    _wait_until_ended(gather_id, deadline)
     rows = {r["slide_id"]: r for r in csv.DictReader((out / "manifest.csv").open())}
     assert rows["c23"]["status"] == "failed" and "submit again" in rows["c23"]["error"]
     assert rows["c21"]["status"] == rows["c22"]["status"] == "done"
@@ -236,15 +240,7 @@ def test_a_running_job_the_scheduler_terminates_is_redone_by_the_next_submission
         assert time.monotonic() < deadline, "the job never started its slide"
         time.sleep(0.05)
     subprocess.run(["scancel", f"{array_id}_0"], check=True, timeout=60)
-    while time.monotonic() < deadline:
-        states = subprocess.run(
-            ["squeue", "-h", "--states=all", "-j", gather_id, "-o", "%T"], capture_output=True, text=True, timeout=60
-        ).stdout.strip()
-        if states in ("COMPLETED", "FAILED", "CANCELLED", ""):
-            break
-        time.sleep(0.5)
-    else:
-        pytest.fail("gather job did not end in time")
+    _wait_until_ended(gather_id, deadline)
     log = (out / "shards" / "logs" / f"slurm-{array_id}_0.out").read_text()
     assert "terminated (SIGTERM): outputs being written were discarded" in log and "Traceback" not in log
     row = next(csv.DictReader((out / "manifest.csv").open()))
