@@ -421,6 +421,8 @@ def test_read_only_and_forbidden_folders_are_exit_9(case, tmp_path: Path) -> Non
     forbidden.mkdir()
     forbidden.chmod(0o555)
     # root writes anywhere: drop the capabilities that let it (setpriv, util-linux) so permissions apply
+    if IS_ROOT and shutil.which("setpriv") is None:
+        pytest.skip("root ignores folder permissions and setpriv (util-linux) is not installed to drop that")
     prefix = ["setpriv", "--inh-caps=-dac_override", "--bounding-set=-dac_override"] if IS_ROOT else []
     command = [*prefix, sys.executable, "-m", "wsi_pipeline.cli", *_run(slide, model, forbidden / "out")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
