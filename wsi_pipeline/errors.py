@@ -69,13 +69,18 @@ class Terminated(KeyboardInterrupt):
     exit_code = 128 + signal.SIGTERM
 
 
-def raise_on_sigterm() -> None:
-    """Make SIGTERM raise `Terminated` in this process (and in forked workers, which torch's worker loop ends
-    quietly on a KeyboardInterrupt)."""
+def install_signal_handlers() -> None:
+    """Ctrl-C raises KeyboardInterrupt and SIGTERM raises `Terminated` in this process, also where the parent left
+    SIGINT ignored (a background job); forked workers inherit them (torch's worker loop ends quietly on a
+    KeyboardInterrupt). After the first of either, both are ignored: the unwinding that discards partial outputs must
+    not be cut short, and a second signal during interpreter shutdown would end the process uncaught."""
 
     def _handler(signum: int, frame: object) -> None:
-        raise Terminated()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
+    signal.signal(signal.SIGINT, _handler)
     signal.signal(signal.SIGTERM, _handler)
 
 

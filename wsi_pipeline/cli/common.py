@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any
 
 import click
 
 from ..config import Config, load_config
-from ..errors import OutputWriteError, Terminated, WsiError, raise_on_sigterm, write_failure
+from ..errors import OutputWriteError, Terminated, WsiError, install_signal_handlers, write_failure
 
 
 class WsiGroup(click.Group):
@@ -17,7 +18,7 @@ class WsiGroup(click.Group):
     read-only or forbidden folder) into exit 9, Ctrl-C into exit 130 and SIGTERM into exit 143."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        raise_on_sigterm()
+        install_signal_handlers()
         try:
             return super().invoke(ctx)
         except WsiError as exc:
@@ -27,19 +28,28 @@ class WsiGroup(click.Group):
             if failure is None:
                 raise
             _fail(failure)
-        except Terminated:
-            click.echo("terminated (SIGTERM): outputs being written were discarded; re-run to finish", err=True)
-            sys.exit(Terminated.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted: outputs being written were discarded; re-run to finish", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as exc:
+            _quiet_background_writes()
+            terminated = isinstance(exc, Terminated)
+            what = "terminated (SIGTERM)" if terminated else "interrupted"
+            click.echo(f"{what}: outputs being written were discarded; re-run to finish", err=True)
+            # Every `finally` has run: partial outputs are gone. End here rather than in interpreter shutdown,
+            # where torch's and zarr's worker threads and processes can turn the exit status into a death by
+            # SIGINT (seen as -2 instead of 130 when the whole process group is signalled).
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(Terminated.exit_code if terminated else 130)
+
+
+def _quiet_background_writes() -> None:
+    # zarr's writer threads may still hold writes that fail, or are cancelled, after ours did; their asyncio reports
+    # at exit would bury the one line that matters
+    logging.getLogger("asyncio").disabled = True
 
 
 def _fail(exc: WsiError) -> None:
     if isinstance(exc, OutputWriteError):
-        # zarr's writer threads may still hold writes that fail after ours did; their asyncio reports at exit
-        # would bury the one line that matters
-        logging.getLogger("asyncio").disabled = True
+        _quiet_background_writes()
     message = " ".join(str(exc).split())  # one line, whatever the message's source put in it
     click.echo(f"error: {message}", err=True)
     sys.exit(exc.exit_code)
