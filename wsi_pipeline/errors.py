@@ -69,6 +69,16 @@ class Terminated(KeyboardInterrupt):
     exit_code = 128 + signal.SIGTERM
 
 
+_RECEIVED: list[int] = []  # signals taken by the handler; checked again at safe points (`raise_if_signalled`)
+
+
+def raise_if_signalled() -> None:
+    """Raise the interrupt again if one was received: a library that catches the first KeyboardInterrupt (and goes
+    on) cannot make the run ignore Ctrl-C or SIGTERM. Called per batch of tiles and between stages and slides."""
+    if _RECEIVED:
+        raise Terminated() if _RECEIVED[0] == signal.SIGTERM else KeyboardInterrupt()
+
+
 def install_signal_handlers() -> None:
     """Ctrl-C raises KeyboardInterrupt and SIGTERM raises `Terminated` in this process, also where the parent left
     SIGINT ignored (a background job); forked workers inherit them (torch's worker loop ends quietly on a
@@ -78,7 +88,8 @@ def install_signal_handlers() -> None:
     def _handler(signum: int, frame: object) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+        _RECEIVED.append(signum)
+        raise_if_signalled()
 
     signal.signal(signal.SIGINT, _handler)
     signal.signal(signal.SIGTERM, _handler)

@@ -21,7 +21,7 @@ from typing import Any
 from .atomic import write_json
 from .config import Config
 from .engine import TaskRequest, predict_slide, resolve_device
-from .errors import MissingMppError, OutputWriteError, WsiError, write_failure
+from .errors import MissingMppError, OutputWriteError, WsiError, raise_if_signalled, write_failure
 from .export.qupath import write_feature_collection
 from .heatmap import begin_store, finish_store
 from .input_guard import outside_reason, slide_colour
@@ -107,6 +107,7 @@ def process_slide(
         note = "redone (--overwrite)" if overwrite and final.root.exists() else decision.note
         tmp.root.mkdir(parents=True)
         record = _run(slide, slide_id, tmp, config, tasks, models, device, workers, progress)
+        raise_if_signalled()  # an interrupt some library swallowed still discards this slide
         record.update(
             {
                 "compatibility": key,
@@ -180,6 +181,7 @@ def _run(
     tissue = tissue_stage(slide, config.tissue, out, overview=False).tissue
     begin_store(out.heatmaps)
     timings["tissue_s"] = time.perf_counter() - t0
+    raise_if_signalled()
     t0 = time.perf_counter()
     guard = input_guard_findings(slide_id, tissue, config, tasks, models)
     chosen = [t for t in tasks if not guard.get(t, {}).get("skipped")]
@@ -204,6 +206,7 @@ def _run(
     write_tissue_heatmap(out.heatmaps, tissue)
     finish_store(out.heatmaps)
     timings["inference_s"] = time.perf_counter() - t0
+    raise_if_signalled()
     t0 = time.perf_counter()
     mpp = slide.mpp
     results: dict[str, TaskResult] = {}
@@ -219,6 +222,7 @@ def _run(
         )
         results[request.name] = get_task(request.name).postprocess(context)
     timings["postprocess_s"] = time.perf_counter() - t0
+    raise_if_signalled()
     t0 = time.perf_counter()
     summary = {
         "slide_id": slide_id,

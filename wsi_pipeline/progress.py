@@ -8,6 +8,8 @@ from typing import TextIO
 
 from tqdm import tqdm
 
+from .errors import raise_if_signalled
+
 
 class Progress:
     def __init__(
@@ -28,6 +30,7 @@ class Progress:
         )
 
     def update(self, n: int) -> None:
+        raise_if_signalled()
         self.done += n
         if self.bar is not None:
             self.bar.update(n)
@@ -71,6 +74,7 @@ class BatchProgress:
         )
 
     def update(self, failed: bool = False) -> None:
+        raise_if_signalled()
         self.done += 1
         self.failed += int(failed)
         if self.bar is not None:
