@@ -5,17 +5,10 @@ a heatmap (an added chunk changes what the array reads; zarr writes no chunk for
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 RECORD_NAME = "run.json"  # the record itself is written after the inventory and is not in it
 STORE_SUFFIX = ".zarr"
-
-
-@dataclass(frozen=True)
-class FileEntry:
-    size: int
-    sha256: str
 
 
 def file_sha256(path: Path) -> str:

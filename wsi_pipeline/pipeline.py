@@ -93,17 +93,15 @@ def process_slide(
         slide = open_slide(path, config, mpp, default_mpp)
         key = compatibility_key(config, tasks, models, slide.mpp.mean, slide.backend)
         fingerprint = slide_fingerprint(path)
-        decision = resume_decision(final, key, fingerprint, path)
+        decision = resume_decision(final, key, fingerprint, path, check_outputs=not overwrite)
         if decision.foreign is not None:
             return outcome(
                 "failed",
                 f"{final.root} holds the outputs of another slide with the same id ({decision.foreign}); give this "
                 "run another -o folder, or rename one of the two files",
             )
-        if decision.skip and not overwrite:
-            record = json.loads(final.run_record.read_text())
-            summary = json.loads(final.summary.read_text())
-            return outcome("skipped", tiles=int(record.get("tiles", 0)), summary=summary)
+        if decision.skip:
+            return outcome("skipped", tiles=decision.tiles, summary=json.loads(final.summary.read_text()))
         note = "redone (--overwrite)" if overwrite and final.root.exists() else decision.note
         tmp.root.mkdir(parents=True)
         record = _run(slide, slide_id, tmp, config, tasks, models, device, workers, progress)

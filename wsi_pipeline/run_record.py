@@ -14,7 +14,7 @@ import numpy as np
 
 from . import __version__
 from .config import Config
-from .inventory import first_problem
+from .inventory import file_sha256, first_problem
 from .layout import SlideLayout
 from .models import LoadedModel
 from .slide import backend_versions
@@ -27,11 +27,7 @@ def weights_digest(model: LoadedModel) -> str:
     path = model.path / "weights.safetensors" if model.path else None
     if path is None or not path.exists():
         return "in-memory"
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+    return file_sha256(path)[:16]
 
 
 def compatibility_key(
@@ -69,10 +65,14 @@ class ResumeDecision:
     skip: bool
     note: str = ""
     foreign: str | None = None
+    tiles: int = 0  # the skipped slide's tile count, from its record
 
 
-def resume_decision(folder: SlideLayout, key: str, fingerprint: dict[str, Any], slide: Path) -> ResumeDecision:
-    """Whether the finished outputs in `folder` can be kept for this slide and these settings."""
+def resume_decision(
+    folder: SlideLayout, key: str, fingerprint: dict[str, Any], slide: Path, *, check_outputs: bool = True
+) -> ResumeDecision:
+    """Whether the finished outputs in `folder` can be kept for this slide and these settings. Without
+    `check_outputs` (they are to be redone anyway: --overwrite) only whose slide they are is checked."""
     if not folder.root.exists():
         return ResumeDecision(False)
     try:
@@ -90,12 +90,14 @@ def resume_decision(folder: SlideLayout, key: str, fingerprint: dict[str, Any], 
         if Path(recorded).resolve() != slide.resolve():
             return ResumeDecision(False, foreign=recorded)
         return ResumeDecision(False, "the slide file changed since its outputs were made: redone")
+    if not check_outputs:
+        return ResumeDecision(False)
     if record.get("compatibility") != key:
         return ResumeDecision(False, "settings, models, µm/px or reader changed since: redone")
     problem = first_problem(folder.root, record.get("outputs") or {})
     if problem is not None:
         return ResumeDecision(False, f"{problem}: redone")
-    return ResumeDecision(True)
+    return ResumeDecision(True, tiles=int(record.get("tiles", 0)))
 
 
 def model_records(tasks: list[str], models: dict[str, LoadedModel]) -> dict[str, Any]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..atomic import atomic_path, write_json
+from ..inventory import file_sha256
 from .architectures import build
 from .card import ModelCard
 from .folders import CARD_FILE, DEFAULTS_DIR, WEIGHTS_FILE, ModelError, default_model_dir, load_card, shipped_tasks
@@ -50,14 +50,6 @@ def save_model(directory: str | os.PathLike[str], module: nn.Module, card: Model
     card = card.model_copy(update={"weights_sha256": file_sha256(directory / WEIGHTS_FILE)})
     write_json(directory / CARD_FILE, card.model_dump(mode="json"))
     return directory
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def resolve_model(
