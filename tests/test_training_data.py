@@ -34,12 +34,17 @@ def test_bad_training_data(tmp_path: Path, data_dir: Path) -> None:
     Image.new("RGB", (32, 32)).save(tmp_path / "a" / "x_CRC-Prim-HE-01_1.png")
     with pytest.raises(DataError, match="at least two classes"):
         folder_items(tmp_path)  # b is empty
-    Image.new("RGB", (40, 40)).save(tmp_path / "b" / "y_CRC-Prim-HE-01_2.png")
+    noise = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "b" / "y_CRC-Prim-HE-01_2.png")
     items, _ = folder_items(tmp_path)
     with pytest.raises(DataError, match="one source image"):
         split_by_group(items)
-    with pytest.raises(DataError, match="40x40 px but the model takes 32x32"):
-        load_tile(items[1], 32)
+    with pytest.raises(DataError, match="32x32 px but the model takes 40x40"):
+        load_tile(items[0], 40)
+    whole = load_tile(items[1])
+    assert whole.shape == (40, 40, 3)
+    assert np.array_equal(load_tile(items[1], 32), whole[4:36, 4:36])  # a larger tile: its centre
+    assert np.array_equal(load_tile(items[1], 32, offset=(1.0, 0.0)), whole[0:32, 8:40])
     (tmp_path / "b" / "z_CRC-Prim-HE-02_3.png").write_bytes(b"not an image")
     items, _ = folder_items(tmp_path)
     with pytest.raises(DataError, match="cannot read training tile"):

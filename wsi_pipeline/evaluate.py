@@ -41,6 +41,28 @@ def bootstrap_auc(
     return roc_auc(y, s), float(low), float(high)
 
 
+def youden_threshold(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray) -> dict[str, float]:
+    """The operating point of a score that maximises Youden's J (sensitivity + specificity - 1, i.e. balanced
+    accuracy), as a threshold halfway between the two scores it separates, with its sensitivity and specificity.
+    Positives are labels == 1 and scores >= threshold."""
+    y = np.asarray(labels).astype(bool)
+    s = np.asarray(scores, dtype=np.float64)
+    if y.all() or not y.any():
+        raise ValueError("an operating point needs positive and negative examples")
+    values = np.unique(s)
+    cuts = np.r_[values[0] - 1e-6, (values[:-1] + values[1:]) / 2, values[-1] + 1e-6]
+    order = np.sort(s[y]), np.sort(s[~y])
+    tpr = 1 - np.searchsorted(order[0], cuts, side="left") / y.sum()
+    tnr = np.searchsorted(order[1], cuts, side="left") / (~y).sum()
+    best = int(np.argmax(tpr + tnr))
+    return {
+        "threshold": float(np.clip(cuts[best], 0.0, 1.0)),
+        "sensitivity": float(tpr[best]),
+        "specificity": float(tnr[best]),
+        "balanced_accuracy": float((tpr[best] + tnr[best]) / 2),
+    }
+
+
 def balanced_accuracy(labels: Sequence[int] | np.ndarray, predictions: Sequence[int] | np.ndarray) -> float:
     """Mean of per-class recall over the classes present in `labels`."""
     y, p = np.asarray(labels), np.asarray(predictions)

@@ -15,7 +15,7 @@ from .cluster import gather, submit
 from .common import WsiGroup, config_option, run_config, set_option
 from .inference import predict, run
 from .slides import info, synth, tiles, tissue
-from .training import evaluate, train
+from .training import evaluate, export_model_cmd, train
 
 
 @click.group(cls=WsiGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -39,5 +39,5 @@ def config_cmd(config_path: str | None, overrides: tuple[str, ...]) -> None:
     click.echo(dump_config(run_config(config_path, overrides)), nl=False)
 
 
-for command in (info, synth, tissue, tiles, predict, run, submit, gather, train, evaluate):
+for command in (info, synth, tissue, tiles, predict, run, submit, gather, train, evaluate, export_model_cmd):
     main.add_command(command)

@@ -18,6 +18,13 @@ group_pattern_option = click.option(
     f"alone [{GROUP_PATTERN}]. Annotated slides, AMi-Br and MITOS-2012 data are grouped by slide / field whatever "
     "it says.",
 )
+groups_option = click.option(
+    "--groups",
+    default=None,
+    metavar="REGEX",
+    help="Use only items whose source (image, slide or field; e.g. slide:24.tif) matches this regex: one centre or "
+    "scanner of a dataset, for cross-source validation.",
+)
 class_option = click.option(
     "--class",
     "classes",
@@ -42,6 +49,7 @@ SETTING_OPTIONS = (
     "val_fraction",
     "val_data",
     "group_pattern",
+    "groups",
     "seed",
     "device",
     "workers",
@@ -101,6 +109,7 @@ def given_options(ctx: click.Context, values: dict[str, Any]) -> dict[str, Any]:
     help="A separate validation folder (e.g. PCam's valid/, split by slide) instead of a split of DATA.",
 )
 @group_pattern_option
+@groups_option
 @click.option("--seed", type=int, default=None, help="[0]")
 @click.option("--device", default=None, help="[auto]")
 @click.option("--workers", type=int, default=None, help="Data-loading processes [1].")
@@ -162,8 +171,14 @@ def train(
     help="Only the source images / slides the model card lists as validation (never seen in training).",
 )
 @group_pattern_option
+@groups_option
 @click.option("--mpp", type=float, default=None, help="µm/px of a points.csv folder's images (mitosis).")
-@click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="Mitosis threshold.")
+@click.option(
+    "--threshold",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Threshold to report figures at [the model card's operating point].",
+)
 @click.option("--radius-um", type=click.FloatRange(min=0, min_open=True), default=7.5, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 def evaluate(
@@ -175,8 +190,9 @@ def evaluate(
     positive: str | None,
     held_out: bool,
     group_pattern: str | None,
+    groups: str | None,
     mpp: float | None,
-    threshold: float,
+    threshold: float | None,
     radius_um: float,
     device: str,
 ) -> None:
@@ -197,6 +213,7 @@ def evaluate(
         positive=positive,
         held_out=held_out,
         group_pattern=GROUP_PATTERN if group_pattern is None else group_pattern,
+        groups=groups,
         mpp=mpp,
         threshold=threshold,
         radius_um=radius_um,
@@ -205,7 +222,7 @@ def evaluate(
     click.echo(_report_line(report, threshold, out_dir))
 
 
-def _report_line(report: dict[str, Any], threshold: float, out_dir: str) -> str:
+def _report_line(report: dict[str, Any], threshold: float | None, out_dir: str) -> str:
     if "at_threshold" in report:
         at = report["at_threshold"]
         figures = ", ".join(
@@ -221,11 +238,24 @@ def _report_line(report: dict[str, Any], threshold: float, out_dir: str) -> str:
         )
         return (
             f"{report['crops']} images with figures, {report['fields']} figure-free fields at threshold "
-            f"{threshold}: {figures}; report in {out_dir}"
+            f"{report['params']['threshold']}: {figures}; report in {out_dir}"
         )
-    auc = report["roc_auc"]
+    auc, point = report["roc_auc"], report["at_operating_point"]
     return (
         f"{report['tiles']} tiles: balanced accuracy {report['balanced_accuracy']:.3f}; ROC AUC "
-        f"({auc['positive']}) {auc['value']:.3f} [95 % CI {auc['ci95'][0]:.3f}, {auc['ci95'][1]:.3f}]; "
-        f"report in {out_dir}"
+        f"({auc['positive']}) {auc['value']:.3f} [95 % CI {auc['ci95'][0]:.3f}, {auc['ci95'][1]:.3f}]; at threshold "
+        f"{point['threshold']}: balanced accuracy {point['balanced_accuracy']:.3f}; report in {out_dir}"
     )
+
+
+@click.command("export-model")
+@click.argument("model_dir", metavar="MODEL", type=click.Path(file_okay=False, exists=True))
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), required=True, help="New model folder.")
+@click.option("--format", "target_format", type=click.Choice(["onnx", "torchscript"]), required=True)
+def export_model_cmd(model_dir: str, out_dir: str, target_format: str) -> None:
+    """Export MODEL (a safetensors model folder) as ONNX or TorchScript with the same card; `run` and `predict`
+    take the new folder like any other (tasks.<task>.model, --model)."""
+    from ..models.export import export_model
+
+    out = export_model(model_dir, target_format, out_dir)
+    click.echo(f"{target_format} model in {out}")

@@ -22,12 +22,26 @@ def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn
 def build(name: str, num_outputs: int, **kwargs: Any) -> nn.Module:
     if name in _REGISTRY:
         return _REGISTRY[name](num_outputs=num_outputs, **kwargs)
+    if name.startswith("timm:"):
+        return _timm_classifier(name.removeprefix("timm:"), num_outputs, **kwargs)
     import torchvision
 
     if name in torchvision.models.list_models(module=torchvision.models):
         return _torchvision_classifier(name, num_outputs, **kwargs)
     known = ", ".join(sorted(_REGISTRY)) + ", or a torchvision classification model name"
     raise KeyError(f"unknown architecture {name!r}; known: {known}")
+
+
+def _timm_classifier(name: str, num_outputs: int, **kwargs: Any) -> nn.Module:
+    """A timm architecture (`timm:<name>`, e.g. timm:resnet18, timm:efficientnet_b0) with `num_outputs` classes;
+    never downloads: the weights come from the model folder's safetensors file, like every other model."""
+    try:
+        import timm
+    except ImportError:
+        raise KeyError(f"timm:{name} needs the timm package (pip install timm)") from None
+    if name not in timm.list_models():
+        raise KeyError(f"timm has no architecture {name!r} (timm.list_models() lists them)")
+    return timm.create_model(name, pretrained=False, num_classes=num_outputs, **kwargs)
 
 
 def _torchvision_classifier(name: str, num_outputs: int, **kwargs: Any) -> nn.Module:

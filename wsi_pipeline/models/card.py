@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+DEFAULT_THRESHOLD = 0.5  # a class whose card chose no operating point
+
 
 class Normalisation(BaseModel):
     """Applied on the device to RGB scaled to [0, 1]: (x - mean) / std."""
@@ -37,7 +39,15 @@ class ModelCard(BaseModel):
     name: str
     task: str = Field(description="the registered task the model serves (e.g. mitosis)")
     kind: Literal["classifier", "dense"] = Field(description="one vector per tile, or a map per tile")
-    architecture: str = Field(description="a name in wsi_pipeline.models.architectures")
+    format: Literal["safetensors", "torchscript", "onnx"] = Field(
+        "safetensors",
+        description="how the network is stored: weights.safetensors for `architecture`, a TorchScript file "
+        "(model.torchscript.pt) or an ONNX graph (model.onnx); see docs/models.md",
+    )
+    architecture: str = Field(
+        description="a name in wsi_pipeline.models.architectures, a torchvision model, timm:<name>, or (TorchScript "
+        "and ONNX, which carry their graph) a free description"
+    )
     architecture_args: dict[str, Any] = Field(default_factory=dict)
     mpp: float = Field(gt=0, description="µm/px of the input")
     tile_px: int = Field(gt=0, description="input tile edge the model was trained on")
@@ -51,6 +61,11 @@ class ModelCard(BaseModel):
     normalisation: Normalisation = Normalisation()
     training: dict[str, Any] = Field(default_factory=dict, description="data, split, augmentation, command")
     metrics: dict[str, Any] = Field(default_factory=dict, description="measured validation metrics")
+    thresholds: dict[str, float] = Field(
+        default_factory=dict,
+        description="operating point per written class, chosen on validation data (metrics.operating_point says "
+        "how); `run` uses it unless tasks.<task>.threshold is set; a class without one: 0.5",
+    )
     input_stats: ColourStats | None = Field(
         None, description="colour of the training tissue; slides far outside it are skipped unless forced"
     )
@@ -65,9 +80,16 @@ class ModelCard(BaseModel):
         unknown = set(self.heatmap_classes or []) - set(self.classes)
         if unknown:
             raise ValueError(f"heatmap_classes {sorted(unknown)} are not in classes {self.classes}")
+        strays = sorted(set(self.thresholds) - set(self.classes))
+        if strays or any(not 0 <= t <= 1 for t in self.thresholds.values()):
+            raise ValueError(f"thresholds must name classes of {self.classes} with values in [0, 1]: {self.thresholds}")
         if self.activation == "softmax" and len(self.classes) < 2:
             raise ValueError("softmax needs at least two classes; use sigmoid for one")
         return self
+
+    def threshold(self, cls: str) -> float:
+        """The card's operating point for `cls` (0.5 where the card has none)."""
+        return self.thresholds.get(cls, DEFAULT_THRESHOLD)
 
     @property
     def written_classes(self) -> list[str]:

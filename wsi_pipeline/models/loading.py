@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -13,7 +15,16 @@ from ..atomic import atomic_path, write_json
 from ..inventory import file_sha256
 from .architectures import build
 from .card import ModelCard
-from .folders import CARD_FILE, DEFAULTS_DIR, WEIGHTS_FILE, ModelError, default_model_dir, load_card, shipped_tasks
+from .folders import (
+    CARD_FILE,
+    DEFAULTS_DIR,
+    FORMAT_FILES,
+    WEIGHTS_FILE,
+    ModelError,
+    default_model_dir,
+    load_card,
+    shipped_tasks,
+)
 
 __all__ = [
     "CARD_FILE",
@@ -35,9 +46,10 @@ class LoadedModel:
     """A model ready for the engine: its card, the network, and the format whose predictor runs it."""
 
     card: ModelCard
-    module: nn.Module
+    module: nn.Module | None
     path: Path | None = None
-    format: str = "torch"
+    format: str = "torch"  # the predictor that runs it: torch, torchscript, onnx (or a registered one)
+    runtime: Any = None  # a format's own handle (an onnxruntime session)
 
 
 def save_model(directory: str | os.PathLike[str], module: nn.Module, card: ModelCard) -> Path:
@@ -61,8 +73,9 @@ def resolve_model(
 
 
 def load_model(directory: str | os.PathLike[str], task: str | None = None, option: str = "--model") -> LoadedModel:
-    """Load and check a model before any tile is read: card valid, task right, weights the card's (sha256) and
-    matching the architecture. `option` is how the user named the folder (`--model`, `tasks.<task>.model`)."""
+    """Load and check a model before any tile is read: card valid, task right, the network file the card's (sha256)
+    and, for safetensors, matching the architecture. `option` is how the user named the folder (`--model`,
+    `tasks.<task>.model`)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ModelError(f"model folder {directory} not found; set {option} to a folder with {CARD_FILE}")
@@ -71,29 +84,63 @@ def load_model(directory: str | os.PathLike[str], task: str | None = None, optio
         raise ModelError(
             f"{directory} is a {card.task} model (its card says so), not a {task} model; set {option} to a {task} model"
         )
+    network = directory / FORMAT_FILES[card.format]
+    if not network.is_file():
+        raise ModelError(f"{directory}: no {network.name} (its card's format is {card.format}); re-export the model")
+    if card.weights_sha256 is not None and file_sha256(network) != card.weights_sha256:
+        raise ModelError(
+            f"{network} is not the file its card was written for (sha256 differs from the card's weights_sha256): "
+            "the file was changed or damaged; restore it, or re-export the model (make models)"
+        )
+    if card.format == "torchscript":
+        return LoadedModel(card, _torchscript(network), directory, format="torchscript")
+    if card.format == "onnx":
+        return LoadedModel(card, None, directory, format="onnx", runtime=_onnx_session(network))
     try:
         module = build(card.architecture, len(card.classes), **card.architecture_args)
     except (KeyError, TypeError) as exc:
         raise ModelError(f"{directory}: cannot build architecture {card.architecture!r}: {exc}") from exc
-    weights = directory / WEIGHTS_FILE
-    if not weights.is_file():
-        raise ModelError(f"{directory}: no {WEIGHTS_FILE}; re-export the model (make models)")
-    if card.weights_sha256 is not None and file_sha256(weights) != card.weights_sha256:
-        raise ModelError(
-            f"{weights} is not the file its card was written for (sha256 differs from the card's weights_sha256): "
-            "the weights were changed or damaged; restore them, or re-export the model (make models)"
-        )
     try:
-        state = load_file(str(weights))
+        state = load_file(str(network))
     except Exception as exc:  # safetensors raises several error types for damaged files
-        raise ModelError(f"{weights} cannot be read ({exc}); re-export or re-train the model") from exc
+        raise ModelError(f"{network} cannot be read ({exc}); re-export or re-train the model") from exc
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:  # missing / unexpected keys or shape mismatches
         first = str(exc).splitlines()[:3]
         raise ModelError(
-            f"{weights} does not match architecture {card.architecture!r} "
+            f"{network} does not match architecture {card.architecture!r} "
             f"({' '.join(line.strip() for line in first)}); check the card or re-train"
         ) from exc
     module.eval()
     return LoadedModel(card, module, directory)
+
+
+def _torchscript(path: Path) -> nn.Module:
+    """A TorchScript archive holds its graph and tensors, no pickled Python objects; loaded on the CPU."""
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # deprecated in torch, still what other tools write
+            return torch.jit.load(str(path), map_location="cpu").eval()
+    except (RuntimeError, ValueError) as exc:
+        raise ModelError(f"{path} is not a TorchScript archive ({str(exc).splitlines()[0]}); re-export it") from exc
+
+
+def _onnx_session(path: Path) -> Any:
+    """An onnxruntime session (CPU; the predictor adds CUDA where onnxruntime has it), opened now so that a bad
+    graph fails before the first tile."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ModelError(f"{path}: ONNX models need onnxruntime (pip install onnxruntime)") from None
+    try:
+        return onnxruntime.InferenceSession(str(path), providers=_onnx_providers(onnxruntime))
+    except Exception as exc:  # onnxruntime raises its own exception types for invalid graphs
+        raise ModelError(f"{path} cannot be loaded by onnxruntime ({str(exc).splitlines()[0]}); re-export it") from exc
+
+
+def _onnx_providers(onnxruntime: Any) -> list[str]:
+    available = onnxruntime.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]

@@ -23,6 +23,10 @@ class Predictor(Protocol):
 
     def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]: ...
 
+    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        """Every class of the card, (B, C) or (B, C, h, w) float32 on the CPU (`evaluate` scores these)."""
+        ...
+
 
 def use_bf16(device: torch.device, precision: str) -> bool:
     """`auto`: bf16 autocast on CUDA, and on CPUs with native bf16 (AVX512-BF16 / AMX: 2-3x the fp32 rate of every
@@ -48,25 +52,61 @@ class TorchModulePredictor:
         self.bf16 = use_bf16(device, precision)
         self.module = model.module.to(device).eval().to(memory_format=torch.channels_last)
         model.module = self.module
-        self.run = torch.compile(self.module) if compile_ else self.module
+        # a TorchScript module is already a compiled graph: torch.compile does not take it
+        self.run = torch.compile(self.module) if compile_ and model.format == "torch" else self.module
         norm = self.card.normalisation
         self.mean = torch.tensor(norm.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(norm.std, device=device).view(1, 3, 1, 1)
         self.indices = [self.card.classes.index(c) for c in self.card.written_classes]
 
-    def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        """Every class: (B, C) or (B, C, h, w) float32 on the CPU."""
         unit = batch.float().div_(255.0)
         x = ((unit - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             out = self.run(x)
-        out = out.float()
-        out = torch.softmax(out, dim=1) if self.card.activation == "softmax" else torch.sigmoid(out)
-        out = out.cpu()
-        return {name: out[:, index] for name, index in zip(self.card.written_classes, self.indices, strict=True)}
+        return activate(out.float(), self.card).cpu()
+
+    def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        return pick_written(self.probabilities(batch), self.card, self.indices)
+
+
+def activate(logits: torch.Tensor, card: ModelCard) -> torch.Tensor:
+    return torch.softmax(logits, dim=1) if card.activation == "softmax" else torch.sigmoid(logits)
+
+
+def pick_written(probs: torch.Tensor, card: ModelCard, indices: list[int]) -> dict[str, torch.Tensor]:
+    return {name: probs[:, index] for name, index in zip(card.written_classes, indices, strict=True)}
+
+
+class OnnxPredictor:
+    """An ONNX graph run by onnxruntime (CUDA where onnxruntime has it, else the CPU): input float32 NCHW,
+    normalised as the card says; output the network's logits, activated as the card says."""
+
+    def __init__(self, model: LoadedModel, device: torch.device, *_: object) -> None:
+        self.card = model.card
+        self.session = model.runtime
+        self.input = self.session.get_inputs()[0].name
+        norm = self.card.normalisation
+        self.mean = torch.tensor(norm.mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(norm.std).view(1, 3, 1, 1)
+        self.indices = [self.card.classes.index(c) for c in self.card.written_classes]
+
+    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        x = ((batch.cpu().float() / 255.0 - self.mean) / self.std).contiguous().numpy()
+        (logits,) = self.session.run(None, {self.input: x})[:1]
+        return activate(torch.from_numpy(logits).float(), self.card)
+
+    def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        return pick_written(self.probabilities(batch), self.card, self.indices)
 
 
 PredictorFactory = Callable[..., Predictor]  # (LoadedModel, device, precision=..., compile_=...) -> Predictor
-_FORMATS: dict[str, PredictorFactory] = {"torch": TorchModulePredictor}
+_FORMATS: dict[str, PredictorFactory] = {
+    "torch": TorchModulePredictor,
+    "torchscript": TorchModulePredictor,
+    "onnx": OnnxPredictor,
+}
 
 
 def register_format(name: str, factory: PredictorFactory) -> None:
@@ -81,6 +121,6 @@ def make_predictor(
         factory = _FORMATS[model.format]
     except KeyError:
         raise ValueError(f"no predictor for model format {model.format!r}; known: {sorted(_FORMATS)}") from None
-    if factory is TorchModulePredictor:
+    if factory in (TorchModulePredictor, OnnxPredictor):
         return factory(model, device, precision, compile_)
     return factory(model, device)

@@ -37,7 +37,9 @@ class TaskConfig(StrictModel):
     min_tissue: float = Field(0.1, ge=0, le=1, description="tiles with a smaller tissue fraction are skipped")
     batch_size: int = Field(64, gt=0, le=4096)
     model: str | None = Field(None, description="path to a model directory; None = the shipped default")
-    threshold: float = Field(0.5, ge=0, le=1, description="probability above which a pixel/tile is positive")
+    threshold: float | None = Field(
+        None, ge=0, le=1, description="probability above which a pixel/tile is positive; null = the model card's"
+    )
     force: bool = Field(
         False, description="run even on slides the input guard finds unlike the model's training tissue"
     )
@@ -102,6 +104,14 @@ class TaskContext:
 
     def heatmap_path(self, name: str) -> Path:
         return self.heatmaps / name
+
+    def threshold(self, cls: str) -> float:
+        """The configured threshold, else the operating point the model card chose on validation data for `cls`."""
+        return self.config.threshold if self.config.threshold is not None else self.card.threshold(cls)
+
+    def threshold_source(self) -> str:
+        """Where `threshold` comes from, for summary.json: "configuration" or "model card"."""
+        return "configuration" if self.config.threshold is not None else "model card"
 
 
 class Task(Protocol):

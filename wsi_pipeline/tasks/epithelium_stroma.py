@@ -32,15 +32,18 @@ class EpitheliumStromaTask:
         from ..heatmap import open_heatmap
         from .common import region_level, region_objects, regions_of
 
-        cfg = context.config
         written = context.card.written_classes
-        summary: dict[str, Any] = {"threshold": cfg.threshold}
+        shown = [cls for cls, _, _ in CLASSES if cls in written]
+        summary: dict[str, Any] = {
+            "threshold": {cls: context.threshold(cls) for cls in shown},
+            "threshold_source": context.threshold_source(),
+        }
         regions: list[RegionObject] = []
         for cls, label, colour in CLASSES:
             if cls not in written:
                 continue
             found = regions_of(
-                *region_level(open_heatmap(context.heatmap_path(cls)), cls), cfg.threshold, context.slide_mpp
+                *region_level(open_heatmap(context.heatmap_path(cls)), cls), context.threshold(cls), context.slide_mpp
             )
             summary[f"{cls}_area_mm2"] = round(sum(r.area_um2 for r in found) / 1e6, 6)
             regions += region_objects(context.slide_id, label, colour, found)

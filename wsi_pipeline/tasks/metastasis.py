@@ -52,19 +52,21 @@ class MetastasisTask:
         name = positive_class(context.card.written_classes, ("tumor", "tumour", "metastasis"))
         values, origin, scale = region_level(open_heatmap(context.heatmap_path(name)), name)
         px_um = scale[0] * context.slide_mpp[0]
+        threshold = context.threshold(name)
         smoothed = ndimage.gaussian_filter(values, cfg.smooth_sigma_um / px_um) if cfg.smooth_sigma_um else values
         regions = [
             r
-            for r in regions_of(values, origin, scale, cfg.threshold, context.slide_mpp)
+            for r in regions_of(values, origin, scale, threshold, context.slide_mpp)
             if r.longest_diameter_um >= cfg.min_lesion_um
         ]
         candidates = find_peaks(
-            smoothed, min_distance=max(1, round(cfg.candidate_distance_um / px_um)), threshold=cfg.threshold / 2
+            smoothed, min_distance=max(1, round(cfg.candidate_distance_um / px_um)), threshold=threshold / 2
         )
         largest = max((r.longest_diameter_um for r in regions), default=0.0)
         summary = {
             "score": round(float(smoothed.max(initial=0.0)), 6),
-            "threshold": cfg.threshold,
+            "threshold": threshold,
+            "threshold_source": context.threshold_source(),
             "regions": len(regions),
             "tumor_area_mm2": round(sum(r.area_um2 for r in regions) / 1e6, 6),
             "largest_lesion_diameter_um": round(largest, 2),

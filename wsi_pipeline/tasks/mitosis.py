@@ -55,7 +55,7 @@ class MitosisTask:
         peaks = find_peaks(
             values,
             min_distance=max(1, round(cfg.min_distance_um / px_um)),
-            threshold=cfg.threshold,
+            threshold=context.threshold(name),
             sigma=cfg.smooth_sigma_um / px_um,
         )
         x = origin[0] + (peaks.cols + 0.5) * scale[0]
@@ -67,7 +67,8 @@ class MitosisTask:
             "per_mm2": round(per_mm2, 6),
             "per_10_hpf": round(per_mm2 * 10 * cfg.hpf_area_mm2, 6),
             "hpf_area_mm2": cfg.hpf_area_mm2,
-            "threshold": cfg.threshold,
+            "threshold": context.threshold(name),
+            "threshold_source": context.threshold_source(),
             "min_distance_um": cfg.min_distance_um,
         }
         points = PointObjects("mitosis", "Mitosis", COLOUR, "Mitosis probability", np.c_[x, y, peaks.values])

@@ -11,7 +11,7 @@ from ..models import load_model
 from .data import split_by_group
 from .loop import TrainConfig
 from .settings import TrainSettings
-from .sources import training_items
+from .sources import matching_groups, training_items
 
 
 def train_model(settings: TrainSettings, data: tuple[str, ...], out: Path) -> tuple[dict[str, Any], int, int]:
@@ -19,6 +19,7 @@ def train_model(settings: TrainSettings, data: tuple[str, ...], out: Path) -> tu
     s = settings
     class_map = s.class_map()
     items, classes = training_items(s.task, data, class_map, s.group_pattern, s.mpp, s.tile_px)
+    items = matching_groups(items, s.groups, "training data")
     cfg = TrainConfig(
         task=s.task,
         classes=classes,
@@ -36,11 +37,17 @@ def train_model(settings: TrainSettings, data: tuple[str, ...], out: Path) -> tu
         workers=s.workers,
         freeze_backbone=s.freeze_backbone,
         init_checkpoint=s.init,
-        extra={"data": [*data, *([s.val_data] if s.val_data else [])], "description": s.describe},
+        init_head=s.init_head,
+        extra={
+            "data": [*data, *([s.val_data] if s.val_data else [])],
+            "description": s.describe,
+            "augment": dict(s.augment),
+        },
     )
     if s.val_data:
         train_items = items
         val_items, val_classes = training_items(s.task, (s.val_data,), class_map, s.group_pattern, s.mpp, s.tile_px)
+        val_items = matching_groups(val_items, s.groups, "--val-data")
         if val_classes != cfg.classes:
             raise ConfigError(f"--val-data classes {val_classes} differ from the training classes {cfg.classes}")
     else:
@@ -49,11 +56,11 @@ def train_model(settings: TrainSettings, data: tuple[str, ...], out: Path) -> tu
     if s.dense:
         from .dense import train_mitosis
 
-        card = train_mitosis(train_items, val_items, cfg, out, device=device)
+        card = train_mitosis(train_items, val_items, cfg, out, device=device, augmentation=s.augmentation())
     else:
         from .train import train_classifier
 
-        card = train_classifier(train_items, val_items, cfg, out, device=device)
+        card = train_classifier(train_items, val_items, cfg, out, device=device, augmentation=s.augmentation())
     return card, len(train_items), len(val_items)
 
 
@@ -68,23 +75,26 @@ def evaluate_model(
     held_out: bool,
     group_pattern: str,
     mpp: float | None,
-    threshold: float,
+    threshold: float | None,
     radius_um: float,
     device: str,
+    groups: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a model on labelled data and write OUT/evaluation.json and a curve; returns the report."""
     model = load_model(model_dir, task=task)
     items, classes = training_items(task, data, class_map, group_pattern, mpp or model.card.mpp, model.card.tile_px)
+    items = matching_groups(items, groups, "evaluation data")
     if held_out:
-        groups = set(model.card.training.get("val_groups", []))
-        items = [i for i in items if i.group in groups]
+        held = set(model.card.training.get("val_groups", []))
+        items = [i for i in items if i.group in held]
         if not items:
             raise ConfigError(f"--held-out: none of DATA is among {model_dir}'s validation sources")
     if model.card.kind == "dense":
         from .mitosis_eval import DetectionParams, evaluate_mitosis
 
-        params = DetectionParams(threshold=threshold, radius_um=radius_um)
+        chosen = model.card.threshold("mitosis") if threshold is None else threshold
+        params = DetectionParams(threshold=chosen, radius_um=radius_um)
         return evaluate_mitosis(model, items, out, resolve_device(device), params)
     from .evaluation import evaluate_classifier
 
-    return evaluate_classifier(model, items, classes, out, resolve_device(device), positive)
+    return evaluate_classifier(model, items, classes, out, resolve_device(device), positive, threshold)

@@ -3,6 +3,7 @@ train/validation split never puts tiles of one source image on both sides."""
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -35,26 +36,43 @@ class SlideRegion:
 
 
 @dataclass(frozen=True)
+class ImageCrop:
+    """A square window of an image file (px, fractional), resampled to the model's tile size when read."""
+
+    left: float
+    top: float
+    size: float
+
+
+@dataclass(frozen=True)
 class TileItem:
     path: Path  # an image file, or the slide a `region` is read from
     label: int
     group: str  # source image (or slide); tiles of one group stay on one side of a split
     region: SlideRegion | None = None
+    crop: ImageCrop | None = None
 
 
 def folder_items(
-    root: str | Path, class_map: Mapping[str, Sequence[str]] | None = None, group_pattern: str | None = KATHER_GROUP
+    root: str | Path,
+    class_map: Mapping[str, Sequence[str]] | None = None,
+    group_pattern: str | None = KATHER_GROUP,
+    *,
+    strict: bool = True,
 ) -> tuple[list[TileItem], list[str]]:
     """Tiles under `root/<folder>/`; `class_map` maps output classes to folders (default: one class per folder).
-    The group is the first regex group of `group_pattern` in the file name; without a match, the tile alone."""
+    The group is the first regex group of `group_pattern` in the file name; without a match, the tile alone.
+    `strict=False` (several data folders of one `train`): names of the map that are not folders here are left to
+    the other data folders, and a class may have no tile here."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"training data folder {root} not found")
     folders = sorted(p.name for p in root.iterdir() if p.is_dir())
     mapping = dict(class_map) if class_map else {f: [f] for f in folders}
     missing = sorted({f for fs in mapping.values() for f in fs} - set(folders))
-    if missing:
+    if missing and strict:
         raise DataError(f"{root}: class folders {missing} not found (have {folders})")
+    mapping = {cls: [f for f in names if f in folders] for cls, names in mapping.items()}
     classes = list(mapping)
     pattern = re.compile(group_pattern) if group_pattern else None
     items = []
@@ -66,7 +84,7 @@ def folder_items(
                     items.append(TileItem(path, label, match.group(1) if match else f"tile:{path}"))
     counts = np.bincount([i.label for i in items], minlength=len(classes))
     empty = [c for c, n in zip(classes, counts, strict=True) if n == 0]
-    if not items or len(classes) < 2 or empty:
+    if strict and (not items or len(classes) < 2 or empty):
         raise DataError(f"{root}: need at least two classes with tiles; empty: {empty or classes}")
     return items, classes
 
@@ -110,23 +128,44 @@ def split_by_group(items: Sequence[G], val_fraction: float = 0.25, seed: int = 0
     return train, val
 
 
-def load_tile(item: TileItem, size: int | None = None) -> np.ndarray:
-    """RGB uint8; a tile of another size than `size` is an error naming the file (resize data beforehand)."""
+def load_tile(item: TileItem, size: int | None = None, offset: tuple[float, float] | None = None) -> np.ndarray:
+    """RGB uint8 of `size` px. A tile file larger than `size` is cropped (at `offset`, fractions of the free room
+    in x and y; the centre by default), which lets a model see part of a dataset's tiles; a smaller one is an error
+    naming the file. A crop of an image (`item.crop`) is resampled to `size`."""
     if item.region is not None:
         if size is None:
             raise DataError(f"{item.path}: a tile read from a slide needs a tile size")
         return _slide(item.path).read_region(item.region.x, item.region.y, size, size, item.region.mpp)
+    if item.crop is not None:
+        box = (item.crop.left, item.crop.top, item.crop.left + item.crop.size, item.crop.top + item.crop.size)
+        side = size or round(item.crop.size)
+        return np.array(_field(item.path).resize((side, side), Image.Resampling.BILINEAR, box=box))
     try:
         with Image.open(item.path) as image:
             rgb = np.array(image.convert("RGB"))  # writable: torch.from_numpy needs that
     except (UnidentifiedImageError, OSError) as exc:
         raise DataError(f"cannot read training tile {item.path}: {exc}") from exc
-    if size is not None and rgb.shape[:2] != (size, size):
+    if size is None or rgb.shape[:2] == (size, size):
+        return rgb
+    height, width = rgb.shape[:2]
+    if height < size or width < size:
         raise DataError(
-            f"{item.path} is {rgb.shape[1]}x{rgb.shape[0]} px but the model takes {size}x{size}; "
-            "give tiles of one size or set the tile size to match"
+            f"{item.path} is {width}x{height} px but the model takes {size}x{size}; "
+            "give tiles at least that large or set the tile size to match"
         )
-    return rgb
+    fx, fy = offset if offset is not None else (0.5, 0.5)
+    left, top = round(fx * (width - size)), round(fy * (height - size))
+    return np.ascontiguousarray(rgb[top : top + size, left : left + size])
+
+
+@functools.lru_cache(maxsize=128)
+def _field(path: Path) -> Image.Image:
+    """A decoded image that many crops are cut from (a field with dozens of labelled nuclei), kept per process."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"cannot read training image {path}: {exc}") from exc
 
 
 _SLIDES: dict[Path, Slide] = {}

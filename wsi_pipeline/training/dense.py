@@ -27,7 +27,7 @@ from ..models.card import ColourStats
 from .augment import AugmentConfig, augment
 from .data import DataError
 from .loop import NORMALISATION, TrainConfig, build_model, command_line, fit, normalise, run_epoch
-from .mitosis_eval import detection_metrics
+from .mitosis_eval import detection_metrics, operating_point
 from .points import PointImage
 
 PAD_VALUE = 8  # pixels darker than this in every channel are padding, not tissue
@@ -228,11 +228,13 @@ def train_mitosis(
     # finished run was resumed (nothing validated here)
     selected_last = bool(reports) and state.best_epoch == state.epoch
     report = reports[-1] if selected_last else detection_metrics(model, card, val_crops, val_fields, device)
+    point = operating_point(report["curve"])
     card = mitosis_card(
         cfg,
         targets,
         {
-            "validation": report["at_threshold"],
+            "validation": {k: v for k, v in point.items() if k != "criterion"},
+            "operating_point": {"criterion": point["criterion"], "threshold": point["threshold"]},
             "validation_curve": report["curve"],
             "selected_by": "last epoch" if cfg.select == "last" else "best validation f1",
             "seconds": round(time.perf_counter() - started, 1),
@@ -251,6 +253,7 @@ def train_mitosis(
             "description": cfg.extra.get("description", ""),
         },
         input_stats=training_stats(p.rgb for p in split["train"]),
+        thresholds={"mitosis": point["threshold"]},
     )
     save_model(out, model.cpu(), card)
     return card.model_dump(mode="json")
@@ -262,6 +265,7 @@ def mitosis_card(
     metrics: dict[str, Any],
     training: dict[str, Any] | None = None,
     input_stats: ColourStats | None = None,
+    thresholds: dict[str, float] | None = None,
 ) -> ModelCard:
     return ModelCard(
         name=f"mitosis-{cfg.architecture}",
@@ -279,4 +283,5 @@ def mitosis_card(
         training=training or {},
         metrics=metrics,
         input_stats=input_stats,
+        thresholds=thresholds or {},
     )

@@ -16,18 +16,15 @@ from .data import TileItem, load_tile
 
 
 def predict_items(model: LoadedModel, items: list[TileItem], device: torch.device, batch: int = 64) -> np.ndarray:
-    card = model.card
-    mean = torch.tensor(card.normalisation.mean).view(1, 3, 1, 1).to(device)
-    std = torch.tensor(card.normalisation.std).view(1, 3, 1, 1).to(device)
-    module = model.module.to(device).eval()
+    """Every class's probability per tile, through the same predictor `run` uses (any model format), in fp32."""
+    from ..models import make_predictor
+
+    predictor = make_predictor(model, device, precision="fp32")
     out = []
     with torch.inference_mode():
         for start in range(0, len(items), batch):
-            tiles = np.stack([load_tile(i, card.tile_px) for i in items[start : start + batch]])
-            x = (torch.from_numpy(tiles).permute(0, 3, 1, 2).to(device).float() / 255 - mean) / std
-            logits = module(x).float()
-            probs = torch.softmax(logits, 1) if card.activation == "softmax" else torch.sigmoid(logits)
-            out.append(probs.cpu().numpy())
+            tiles = np.stack([load_tile(i, model.card.tile_px) for i in items[start : start + batch]])
+            out.append(predictor.probabilities(torch.from_numpy(tiles).permute(0, 3, 1, 2).to(device)).numpy())
     return np.concatenate(out)
 
 
@@ -86,8 +83,10 @@ def evaluate_classifier(
     out: Path,
     device: torch.device,
     positive: str | None = None,
+    threshold: float | None = None,
 ) -> dict[str, Any]:
-    """Balanced accuracy over the model's classes; ROC AUC (bootstrap 95 % interval) for `positive` vs the rest."""
+    """Balanced accuracy over the model's classes (argmax); ROC AUC (bootstrap 95 % interval) for `positive` vs the
+    rest; sensitivity, specificity and balanced accuracy at `threshold` on `positive` (default: the card's)."""
     names = model.card.classes
     unknown = [c for c in classes if c not in names]
     if unknown:
@@ -105,6 +104,9 @@ def evaluate_classifier(
         "classes": classes,
         "balanced_accuracy": balanced_accuracy(labels, probs.argmax(1)),
         "roc_auc": {"positive": positive, "value": auc, "ci95": [low, high], "bootstrap": 1000},
+        "at_operating_point": _at_threshold(
+            labels == pos, probs[:, pos], model.card.threshold(positive) if threshold is None else threshold
+        ),
         "confusion": {
             names[t]: {names[p]: int(((labels == t) & (probs.argmax(1) == p)).sum()) for p in range(len(names))}
             for t in sorted(set(labels.tolist()))
@@ -115,3 +117,15 @@ def evaluate_classifier(
     fpr, tpr = roc_points(labels == pos, probs[:, pos])
     roc_png(out / "roc.png", fpr, tpr, f"{model.card.name}: {positive} AUC {auc:.3f} [{low:.3f}, {high:.3f}]")
     return report
+
+
+def _at_threshold(positives: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:
+    called = scores >= threshold
+    sensitivity = float(called[positives].mean()) if positives.any() else float("nan")
+    specificity = float((~called[~positives]).mean()) if (~positives).any() else float("nan")
+    return {
+        "threshold": threshold,
+        "sensitivity": sensitivity,
+        "specificity": specificity,
+        "balanced_accuracy": (sensitivity + specificity) / 2,
+    }

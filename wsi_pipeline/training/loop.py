@@ -57,6 +57,7 @@ class TrainConfig:
     workers: int = 1
     freeze_backbone: bool = False
     init_checkpoint: str | None = None
+    init_head: bool = False  # take the head from init_checkpoint too (continuing), else a new head (transfer)
     schedule: str = "cosine"  # "cosine": the learning rate falls to 0 over `epochs`; "constant"
     select: str = "best"  # "best": the epoch with the best validation metric; "last": the final epoch
     extra: dict[str, Any] = field(default_factory=dict)  # a trainer's own settings (e.g. target sigma)
@@ -103,7 +104,7 @@ def build_model(cfg: TrainConfig, n_outputs: int, device: torch.device) -> nn.Mo
     torch.manual_seed(cfg.seed)
     model = build(cfg.architecture, n_outputs, **(cfg.architecture_args or {})).to(device)
     if cfg.init_checkpoint:
-        init_from(model, Path(cfg.init_checkpoint))
+        init_from(model, Path(cfg.init_checkpoint), keep_head=cfg.init_head)
     return model
 
 
@@ -192,11 +193,15 @@ def _is_head(name: str, model: nn.Module) -> bool:
     return name.startswith(last + ".")
 
 
-def init_from(model: nn.Module, path: Path) -> None:
-    """Start from a local checkpoint (e.g. an ImageNet or pathology backbone); the head is left as built."""
+def init_from(model: nn.Module, path: Path, keep_head: bool = False) -> None:
+    """Start from a local checkpoint (e.g. an ImageNet or pathology backbone): every tensor whose name and shape
+    match; the head stays as built (new, for another task's classes) unless `keep_head` (continuing a model, e.g.
+    the unfrozen stage after a frozen one)."""
     state = _checkpoint_tensors(path)
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not keep_head:
+        usable = {k: v for k, v in usable.items() if not _is_head(k, model)}
     if not usable:
         raise DataError(f"{path} shares no weights with the architecture (names or shapes differ)")
     model.load_state_dict(usable, strict=False)

@@ -7,7 +7,8 @@ A recipe (`configs/models/<task>.yaml`) names settings by the `train` option the
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import AliasChoices, ConfigDict, Field, model_validator
 
@@ -15,6 +16,9 @@ from ..config import merged_settings, validated
 from ..errors import ConfigError
 from ..schema import StrictModel
 from ..tasks import get_task
+
+if TYPE_CHECKING:
+    from .augment import AugmentConfig
 
 # Point-annotated mitosis data in ../shared/data (AMi-Br / TUPAC16 crops, MITOS-2012) is at 0.25 µm/px (40x), and the
 # dense network learns from 96 px windows of it: these are the defaults of a dense task, not of classifiers, whose
@@ -45,12 +49,19 @@ class TrainSettings(StrictModel):
     val_fraction: float = Field(0.25, ge=0.05, le=0.9)
     val_data: str | None = None
     group_pattern: str = r"(CRC-Prim-HE-\d+)"
+    groups: str | None = Field(None, description="regex: only items whose source (group) matches it")
     seed: int = 0
     device: str = "auto"
     workers: int = Field(1, ge=0)
     describe: str = ""
     freeze_backbone: bool = False
     init: str | None = None
+    init_head: bool = Field(
+        False, description="also take the head from --init (continuing a model); false: a new head (transfer)"
+    )
+    augment: dict[str, float | bool] = Field(
+        default_factory=dict, description="augmentation settings by name (hed_sigma, brightness, ...; augment.py)"
+    )
 
     @property
     def dense(self) -> bool:
@@ -69,6 +80,26 @@ class TrainSettings(StrictModel):
                 )
             self.__dict__["arch"] = self.arch or "small_cnn"
         return self
+
+    @model_validator(mode="after")
+    def _augment_known(self) -> TrainSettings:
+        from dataclasses import fields
+
+        from .augment import AugmentConfig
+
+        unknown = sorted(set(self.augment) - {f.name for f in fields(AugmentConfig)})
+        if unknown:
+            raise ValueError(f"augment: unknown setting(s) {unknown}; known: {sorted(AugmentConfig.__annotations__)}")
+        return self
+
+    def augmentation(self) -> AugmentConfig:
+        """The recipe's augmentation over the trainer's defaults (a dense trainer moves image and target together
+        itself, so flips, rotations and zoom are off in its colour augmentation)."""
+        from .augment import AugmentConfig
+
+        base = AugmentConfig(flips=False, rotate90=False, scale=0.0) if self.dense else AugmentConfig()
+        geometric = {"flips", "rotate90", "scale"} if self.dense else set()
+        return replace(base, **{k: v for k, v in self.augment.items() if k not in geometric})
 
     @property
     def model_mpp(self) -> float:

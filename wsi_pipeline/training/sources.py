@@ -24,20 +24,47 @@ def training_items(
 
         return [image for folder in folders for image in point_images(folder, mpp)], [task]
     from .annotations import annotated_items, is_annotated_folder
-    from .data import folder_items
+    from .data import DataError, folder_items
+    from .nuclei import is_nuclei_folder, nucleus_items
 
     items: list[Any] = []
     classes: list[str] | None = None
+    mapping = dict(class_map) if class_map else None
+    several = len(folders) > 1 and mapping is not None  # one class map across data folders of different layouts
     for folder in folders:
         if is_annotated_folder(folder):  # slides + QuPath GeoJSON exports
             if mpp is None or tile_px is None:
                 raise ConfigError(f"{folder}: tiles from annotated slides need --mpp and --tile-px")
-            found, names = annotated_items(folder, dict(class_map) if class_map else None, mpp=mpp, tile_px=tile_px)
+            found, names = annotated_items(folder, mapping, mpp=mpp, tile_px=tile_px)
+        elif is_nuclei_folder(folder):  # fields with labelled nucleus centres
+            if mpp is None or tile_px is None:
+                raise ConfigError(f"{folder}: tiles around labelled nuclei need --mpp and --tile-px")
+            found, names = nucleus_items(folder, mapping, model_mpp=mpp, tile_px=tile_px)
         else:
-            found, names = folder_items(folder, dict(class_map) if class_map else None, group_pattern or None)
+            found, names = folder_items(folder, mapping, group_pattern or None, strict=not several)
         if classes is not None and names != classes:
             raise ConfigError(f"{folder} has classes {names}, the other data folders {classes}")
         items += found
         classes = names
     assert classes is not None
+    counts = [sum(1 for i in items if i.label == label) for label in range(len(classes))]
+    empty = [cls for cls, n in zip(classes, counts, strict=True) if n == 0]
+    if len(classes) < 2 or empty:
+        raise DataError(f"{', '.join(folders)}: need at least two classes with tiles; none for {empty or classes}")
     return items, classes
+
+
+def matching_groups(items: list[Any], pattern: str | None, what: str) -> list[Any]:
+    """The items whose source (group) matches `pattern` (all when None); none matching is an error."""
+    if pattern is None:
+        return items
+    import re
+
+    from .data import DataError
+
+    regex = re.compile(pattern)
+    kept = [item for item in items if regex.search(item.group)]
+    if not kept:
+        examples = sorted({item.group for item in items})[:3]
+        raise DataError(f"{what}: no source matches --groups {pattern!r} (sources look like {examples})")
+    return kept

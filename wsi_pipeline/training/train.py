@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..evaluate import balanced_accuracy, roc_auc
+from ..evaluate import balanced_accuracy, roc_auc, youden_threshold
 from ..input_guard import training_stats
 from ..models import ModelCard, save_model
 from .augment import AugmentConfig, augment
@@ -44,7 +44,11 @@ class _Tiles(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         item = self.items[index]
-        tile = torch.from_numpy(load_tile(item, self.tile_px)).permute(2, 0, 1).contiguous()
+        offset = None
+        if self.aug is not None:  # a tile larger than the model's: a seeded random part of it (centre otherwise)
+            rng = np.random.default_rng([self.seed, self.epoch, index, 1])
+            offset = (float(rng.random()), float(rng.random()))
+        tile = torch.from_numpy(load_tile(item, self.tile_px, offset)).permute(2, 0, 1).contiguous()
         if self.aug is not None:
             tile = augment(tile, self.aug, self.seed, self.epoch, index)
         return tile, item.label
@@ -70,6 +74,24 @@ def _metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 def selection_metric(n_classes: int) -> str:
     """Early stopping watches ROC AUC for two classes (threshold-free), balanced accuracy otherwise."""
     return "roc_auc" if n_classes == 2 else "balanced_accuracy"
+
+
+def classifier_operating_point(
+    probs: np.ndarray, labels: np.ndarray, classes: list[str]
+) -> tuple[dict[str, float], dict[str, Any] | None]:
+    """Two classes: the threshold on the first class's probability that maximises Youden's J on the validation
+    split, and its complement for the second (a tile is then one or the other, never both); more classes: none
+    (argmax)."""
+    if len(classes) != 2:
+        return {}, None
+    point = youden_threshold(labels == 0, probs[:, 0])
+    threshold = round(point["threshold"], 4)
+    return {classes[0]: threshold, classes[1]: round(1 - threshold, 4)}, {
+        "criterion": "Youden's J (balanced accuracy) on the validation split",
+        "positive": classes[0],
+        **point,
+        "threshold": threshold,
+    }
 
 
 STATS_TILES = 2000  # training tiles measured for the card's colour statistics (the input guard)
@@ -127,6 +149,7 @@ def train_classifier(
         watched=watched,
     )
     final = state.selected_metrics()  # measured in the loop: no second pass over the validation tiles
+    thresholds, point = classifier_operating_point(*_evaluate(model, val_loader, device), cfg.classes)
     card = ModelCard(
         name=f"{cfg.task}-{cfg.architecture}",
         task=cfg.task,
@@ -155,7 +178,9 @@ def train_classifier(
             "validation": final,
             "selected_by": "last epoch" if cfg.select == "last" else f"best validation {watched}",
             "seconds": round(time.perf_counter() - started, 1),
+            **({"operating_point": point} if point else {}),
         },
+        thresholds=thresholds,
         input_stats=training_stats(load_tile(i, cfg.tile_px) for i in sample_items(train_items, STATS_TILES, cfg.seed)),
     )
     save_model(out, model.cpu(), card)

@@ -1,0 +1,137 @@
+"""Cross-source validation: which training recipe holds up on data from a source it never saw.
+
+A study (YAML, e.g. `configs/models/epithelium_study.yaml`) names data sources (folders and their class map), a
+base recipe and variants of it (augmentation, transfer from another model, ...). For every variant and every
+ordered pair of sources it trains on one source and measures ROC AUC and balanced accuracy on all of the other;
+the variant with the best mean cross-source AUC is chosen. A figure measured on tiles of the training source says
+little about a user's slides; this one says how far a model carries to another centre.
+
+    python -m wsi_pipeline.training.study configs/models/epithelium_study.yaml --data ../shared/data -o OUT
+
+writes OUT/study.json (every figure, the choice) and keeps each model under OUT/<variant>/<source>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..atomic import write_json
+from .commands import evaluate_model, train_model
+from .settings import load_train_settings
+
+
+def _train(task: str, recipe: str, given: dict[str, Any], data: list[str], out: Path) -> Path:
+    """One model; a variant with `stages` trains them in turn, each starting from the one before (with its head)."""
+    stages = given.pop("stages", None) or [{}]
+    for number, stage in enumerate(stages):
+        settings = {**given, **stage}
+        if number:
+            settings |= {"init": str(out / f"stage{number - 1}" / "weights.safetensors"), "init_head": True}
+        folder = out / f"stage{number}" if len(stages) > 1 else out
+        if not (folder / "model_card.json").is_file():  # a finished stage is kept: a killed study resumes
+            train_model(load_train_settings(task, recipe, (), settings), tuple(data), folder)
+        last = folder
+    return last
+
+
+def _measure(task: str, model: Path, source: dict[str, Any], data_root: Path, out: Path) -> dict[str, float]:
+    """Classifiers: ROC AUC and balanced accuracy (argmax and at the card's threshold); mitosis: recall,
+    precision and F1 at the card's threshold (figure-free fields counted), and the best F1 of any threshold."""
+    report = evaluate_model(
+        task,
+        str(model),
+        tuple(str(data_root / d) for d in source["data"]),
+        out,
+        class_map=_class_map(source["class"]) if source.get("class") else None,
+        groups=source.get("groups"),
+        positive=source.get("positive"),
+        held_out=False,
+        group_pattern=source.get("group_pattern", r"(CRC-Prim-HE-\d+)"),
+        mpp=None,
+        threshold=None,
+        radius_um=7.5,
+        device="auto",
+    )
+    if "at_threshold" in report:
+        at = report["at_threshold"]
+        best = max(report["curve"], key=lambda row: row["f1_with_fields"])
+        return {
+            "threshold": at["threshold"],
+            "recall": round(at["recall"], 4),
+            "precision": round(at["precision_with_fields"], 4),
+            "f1": round(at["f1_with_fields"], 4),
+            "best_f1": round(best["f1_with_fields"], 4),
+            "best_f1_threshold": best["threshold"],
+        }
+    return {
+        "roc_auc": round(report["roc_auc"]["value"], 4),
+        "balanced_accuracy": round(report["balanced_accuracy"], 4),
+        "balanced_accuracy_at_threshold": round(report["at_operating_point"]["balanced_accuracy"], 4),
+        "threshold": report["at_operating_point"]["threshold"],
+    }
+
+
+def _class_map(specs: list[str]) -> dict[str, list[str]]:
+    return {name: folders.split(",") for name, _, folders in (s.partition("=") for s in specs)}
+
+
+def run_study(study_path: Path, data_root: Path, out: Path) -> dict[str, Any]:
+    study = yaml.safe_load(study_path.read_text())
+    task, recipe, sources = study["task"], study["recipe"], study["sources"]
+    results: dict[str, Any] = {}
+    for variant, overrides in study["variants"].items():
+        rows = {}
+        for train_name, train_source in sources.items():
+            given = {**json.loads(json.dumps(overrides or {}))}
+            given |= {"classes": train_source["class"]} if train_source.get("class") else {}
+            given |= {"groups": train_source["groups"]} if train_source.get("groups") else {}
+            if "init" in given:
+                given["init"] = given["init"].replace("{models}", str(study.get("models_dir", "build/models")))
+            started = time.perf_counter()
+            model = _train(
+                task, recipe, given, [str(data_root / d) for d in train_source["data"]], out / variant / train_name
+            )
+            seconds = round(time.perf_counter() - started, 1)
+            card = json.loads((model / "model_card.json").read_text())
+            for test_name, test_source in sources.items():
+                if test_name == train_name:
+                    continue
+                figures = _measure(task, model, test_source, data_root, out / variant / train_name / f"on-{test_name}")
+                rows[f"{train_name} -> {test_name}"] = {
+                    **figures,
+                    "same_source_validation": card["metrics"]["validation"],
+                    "train_seconds": seconds,
+                }
+        score = study.get("score", "roc_auc")
+        mean = sum(r[score] for r in rows.values()) / len(rows)
+        results[variant] = {
+            "settings": overrides or {},
+            "cross_source": rows,
+            f"mean_cross_source_{score}": round(mean, 4),
+        }
+        print(f"{variant}: mean cross-source {score} {mean:.4f} {json.dumps(rows)}", flush=True)
+    key = f"mean_cross_source_{study.get('score', 'roc_auc')}"
+    chosen = max(results, key=lambda v: results[v][key])
+    report = {"study": str(study_path), "task": task, "score": key, "variants": results, "chosen": chosen}
+    write_json(out / "study.json", report)
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("study", type=Path)
+    parser.add_argument("--data", type=Path, default=Path("../shared/data"))
+    parser.add_argument("-o", "--out", type=Path, required=True)
+    args = parser.parse_args()
+    report = run_study(args.study, args.data, args.out)
+    print(f"chosen: {report['chosen']} ({args.out / 'study.json'})")
+
+
+if __name__ == "__main__":
+    main()
