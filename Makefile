@@ -19,7 +19,7 @@ help:
 	@echo "make lint     ruff check + format check + import contracts (lint-imports)"
 	@echo "make bench    benchmarks (JSON in benchmarks/results/)"
 	@echo "make bench-peers  TIAToolbox 1.3.2 beside wsi-pipeline predict (builds build/peers-venv first)"
-	@echo "make models   retrain the three shipped models from $(DATA) (CPU: about 25 min) and rewrite their cards"
+	@echo "make models   retrain the three shipped models from $(DATA), with cross-source studies (CPU: about 75 min)"
 
 install: $(STAMP)
 
@@ -67,18 +67,22 @@ bench-peers: $(STAMP) $(PEERS_VENV)/.installed
 
 # The shipped defaults are the output of this target: each model trains in $(MODELS_WORK) (resumable), is
 # evaluated on data it never saw, and only then replaces its folder in $(MODELS) (weights, card, evaluation).
+# Epithelium/stroma and mitosis first pass a cross-source study (train on one centre, measure on the other, for
+# every recipe variant); the chosen variant is then trained on all sources (wsi_pipeline/training/study.py).
+EPI    := $(DATA)/epithelium_stroma
+EPI_CLASSES := --class epithelium=01_TUMOR,06_MUCOSA,epithelial --class stroma=02_STROMA,fibroblast
 models: $(STAMP)
-	$(BIN)/wsi-pipeline train epithelium_stroma $(DATA)/epithelium_stroma/kather2016 \
-		-c configs/models/epithelium_stroma.yaml -o $(MODELS_WORK)/epithelium_stroma
-	$(BIN)/wsi-pipeline evaluate epithelium_stroma $(MODELS_WORK)/epithelium_stroma \
-		$(DATA)/epithelium_stroma/kather2016 --held-out --class epithelium=01_TUMOR,06_MUCOSA --class stroma=02_STROMA \
-		-o $(MODELS_WORK)/epithelium_stroma/evaluation
 	$(BIN)/wsi-pipeline train metastasis $(DATA)/metastasis/pcam/train --val-data $(DATA)/metastasis/pcam/valid \
 		-c configs/models/metastasis.yaml -o $(MODELS_WORK)/metastasis
 	$(BIN)/wsi-pipeline evaluate metastasis $(MODELS_WORK)/metastasis $(DATA)/metastasis/pcam/valid \
 		--class tumour=1 --class normal=0 --positive tumour -o $(MODELS_WORK)/metastasis/evaluation
-	$(BIN)/wsi-pipeline train mitosis $(DATA)/mitosis/amibr_tupac16 $(DATA)/mitosis/mitos2012_scannerA \
-		-c configs/models/mitosis.yaml -o $(MODELS_WORK)/mitosis
+	$(BIN)/python -m wsi_pipeline.training.study configs/models/epithelium_study.yaml --data $(DATA) \
+		-o $(MODELS_WORK)/epithelium_study --final $(MODELS_WORK)/epithelium_stroma
+	$(BIN)/wsi-pipeline evaluate epithelium_stroma $(MODELS_WORK)/epithelium_stroma $(EPI)/kather2016 \
+		$(EPI)/crchistophenotypes/train $(EPI)/crchistophenotypes/validation --held-out $(EPI_CLASSES) \
+		-o $(MODELS_WORK)/epithelium_stroma/evaluation
+	$(BIN)/python -m wsi_pipeline.training.study configs/models/mitosis_study.yaml --data $(DATA) \
+		-o $(MODELS_WORK)/mitosis_study --final $(MODELS_WORK)/mitosis
 	$(BIN)/wsi-pipeline evaluate mitosis $(MODELS_WORK)/mitosis $(DATA)/mitosis/amibr_tupac16 \
 		$(DATA)/mitosis/mitos2012_scannerA --held-out -o $(MODELS_WORK)/mitosis/evaluation
 	$(BIN)/python -m wsi_pipeline.training.publish $(MODELS_WORK) $(MODELS)

@@ -47,7 +47,7 @@ class HaematoxylinTask:
 
     def postprocess(self, context: TaskContext) -> TaskResult:
         values, origin, scale = region_level(open_heatmap(context.heatmap_path(CHANNEL)), CHANNEL)
-        regions = regions_of(values, origin, scale, context.config.threshold, context.slide_mpp)
+        regions = regions_of(values, origin, scale, context.threshold(CHANNEL), context.slide_mpp)
         summary = {
             "mean_density": round(float(values.mean()), 6),
             "dense_area_mm2": round(sum(r.area_um2 for r in regions) / 1e6, 6),

@@ -96,8 +96,14 @@ def group_list(groups: set[str] | list[str]) -> list[str]:
 
 def command_line() -> str:
     """The command that is running, as a user would type it (the program by name, not by its venv path)."""
-    program = Path(sys.argv[0]).name if sys.argv else "python"
-    return " ".join(shlex.quote(a) for a in [program, *sys.argv[1:]])
+    if not sys.argv:
+        return "python"
+    script = Path(sys.argv[0])
+    if script.suffix == ".py" and "wsi_pipeline" in script.parts:  # python -m wsi_pipeline.training.study ...
+        parts = script.with_suffix("").parts
+        module = ".".join(parts[parts.index("wsi_pipeline") :])
+        return " ".join(shlex.quote(a) for a in ["python", "-m", module, *sys.argv[1:]])
+    return " ".join(shlex.quote(a) for a in [script.name, *sys.argv[1:]])
 
 
 def build_model(cfg: TrainConfig, n_outputs: int, device: torch.device) -> nn.Module:

@@ -8,7 +8,8 @@ little about a user's slides; this one says how far a model carries to another c
 
     python -m wsi_pipeline.training.study configs/models/epithelium_study.yaml --data ../shared/data -o OUT
 
-writes OUT/study.json (every figure, the choice) and keeps each model under OUT/<variant>/<source>/.
+writes OUT/study.json (every figure, the choice) and keeps each model under OUT/<variant>/<source>/; with
+`--final MODEL` it then trains the chosen variant on all sources into MODEL, whose card gets the figures.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from ..atomic import write_json
 from .commands import evaluate_model, train_model
 from .settings import load_train_settings
 
+OVERRIDES: tuple[str, ...] = ()  # `--set KEY=VALUE` of the study command, applied to every training (smoke tests)
+
 
 def _train(task: str, recipe: str, given: dict[str, Any], data: list[str], out: Path) -> Path:
     """One model; a variant with `stages` trains them in turn, each starting from the one before (with its head)."""
@@ -35,7 +38,7 @@ def _train(task: str, recipe: str, given: dict[str, Any], data: list[str], out: 
             settings |= {"init": str(out / f"stage{number - 1}" / "weights.safetensors"), "init_head": True}
         folder = out / f"stage{number}" if len(stages) > 1 else out
         if not (folder / "model_card.json").is_file():  # a finished stage is kept: a killed study resumes
-            train_model(load_train_settings(task, recipe, (), settings), tuple(data), folder)
+            train_model(load_train_settings(task, recipe, OVERRIDES, settings), tuple(data), folder)
         last = folder
     return last
 
@@ -51,7 +54,7 @@ def _measure(task: str, model: Path, source: dict[str, Any], data_root: Path, ou
         class_map=_class_map(source["class"]) if source.get("class") else None,
         groups=source.get("groups"),
         positive=source.get("positive"),
-        held_out=False,
+        held_out=bool(source.get("held_out")),
         group_pattern=source.get("group_pattern", r"(CRC-Prim-HE-\d+)"),
         mpp=None,
         threshold=None,
@@ -123,14 +126,53 @@ def run_study(study_path: Path, data_root: Path, out: Path) -> dict[str, Any]:
     return report
 
 
+def train_final(study_path: Path, report: dict[str, Any], data_root: Path, out: Path) -> dict[str, Any]:
+    """The chosen variant trained on every source (a split by source image / field of all of them), measured on
+    each source's held-out part; the card gets the study's cross-source figures and these."""
+    study = yaml.safe_load(study_path.read_text())
+    task, recipe, sources = study["task"], study["recipe"], study["sources"]
+    given = json.loads(json.dumps(study["variants"][report["chosen"]] or {}))
+    if "init" in given:
+        given["init"] = given["init"].replace("{models}", str(study.get("models_dir", "build/models")))
+    classes: dict[str, list[str]] = {}
+    for source in sources.values():
+        for name, folders in _class_map(source.get("class") or []).items():
+            classes.setdefault(name, []).extend(f for f in folders if f not in classes.get(name, []))
+    if classes:
+        given["classes"] = [f"{name}={','.join(folders)}" for name, folders in classes.items()]
+    data = list(dict.fromkeys(str(data_root / d) for source in sources.values() for d in source["data"]))
+    model = _train(task, recipe, given, data, out)
+    held_out = {}
+    for name, source in sources.items():
+        held_out[name] = _measure(task, model, {**source, "held_out": True}, data_root, out / "evaluation" / name)
+    card_path = model / "model_card.json"
+    card = json.loads(card_path.read_text())
+    card["metrics"]["held_out_by_source"] = held_out
+    card["metrics"]["cross_source"] = {
+        "study": str(study_path),
+        "chosen": report["chosen"],
+        "figures": report["variants"][report["chosen"]]["cross_source"],
+        "variants": {v: r[report["score"]] for v, r in report["variants"].items()},
+    }
+    write_json(card_path, card)  # the card only: the weights and their sha256 are unchanged
+    print(f"final model in {model}: held out by source {json.dumps(held_out)}", flush=True)
+    return card
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("study", type=Path)
     parser.add_argument("--data", type=Path, default=Path("../shared/data"))
     parser.add_argument("-o", "--out", type=Path, required=True)
+    parser.add_argument("--final", type=Path, default=None, help="then train the chosen variant on every source here")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="a setting for every training")
     args = parser.parse_args()
+    global OVERRIDES
+    OVERRIDES = tuple(args.overrides)
     report = run_study(args.study, args.data, args.out)
     print(f"chosen: {report['chosen']} ({args.out / 'study.json'})")
+    if args.final is not None:
+        train_final(args.study, report, args.data, args.final)
 
 
 if __name__ == "__main__":
