@@ -20,7 +20,8 @@ from wsi_pipeline.tiling import TilePlan, plan_tiles
 from wsi_pipeline.tissue import detect_tissue
 
 CPU = torch.device("cpu")
-KATHER_CLASSES = ["--class", "epithelium=01_TUMOR,06_MUCOSA", "--class", "stroma=02_STROMA"]
+EPI_CLASSES = ["--class", "epithelium=01_TUMOR,06_MUCOSA,epithelial", "--class", "stroma=02_STROMA,fibroblast"]
+TRAINED_BY = ("wsi-pipeline train {task} ", "python -m wsi_pipeline.training.study configs/models/{task}")
 
 
 @pytest.mark.parametrize("task", shipped_tasks())
@@ -29,18 +30,22 @@ def test_each_task_ships_a_small_model_with_a_complete_card(task: str) -> None:
     card = model.card
     assert model.path == default_model_dir(task) and card.task == task
     assert (model.path / "weights.safetensors").stat().st_size < 5_000_000
-    assert card.training["description"] and card.training["command"].startswith(f"wsi-pipeline train {task} ")
+    study_name = "epithelium" if task == "epithelium_stroma" else task
+    commands = tuple(c.format(task=study_name if "study" in c else task) for c in TRAINED_BY)
+    assert card.training["description"] and card.training["command"].startswith(commands)
     assert card.training["train_groups"] and set(card.training["train_groups"]).isdisjoint(card.training["val_groups"])
     assert card.metrics["validation"] and card.metrics["evaluation"]
     assert (model.path / "evaluation" / "evaluation.json").is_file()
 
 
 @pytest.mark.e2e
-def test_epithelium_model_remeasures_its_card_on_held_out_kather_tiles(data_dir: Path, tmp_path: Path) -> None:
+def test_epithelium_model_remeasures_its_card_on_held_out_tiles_of_both_sources(data_dir: Path, tmp_path: Path) -> None:
+    """Held out of the shipped epithelium/stroma model: whole Kather source images and CRCHistoPhenotypes fields."""
     path = default_model_dir("epithelium_stroma")
-    kather = data_dir / "epithelium_stroma" / "kather2016"
+    epi = data_dir / "epithelium_stroma"
+    folders = [str(epi / "kather2016"), *(str(epi / "crchistophenotypes" / s) for s in ("train", "validation"))]
     result = run_cli(
-        "evaluate", "epithelium_stroma", str(path), str(kather), "--held-out", *KATHER_CLASSES, "-o", str(tmp_path)
+        "evaluate", "epithelium_stroma", str(path), *folders, "--held-out", *EPI_CLASSES, "-o", str(tmp_path)
     )
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "evaluation.json").read_text())
@@ -48,6 +53,9 @@ def test_epithelium_model_remeasures_its_card_on_held_out_kather_tiles(data_dir:
     assert report["balanced_accuracy"] == pytest.approx(card["metrics"]["evaluation"]["balanced_accuracy"], abs=1e-9)
     assert report["roc_auc"]["value"] == pytest.approx(card["metrics"]["evaluation"]["roc_auc"]["value"], abs=1e-9)
     assert report["tiles"] == card["training"]["val_tiles"]
+    # the card's cross-source figures come from models that never saw the source they were measured on
+    cross = card["metrics"]["cross_source"]
+    assert set(cross["figures"]) == {"kather2016 -> crchistophenotypes", "crchistophenotypes -> kather2016"}
 
 
 @pytest.mark.e2e

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from wsi_pipeline.training.augment import AugmentConfig, augment, hed_jitter
-from wsi_pipeline.training.data import DataError, folder_items, load_tile, split_by_group
+from wsi_pipeline.training.data import DataError, ImageCrop, folder_items, load_tile, split_by_group
 
 EPI_STROMA = {"epithelium": ["01_TUMOR", "06_MUCOSA"], "stroma": ["02_STROMA"]}
 
@@ -228,3 +228,65 @@ def test_training_recipe_values_apply_and_unknown_keys_are_refused(data_dir: Pat
     recipe.write_text("epoch: 3\n")
     result = run_cli("train", "epithelium_stroma", kather, "-o", str(tmp_path / "n"), "-c", str(recipe))
     assert result.returncode == 7 and "unknown option(s) ['epoch']" in result.stderr
+
+
+CRC = ("epithelium_stroma", "crchistophenotypes")
+
+
+def test_tiles_around_labelled_nuclei_hold_their_nucleus(data_dir: Path, tmp_path: Path) -> None:
+    """CRCHistoPhenotypes: a tile per epithelial nucleus / fibroblast (at most 25 per class and field), resampled
+    from the fields' 0.55 µm/px to the model's, shifted inwards at the field's edge, grouped by field."""
+    import csv
+
+    from wsi_pipeline.training.nuclei import nucleus_items
+
+    folder = data_dir.joinpath(*CRC, "validation")
+    classes = {"epithelium": ["epithelial"], "stroma": ["fibroblast"]}
+    items, names = nucleus_items(folder, classes, model_mpp=0.495, tile_px=96)
+    assert names == ["epithelium", "stroma"]
+    rows = list(csv.DictReader((folder / "nuclei.csv").open()))
+    for label, source in ((0, "epithelial"), (1, "fibroblast")):
+        per_field: dict[str, int] = {}
+        for row in rows:
+            if row["class"] == source:
+                per_field[row["image"]] = per_field.get(row["image"], 0) + 1
+        expected = sum(min(n, 25) for n in per_field.values())
+        assert sum(1 for i in items if i.label == label) == expected
+    assert {i.group for i in items} == {
+        f"crchistophenotypes/validation/{r['image']}" for r in rows if r["class"] in ("epithelial", "fibroblast")
+    }
+    window = 96 * 0.495 / 0.55
+    for item in items:
+        assert item.crop is not None and item.crop.size == pytest.approx(window)
+        assert 0 <= item.crop.left <= 500 - window and 0 <= item.crop.top <= 500 - window
+    tile = load_tile(items[0], 96)
+    assert tile.shape == (96, 96, 3)
+    with Image.open(items[0].path) as image:  # the tile is the window, resampled
+        box = (items[0].crop.left, items[0].crop.top, items[0].crop.left + window, items[0].crop.top + window)
+        expected_tile = np.array(image.convert("RGB").resize((96, 96), Image.Resampling.BILINEAR, box=box))
+    assert np.array_equal(tile, expected_tile)
+    # an mpp.txt beside nuclei.csv sets the fields' resolution
+    (tmp_path / "nuclei.csv").write_text("image,x,y,class\nimg.png,10,10,epithelial\nimg.png,60,60,fibroblast\n")
+    Image.new("RGB", (100, 100)).save(tmp_path / "img.png")
+    (tmp_path / "mpp.txt").write_text("0.25\n")
+    near_edge, _ = nucleus_items(tmp_path, classes, model_mpp=0.5, tile_px=40)
+    assert near_edge[0].crop == ImageCrop(0.0, 0.0, 80.0)  # 40 px at 0.5 = 80 px at 0.25, shifted inwards
+    (tmp_path / "mpp.txt").write_text("fast")
+    with pytest.raises(DataError, match="expected one number"):
+        nucleus_items(tmp_path, classes, model_mpp=0.5, tile_px=40)
+
+
+def test_one_class_map_across_sources_of_different_layouts(data_dir: Path) -> None:
+    """Kather folders and CRCHistoPhenotypes nuclei in one `train`: each name of the map is taken where it exists;
+    a name that exists nowhere is an error."""
+    from wsi_pipeline.training.sources import training_items
+
+    folders = [str(data_dir / "epithelium_stroma" / "kather2016"), str(data_dir.joinpath(*CRC, "validation"))]
+    mapping = {"epithelium": ["01_TUMOR", "06_MUCOSA", "epithelial"], "stroma": ["02_STROMA", "fibroblast"]}
+    items, classes = training_items("epithelium_stroma", folders, mapping, r"(CRC-Prim-HE-\d+)", 0.495, 96)
+    kather = [i for i in items if i.crop is None]
+    assert classes == ["epithelium", "stroma"]
+    assert (sum(i.label == 0 for i in kather), sum(i.label == 1 for i in kather)) == (66, 33)
+    assert {i.label for i in items if i.crop is not None} == {0, 1}
+    with pytest.raises(DataError, match="none for"):
+        training_items("epithelium_stroma", folders, {**mapping, "lympho": ["nowhere"]}, "", 0.495, 96)

@@ -58,6 +58,7 @@ def _headline(report: dict) -> dict:
         "tiles": report["tiles"],
         "balanced_accuracy": report["balanced_accuracy"],
         "roc_auc": report["roc_auc"],
+        **({"at_operating_point": report["at_operating_point"]} if "at_operating_point" in report else {}),
     }
 
 

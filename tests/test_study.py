@@ -1,0 +1,83 @@
+"""Cross-source studies: every variant trains on one source and is measured on the other; the best mean is chosen
+and trained on all sources, whose card carries the figures. Two halves of Kather 2016 (by source image) stand in
+for two centres so that the test runs in seconds."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.helpers import run_cli
+from wsi_pipeline.training.study import run_study, train_final
+
+CLASSES = ["epithelium=01_TUMOR,06_MUCOSA", "stroma=02_STROMA"]
+
+
+def test_a_study_measures_each_variant_across_sources_and_trains_the_best(data_dir: Path, tmp_path: Path) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "class": CLASSES,
+                "arch": "small_cnn",
+                "arch_arg": ["width=4", "blocks=2"],
+                "tile_px": 64,
+                "mpp": 0.495,
+                "epochs": 2,
+                "batch_size": 16,
+                "val_fraction": 0.4,
+                "seed": 2,
+                "select": "last",
+            }
+        )
+    )
+    source = {"data": ["epithelium_stroma/kather2016"], "class": CLASSES, "positive": "epithelium"}
+    study = tmp_path / "study.yaml"
+    study.write_text(
+        yaml.safe_dump(
+            {
+                "task": "epithelium_stroma",
+                "recipe": str(recipe),
+                "sources": {
+                    "first_half": {**source, "groups": "CRC-Prim-HE-0[1-5]$"},
+                    "second_half": {**source, "groups": "CRC-Prim-HE-(0[6-9]|10)$"},
+                },
+                "variants": {"plain": {}, "no_stain_jitter": {"augment": {"hed_sigma": 0.0}}},
+            }
+        )
+    )
+    report = run_study(study, data_dir, tmp_path / "study")
+    assert json.loads((tmp_path / "study" / "study.json").read_text()) == report
+    means = {v: r["mean_cross_source_roc_auc"] for v, r in report["variants"].items()}
+    assert report["chosen"] == max(means, key=means.get)
+    for variant, result in report["variants"].items():
+        rows = result["cross_source"]
+        assert set(rows) == {"first_half -> second_half", "second_half -> first_half"}
+        assert means[variant] == pytest.approx(sum(r["roc_auc"] for r in rows.values()) / 2, abs=1e-4)
+    # the figure is what `evaluate` says of that model on the other source, and nothing of it was trained on
+    model = tmp_path / "study" / "plain" / "first_half"
+    card = json.loads((model / "model_card.json").read_text())
+    assert all(g.endswith(("01", "02", "03", "04", "05")) for g in card["training"]["train_groups"])
+    result = run_cli(
+        "evaluate", "epithelium_stroma", str(model), str(data_dir / "epithelium_stroma" / "kather2016"),
+        "--class", CLASSES[0], "--class", CLASSES[1], "--groups", "CRC-Prim-HE-(0[6-9]|10)$",
+        "-o", str(tmp_path / "again"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    again = json.loads((tmp_path / "again" / "evaluation.json").read_text())
+    kather = data_dir / "epithelium_stroma" / "kather2016"
+    second = [p for d in ("01_TUMOR", "06_MUCOSA", "02_STROMA") for p in (kather / d).iterdir()]
+    groups = [re.search(r"(CRC-Prim-HE-\d+)", p.name) for p in second]
+    assert again["tiles"] == sum(1 for g in groups if g and re.search("(0[6-9]|10)$", g.group(1))) > 20
+    assert (
+        round(again["roc_auc"]["value"], 4)
+        == report["variants"]["plain"]["cross_source"]["first_half -> second_half"]["roc_auc"]
+    )
+    final = train_final(study, report, data_dir, tmp_path / "final")
+    assert final["metrics"]["cross_source"]["chosen"] == report["chosen"]
+    assert set(final["metrics"]["held_out_by_source"]) == {"first_half", "second_half"}
+    assert final["training"]["train_tiles"] + final["training"]["val_tiles"] == 99  # every tile of both halves
