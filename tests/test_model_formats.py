@@ -3,6 +3,7 @@ heatmap as the same network in the built-in format; the built-in timm, ONNX and 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -95,6 +96,9 @@ def test_timm_onnx_and_torchscript_folders_give_the_same_heatmap(data_dir: Path,
     )
     torch.manual_seed(5)  # timm's own initialisation, seeded
     save_model(tmp_path / "timm", build("timm:test_resnet", 2).eval(), card)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "timm" / "weights.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask  # not safetensors' 0600
     for fmt in ("onnx", "torchscript"):
         done = subprocess.run(
             [

@@ -35,6 +35,7 @@ def publish(work: Path, defaults: Path, task: str) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "evaluation").mkdir(parents=True)
     shutil.copy2(source / WEIGHTS_FILE, tmp / WEIGHTS_FILE)
+    (tmp / WEIGHTS_FILE).chmod(0o644)  # installed with the package: readable by every user
     (tmp / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
     for name in EVALUATION_FILES:
         if (report_dir / name).is_file():
