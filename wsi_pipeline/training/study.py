@@ -71,6 +71,7 @@ def _measure(task: str, model: Path, source: dict[str, Any], data_root: Path, ou
             "f1": round(at["f1_with_fields"], 4),
             "best_f1": round(best["f1_with_fields"], 4),
             "best_f1_threshold": best["threshold"],
+            "f1_by_threshold": {str(row["threshold"]): round(row["f1_with_fields"], 4) for row in report["curve"]},
         }
     return {
         "roc_auc": round(report["roc_auc"]["value"], 4),
@@ -142,6 +143,8 @@ def train_final(study_path: Path, report: dict[str, Any], data_root: Path, out: 
         given["classes"] = [f"{name}={','.join(folders)}" for name, folders in classes.items()]
     data = list(dict.fromkeys(str(data_root / d) for source in sources.values() for d in source["data"]))
     model = _train(task, recipe, given, data, out)
+    if study.get("operating_point") == "cross_source":
+        _cross_source_operating_point(model, report["variants"][report["chosen"]]["cross_source"])
     held_out = {}
     for name, source in sources.items():
         held_out[name] = _measure(task, model, {**source, "held_out": True}, data_root, out / "evaluation" / name)
@@ -157,6 +160,29 @@ def train_final(study_path: Path, report: dict[str, Any], data_root: Path, out: 
     write_json(card_path, card)  # the card only: the weights and their sha256 are unchanged
     print(f"final model in {model}: held out by source {json.dumps(held_out)}", flush=True)
     return card
+
+
+def _cross_source_operating_point(model: Path, rows: dict[str, Any]) -> None:
+    """Mitosis: the threshold of best mean F1 over the study's cross-source measurements (each model measured on the
+    centre it never saw) replaces the one chosen on the final model's own validation split, whose figures come
+    from the same centres as its training and set the threshold too high for another scanner (peaks are lower
+    there). The card's validation figures are re-read at it from its validation curve."""
+    curves = [row["f1_by_threshold"] for row in rows.values()]
+    thresholds = sorted(set.intersection(*(set(c) for c in curves)), key=float)
+    best = max(thresholds, key=lambda t: (round(sum(c[t] for c in curves) / len(curves), 9), -float(t)))
+    card_path = model / "model_card.json"
+    card = json.loads(card_path.read_text())
+    chosen = float(best)
+    card["thresholds"] = {name: chosen for name in card["classes"]}
+    card["metrics"]["operating_point"] = {
+        "criterion": "best mean F1 within the match radius over the study's cross-source measurements (a model "
+        "trained on one centre measured on the other, both ways), figure-free fields counted",
+        "threshold": chosen,
+        "mean_cross_source_f1": round(sum(c[best] for c in curves) / len(curves), 4),
+    }
+    curve = card["metrics"].get("validation_curve", [])
+    card["metrics"]["validation"] = next((r for r in curve if r["threshold"] == chosen), card["metrics"]["validation"])
+    write_json(card_path, card)
 
 
 def main() -> None:
