@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,12 @@ def _train(task: str, recipe: str, given: dict[str, Any], data: list[str], out: 
             train_model(load_train_settings(task, recipe, OVERRIDES, settings), tuple(data), folder)
         last = folder
     return last
+
+
+def _training_seconds(model: Path, folder: Path) -> float:
+    """What training took, from the cards (so a resumed study reports the real figure, not 0): every stage's."""
+    cards = sorted(folder.glob("stage*/model_card.json")) or [model / "model_card.json"]
+    return round(sum(json.loads(c.read_text())["metrics"]["seconds"] for c in cards), 1)
 
 
 def _measure(task: str, model: Path, source: dict[str, Any], data_root: Path, out: Path) -> dict[str, float]:
@@ -97,12 +102,10 @@ def run_study(study_path: Path, data_root: Path, out: Path) -> dict[str, Any]:
             given |= {"groups": train_source["groups"]} if train_source.get("groups") else {}
             if "init" in given:
                 given["init"] = given["init"].replace("{models}", str(study.get("models_dir", "build/models")))
-            started = time.perf_counter()
-            model = _train(
-                task, recipe, given, [str(data_root / d) for d in train_source["data"]], out / variant / train_name
-            )
-            seconds = round(time.perf_counter() - started, 1)
+            folders = [str(data_root / d) for d in train_source["data"]]
+            model = _train(task, recipe, given, folders, out / variant / train_name)
             card = json.loads((model / "model_card.json").read_text())
+            seconds = _training_seconds(model, out / variant / train_name)
             for test_name, test_source in sources.items():
                 if test_name == train_name:
                     continue
