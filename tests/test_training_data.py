@@ -290,3 +290,18 @@ def test_one_class_map_across_sources_of_different_layouts(data_dir: Path) -> No
     assert {i.label for i in items if i.crop is not None} == {0, 1}
     with pytest.raises(DataError, match="none for"):
         training_items("epithelium_stroma", folders, {**mapping, "lympho": ["nowhere"]}, "", 0.495, 96)
+
+
+def test_a_checkpoint_with_numpy_figures_in_its_history_still_resumes(tmp_path: Path) -> None:
+    """Validation figures computed with numpy (mitosis thresholds, counts) are stored as plain floats: a numpy
+    scalar would make the checkpoint unreadable with torch.load(weights_only=True), and a killed run unresumable."""
+    from wsi_pipeline.training.loop import LoopState, _resume, _save
+
+    model = torch.nn.Linear(2, 1)
+    optimiser = torch.optim.AdamW(model.parameters())
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda e: 1.0)
+    row = {"epoch": 1, "loss": np.float32(0.5), "threshold": np.float64(0.55), "f1": np.float64(0.8)}
+    state = LoopState(1, np.float64(0.8), 1, 0, [row])
+    _save(tmp_path / "checkpoint.pt", model, optimiser, schedule, model.state_dict(), state, "config")
+    best, resumed = _resume(tmp_path / "checkpoint.pt", "config", model, optimiser, schedule, torch.device("cpu"))
+    assert best is not None and resumed.history == [{"epoch": 1.0, "loss": 0.5, "threshold": 0.55, "f1": 0.8}]

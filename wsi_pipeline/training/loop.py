@@ -274,11 +274,12 @@ def _save(
         "schedule": schedule.state_dict(),
         "best_model": best,
         "epoch": state.epoch,
-        "best_score": state.best_score,
+        "best_score": float(state.best_score),
         "best_epoch": state.best_epoch,
         "stale": state.stale,
         "history_keys": keys,
-        "history": [[row.get(k, float("nan")) for k in keys] for row in state.history],
+        # plain floats: a numpy scalar here would make the checkpoint unreadable with weights_only=True
+        "history": [[float(row.get(k, float("nan"))) for k in keys] for row in state.history],
     }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)

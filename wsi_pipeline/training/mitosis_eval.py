@@ -28,7 +28,7 @@ from .points import PointImage
 if TYPE_CHECKING:
     from .dense import Prepared
 
-THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 1.0, 0.05))
+THRESHOLDS = tuple(float(round(t, 2)) for t in np.arange(0.05, 1.0, 0.05))  # python floats: they go into checkpoints
 
 
 @dataclass(frozen=True)
