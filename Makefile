@@ -51,6 +51,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/cpu_model.py
 	$(BIN)/python benchmarks/shipped.py
 	$(BIN)/python benchmarks/verify.py
+	$(BIN)/python benchmarks/epithelium_nuclei.py
 
 # TIAToolbox 1.3.2 in its own venv (it pins numpy < 1.24 and shapely < 2), beside the same torch; then both tools
 # side by side (benchmarks/results/peers.json).
