@@ -89,6 +89,8 @@ class LoopState:
 def group_list(groups: set[str] | list[str]) -> list[str]:
     """Sources for the card; tiles that are each their own group (no source known) are summarised, not listed."""
     names = sorted(set(groups))
+    if len(names) == 1 and names[0].startswith("tile:* ("):  # already summarised (publish re-reads a card)
+        return names
     if names and all(g.startswith("tile:") for g in names):
         return [f"tile:* ({len(names)} tiles, no source known: each tile is its own group)"]
     return names
