@@ -502,3 +502,23 @@ def test_sigkill_at_random_moments_then_rerun_equals_uninterrupted(case, tmp_pat
         assert finish.returncode == 0, finish.stderr
         assert not [p for p in out.rglob("*") if ".tmp-" in p.name]  # the killed run's leftovers are gone
         assert _outputs(out / "case") == _outputs(reference / "case")
+
+
+def test_an_interrupt_that_lands_in_a_finaliser_prints_no_traceback() -> None:
+    """The signal handler's KeyboardInterrupt may be raised inside a __del__ or weakref callback, where Python prints
+    "Exception ignored in ..." and a traceback; once a signal is being acted on, that print is dropped (the run
+    raises the interrupt again at its next safe point), and other unraisable errors are still printed."""
+    code = (
+        "import signal\n"
+        "from wsi_pipeline import errors\n"
+        "errors.install_signal_handlers()\n"
+        "class Late:\n"
+        "    def __init__(self, exc): self.exc = exc\n"
+        "    def __del__(self): raise self.exc\n"
+        "Late(ValueError('still shown'))\n"
+        "errors._RECEIVED.append(signal.SIGINT)\n"
+        "Late(KeyboardInterrupt())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "still shown" in done.stderr and done.stderr.count("Exception ignored") == 1

@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import sys
+from typing import Any
 
 
 class WsiError(Exception):
@@ -93,6 +95,17 @@ def install_signal_handlers() -> None:
 
     signal.signal(signal.SIGINT, _handler)
     signal.signal(signal.SIGTERM, _handler)
+    previous = sys.unraisablehook
+
+    def _quiet_interrupts(unraisable: Any) -> None:
+        # The handler's exception can land in a __del__ or weakref callback, where Python cannot raise it and prints
+        # "Exception ignored in ..." with a traceback instead; the run acts on it at the next safe point anyway
+        # (`raise_if_signalled`), so that print is noise in front of the one line the user should see.
+        if _RECEIVED and isinstance(unraisable.exc_value, KeyboardInterrupt):
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = _quiet_interrupts
 
 
 # errno values of a failed write, with what the user can do about each.

@@ -281,7 +281,12 @@ def _save(
         "stale": state.stale,
         "history_keys": keys,
         # plain floats: a numpy scalar here would make the checkpoint unreadable with weights_only=True
-        "history": [[float(row.get(k, float("nan"))) for k in keys] for row in state.history],
+        "history": [[_plain(row.get(k, float("nan"))) for k in keys] for row in state.history],
     }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
+
+
+def _plain(value: object) -> float | None:
+    """A figure as a Python float (None stays: a metric that could not be measured)."""
+    return None if value is None else float(value)  # type: ignore[arg-type]
