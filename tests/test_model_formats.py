@@ -14,6 +14,7 @@ import torch
 from tests.helpers import CMU
 from wsi_pipeline.engine import TaskRequest, predict_slide
 from wsi_pipeline.heatmap import open_heatmap
+from wsi_pipeline.inventory import file_sha256
 from wsi_pipeline.models import (
     LoadedModel,
     ModelCard,
@@ -25,6 +26,8 @@ from wsi_pipeline.models import (
 )
 from wsi_pipeline.models.architectures import build, seeded
 from wsi_pipeline.models.export import export_model
+from wsi_pipeline.models.folders import FORMAT_FILES
+from wsi_pipeline.run_record import weights_digest
 from wsi_pipeline.slide import Slide
 from wsi_pipeline.tiling import plan_tiles
 from wsi_pipeline.tissue import detect_tissue
@@ -129,6 +132,9 @@ def test_timm_onnx_and_torchscript_folders_give_the_same_heatmap(data_dir: Path,
     assert np.ptp(maps["timm"][covered]) > 1e-3  # the seeded network says different things about different tiles
     for fmt in ("onnx", "torchscript"):
         assert np.abs(maps[fmt] - maps["timm"]).max() < 1e-5, fmt
+        # the run key follows the network file of every format (a changed graph redoes the slides)
+        network = tmp_path / fmt / FORMAT_FILES[fmt]
+        assert weights_digest(load_model(tmp_path / fmt)) == file_sha256(network)[:16]
     (tmp_path / "onnx" / "model.onnx").write_bytes(b"not a graph")
     stale = load_card(tmp_path / "onnx").model_copy(update={"weights_sha256": None})
     (tmp_path / "onnx" / "model_card.json").write_text(stale.model_dump_json())

@@ -17,6 +17,7 @@ from .config import Config
 from .inventory import file_sha256, first_problem
 from .layout import SlideLayout
 from .models import LoadedModel
+from .models.folders import FORMAT_FILES
 from .slide import backend_versions
 
 RUN_FORMAT = "wsi-pipeline/run@2"  # @2: with the outputs' inventory and the slide's fingerprint
@@ -24,7 +25,8 @@ _FINGERPRINT_BYTES = 1 << 20
 
 
 def weights_digest(model: LoadedModel) -> str:
-    path = model.path / "weights.safetensors" if model.path else None
+    """The network file's digest, whichever format holds it (safetensors, TorchScript, ONNX)."""
+    path = model.path / FORMAT_FILES[model.card.format] if model.path else None
     if path is None or not path.exists():
         return "in-memory"
     return file_sha256(path)[:16]
