@@ -138,18 +138,20 @@ def train_classifier(
     def train_epoch(epoch: int, optimiser: torch.optim.Optimizer) -> float:
         return run_epoch(train_set, cfg, epoch, optimiser, batch_loss, progress=progress)
 
+    latest: list[tuple[np.ndarray, np.ndarray]] = []  # (probabilities, labels) of the last epoch validated here
+
+    def validate() -> dict[str, float]:
+        latest[:] = [_evaluate(model, val_loader, device)]
+        return _metrics(*latest[0])
+
     started = time.perf_counter()
-    state = fit(
-        model,
-        cfg,
-        out,
-        device=device,
-        train_epoch=train_epoch,
-        validate=lambda: _metrics(*_evaluate(model, val_loader, device)),
-        watched=watched,
-    )
-    final = state.selected_metrics()  # measured in the loop: no second pass over the validation tiles
-    thresholds, point = classifier_operating_point(*_evaluate(model, val_loader, device), cfg.classes)
+    state = fit(model, cfg, out, device=device, train_epoch=train_epoch, validate=validate, watched=watched)
+    final = state.selected_metrics()  # measured in the loop
+    # the operating point from the selected epoch's validation pass: the last one, unless another epoch was selected
+    # or a finished run was resumed (nothing validated here), which alone need another pass over the tiles
+    selected_last = bool(latest) and state.best_epoch == state.epoch
+    probs, labels = latest[0] if selected_last else _evaluate(model, val_loader, device)
+    thresholds, point = classifier_operating_point(probs, labels, cfg.classes)
     card = ModelCard(
         name=f"{cfg.task}-{cfg.architecture}",
         task=cfg.task,
