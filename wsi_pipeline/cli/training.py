@@ -8,7 +8,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from ..training.settings import TrainSettings
+from ..training.settings import TrainSettings, parse_class_map
 
 GROUP_PATTERN = TrainSettings.model_fields["group_pattern"].default
 group_pattern_option = click.option(
@@ -203,7 +203,7 @@ def evaluate(
     """
     from ..training.commands import evaluate_model
 
-    class_map = TrainSettings.model_construct(classes=list(classes)).class_map()
+    class_map = parse_class_map(classes)
     report = evaluate_model(
         task,
         model_dir,

@@ -87,9 +87,10 @@ class TrainSettings(StrictModel):
 
         from .augment import AugmentConfig
 
-        unknown = sorted(set(self.augment) - {f.name for f in fields(AugmentConfig)})
+        known = {f.name for f in fields(AugmentConfig)}
+        unknown = sorted(set(self.augment) - known)
         if unknown:
-            raise ValueError(f"augment: unknown setting(s) {unknown}; known: {sorted(AugmentConfig.__annotations__)}")
+            raise ValueError(f"augment: unknown setting(s) {unknown}; known: {sorted(known)}")
         return self
 
     def augmentation(self) -> AugmentConfig:
@@ -123,14 +124,18 @@ class TrainSettings(StrictModel):
         return values
 
     def class_map(self) -> dict[str, list[str]] | None:
-        """`--class NAME=FOLDER[,FOLDER]` as {class: folders}; None when none were given."""
-        mapping = {}
-        for spec in self.classes:
-            name, _, folders = spec.partition("=")
-            if not name or not folders:
-                raise ConfigError(f"--class {spec!r}: expected NAME=FOLDER[,FOLDER]")
-            mapping[name] = [f for f in folders.split(",") if f]
-        return mapping or None
+        return parse_class_map(self.classes)
+
+
+def parse_class_map(specs: list[str] | tuple[str, ...]) -> dict[str, list[str]] | None:
+    """`--class NAME=FOLDER[,FOLDER]` as {class: folders}; None when none were given."""
+    mapping = {}
+    for spec in specs:
+        name, _, folders = spec.partition("=")
+        if not name or not folders:
+            raise ConfigError(f"--class {spec!r}: expected NAME=FOLDER[,FOLDER]")
+        mapping[name] = [f for f in folders.split(",") if f]
+    return mapping or None
 
 
 def load_train_settings(

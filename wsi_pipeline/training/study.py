@@ -22,29 +22,40 @@ from typing import Any
 import yaml
 
 from ..atomic import write_json
+from ..models.folders import CARD_FILE, WEIGHTS_FILE
 from .commands import evaluate_model, train_model
-from .settings import load_train_settings
+from .data import KATHER_GROUP
+from .settings import load_train_settings, parse_class_map
 
-OVERRIDES: tuple[str, ...] = ()  # `--set KEY=VALUE` of the study command, applied to every training (smoke tests)
 
-
-def _train(task: str, recipe: str, given: dict[str, Any], data: list[str], out: Path) -> Path:
-    """One model; a variant with `stages` trains them in turn, each starting from the one before (with its head)."""
+def _train(
+    task: str, recipe: str, given: dict[str, Any], data: list[str], out: Path, overrides: tuple[str, ...]
+) -> Path:
+    """One model in `out`; a variant with `stages` trains them in turn, each starting from the one before (with
+    its head), the earlier ones in `out/stage<N>`. `overrides` (`--set KEY=VALUE` of the study command) apply to
+    every training."""
     stages = given.pop("stages", None) or [{}]
     for number, stage in enumerate(stages):
         settings = {**given, **stage}
         if number:
-            settings |= {"init": str(out / f"stage{number - 1}" / "weights.safetensors"), "init_head": True}
-        folder = out / f"stage{number}" if len(stages) > 1 else out
-        if not (folder / "model_card.json").is_file():  # a finished stage is kept: a killed study resumes
-            train_model(load_train_settings(task, recipe, OVERRIDES, settings), tuple(data), folder)
-        last = folder
-    return last
+            settings |= {"init": str(out / f"stage{number - 1}" / WEIGHTS_FILE), "init_head": True}
+        folder = out if number == len(stages) - 1 else out / f"stage{number}"
+        if not (folder / CARD_FILE).is_file():  # a finished stage is kept: a killed study resumes
+            train_model(load_train_settings(task, recipe, overrides, settings), tuple(data), folder)
+    return out
 
 
-def _training_seconds(model: Path, folder: Path) -> float:
+def _variant_settings(study: dict[str, Any], variant: str) -> dict[str, Any]:
+    """A fresh copy of a variant's settings (`_train` consumes its stages), `{models}` resolved in `init`."""
+    given = json.loads(json.dumps(study["variants"][variant] or {}))
+    if "init" in given:
+        given["init"] = given["init"].replace("{models}", str(study.get("models_dir", "build/models")))
+    return given
+
+
+def _training_seconds(model: Path) -> float:
     """What training took, from the cards (so a resumed study reports the real figure, not 0): every stage's."""
-    cards = sorted(folder.glob("stage*/model_card.json")) or [model / "model_card.json"]
+    cards = [*sorted(model.glob(f"stage*/{CARD_FILE}")), model / CARD_FILE]
     return round(sum(json.loads(c.read_text())["metrics"]["seconds"] for c in cards), 1)
 
 
@@ -56,11 +67,11 @@ def _measure(task: str, model: Path, source: dict[str, Any], data_root: Path, ou
         str(model),
         tuple(str(data_root / d) for d in source["data"]),
         out,
-        class_map=_class_map(source["class"]) if source.get("class") else None,
+        class_map=parse_class_map(source.get("class") or []),
         groups=source.get("groups"),
         positive=source.get("positive"),
         held_out=bool(source.get("held_out")),
-        group_pattern=source.get("group_pattern", r"(CRC-Prim-HE-\d+)"),
+        group_pattern=source.get("group_pattern", KATHER_GROUP),
         mpp=None,
         threshold=None,
         radius_um=7.5,
@@ -86,26 +97,22 @@ def _measure(task: str, model: Path, source: dict[str, Any], data_root: Path, ou
     }
 
 
-def _class_map(specs: list[str]) -> dict[str, list[str]]:
-    return {name: folders.split(",") for name, _, folders in (s.partition("=") for s in specs)}
-
-
-def run_study(study_path: Path, data_root: Path, out: Path) -> dict[str, Any]:
+def run_study(study_path: Path, data_root: Path, out: Path, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     study = yaml.safe_load(study_path.read_text())
     task, recipe, sources = study["task"], study["recipe"], study["sources"]
+    score = study.get("score", "roc_auc")
+    key = f"mean_cross_source_{score}"
     results: dict[str, Any] = {}
-    for variant, overrides in study["variants"].items():
+    for variant in study["variants"]:
         rows = {}
         for train_name, train_source in sources.items():
-            given = {**json.loads(json.dumps(overrides or {}))}
+            given = _variant_settings(study, variant)
             given |= {"classes": train_source["class"]} if train_source.get("class") else {}
             given |= {"groups": train_source["groups"]} if train_source.get("groups") else {}
-            if "init" in given:
-                given["init"] = given["init"].replace("{models}", str(study.get("models_dir", "build/models")))
             folders = [str(data_root / d) for d in train_source["data"]]
-            model = _train(task, recipe, given, folders, out / variant / train_name)
-            card = json.loads((model / "model_card.json").read_text())
-            seconds = _training_seconds(model, out / variant / train_name)
+            model = _train(task, recipe, given, folders, out / variant / train_name, overrides)
+            card = json.loads((model / CARD_FILE).read_text())
+            seconds = _training_seconds(model)
             for test_name, test_source in sources.items():
                 if test_name == train_name:
                     continue
@@ -115,43 +122,37 @@ def run_study(study_path: Path, data_root: Path, out: Path) -> dict[str, Any]:
                     "same_source_validation": card["metrics"]["validation"],
                     "train_seconds": seconds,
                 }
-        score = study.get("score", "roc_auc")
         mean = sum(r[score] for r in rows.values()) / len(rows)
-        results[variant] = {
-            "settings": overrides or {},
-            "cross_source": rows,
-            f"mean_cross_source_{score}": round(mean, 4),
-        }
+        results[variant] = {"settings": study["variants"][variant] or {}, "cross_source": rows, key: round(mean, 4)}
         print(f"{variant}: mean cross-source {score} {mean:.4f} {json.dumps(rows)}", flush=True)
-    key = f"mean_cross_source_{study.get('score', 'roc_auc')}"
     chosen = max(results, key=lambda v: results[v][key])
     report = {"study": str(study_path), "task": task, "score": key, "variants": results, "chosen": chosen}
     write_json(out / "study.json", report)
     return report
 
 
-def train_final(study_path: Path, report: dict[str, Any], data_root: Path, out: Path) -> dict[str, Any]:
+def train_final(
+    study_path: Path, report: dict[str, Any], data_root: Path, out: Path, overrides: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """The chosen variant trained on every source (a split by source image / field of all of them), measured on
     each source's held-out part; the card gets the study's cross-source figures and these."""
     study = yaml.safe_load(study_path.read_text())
     task, recipe, sources = study["task"], study["recipe"], study["sources"]
-    given = json.loads(json.dumps(study["variants"][report["chosen"]] or {}))
-    if "init" in given:
-        given["init"] = given["init"].replace("{models}", str(study.get("models_dir", "build/models")))
+    given = _variant_settings(study, report["chosen"])
     classes: dict[str, list[str]] = {}
     for source in sources.values():
-        for name, folders in _class_map(source.get("class") or []).items():
+        for name, folders in (parse_class_map(source.get("class") or []) or {}).items():
             classes.setdefault(name, []).extend(f for f in folders if f not in classes.get(name, []))
     if classes:
         given["classes"] = [f"{name}={','.join(folders)}" for name, folders in classes.items()]
     data = list(dict.fromkeys(str(data_root / d) for source in sources.values() for d in source["data"]))
-    model = _train(task, recipe, given, data, out)
+    model = _train(task, recipe, given, data, out, overrides)
     if study.get("operating_point") == "cross_source":
         _cross_source_operating_point(model, report["variants"][report["chosen"]]["cross_source"])
     held_out = {}
     for name, source in sources.items():
         held_out[name] = _measure(task, model, {**source, "held_out": True}, data_root, out / "evaluation" / name)
-    card_path = model / "model_card.json"
+    card_path = model / CARD_FILE
     card = json.loads(card_path.read_text())
     card["metrics"]["held_out_by_source"] = held_out
     card["metrics"]["cross_source"] = {
@@ -173,7 +174,7 @@ def _cross_source_operating_point(model: Path, rows: dict[str, Any]) -> None:
     curves = [row["f1_by_threshold"] for row in rows.values()]
     thresholds = sorted(set.intersection(*(set(c) for c in curves)), key=float)
     best = max(thresholds, key=lambda t: (round(sum(c[t] for c in curves) / len(curves), 9), -float(t)))
-    card_path = model / "model_card.json"
+    card_path = model / CARD_FILE
     card = json.loads(card_path.read_text())
     chosen = float(best)
     card["thresholds"] = {name: chosen for name in card["classes"]}
@@ -196,12 +197,10 @@ def main() -> None:
     parser.add_argument("--final", type=Path, default=None, help="then train the chosen variant on every source here")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="a setting for every training")
     args = parser.parse_args()
-    global OVERRIDES
-    OVERRIDES = tuple(args.overrides)
-    report = run_study(args.study, args.data, args.out)
+    report = run_study(args.study, args.data, args.out, tuple(args.overrides))
     print(f"chosen: {report['chosen']} ({args.out / 'study.json'})")
     if args.final is not None:
-        train_final(args.study, report, args.data, args.final)
+        train_final(args.study, report, args.data, args.final, tuple(args.overrides))
 
 
 if __name__ == "__main__":
