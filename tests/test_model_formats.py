@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from tests.helpers import CMU
@@ -18,6 +19,7 @@ from wsi_pipeline.inventory import file_sha256
 from wsi_pipeline.models import (
     LoadedModel,
     ModelCard,
+    ModelError,
     load_card,
     load_model,
     make_predictor,
@@ -183,3 +185,8 @@ def test_a_dense_onnx_model_runs_on_larger_tiles_than_it_was_exported_for(tmp_pa
     got = make_predictor(load_model(tmp_path / "onnx"), cpu, "fp32")(batch)["mitosis"]
     assert got.shape == expected.shape == (2, 64, 48)
     assert float((got - expected).abs().max()) < 1e-5
+    # `evaluate mitosis` runs whole images through the torch module: an ONNX folder is refused in one message
+    from wsi_pipeline.training.mitosis_eval import DetectionParams, evaluate_mitosis
+
+    with pytest.raises(ModelError, match="cannot run onnx models yet"):
+        evaluate_mitosis(load_model(tmp_path / "onnx"), [], tmp_path / "eval", cpu, DetectionParams())

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..atomic import write_json
 from ..evaluate import match_detections
-from ..models import LoadedModel, ModelCard
+from ..models import LoadedModel, ModelCard, ModelError
 from ..postprocess.maxima import find_peaks
 from .data import DataError
 from .points import PointImage
@@ -155,6 +155,11 @@ def evaluate_mitosis(
     card = model.card
     if card.kind != "dense":
         raise DataError(f"{card.name} is a {card.kind} model; mitosis evaluation needs a dense one")
+    if model.module is None:  # whole-image maps run the torch module (safetensors or TorchScript), not a runtime
+        raise ModelError(
+            f"{model.path}: mitosis evaluation cannot run {card.format} models yet; evaluate the safetensors or "
+            "TorchScript folder it was exported from (the same network)"
+        )
     prepared = [prepare(i, card.mpp, card.tile_px) for i in images]
     crops = [p for p in prepared if len(p.points)]
     fields = [p for p in prepared if not len(p.points)]
