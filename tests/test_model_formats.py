@@ -4,15 +4,13 @@ heatmap as the same network in the built-in format; the built-in timm, ONNX and 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from tests.helpers import CMU
+from tests.helpers import CMU, run_cli
 from wsi_pipeline.engine import TaskRequest, predict_slide
 from wsi_pipeline.heatmap import open_heatmap
 from wsi_pipeline.inventory import file_sha256
@@ -105,22 +103,7 @@ def test_timm_onnx_and_torchscript_folders_give_the_same_heatmap(data_dir: Path,
     os.umask(mask)
     assert (tmp_path / "timm" / "weights.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask  # not safetensors' 0600
     for fmt in ("onnx", "torchscript"):
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "wsi_pipeline.cli",
-                "export-model",
-                str(tmp_path / "timm"),
-                "--format",
-                fmt,
-                "-o",
-                str(tmp_path / fmt),
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        done = run_cli("export-model", str(tmp_path / "timm"), "--format", fmt, "-o", str(tmp_path / fmt))
         assert done.returncode == 0, done.stderr
         assert load_card(tmp_path / fmt).format == fmt
     slide = Slide(CMU)
@@ -140,24 +123,8 @@ def test_timm_onnx_and_torchscript_folders_give_the_same_heatmap(data_dir: Path,
     (tmp_path / "onnx" / "model.onnx").write_bytes(b"not a graph")
     stale = load_card(tmp_path / "onnx").model_copy(update={"weights_sha256": None})
     (tmp_path / "onnx" / "model_card.json").write_text(stale.model_dump_json())
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "wsi_pipeline.cli",
-            "predict",
-            str(CMU),
-            "--task",
-            "metastasis",
-            "--model",
-            str(tmp_path / "onnx"),
-            "-o",
-            str(tmp_path / "out"),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    onnx_model = str(tmp_path / "onnx")
+    done = run_cli("predict", str(CMU), "--task", "metastasis", "--model", onnx_model, "-o", str(tmp_path / "out"))
     assert done.returncode == 10, done.stderr
     assert "cannot be loaded by onnxruntime" in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
