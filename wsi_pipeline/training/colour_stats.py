@@ -11,10 +11,10 @@ from pathlib import Path
 
 from ..input_guard import training_stats
 from ..models.folders import CARD_FILE, load_card
-from .data import load_tile, split_by_group
+from .data import load_tile, sample_items, split_by_group
 from .settings import load_train_settings
 from .sources import training_items
-from .train import STATS_TILES, sample_items
+from .train import STATS_TILES
 
 
 def measure(task: str, recipe: str, data: list[str], val_data: str | None = None) -> dict:

@@ -97,6 +97,7 @@ class Grouped(Protocol):
 
 
 G = TypeVar("G", bound=Grouped)
+T = TypeVar("T")
 
 
 def split_by_group(items: Sequence[G], val_fraction: float = 0.25, seed: int = 0) -> tuple[list[G], list[G]]:
@@ -126,6 +127,14 @@ def split_by_group(items: Sequence[G], val_fraction: float = 0.25, seed: int = 0
             "add data or change --val-fraction / --seed"
         )
     return train, val
+
+
+def sample_items(items: Sequence[T], count: int, seed: int) -> list[T]:
+    """A seeded sample of at most `count` items in their order (all of them when there are fewer)."""
+    if len(items) <= count:
+        return list(items)
+    order = np.random.default_rng(seed).permutation(len(items))[:count]
+    return [items[i] for i in sorted(order)]
 
 
 def load_tile(item: TileItem, size: int | None = None, offset: tuple[float, float] | None = None) -> np.ndarray:

@@ -19,9 +19,7 @@ import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
-
-from .data import DataError, ImageCrop, TileItem
+from .data import DataError, ImageCrop, TileItem, sample_items
 
 NUCLEI_CSV = "nuclei.csv"
 MPP_FILE = "mpp.txt"
@@ -99,11 +97,7 @@ def _capped(items: list[TileItem], per_field: int) -> list[TileItem]:
         by_key.setdefault((item.group, item.label), []).append(item)
     kept: list[TileItem] = []
     for key in sorted(by_key):
-        group = by_key[key]
-        if len(group) > per_field:
-            order = np.random.default_rng(zlib.crc32(f"{key}".encode())).permutation(len(group))[:per_field]
-            group = [group[i] for i in sorted(order)]
-        kept += group
+        kept += sample_items(by_key[key], per_field, zlib.crc32(f"{key}".encode()))
     return kept
 
 

@@ -19,7 +19,7 @@ from ..evaluate import balanced_accuracy, roc_auc, youden_threshold
 from ..input_guard import training_stats
 from ..models import ModelCard, save_model
 from .augment import AugmentConfig, augment
-from .data import DataError, TileItem, load_tile
+from .data import DataError, TileItem, load_tile, sample_items
 from .loop import (
     CHECKPOINT,
     NORMALISATION,
@@ -95,14 +95,6 @@ def classifier_operating_point(
 
 
 STATS_TILES = 2000  # training tiles measured for the card's colour statistics (the input guard)
-
-
-def sample_items(items: list[TileItem], count: int, seed: int) -> list[TileItem]:
-    """A seeded sample of at most `count` items (all of them when there are fewer)."""
-    if len(items) <= count:
-        return list(items)
-    order = np.random.default_rng(seed).permutation(len(items))[:count]
-    return [items[i] for i in sorted(order)]
 
 
 def train_classifier(
