@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import subprocess
 import sys
 import tempfile
@@ -41,8 +42,7 @@ def main() -> None:
     parser.add_argument("--overlaps", default="0,32,48")
     parser.add_argument("--out", default="benchmarks/results/epithelium-nuclei.json")
     args = parser.parse_args()
-    import json
-
+    from wsi_pipeline.evaluate import roc_auc
     from wsi_pipeline.heatmap import open_heatmap
     from wsi_pipeline.models import default_model_dir
     from wsi_pipeline.tasks.common import level_transform
@@ -80,8 +80,6 @@ def main() -> None:
                         continue
                     scores.append(float(values[row, col]))
                     labels.append(nucleus["class"] == "epithelial")
-            from wsi_pipeline.evaluate import roc_auc
-
             auc = roc_auc(np.array(labels), np.array(scores))
             rows.append({"overlap_px": overlap, "nuclei": len(scores), "nuclei_outside_tiles": missed,
                          "roc_auc": round(auc, 4), "run_seconds": round(seconds, 1)})  # fmt: skip
