@@ -217,6 +217,7 @@ def _run(
             out.heatmaps,
             (mpp.x, mpp.y),
             tissue.area_mm2,
+            tissue.geometry,
         )
         results[request.name] = get_task(request.name).postprocess(context)
     timings["postprocess_s"] = time.perf_counter() - t0

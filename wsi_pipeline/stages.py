@@ -131,28 +131,30 @@ def tiles_stage(
     return plan, files
 
 
-def task_tiling(task: str, task_cfg: TaskConfig, card: ModelCard) -> tuple[float, int]:
-    """A task's (µm/px, tile px): the configured ones, the model card's where none is configured. A value the model
-    cannot serve is refused by `engine.check_request` before any tile is read."""
+def task_tiling(task: str, task_cfg: TaskConfig, card: ModelCard) -> tuple[float, int, int]:
+    """A task's (µm/px, tile px, overlap px): the configured ones, the model card's where none is configured (a
+    dense model's `run_tile_px`). A dense model's overlap is at least twice its halo: with that, its stitched map
+    equals one pass over the whole region whatever the overlap, so a smaller one (a classifier's default, e.g.) would
+    only add seams. A value the model cannot serve is refused by `engine.check_request` before any tile is read."""
     mpp = card.mpp if task_cfg.mpp is None else task_cfg.mpp
-    tile_px = card.tile_px if task_cfg.tile_px is None else task_cfg.tile_px
-    if task_cfg.overlap_px >= tile_px:
+    default_tile = card.run_tile_px or card.tile_px
+    tile_px = default_tile if task_cfg.tile_px is None else task_cfg.tile_px
+    overlap_px = max(task_cfg.overlap_px, 2 * card.halo_px) if card.kind == "dense" else task_cfg.overlap_px
+    if overlap_px >= tile_px:
         raise ConfigError(
-            f"tasks.{task}.overlap_px ({task_cfg.overlap_px}) must be smaller than the tile size ({tile_px} px, "
+            f"tasks.{task}.overlap_px ({overlap_px}) must be smaller than the tile size ({tile_px} px, "
             f"{'configured' if task_cfg.tile_px is not None else f'from model {card.name}'})"
         )
-    return mpp, tile_px
+    return mpp, tile_px, overlap_px
 
 
 def check_task_settings(task: str, task_cfg: TaskConfig, card: ModelCard) -> None:
     """Refuse, before any slide is opened, a µm/px, tile size or overlap the task's model cannot take (exit 7)."""
-    mpp, tile_px = task_tiling(task, task_cfg, card)
+    mpp, tile_px, overlap_px = task_tiling(task, task_cfg, card)
     check_spec(
         task,
         card,
-        TileSpec(
-            mpp, tile_px, task_cfg.overlap_px, task_cfg.min_tissue, (mpp, mpp), (1.0, 1.0), (0, 0, tile_px, tile_px)
-        ),
+        TileSpec(mpp, tile_px, overlap_px, task_cfg.min_tissue, (mpp, mpp), (1.0, 1.0), (0, 0, tile_px, tile_px)),
     )
 
 
@@ -183,10 +185,10 @@ def tile_request(
         if t.model is None and default is None:
             raise ConfigError(f"--task {task}: the task ships no model; set tasks.{task}.model")
         card = load_card(Path(t.model) if t.model is not None else default)  # type: ignore[arg-type]
-        task_mpp, task_tile_px = task_tiling(task, t, card)
+        task_mpp, task_tile_px, task_overlap_px = task_tiling(task, t, card)
         mpp = task_mpp if mpp is None else mpp
         tile_px = task_tile_px if tile_px is None else tile_px
-        overlap_px = t.overlap_px if overlap_px is None else overlap_px
+        overlap_px = task_overlap_px if overlap_px is None else overlap_px
         min_tissue = t.min_tissue if min_tissue is None else min_tissue
     if mpp is None or tile_px is None:
         raise ConfigError("give --mpp and --tile-px (e.g. --mpp 0.5 --tile-px 224), or --task NAME")
@@ -199,8 +201,8 @@ def tile_request(
 
 def task_plan(slide: Slide, tissue: TissueMask, task: str, task_cfg: TaskConfig, card: ModelCard) -> TilePlan:
     """A task's tiles over the slide's tissue (see `task_tiling`)."""
-    mpp, tile_px = task_tiling(task, task_cfg, card)
-    return plan_tiles(slide, tissue, mpp, tile_px, task_cfg.overlap_px, task_cfg.min_tissue)
+    mpp, tile_px, overlap_px = task_tiling(task, task_cfg, card)
+    return plan_tiles(slide, tissue, mpp, tile_px, overlap_px, task_cfg.min_tissue)
 
 
 def write_tissue_heatmap(store: Path, tissue: TissueMask) -> Path:

@@ -47,20 +47,23 @@ def damage_tile(source: Path, target: Path, level: int, index: int) -> tuple[int
     return index % across, index // across
 
 
-def stitched_and_whole_region(slide, plan, model, store: Path, workers: int = 2):  # type: ignore[no-untyped-def]
-    """A dense model's `mitosis` map stitched by the engine from `plan`, and the same network run once on the whole
+def stitched_and_whole_region(  # type: ignore[no-untyped-def]
+    slide, plan, model, store: Path, workers: int = 2, task: str = "mitosis", cls: str = "mitosis"
+):
+    """A dense model's `cls` map stitched by the engine from `plan`, and the same network run once on the whole
     grid region (what stitching must reproduce), both as float32 arrays."""
     import torch
 
     from wsi_pipeline.engine import TaskRequest, predict_slide
     from wsi_pipeline.heatmap import open_heatmap
+    from wsi_pipeline.models.predictor import activate
 
     device = torch.device("cpu")
-    request = TaskRequest("mitosis", model, plan, dtype="float32")
+    request = TaskRequest(task, model, plan, dtype="float32")
     predict_slide(
         slide, [request], store, device=device, batch_size=16, workers=workers, progress=False, precision="fp32"
     )
-    stitched = open_heatmap(store / "mitosis").channel("mitosis")
+    stitched = open_heatmap(store / cls).channel(cls)
     tile, overlap = plan.spec.tile_px, plan.spec.overlap_px
     n_cols, n_rows = plan.grid
     width, height = (n_cols - 1) * (tile - overlap) + tile, (n_rows - 1) * (tile - overlap) + tile
@@ -69,5 +72,5 @@ def stitched_and_whole_region(slide, plan, model, store: Path, workers: int = 2)
     x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255
     x = (x - torch.tensor(norm.mean).view(1, 3, 1, 1)) / torch.tensor(norm.std).view(1, 3, 1, 1)
     with torch.inference_mode():
-        reference = torch.sigmoid(model.module(x))[0, 0].numpy()
+        reference = activate(model.module(x), model.card)[0, model.card.classes.index(cls)].numpy()
     return stitched, reference

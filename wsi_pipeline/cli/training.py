@@ -36,6 +36,7 @@ class_option = click.option(
 # Options of `train` that are training settings (TrainSettings fields): recipe / --set values, the command line wins.
 SETTING_OPTIONS = (
     "classes",
+    "kind",
     "arch",
     "arch_args",
     "tile_px",
@@ -79,7 +80,19 @@ def given_options(ctx: click.Context, values: dict[str, Any]) -> dict[str, Any]:
 )
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe setting.")
 @class_option
-@click.option("--arch", default=None, help="Architecture (registry or torchvision name) [small_cnn; dense_fcn].")
+@click.option(
+    "--kind",
+    type=click.Choice(["classifier", "dense"]),
+    default=None,
+    help="A classifier task's model: one vector per tile, or a dense class map (a U-Net trained on the same tiles; "
+    "see docs/models.md) [the task's: classifier; mitosis: dense].",
+)
+@click.option(
+    "--arch",
+    default=None,
+    help="Architecture (registry or torchvision name) [small_cnn; dense classifier task: small_unet; mitosis: "
+    "dense_fcn].",
+)
 @click.option(
     "--arch-arg",
     "arch_args",

@@ -114,3 +114,55 @@ def dense_fcn(num_outputs: int, width: int = 16, dilations: tuple[int, ...] = (1
         channels = 4 * width
     layers.append(nn.Conv2d(channels, num_outputs, 1))
     return nn.Sequential(*layers)
+
+
+class _UNet(nn.Module):
+    """Encoder of `levels` conv pairs each followed by 2x2 max pooling, a bottleneck pair, then a decoder that
+    upsamples (nearest, 2x) and merges the encoder's map of that scale (skip connection) until `output_stride`."""
+
+    def __init__(self, num_outputs: int, width: int, levels: int, output_stride: int) -> None:
+        super().__init__()
+
+        def pair(c_in: int, c_out: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(c_in, c_out, 3, padding=1),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(c_out, c_out, 3, padding=1),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(inplace=True),
+            )
+
+        if output_stride not in [2**i for i in range(levels + 1)]:
+            raise ValueError(f"output_stride {output_stride} must be a power of 2 up to 2**levels ({2**levels})")
+        channels = [width * 2**i for i in range(levels + 1)]
+        inputs = [3, *channels[:-2]]
+        self.encoder = nn.ModuleList(pair(c_in, c_out) for c_in, c_out in zip(inputs, channels[:-1], strict=True))
+        self.pool = nn.MaxPool2d(2)
+        self.bottleneck = pair(channels[-2], channels[-1])
+        ups = levels - output_stride.bit_length() + 1  # decoder steps from 2**levels back to output_stride
+        self.decoder = nn.ModuleList(
+            pair(channels[levels - i] + channels[levels - i - 1], channels[levels - i - 1]) for i in range(ups)
+        )
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.head = nn.Conv2d(channels[levels - ups], num_outputs, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for block in self.encoder:
+            x = block(x)
+            skips.append(x)
+            x = self.pool(x)
+        x = self.bottleneck(x)
+        for block in self.decoder:
+            x = block(torch.cat([self.up(x), skips.pop()], dim=1))
+        return self.head(x)
+
+
+@register("small_unet")
+def small_unet(num_outputs: int, width: int = 16, levels: int = 3, output_stride: int = 4) -> nn.Module:
+    """A small U-Net for dense class maps (epithelium / stroma). Defaults: three poolings (input sizes and tile
+    steps must be multiples of 8), output stride 4; an output px depends on input px up to 52 away by counting
+    (encoder convs and pools 2 + 1 + 4 + 2 + 8 + 4, bottleneck 16, upsampling 4, decoder 8, its own 3), 42 as
+    measured by redrawing pixels (tests/test_dense_epithelium.py), so a halo of 64 px stitches exactly."""
+    return _UNet(num_outputs, width, levels, output_stride)

@@ -53,6 +53,12 @@ class ModelCard(BaseModel):
     tile_px: int = Field(gt=0, description="input tile edge the model was trained on")
     output_stride: int = Field(1, ge=1, description="input px per output px (dense models)")
     halo_px: int = Field(0, ge=0, description="input px of context each output px needs (dense models)")
+    run_tile_px: int | None = Field(
+        None,
+        gt=0,
+        description="tile edge the engine reads when the task configures none (dense models run on larger tiles "
+        "than they were trained on; None: tile_px)",
+    )
     classes: list[str] = Field(min_length=1, description="output channel names; heatmaps are named after them")
     heatmap_classes: list[str] | None = Field(
         None, description="classes written as heatmaps, each an image named after its class (None: all)"
@@ -75,8 +81,11 @@ class ModelCard(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelCard:
-        if self.kind == "dense" and self.tile_px % self.output_stride:
-            raise ValueError(f"tile_px {self.tile_px} is not a multiple of output_stride {self.output_stride}")
+        for name, size in (("tile_px", self.tile_px), ("run_tile_px", self.run_tile_px)):
+            if self.kind == "dense" and size is not None and size % self.output_stride:
+                raise ValueError(f"{name} {size} is not a multiple of output_stride {self.output_stride}")
+        if self.kind == "classifier" and self.run_tile_px not in (None, self.tile_px):
+            raise ValueError(f"a classifier runs on its tile_px ({self.tile_px}), not run_tile_px {self.run_tile_px}")
         unknown = set(self.heatmap_classes or []) - set(self.classes)
         if unknown:
             raise ValueError(f"heatmap_classes {sorted(unknown)} are not in classes {self.classes}")

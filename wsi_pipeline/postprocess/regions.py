@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from itertools import combinations
 
 import numpy as np
+import shapely
 from scipy import ndimage
 from shapely.geometry import Polygon
 
@@ -70,3 +71,17 @@ def heatmap_regions(
         window = np.where(mask[r0:r1, c0:c1], values[r0:r1, c0:c1], 0)
         regions.append(Region(poly, area, longest_diameter_um(poly, slide_mpp), float(window.max(initial=0))))
     return regions
+
+
+def clipped_to(regions: list[Region], tissue: shapely.Geometry, slide_mpp: tuple[float, float]) -> list[Region]:
+    """The parts of `regions` inside `tissue` (level-0 px): a map that covers whole tiles (a dense map, or tiles at
+    the tissue's edge) classifies the glass around the tissue too, and an area of a class must be tissue. Parts are
+    kept as one region each; a region wholly outside is dropped."""
+    kept = []
+    for region in regions:
+        inside = region.polygon.intersection(tissue)
+        for part in getattr(inside, "geoms", [inside]):
+            if isinstance(part, Polygon) and not part.is_empty and part.area > 0:
+                area = part.area * slide_mpp[0] * slide_mpp[1]
+                kept.append(Region(part, area, longest_diameter_um(part, slide_mpp), region.max_probability))
+    return kept

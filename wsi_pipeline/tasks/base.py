@@ -101,6 +101,7 @@ class TaskContext:
     heatmaps: Path  # the heatmaps.zarr store
     slide_mpp: tuple[float, float]  # (x, y) µm per level-0 px
     tissue_mm2: float
+    tissue: shapely.Geometry | None = None  # the tissue polygons, level-0 px (None: not known)
 
     def heatmap_path(self, name: str) -> Path:
         return self.heatmaps / name

@@ -32,6 +32,7 @@ class EpitheliumStromaTask:
         # imported here, not at module level: the CLI and the configuration load every task without zarr, dask
         # or scikit-image
         from ..heatmap import open_heatmap
+        from ..postprocess.regions import clipped_to
         from .common import region_level, region_objects, regions_of
 
         written = context.card.written_classes
@@ -47,6 +48,8 @@ class EpitheliumStromaTask:
             found = regions_of(
                 *region_level(open_heatmap(context.heatmap_path(cls)), cls), context.threshold(cls), context.slide_mpp
             )
+            if context.tissue is not None:  # areas of tissue: not the glass a tile or a map's edge also covers
+                found = clipped_to(found, context.tissue, context.slide_mpp)
             summary[f"{cls}_area_mm2"] = round(sum(r.area_um2 for r in found) / 1e6, 6)
             regions += region_objects(context.slide_id, label, colour, found)
         if "epithelium_area_mm2" in summary:

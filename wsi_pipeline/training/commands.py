@@ -8,6 +8,7 @@ from typing import Any
 from ..engine import resolve_device
 from ..errors import ConfigError
 from ..models import load_model
+from ..tasks import get_task
 from .data import split_by_group
 from .loop import TrainConfig
 from .settings import TrainSettings
@@ -53,14 +54,18 @@ def train_model(settings: TrainSettings, data: tuple[str, ...], out: Path) -> tu
     else:
         train_items, val_items = split_by_group(items, s.val_fraction, s.seed)
     device = resolve_device(s.device)
-    if s.dense:
+    if s.detector:
         from .dense import train_mitosis
 
         card = train_mitosis(train_items, val_items, cfg, out, device=device, augmentation=s.augmentation())
     else:
+        from .dense_classes import ClassMapTargets
         from .train import train_classifier
 
-        card = train_classifier(train_items, val_items, cfg, out, device=device, augmentation=s.augmentation())
+        dense = ClassMapTargets() if s.dense else None
+        card = train_classifier(
+            train_items, val_items, cfg, out, device=device, augmentation=s.augmentation(), dense=dense
+        )
     return card, len(train_items), len(val_items)
 
 
@@ -89,7 +94,7 @@ def evaluate_model(
         items = [i for i in items if i.group in held]
         if not items:
             raise ConfigError(f"--held-out: none of DATA is among {model_dir}'s validation sources")
-    if model.card.kind == "dense":
+    if get_task(task).model_kind == "dense":  # a detector: points, not tiles
         from .mitosis_eval import DetectionParams, evaluate_mitosis
 
         chosen = model.card.threshold("mitosis") if threshold is None else threshold

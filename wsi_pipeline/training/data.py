@@ -51,6 +51,9 @@ class TileItem:
     group: str  # source image (or slide); tiles of one group stay on one side of a split
     region: SlideRegion | None = None
     crop: ImageCrop | None = None
+    # where the label holds, as fractions (x, y) of the tile (a labelled nucleus); None: the whole tile. A dense
+    # network learns the label around this point only, and is scored there (dense_classes.py).
+    point: tuple[float, float] | None = None
 
 
 def folder_items(

@@ -16,15 +16,23 @@ from .data import TileItem, load_tile
 
 
 def predict_items(model: LoadedModel, items: list[TileItem], device: torch.device, batch: int = 64) -> np.ndarray:
-    """Every class's probability per tile, through the same predictor `run` uses (any model format), in fp32."""
+    """Every class's probability per tile, through the same predictor `run` uses (any model format), in fp32; a
+    dense model's map is scored on each tile's labelled area, as in its training (dense_classes.py)."""
     from ..models import make_predictor
+    from .dense_classes import item_scores, label_areas, scoring_radius_px
 
+    card = model.card
     predictor = make_predictor(model, device, precision="fp32")
     out = []
     with torch.inference_mode():
         for start in range(0, len(items), batch):
-            tiles = np.stack([load_tile(i, model.card.tile_px) for i in items[start : start + batch]])
-            out.append(predictor.probabilities(torch.from_numpy(tiles).permute(0, 3, 1, 2).to(device)).numpy())
+            chunk = items[start : start + batch]
+            tiles = np.stack([load_tile(i, card.tile_px) for i in chunk])
+            probs = predictor.probabilities(torch.from_numpy(tiles).permute(0, 3, 1, 2).to(device)).numpy()
+            if probs.ndim == 4:
+                radius = scoring_radius_px(card.training, card.mpp)
+                probs = item_scores(probs, label_areas(chunk, card.tile_px, card.output_stride, radius))
+            out.append(probs)
     return np.concatenate(out)
 
 

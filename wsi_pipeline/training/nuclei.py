@@ -85,9 +85,9 @@ def nucleus_items(
             raise DataError(f"{path} is smaller than one tile ({window:.0f} px at its µm/px)")
         left = min(max(x - window / 2, 0.0), width - window)
         top = min(max(y - window / 2, 0.0), height - window)
-        items.append(
-            TileItem(path, label, f"{root.parent.name}/{root.name}/{row['image']}", crop=ImageCrop(left, top, window))
-        )
+        group = f"{root.parent.name}/{root.name}/{row['image']}"
+        point = ((x - left) / window, (y - top) / window)
+        items.append(TileItem(path, label, group, crop=ImageCrop(left, top, window), point=point))
     return _capped(items, per_field), list(mapping)
 
 

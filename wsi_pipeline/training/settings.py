@@ -36,7 +36,14 @@ class TrainSettings(StrictModel):
         validation_alias=AliasChoices("classes", "class"),
         description="NAME=FOLDER[,FOLDER] per output class (default: one class per folder)",
     )
-    arch: str | None = Field(None, description="architecture [small_cnn; dense_fcn for dense tasks]")
+    kind: Literal["classifier", "dense"] | None = Field(
+        None,
+        description="what the model makes: one vector per tile (classifier) or a map per tile (dense); null = the "
+        "task's kind (a classifier task's dense model is a U-Net trained on the same tiles: dense_classes.py)",
+    )
+    arch: str | None = Field(
+        None, description="architecture [small_cnn; small_unet for a dense classifier task; dense_fcn for mitosis]"
+    )
     arch_args: list[str] = Field(default_factory=list, validation_alias=AliasChoices("arch_args", "arch_arg"))
     tile_px: int | None = Field(None, ge=8, description="tile size of the data (px)")
     mpp: float | None = Field(None, gt=0, description="µm/px of the data")
@@ -64,21 +71,29 @@ class TrainSettings(StrictModel):
     )
 
     @property
-    def dense(self) -> bool:
+    def detector(self) -> bool:
+        """A point-detection task (mitosis): a dense model trained on point-annotated images."""
         return get_task(self.task).model_kind == "dense"
+
+    @property
+    def dense(self) -> bool:
+        """The model makes a map per tile (a detector, or a classifier task's U-Net)."""
+        return self.detector or self.kind == "dense"
 
     @model_validator(mode="after")
     def _resolution(self) -> TrainSettings:
         get_task(self.task)
-        if self.dense:
+        if self.detector:
+            if self.kind == "classifier":
+                raise ValueError(f"{self.task} is a detection task: its models are dense (kind: dense or null)")
             self.__dict__["arch"] = self.arch or "dense_fcn"
         else:
             if self.tile_px is None or self.mpp is None:
                 raise ValueError(
-                    f"training a {self.task} classifier needs tile_px and mpp (--tile-px, --mpp: the data's tile "
+                    f"training a {self.task} model needs tile_px and mpp (--tile-px, --mpp: the data's tile "
                     "size and µm/px)"
                 )
-            self.__dict__["arch"] = self.arch or "small_cnn"
+            self.__dict__["arch"] = self.arch or ("small_unet" if self.dense else "small_cnn")
         return self
 
     @model_validator(mode="after")

@@ -24,8 +24,10 @@ import yaml
 from ..atomic import write_json
 from ..models.folders import CARD_FILE, WEIGHTS_FILE
 from .commands import evaluate_model, train_model
-from .data import KATHER_GROUP
+from .data import KATHER_GROUP, DataError
 from .settings import load_train_settings, parse_class_map
+
+STUDY_SETTINGS = "study_settings.json"  # the resolved settings and data a study folder's model was trained with
 
 
 def _train(
@@ -40,8 +42,18 @@ def _train(
         if number:
             settings |= {"init": str(out / f"stage{number - 1}" / WEIGHTS_FILE), "init_head": True}
         folder = out if number == len(stages) - 1 else out / f"stage{number}"
-        if not (folder / CARD_FILE).is_file():  # a finished stage is kept: a killed study resumes
-            train_model(load_train_settings(task, recipe, overrides, settings), tuple(data), folder)
+        resolved = load_train_settings(task, recipe, overrides, settings)
+        wanted = {"settings": resolved.model_dump(mode="json"), "data": list(data)}
+        marker = folder / STUDY_SETTINGS
+        if (folder / CARD_FILE).is_file():  # a finished stage is kept: a killed study resumes
+            if marker.is_file() and json.loads(marker.read_text()) == wanted:
+                continue
+            raise DataError(
+                f"{folder} holds a model trained with other settings or data than this study asks for (another "
+                f"chosen variant, an edited recipe); delete {folder} or give another -o"
+            )
+        train_model(resolved, tuple(data), folder)
+        write_json(marker, wanted)
     return out
 
 

@@ -18,8 +18,10 @@ from torch.utils.data import DataLoader, Dataset
 from ..evaluate import balanced_accuracy, roc_auc, youden_threshold
 from ..input_guard import training_stats
 from ..models import ModelCard, save_model
+from . import dense_classes
 from .augment import AugmentConfig, augment
 from .data import DataError, TileItem, load_tile, sample_items
+from .dense_classes import ClassMapTargets
 from .loop import (
     CHECKPOINT,
     NORMALISATION,
@@ -106,24 +108,37 @@ def train_classifier(
     device: torch.device,
     augmentation: AugmentConfig | None = None,
     progress: bool = True,
+    dense: ClassMapTargets | None = None,
 ) -> dict[str, Any]:
     """Train; keep the best epoch by the validation selection metric (or the last epoch); write the model folder
-    and return its card."""
+    and return its card. With `dense`, the network makes a class map per tile (a U-Net), trained and scored on
+    each tile's labelled area (dense_classes.py); the rest is the same."""
     if not train_items or not val_items:
         raise DataError("training needs tiles on both sides of the split")
     model = build_model(cfg, len(cfg.classes), device)
     watched = selection_metric(len(cfg.classes))
     aug = augmentation or AugmentConfig()
-    train_set = _Tiles(train_items, cfg.tile_px, aug, cfg.seed)
-    val_loader = DataLoader(
-        _Tiles(val_items, cfg.tile_px, None, cfg.seed), batch_size=cfg.batch_size, num_workers=cfg.workers
-    )
     counts = np.bincount([i.label for i in train_items], minlength=len(cfg.classes))
-    loss_fn = nn.CrossEntropyLoss(
-        weight=torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32, device=device)
-    )
+    weight = torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32, device=device)
+    if dense is None:
+        train_set: Dataset = _Tiles(train_items, cfg.tile_px, aug, cfg.seed)
+        val_set: Dataset = _Tiles(val_items, cfg.tile_px, None, cfg.seed)
+        loss_fn = nn.CrossEntropyLoss(weight=weight)
+        evaluate: Any = _evaluate
+    else:  # a dense class map learnt from the same tiles (dense_classes.py)
+        dense_classes.check_map_shape(model, cfg.architecture, cfg.tile_px, dense)
+        radius_px = dense.radius_um / cfg.mpp
+        train_set = dense_classes.TileMaps(train_items, cfg.tile_px, dense, radius_px, aug, cfg.seed)
+        val_set = dense_classes.TileMaps(val_items, cfg.tile_px, dense, radius_px, None, cfg.seed)
+        evaluate = dense_classes.evaluate_maps
+        cfg.extra = {**cfg.extra, "targets": asdict(dense)}
+    val_loader = DataLoader(val_set, batch_size=cfg.batch_size, num_workers=cfg.workers)
 
     def batch_loss(batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        if dense is not None:
+            tiles, target, labels = batch
+            logits = model(normalise(tiles, device))
+            return dense_classes.tile_loss(logits, target.to(device), labels.to(device), weight)
         tiles, labels = batch
         return loss_fn(model(normalise(tiles, device)), labels.to(device))
 
@@ -133,7 +148,7 @@ def train_classifier(
     latest: list[tuple[np.ndarray, np.ndarray]] = []  # (probabilities, labels) of the last epoch validated here
 
     def validate() -> dict[str, float]:
-        latest[:] = [_evaluate(model, val_loader, device)]
+        latest[:] = [evaluate(model, val_loader, device)]
         return _metrics(*latest[0])
 
     started = time.perf_counter()
@@ -142,12 +157,13 @@ def train_classifier(
     # the operating point from the selected epoch's validation pass: the last one, unless another epoch was selected
     # or a finished run was resumed (nothing validated here), which alone need another pass over the tiles
     selected_last = bool(latest) and state.best_epoch == state.epoch
-    probs, labels = latest[0] if selected_last else _evaluate(model, val_loader, device)
+    probs, labels = latest[0] if selected_last else evaluate(model, val_loader, device)
     thresholds, point = classifier_operating_point(probs, labels, cfg.classes)
+    geometry = {"kind": "classifier"} if dense is None else dense_classes.card_geometry(dense)
     card = ModelCard(
         name=f"{cfg.task}-{cfg.architecture}",
         task=cfg.task,
-        kind="classifier",
+        **geometry,
         architecture=cfg.architecture,
         architecture_args=cfg.architecture_args or {},
         mpp=cfg.mpp,
