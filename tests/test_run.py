@@ -35,6 +35,17 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return root / "slides", root / "model"
 
 
+@pytest.fixture(scope="module")
+def cohort_run(cohort: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """One plain run of the cohort (its output folder and stdout), which the tests below compare with and never
+    change."""
+    slides, model = cohort
+    out = tmp_path_factory.mktemp("cohort_run") / "out"
+    result = run_cli(*_args(slides, model, out))
+    assert result.returncode == 0, result.stderr
+    return out, result.stdout
+
+
 def mitosis_options(model: Path) -> list[str]:
     """`run` options for the mitosis task with the hand-set figure detector."""
     return [
@@ -80,12 +91,10 @@ def validate_qupath(path: Path, width: int, height: int) -> dict[str, int]:
     return counts
 
 
-def test_run_finds_the_planted_figures(cohort: tuple[Path, Path], tmp_path: Path) -> None:
-    slides, model = cohort
-    out = tmp_path / "out"
-    result = run_cli(*_args(slides, model, out))
-    assert result.returncode == 0, result.stderr
-    assert "2 slides: 2 done, 0 skipped, 0 failed" in result.stdout
+def test_run_finds_the_planted_figures(cohort: tuple[Path, Path], cohort_run: tuple[Path, str]) -> None:
+    slides, _ = cohort
+    out, stdout = cohort_run
+    assert "2 slides: 2 done, 0 skipped, 0 failed" in stdout
     manifest = list(csv.DictReader((out / "manifest.csv").open()))
     assert [r["status"] for r in manifest] == ["done", "done"]
     cohort_rows = list(csv.DictReader((out / "cohort_summary.csv").open()))
@@ -220,10 +229,11 @@ def test_metastasis_and_epithelium_regions_reproduce_known_tissue(tmp_path: Path
     assert float(cohort["metastasis_largest_lesion_diameter_um"]) == meta["largest_lesion_diameter_um"]
 
 
-def test_sharded_runs_then_gather_equal_one_run(cohort: tuple[Path, Path], tmp_path: Path) -> None:
+def test_sharded_runs_then_gather_equal_one_run(
+    cohort: tuple[Path, Path], cohort_run: tuple[Path, str], tmp_path: Path
+) -> None:
     slides, model = cohort
-    whole, sharded = tmp_path / "whole", tmp_path / "sharded"
-    assert run_cli(*_args(slides, model, whole)).returncode == 0
+    whole, sharded = cohort_run[0], tmp_path / "sharded"
     for index in (0, 1):
         result = run_cli(*_args(slides, model, sharded, "--shard", f"{index}/2"))
         assert result.returncode == 0, result.stderr
@@ -238,12 +248,13 @@ def test_sharded_runs_then_gather_equal_one_run(cohort: tuple[Path, Path], tmp_p
     assert _outputs(sharded) == _outputs(whole)
 
 
-def test_postprocessing_on_an_existing_dask_scheduler(cohort: tuple[Path, Path], tmp_path: Path) -> None:
+def test_postprocessing_on_an_existing_dask_scheduler(
+    cohort: tuple[Path, Path], cohort_run: tuple[Path, str], tmp_path: Path
+) -> None:
     from distributed import LocalCluster
 
     slides, model = cohort
-    plain = tmp_path / "plain"
-    assert run_cli(*_args(slides, model, plain)).returncode == 0
+    plain = cohort_run[0]
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         out = tmp_path / "dask"
         result = run_cli(*_args(slides, model, out, "--dask-scheduler", cluster.scheduler_address))

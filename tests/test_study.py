@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from tests.helpers import run_cli
+from wsi_pipeline.training.data import DataError
 from wsi_pipeline.training.study import run_study, train_final
 
 CLASSES = ["epithelium=01_TUMOR,06_MUCOSA", "stroma=02_STROMA"]
@@ -81,3 +82,11 @@ def test_a_study_measures_each_variant_across_sources_and_trains_the_best(data_d
     assert final["metrics"]["cross_source"]["chosen"] == report["chosen"]
     assert set(final["metrics"]["held_out_by_source"]) == {"first_half", "second_half"}
     assert final["training"]["train_tiles"] + final["training"]["val_tiles"] == 99  # every tile of both halves
+    # run again: every finished model is kept (nothing retrained, same figures) ...
+    assert run_study(study, data_dir, tmp_path / "study")["variants"] == report["variants"]
+    # ... but a folder whose model was trained with other settings is refused, never reused as if it were new
+    edited = yaml.safe_load(recipe.read_text()) | {"epochs": 3}
+    recipe.write_text(yaml.safe_dump(edited))
+
+    with pytest.raises(DataError, match="trained with other settings"):
+        run_study(study, data_dir, tmp_path / "study")
