@@ -57,6 +57,7 @@ SETTING_OPTIONS = (
     "describe",
     "freeze_backbone",
     "init",
+    "stain_normalisation",
 )
 
 
@@ -132,6 +133,12 @@ def given_options(ctx: click.Context, values: dict[str, Any]) -> dict[str, Any]:
     help="The training data for the model card: dataset, licence, citation, what the classes mean.",
 )
 @click.option("--freeze-backbone", is_flag=True, default=None, help="Train only the new head.")
+@click.option(
+    "--stain-normalisation",
+    type=click.Choice(["macenko"]),
+    default=None,
+    help="Normalise every tile's stain (Macenko, per tile) in training; the card makes run and evaluate do the same.",
+)
 @click.option(
     "--init",
     type=click.Path(dir_okay=False, exists=True),

@@ -65,6 +65,9 @@ class ModelCard(BaseModel):
     )
     activation: Literal["softmax", "sigmoid"] = "softmax"
     normalisation: Normalisation = Normalisation()
+    stain_normalisation: Literal["macenko"] | None = Field(
+        None, description="stain normalisation of every tile before the network (models/stain.py); None: none"
+    )
     training: dict[str, Any] = Field(default_factory=dict, description="data, split, augmentation, command")
     metrics: dict[str, Any] = Field(default_factory=dict, description="measured validation metrics")
     thresholds: dict[str, float] = Field(

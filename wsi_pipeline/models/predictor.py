@@ -61,6 +61,7 @@ class TorchModulePredictor:
 
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
         """Every class: (B, C) or (B, C, h, w) float32 on the CPU."""
+        batch = stain_normalised(batch, self.card)
         unit = batch.float().div_(255.0)
         x = ((unit - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
@@ -69,6 +70,16 @@ class TorchModulePredictor:
 
     def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         return pick_written(self.probabilities(batch), self.card, self.indices)
+
+
+def stain_normalised(batch: torch.Tensor, card: ModelCard) -> torch.Tensor:
+    """The batch as the model was trained to see it: stain-normalised per tile when its card says so (on the CPU:
+    a Macenko estimate per tile is a few small linear-algebra steps, not worth a device kernel)."""
+    if card.stain_normalisation is None:
+        return batch
+    from .stain import normalise_batch
+
+    return normalise_batch(batch, card.stain_normalisation)
 
 
 def activate(logits: torch.Tensor, card: ModelCard) -> torch.Tensor:
@@ -93,6 +104,7 @@ class OnnxPredictor:
         self.indices = [self.card.classes.index(c) for c in self.card.written_classes]
 
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        batch = stain_normalised(batch, self.card)
         x = ((batch.cpu().float() / 255.0 - self.mean) / self.std).contiguous().numpy()
         (logits,) = self.session.run(None, {self.input: x})[:1]
         return activate(torch.from_numpy(logits).float(), self.card)

@@ -43,6 +43,7 @@ def train_model(settings: TrainSettings, data: tuple[str, ...], out: Path) -> tu
             "data": [*data, *([s.val_data] if s.val_data else [])],
             "description": s.describe,
             "augment": dict(s.augment),
+            **({"stain_normalisation": s.stain_normalisation} if s.stain_normalisation else {}),
         },
     )
     if s.val_data:

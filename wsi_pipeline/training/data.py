@@ -140,10 +140,22 @@ def sample_items(items: Sequence[T], count: int, seed: int) -> list[T]:
     return [items[i] for i in sorted(order)]
 
 
-def load_tile(item: TileItem, size: int | None = None, offset: tuple[float, float] | None = None) -> np.ndarray:
-    """RGB uint8 of `size` px. A tile file larger than `size` is cropped (at `offset`, fractions of the free room
-    in x and y; the centre by default), which lets a model see part of a dataset's tiles; a smaller one is an error
-    naming the file. A crop of an image (`item.crop`) is resampled to `size`."""
+def load_tile(
+    item: TileItem, size: int | None = None, offset: tuple[float, float] | None = None, stain: str | None = None
+) -> np.ndarray:
+    """RGB uint8 of `size` px, stain-normalised when `stain` names a method (models/stain.py). A tile file larger
+    than `size` is cropped (at `offset`, fractions of the free room in x and y; the centre by default), which lets a
+    model see part of a dataset's tiles; a smaller one is an error naming the file. A crop of an image
+    (`item.crop`) is resampled to `size`."""
+    rgb = _load_tile(item, size, offset)
+    if stain is None:
+        return rgb
+    from ..models.stain import normalise_tile
+
+    return normalise_tile(rgb, stain)
+
+
+def _load_tile(item: TileItem, size: int | None, offset: tuple[float, float] | None) -> np.ndarray:
     if item.region is not None:
         if size is None:
             raise DataError(f"{item.path}: a tile read from a slide needs a tile size")

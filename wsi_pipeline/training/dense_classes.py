@@ -84,8 +84,10 @@ class TileMaps(Dataset):
         radius_px: float,
         aug: AugmentConfig | None,
         seed: int,
+        stain: str | None = None,
     ) -> None:
         self.items, self.tile_px, self.aug, self.seed, self.epoch = items, tile_px, aug, seed, 0
+        self.stain = stain
         self.areas = label_areas(items, tile_px, targets.output_stride, radius_px)
 
     def __len__(self) -> int:
@@ -95,11 +97,11 @@ class TileMaps(Dataset):
         item = self.items[index]
         target = torch.from_numpy(np.where(self.areas[index], item.label, IGNORE).astype(np.int64))
         if self.aug is None:
-            tile = torch.from_numpy(load_tile(item, self.tile_px)).permute(2, 0, 1).contiguous()
+            tile = torch.from_numpy(load_tile(item, self.tile_px, stain=self.stain)).permute(2, 0, 1).contiguous()
             return tile, target, item.label
         rng = np.random.default_rng([self.seed, self.epoch, index, 1])
         offset = (float(rng.random()), float(rng.random()))  # a tile larger than the model's: a seeded part
-        tile = torch.from_numpy(load_tile(item, self.tile_px, offset)).permute(2, 0, 1)
+        tile = torch.from_numpy(load_tile(item, self.tile_px, offset, self.stain)).permute(2, 0, 1)
         if rng.random() < 0.5:
             tile, target = tile.flip(-1), target.flip(-1)
         turns = int(rng.integers(4))

@@ -66,6 +66,9 @@ class TrainSettings(StrictModel):
     init_head: bool = Field(
         False, description="also take the head from --init (continuing a model); false: a new head (transfer)"
     )
+    stain_normalisation: Literal["macenko"] | None = Field(
+        None, description="normalise every tile's stain (Macenko, per tile) in training and wherever the model runs"
+    )
     augment: dict[str, float | bool] = Field(
         default_factory=dict, description="augmentation settings by name (hed_sigma, brightness, ...; augment.py)"
     )
@@ -87,6 +90,8 @@ class TrainSettings(StrictModel):
             if self.kind == "classifier":
                 raise ValueError(f"{self.task} is a detection task: its models are dense (kind: dense or null)")
             self.__dict__["arch"] = self.arch or "dense_fcn"
+            if self.stain_normalisation is not None:
+                raise ValueError(f"stain_normalisation is for classifier tasks' models, not {self.task}'s")
         else:
             if self.tile_px is None or self.mpp is None:
                 raise ValueError(

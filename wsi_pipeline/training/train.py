@@ -38,8 +38,11 @@ __all__ = ["CHECKPOINT", "TrainConfig", "train_classifier"]
 
 
 class _Tiles(Dataset):
-    def __init__(self, items: list[TileItem], tile_px: int, aug: AugmentConfig | None, seed: int) -> None:
+    def __init__(
+        self, items: list[TileItem], tile_px: int, aug: AugmentConfig | None, seed: int, stain: str | None = None
+    ) -> None:
         self.items, self.tile_px, self.aug, self.seed, self.epoch = items, tile_px, aug, seed, 0
+        self.stain = stain
 
     def __len__(self) -> int:
         return len(self.items)
@@ -50,7 +53,7 @@ class _Tiles(Dataset):
         if self.aug is not None:  # a tile larger than the model's: a seeded random part of it (centre otherwise)
             rng = np.random.default_rng([self.seed, self.epoch, index, 1])
             offset = (float(rng.random()), float(rng.random()))
-        tile = torch.from_numpy(load_tile(item, self.tile_px, offset)).permute(2, 0, 1).contiguous()
+        tile = torch.from_numpy(load_tile(item, self.tile_px, offset, self.stain)).permute(2, 0, 1).contiguous()
         if self.aug is not None:
             tile = augment(tile, self.aug, self.seed, self.epoch, index)
         return tile, item.label
@@ -120,16 +123,17 @@ def train_classifier(
     aug = augmentation or AugmentConfig()
     counts = np.bincount([i.label for i in train_items], minlength=len(cfg.classes))
     weight = torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32, device=device)
+    stain = cfg.extra.get("stain_normalisation")
     if dense is None:
-        train_set: Dataset = _Tiles(train_items, cfg.tile_px, aug, cfg.seed)
-        val_set: Dataset = _Tiles(val_items, cfg.tile_px, None, cfg.seed)
+        train_set: Dataset = _Tiles(train_items, cfg.tile_px, aug, cfg.seed, stain)
+        val_set: Dataset = _Tiles(val_items, cfg.tile_px, None, cfg.seed, stain)
         loss_fn = nn.CrossEntropyLoss(weight=weight)
         evaluate: Any = _evaluate
     else:  # a dense class map learnt from the same tiles (dense_classes.py)
         dense_classes.check_map_shape(model, cfg.architecture, cfg.tile_px, dense)
         radius_px = dense.radius_um / cfg.mpp
-        train_set = dense_classes.TileMaps(train_items, cfg.tile_px, dense, radius_px, aug, cfg.seed)
-        val_set = dense_classes.TileMaps(val_items, cfg.tile_px, dense, radius_px, None, cfg.seed)
+        train_set = dense_classes.TileMaps(train_items, cfg.tile_px, dense, radius_px, aug, cfg.seed, stain)
+        val_set = dense_classes.TileMaps(val_items, cfg.tile_px, dense, radius_px, None, cfg.seed, stain)
         evaluate = dense_classes.evaluate_maps
         cfg.extra = {**cfg.extra, "targets": asdict(dense)}
     val_loader = DataLoader(val_set, batch_size=cfg.batch_size, num_workers=cfg.workers)
@@ -171,6 +175,7 @@ def train_classifier(
         classes=cfg.classes,
         activation="softmax",
         normalisation=NORMALISATION,
+        stain_normalisation=stain,
         training={
             "config": asdict(cfg),
             "augmentation": asdict(aug),
