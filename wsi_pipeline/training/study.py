@@ -43,7 +43,8 @@ def _train(
             settings |= {"init": str(out / f"stage{number - 1}" / WEIGHTS_FILE), "init_head": True}
         folder = out if number == len(stages) - 1 else out / f"stage{number}"
         resolved = load_train_settings(task, recipe, overrides, settings)
-        wanted = {"settings": resolved.model_dump(mode="json"), "data": list(data)}
+        # settings left at their defaults are not compared: a setting added later does not disown finished models
+        wanted = {"settings": resolved.model_dump(mode="json", exclude_defaults=True), "data": list(data)}
         marker = folder / STUDY_SETTINGS
         if (folder / CARD_FILE).is_file():  # a finished stage is kept: a killed study resumes
             if marker.is_file() and json.loads(marker.read_text()) == wanted:
