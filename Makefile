@@ -30,8 +30,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -e '.[dev]'
 	touch $(STAMP)
 
+# two processes (pytest-xdist), each test module whole in one of them (its module fixtures are built once); a
+# SLURM or subprocess test waiting on its jobs leaves the CPU to the other
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check wsi_pipeline tests benchmarks
