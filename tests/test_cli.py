@@ -101,8 +101,10 @@ def test_tiles_from_task_config_with_override(data_dir: Path, tmp_path: Path) ->
     assert result.returncode == 0, result.stderr
     plan = json.loads((tmp_path / "CMU-1-Small-Region" / "tiles-mitosis.json").read_text())
     assert plan["params"]["tile_px"] == 256 and plan["params"]["mpp"] == 0.25
-    # 2220 x 2967 px at 0.499 -> 4431 x 5922 px at 0.25 -> 18 x 24 tiles of 256 px
-    assert plan["grid"] == [18, 24] and plan["count"] == 18 * 24
+    # the configured overlap 0 is raised to twice the dense model's 32 px halo, as `run` reads it: 2220 x 2967 px at
+    # 0.499 -> 4431 x 5922 px at 0.25 -> steps of 192 px: ceil((4431 - 64) / 192) x ceil((5922 - 64) / 192)
+    assert plan["params"]["overlap_px"] == 64
+    assert plan["grid"] == [23, 31] and plan["count"] == 23 * 31
 
 
 def test_task_tiles_follow_the_model_card_and_a_conflicting_value_is_refused(data_dir: Path, tmp_path: Path) -> None:
