@@ -24,13 +24,6 @@ MAX_CONCENTRATION_REFERENCE = np.array([1.9705, 1.0308])
 _ALPHA = 1.0  # percentile of the stain-vector angles taken as the extremes
 
 
-def stained_fraction(rgb: np.ndarray) -> tuple[float, int]:
-    """(fraction, count) of pixels whose optical density reaches `_BETA` in every channel."""
-    od = -np.log((rgb.reshape(-1, 3).astype(np.float64) + 1) / _IO)
-    stained = int((~np.any(od < _BETA, axis=1)).sum())
-    return stained / max(1, od.shape[0]), stained
-
-
 def normalise_tile(rgb: np.ndarray, method: str = "macenko") -> np.ndarray:
     """uint8 (H, W, 3) -> the same tile with the reference stain; unchanged where it cannot be estimated.
 

@@ -87,6 +87,8 @@ class TileMaps(Dataset):
         stain: str | None = None,
     ) -> None:
         self.items, self.tile_px, self.aug, self.seed, self.epoch = items, tile_px, aug, seed, 0
+        # colour only: flips and turns move tile and target together in __getitem__
+        self.colour_aug = None if aug is None else replace(aug, flips=False, rotate90=False, scale=0.0)
         self.stain = stain
         self.areas = label_areas(items, tile_px, targets.output_stride, radius_px)
 
@@ -96,7 +98,7 @@ class TileMaps(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         item = self.items[index]
         target = torch.from_numpy(np.where(self.areas[index], item.label, IGNORE).astype(np.int64))
-        if self.aug is None:
+        if self.colour_aug is None:
             tile = torch.from_numpy(load_tile(item, self.tile_px, stain=self.stain)).permute(2, 0, 1).contiguous()
             return tile, target, item.label
         rng = np.random.default_rng([self.seed, self.epoch, index, 1])
@@ -106,8 +108,7 @@ class TileMaps(Dataset):
             tile, target = tile.flip(-1), target.flip(-1)
         turns = int(rng.integers(4))
         tile, target = torch.rot90(tile, turns, (-2, -1)), torch.rot90(target, turns, (-2, -1))
-        colour_only = replace(self.aug, flips=False, rotate90=False, scale=0.0)  # geometry moved both above
-        tile = augment(tile.contiguous(), colour_only, self.seed, self.epoch, index)
+        tile = augment(tile.contiguous(), self.colour_aug, self.seed, self.epoch, index)
         return tile, target.contiguous(), item.label
 
 

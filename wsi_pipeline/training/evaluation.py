@@ -23,6 +23,7 @@ def predict_items(model: LoadedModel, items: list[TileItem], device: torch.devic
 
     card = model.card
     predictor = make_predictor(model, device, precision="fp32")
+    radius = scoring_radius_px(card.training, card.mpp)  # used by dense models only
     out = []
     with torch.inference_mode():
         for start in range(0, len(items), batch):
@@ -30,7 +31,6 @@ def predict_items(model: LoadedModel, items: list[TileItem], device: torch.devic
             tiles = np.stack([load_tile(i, card.tile_px) for i in chunk])
             probs = predictor.probabilities(torch.from_numpy(tiles).permute(0, 3, 1, 2).to(device)).numpy()
             if probs.ndim == 4:
-                radius = scoring_radius_px(card.training, card.mpp)
                 probs = item_scores(probs, label_areas(chunk, card.tile_px, card.output_stride, radius))
             out.append(probs)
     return np.concatenate(out)
