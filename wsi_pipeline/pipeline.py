@@ -197,6 +197,7 @@ def _run(
             progress=progress,
             precision=config.engine.precision,
             compile_=config.engine.compile,
+            loader=config.engine.loader,
         )
         if requests
         else {"reads": []}

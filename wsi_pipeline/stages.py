@@ -260,6 +260,7 @@ def predict_stage(
             progress=progress,
             precision=config.engine.precision,
             compile_=config.engine.compile,
+            loader=config.engine.loader,
         )
         write_tissue_heatmap(out.heatmaps, tissue)
         finish_store(out.heatmaps)

@@ -23,7 +23,7 @@ from ..models.card import ModelCard
 from ..progress import Progress
 from ..slide import Slide
 from ..tiling import TilePlan, TileSpec
-from .loader import make_loader, one_line_worker_errors
+from .loader import LoaderKind, make_loader, one_line_worker_errors
 from .stitch import Stitcher, stitcher_class
 
 
@@ -70,9 +70,11 @@ def predict_slide(
     progress: bool = True,
     precision: str = "auto",
     compile_: bool = False,
+    loader: LoaderKind = "threads",
 ) -> dict[str, Any]:
     """Run every request over its plan and write its heatmaps into `store`; returns timings. `precision` (auto,
-    fp32, bf16) and `compile_` go to each model's predictor (see `models.predictor.use_bf16`).
+    fp32, bf16) and `compile_` go to each model's predictor (see `models.predictor.use_bf16`); `loader` says whether
+    `workers` are threads or processes (`engine.loader`).
 
     Raises before reading when a model cannot serve its plan; on any failure, partial heatmaps are discarded.
     """
@@ -87,9 +89,9 @@ def predict_slide(
         plan = group[0].plan
         stitchers: list[Stitcher] = []
         started = time.perf_counter()
-        # The workers start (a spawn re-imports torch: seconds on a GPU machine) and read ahead while the models move
-        # to the device and the heatmaps are created.
-        tiles = iter(make_loader(slide, plan, batch_size, workers, device))
+        # The workers start (a spawned process re-imports torch: seconds on a GPU machine) and read ahead while the
+        # models move to the device and the heatmaps are created.
+        tiles = iter(make_loader(slide, plan, batch_size, workers, device, loader))
         try:
             predictors = []
             for request in group:
@@ -109,7 +111,10 @@ def predict_slide(
                 stitcher.abort()
             raise
         finally:
-            del tiles  # shuts the workers down now, also on failure
+            close = getattr(tiles, "close", None)  # reading threads: stop and join them now, also on failure
+            if close is not None:
+                close()
+            del tiles  # worker processes: shut down when their iterator goes
     return timings
 
 

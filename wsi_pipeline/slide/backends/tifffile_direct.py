@@ -34,6 +34,7 @@ CACHE_BYTES = 64 << 20  # decoded tiles kept per process
 DECODE_THREADS = 4
 _UNITS = {1: "none", 2: "inch", 3: "centimeter"}
 # APP14 "Adobe", transform 0: the components are RGB, not YCbCr (how Aperio's "JPEG/RGB" tiles are stored)
+_OPEN_LOCK = threading.Lock()
 ADOBE_RGB = bytes.fromhex("ffee000e") + b"Adobe" + bytes([0, 100, 0, 0, 0, 0, 0])
 
 
@@ -80,24 +81,48 @@ class TiffDirectReader:
     # --- per-process state: file handle, tiles, thread pool, cache ---------------------------------------------
     @property
     def _tif(self) -> tifffile.TiffFile:
+        return self._state()["tif"]
+
+    def _state(self) -> dict[str, Any]:
         local = self._local
         if local.get("pid") != os.getpid():
-            try:
-                tif = tifffile.TiffFile(self.path)
-            except (tifffile.TiffFileError, OSError, ValueError, IndexError) as exc:
-                check_tiff_complete(self.path)  # a truncated file is reported as such
-                raise _unsupported(self.path, str(exc)) from exc
-            local.clear()
-            local.update(
-                pid=os.getpid(),
-                tif=tif,
-                fd=os.open(self.path, os.O_RDONLY),
-                cache=OrderedDict(),
-                cache_bytes=0,
-                lock=threading.Lock(),
-                pool=None,
-            )
-        return local["tif"]
+            with _OPEN_LOCK:  # reading threads may all arrive first in a new process; one of them opens
+                if local.get("pid") != os.getpid():
+                    self._open_here()
+        return local
+
+    def _page(self, level: int) -> Any:
+        """Level `level`'s first page; the pages are parsed once under the lock, since tifffile reads page headers
+        lazily through one shared file position, which concurrent reading threads would move under each other."""
+        local = self._state()
+        if local["pages"] is None:
+            with local["lock"]:
+                if local["pages"] is None:
+                    pages = [level.pages[0] for level in local["tif"].series[0].levels]
+                    for page in pages:  # tag values tifffile may load on first use
+                        page.dataoffsets, page.databytecounts, page.jpegtables, page.decode  # noqa: B018
+                    local["pages"] = pages
+        return local["pages"][level]
+
+    def _open_here(self) -> None:
+        """Open the file and this process's decoding state (the caller holds `_OPEN_LOCK`)."""
+        local = self._local
+        try:
+            tif = tifffile.TiffFile(self.path)
+        except (tifffile.TiffFileError, OSError, ValueError, IndexError) as exc:
+            check_tiff_complete(self.path)  # a truncated file is reported as such
+            raise _unsupported(self.path, str(exc)) from exc
+        local.clear()
+        local.update(
+            pid=os.getpid(),
+            tif=tif,
+            pages=None,
+            fd=os.open(self.path, os.O_RDONLY),
+            cache=OrderedDict(),
+            cache_bytes=0,
+            lock=threading.Lock(),
+            pool=None,
+        )
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -115,7 +140,7 @@ class TiffDirectReader:
 
     # --- pixels ---------------------------------------------------------------------------------------------
     def read_level(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
-        page = self._tif.series[0].levels[level].pages[0]
+        page = self._page(level)
         out = np.full((height, width, 3), 255, np.uint8)
         tw, th = int(page.tilewidth), int(page.tilelength)
         iw, ih = self.level_dimensions[level]
@@ -143,8 +168,9 @@ class TiffDirectReader:
                 cache.move_to_end((level, i))
         missing = [(i, place) for i, place in zip(indices, places, strict=True) if i not in found]
         if len(missing) > 1:
-            if local["pool"] is None:
-                local["pool"] = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")
+            with local["lock"]:
+                if local["pool"] is None:
+                    local["pool"] = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")
             decoded = list(local["pool"].map(lambda item: self._decode(page, level, *item), missing))
         else:
             decoded = [self._decode(page, level, *item) for item in missing]
@@ -175,7 +201,7 @@ class TiffDirectReader:
         """The stored JPEG tiles a region of `level` touches, as (tile x, tile y, complete JPEG stream): the shared
         tables spliced in, and an Adobe marker where the tiles are stored as RGB, so that any JPEG decoder (nvJPEG
         through torchvision on a GPU) decodes them as tifffile does. Empty when the level is not JPEG."""
-        page = self._tif.series[0].levels[level].pages[0]
+        page = self._page(level)
         if page.compression != 7:
             return []
         tw, th = int(page.tilewidth), int(page.tilelength)
