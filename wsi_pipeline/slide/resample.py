@@ -5,6 +5,7 @@ Knows nothing of any slide library: it only calls `SlideReader.read_level`.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -28,6 +29,9 @@ def best_level(downsamples: tuple[float, ...], downsample: float) -> int:
     return best
 
 
+# A plan's tiles in one row share their vertical weights and in one column their horizontal ones: cached, a plan of
+# R x C tiles builds R + C weight matrices instead of 2 R C (each costs about as much as applying it).
+@functools.lru_cache(maxsize=1024)
 def _area_weights(first_edge: float, step: float, count: int, size: int) -> sparse.csr_matrix:
     """(count, size) weights of `count` output pixels whose edges are `first_edge + i * step` over `size` input
     pixels: input pixel k weighs the length of [k, k + 1) inside the output pixel over `step` (an exact area mean)."""
