@@ -40,7 +40,10 @@ from .common import (
 @device_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Tiles per batch [task's batch_size].")
 @click.option(
-    "--workers", type=click.IntRange(min=0), default=None, help="Tile-reading workers (threads; engine.loader) [cores - 1, at least 1]."
+    "--workers",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Tile-reading workers (threads; engine.loader) [cores - 1, at least 1].",
 )
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @slide_mpp_option
@@ -100,7 +103,9 @@ def predict(
 )
 @click.option("--tasks", default=None, help="Comma-separated tasks to run [every enabled task].")
 @device_option
-@click.option("--workers", type=click.IntRange(min=0), default=None, help="Tile-reading workers (threads; engine.loader) [cores - 1].")
+@click.option(
+    "--workers", type=click.IntRange(min=0), default=None, help="Tile-reading threads (engine.loader) [cores - 1]."
+)
 @click.option("--overwrite", is_flag=True, help="Redo slides whose outputs are complete and compatible.")
 @click.option("--default-mpp", type=positive_mpp, default=None, help="µm/px for slides that record none.")
 @click.option(
