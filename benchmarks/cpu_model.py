@@ -1,5 +1,6 @@
-"""CPU model path: tiles/s of each shipped model and of resnet18 in eager fp32, bf16 autocast, torch.compile fp32
-and torch.compile + bf16, measured in turn in one run, with the largest probability difference to eager fp32 on the
+"""CPU model path: tiles/s of each shipped model and of resnet18 in eager fp32, bf16 autocast, with BatchNorm folded
+into the convolutions (what the engine runs: `conv_bn_fused`) in fp32 and bf16, torch.compile fp32 and
+torch.compile + bf16, measured in turn in one run, with the largest probability difference to eager fp32 on the
 same real tiles (the engine's bf16 tolerance is 0.02, as on CUDA). Writes benchmarks/results/cpu-model.json; the
 engine's CPU default follows what wins here (docs/benchmarks.md).
 """
@@ -53,6 +54,7 @@ def main() -> None:
     args = parser.parse_args()
     from wsi_pipeline.models import ModelCard
     from wsi_pipeline.models.architectures import build, seeded
+    from wsi_pipeline.models.predictor import conv_bn_fused
     from wsi_pipeline.tasks import task_model
 
     models = {name: task_model(name, None) for name in ("epithelium_stroma", "metastasis", "mitosis")}
@@ -69,12 +71,15 @@ def main() -> None:
             card = card.model_copy(update={"tile_px": 256})
         module = module.eval().to(memory_format=torch.channels_last)
         x = tiles_for(card, batch)
+        fused = conv_bn_fused(module)
         compiled = torch.compile(module)
         row: dict[str, object] = {"model": name, "tile_px": card.tile_px, "batch": batch}
         reference = None
         for mode, (net, bf16) in {
             "eager_fp32": (module, False),
             "eager_bf16": (module, True),
+            "fused_fp32": (fused, False),
+            "fused_bf16": (fused, True),
             "compiled_fp32": (compiled, False),
             "compiled_bf16": (compiled, True),
         }.items():

@@ -157,3 +157,34 @@ def test_a_dense_onnx_model_runs_on_larger_tiles_than_it_was_exported_for(tmp_pa
 
     with pytest.raises(ModelError, match="cannot run onnx models yet"):
         evaluate_mitosis(load_model(tmp_path / "onnx"), [], tmp_path / "eval", cpu, DetectionParams())
+
+
+def test_batchnorm_is_folded_into_convolutions_without_changing_outputs(data_dir: Path) -> None:
+    """The predictor runs a copy with every BatchNorm folded into its convolution (fx `fuse`): no BatchNorm left,
+    the same probabilities on real tiles (fp32), and the loaded module itself untouched (it can still be trained)."""
+    from wsi_pipeline.models.predictor import TorchModulePredictor, conv_bn_fused
+    from wsi_pipeline.slide import Slide
+
+    model = load_model(Path("wsi_pipeline/models/defaults/mitosis"))
+    tiles = np.stack([Slide(CMU).read_region(x, 400, 256, 256, 0.25) for x in (300, 700, 1100)])
+    batch = torch.from_numpy(tiles).permute(0, 3, 1, 2).contiguous()
+    predictor = TorchModulePredictor(model, torch.device("cpu"), "fp32")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in predictor.run.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.module.modules()) > 0
+    with torch.inference_mode():
+        fused = predictor.probabilities(batch)
+        predictor.run = model.module  # the unfused network, same normalisation and activation
+        unfused = predictor.probabilities(batch)
+    assert fused.shape == (3, 1, 64, 64) and float(unfused.max()) > 0.01
+    assert float((fused - unfused).abs().max()) < 1e-5
+
+    class Branchy(torch.nn.Module):  # data-dependent control flow: torch.fx cannot trace it
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.norm = torch.nn.Conv2d(3, 2, 3), torch.nn.BatchNorm2d(2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.norm(self.conv(x)) if x.sum() > 0 else x
+
+    branchy = Branchy().eval()
+    assert conv_bn_fused(branchy) is branchy

@@ -2,7 +2,7 @@
 
 Tiles travel from the loader as uint8; each task's `Predictor` normalises and runs its model on the device and its
 `Stitcher` writes the outputs. On CUDA: pinned memory, non-blocking copies, channels_last and bf16 autocast; on the
-CPU, fp32.
+CPU, bf16 where the CPU has it natively (`models.predictor.use_bf16`).
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ one, registered with `register_format`. Predictors know nothing of slides or hea
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Protocol
 
@@ -13,6 +14,8 @@ import torch
 
 from .card import ModelCard
 from .loading import LoadedModel
+
+LOG = logging.getLogger("wsi_pipeline.models")
 
 
 class Predictor(Protocol):
@@ -52,8 +55,9 @@ class TorchModulePredictor:
         self.bf16 = use_bf16(device, precision)
         self.module = model.module.to(device).eval().to(memory_format=torch.channels_last)
         model.module = self.module
-        # a TorchScript module is already a compiled graph: torch.compile does not take it
-        self.run = torch.compile(self.module) if compile_ and model.format == "torch" else self.module
+        # a TorchScript module is already a compiled graph: neither fusion nor torch.compile takes it
+        fused = conv_bn_fused(self.module) if model.format == "torch" else self.module
+        self.run = torch.compile(fused) if compile_ and model.format == "torch" else fused
         norm = self.card.normalisation
         self.mean = torch.tensor(norm.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(norm.std, device=device).view(1, 3, 1, 1)
@@ -70,6 +74,22 @@ class TorchModulePredictor:
 
     def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         return pick_written(self.probabilities(batch), self.card, self.indices)
+
+
+def conv_bn_fused(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of an eval-mode module with each BatchNorm folded into the convolution before it (torch.fx's
+    `fuse`), the classic inference rewrite: every shipped model is 1.3-2x faster on this CPU (bf16; fp32 1.4-1.5x)
+    with probabilities equal to the unfused module's within 1e-5 (benchmarks/cpu_model.py). A module fx cannot
+    trace (data-dependent control flow) runs as it is."""
+    from torch.fx.experimental.optimization import fuse
+
+    if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules()):
+        return module
+    try:
+        return fuse(module).to(memory_format=torch.channels_last)
+    except Exception as exc:  # tracing fails in many ways (TraceError, TypeError, NotImplementedError, ...)
+        LOG.info("%s: BatchNorm not folded (torch.fx cannot trace it: %s)", type(module).__name__, exc)
+        return module
 
 
 def stain_normalised(batch: torch.Tensor, card: ModelCard) -> torch.Tensor:
