@@ -148,6 +148,24 @@ def test_reader_travels_to_spawned_workers(data_dir: Path, backend: str) -> None
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_concurrent_reads_from_threads_equal_serial_reads(pyramid_slide: tuple[Path, SynthSpec], backend: str) -> None:
+    """The engine reads tiles from several threads of one process (`engine.loader: threads`), first reads of a
+    fresh handle included: a backend must return what serial reads return."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path, _ = pyramid_slide
+    places = [(x, y, mpp) for mpp in (0.25, 0.972, 2.0) for x in range(0, 4600, 700) for y in range(0, 3600, 900)]
+    serial = Slide(path, backend=backend)
+    expected = [serial.read_region(x, y, 96, 96, mpp) for x, y, mpp in places]
+    fresh = pickle.loads(pickle.dumps(Slide(path, backend=backend)))  # nothing opened yet in this copy
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda place: fresh.read_region(*place[:2], 96, 96, place[2]), places * 3))
+    assert len(got) == 3 * len(places)
+    for index, region in enumerate(got):
+        assert np.array_equal(region, expected[index % len(places)]), places[index % len(places)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_files_raise_the_same_errors(data_dir: Path, tmp_path: Path, backend: str) -> None:
     with pytest.raises(SlideNotFoundError):
         Slide(tmp_path / "absent.svs", backend=backend)
