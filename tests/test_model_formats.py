@@ -177,6 +177,8 @@ def test_batchnorm_is_folded_into_convolutions_without_changing_outputs(data_dir
         unfused = predictor.probabilities(batch)
     assert fused.shape == (3, 1, 64, 64) and float(unfused.max()) > 0.01
     assert float((fused - unfused).abs().max()) < 1e-5
+    as_written = make_predictor(model, torch.device("cpu"), "fp32", fuse=False)  # engine.fuse_batchnorm: false
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in as_written.run.modules())  # type: ignore[attr-defined]
 
     class Branchy(torch.nn.Module):  # data-dependent control flow: torch.fx cannot trace it
         def __init__(self) -> None:

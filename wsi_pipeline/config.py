@@ -56,6 +56,9 @@ class EngineConfig(StrictModel):
         "auto", description="auto: bf16 autocast on CUDA and on CPUs with native bf16 (AMX / AVX512-BF16), else fp32"
     )
     compile: bool = Field(False, description="torch.compile every model (8-28 s per model first; pays on long runs)")
+    fuse_batchnorm: bool = Field(
+        True, description="run PyTorch models with BatchNorm folded into the convolutions (1.1-1.6x on the CPU)"
+    )
     loader: Literal["threads", "processes"] = Field(
         "threads",
         description="--workers read tiles as threads of the run's process (the readers release the GIL; no copy of "

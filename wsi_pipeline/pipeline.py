@@ -198,6 +198,7 @@ def _run(
             precision=config.engine.precision,
             compile_=config.engine.compile,
             loader=config.engine.loader,
+            fuse=config.engine.fuse_batchnorm,
         )
         if requests
         else {"reads": []}

@@ -43,6 +43,7 @@ def compatibility_key(
         "mpp": round(mpp, 9),
         "backend": backend,
         "precision": config.engine.precision,
+        "fuse_batchnorm": config.engine.fuse_batchnorm,  # folded BatchNorm changes probabilities in the last bits
         "format": RUN_FORMAT,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]

@@ -261,6 +261,7 @@ def predict_stage(
             precision=config.engine.precision,
             compile_=config.engine.compile,
             loader=config.engine.loader,
+            fuse=config.engine.fuse_batchnorm,
         )
         write_tissue_heatmap(out.heatmaps, tissue)
         finish_store(out.heatmaps)

@@ -71,12 +71,14 @@ def predict_slide(
     precision: str = "auto",
     compile_: bool = False,
     loader: LoaderKind = "threads",
+    fuse: bool = True,
 ) -> dict[str, Any]:
     """Run every request over its plan and write its heatmaps into `store`; returns timings. `precision` (auto,
-    fp32, bf16) and `compile_` go to each model's predictor (see `models.predictor.use_bf16`); `loader` says whether
-    `workers` are threads or processes (`engine.loader`).
+        fp32, bf16) and `compile_` go to each model's predictor (see `models.predictor.use_bf16`); `loader` says whether
+        `workers` are threads or processes (`engine.loader`); `fuse` folds BatchNorm into convolutions
+    (`engine.fuse_batchnorm`).
 
-    Raises before reading when a model cannot serve its plan; on any failure, partial heatmaps are discarded.
+        Raises before reading when a model cannot serve its plan; on any failure, partial heatmaps are discarded.
     """
     names = [c for request in requests for c in request.model.card.written_classes]
     duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -95,7 +97,7 @@ def predict_slide(
         try:
             predictors = []
             for request in group:
-                predictors.append(make_predictor(request.model, device, precision, compile_))
+                predictors.append(make_predictor(request.model, device, precision, compile_, fuse))
                 card = request.model.card
                 stitchers.append(stitcher_class(card)(request.name, card, request.plan, store, request.dtype))
             names = [r.name for r in group]

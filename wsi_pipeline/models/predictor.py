@@ -46,7 +46,12 @@ class TorchModulePredictor:
     pays (`use_bf16`), optionally `torch.compile`d (worth it for long slides: it costs 8-28 s per model first)."""
 
     def __init__(
-        self, model: LoadedModel, device: torch.device, precision: str = "auto", compile_: bool = False
+        self,
+        model: LoadedModel,
+        device: torch.device,
+        precision: str = "auto",
+        compile_: bool = False,
+        fuse: bool = True,
     ) -> None:
         if model.module is None:
             raise ValueError(f"{model.card.name} has no torch module to run")
@@ -56,7 +61,7 @@ class TorchModulePredictor:
         self.module = model.module.to(device).eval().to(memory_format=torch.channels_last)
         model.module = self.module
         # a TorchScript module is already a compiled graph: neither fusion nor torch.compile takes it
-        fused = conv_bn_fused(self.module) if model.format == "torch" else self.module
+        fused = conv_bn_fused(self.module) if fuse and model.format == "torch" else self.module
         self.run = torch.compile(fused) if compile_ and model.format == "torch" else fused
         norm = self.card.normalisation
         self.mean = torch.tensor(norm.mean, device=device).view(1, 3, 1, 1)
@@ -133,7 +138,7 @@ class OnnxPredictor:
         return pick_written(self.probabilities(batch), self.card, self.indices)
 
 
-PredictorFactory = Callable[..., Predictor]  # (LoadedModel, device, precision=..., compile_=...) -> Predictor
+PredictorFactory = Callable[..., Predictor]  # (LoadedModel, device, precision, compile_, fuse) -> Predictor
 _FORMATS: dict[str, PredictorFactory] = {
     "torch": TorchModulePredictor,
     "torchscript": TorchModulePredictor,
@@ -147,12 +152,12 @@ def register_format(name: str, factory: PredictorFactory) -> None:
 
 
 def make_predictor(
-    model: LoadedModel, device: torch.device, precision: str = "auto", compile_: bool = False
+    model: LoadedModel, device: torch.device, precision: str = "auto", compile_: bool = False, fuse: bool = True
 ) -> Predictor:
     try:
         factory = _FORMATS[model.format]
     except KeyError:
         raise ValueError(f"no predictor for model format {model.format!r}; known: {sorted(_FORMATS)}") from None
     if factory in (TorchModulePredictor, OnnxPredictor):
-        return factory(model, device, precision, compile_)
+        return factory(model, device, precision, compile_, fuse)
     return factory(model, device)
