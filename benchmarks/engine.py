@@ -50,13 +50,15 @@ def _model(tmp: Path, arch: str, mpp: float, tile: int) -> LoadedModel:
     return load_model(tmp / card.name)
 
 
-def read_rate(slide: Slide, plan: TilePlan, batch: int, workers: int, device: torch.device) -> float:
-    """(a) tiles/s of the engine's own loader (worker processes reading and decoding), nothing else."""
+def read_rate(slide: Slide, plan: TilePlan, batch: int, workers: int, device: torch.device, decode: str) -> float:
+    """(a) tiles/s of the engine's own loader (reading and decoding, on the CPU or on the device), nothing else."""
     from wsi_pipeline.engine import make_loader
 
     t0 = time.perf_counter()
-    for _ in make_loader(slide, plan, batch, workers, device):
+    for _ in make_loader(slide, plan, batch, workers, device, decode=decode):  # type: ignore[arg-type]
         pass
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return len(plan) / (time.perf_counter() - t0)
 
 
@@ -91,6 +93,7 @@ def end_to_end(
     workers: int,
     device: torch.device,
     precision: str,
+    decode: str = "cpu",
 ) -> dict[str, float]:
     """(c) `predict_slide` as `run` calls it: loader, model, stitching and zarr writing, start-up included."""
     from wsi_pipeline.engine import TaskRequest, predict_slide
@@ -105,6 +108,7 @@ def end_to_end(
         workers=workers,
         progress=False,
         precision=precision,
+        decode=decode,  # type: ignore[arg-type]
     )["reads"][0]
     return {
         "tiles_per_s": len(plan) / timing["seconds"],
@@ -123,6 +127,7 @@ def throughput(
     arch: str,
     repeats: int,
     precision: str,
+    decode: str = "cpu",
 ) -> dict[str, object]:
     """(a), (b) and (c) side by side, at least `repeats` times in turn; figures are medians over the repeats (this
     2-core virtual machine's rates vary by +-15 % from one second to the next)."""
@@ -141,9 +146,9 @@ def throughput(
     repeat_rows = []
     # a small slide (CMU: 71 tiles, ~2 s) gets more repeats, so that every slide's median rests on ~800 tiles
     for _ in range(max(repeats, math.ceil(800 / n))):
-        a = read_rate(slide, plan, batch, workers, device)
+        a = read_rate(slide, plan, batch, workers, device, decode)
         b = model_rate(model, n, batch, device, precision)
-        c = end_to_end(slide, plan, model, tmp / f"{slide.slide_id}.zarr", batch, workers, device, precision)
+        c = end_to_end(slide, plan, model, tmp / f"{slide.slide_id}.zarr", batch, workers, device, precision, decode)
         repeat_rows.append(
             {
                 "read_tiles_per_s": a,
@@ -164,6 +169,7 @@ def throughput(
         "workers": workers,
         "device": str(device),
         "precision": precision,
+        "decode": decode,
         **median,
         "ratio_min_max": [
             min(r["ratio_e2e_over_min"] for r in repeat_rows),
@@ -234,6 +240,7 @@ def main() -> None:
     parser.add_argument("--memory", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="the engine's [auto]")
+    parser.add_argument("--decode", default="cpu", choices=["cpu", "device"], help="engine.decode [cpu]")
     args = parser.parse_args()
     if args.memory:
         with tempfile.TemporaryDirectory() as tmp:
@@ -254,7 +261,16 @@ def main() -> None:
         synthetic = write_synthetic_slide(tmp / "synthetic.svs", default_layout(30000, 24000, 0.25, seed=5))
         for slide_path in [p for p in (synthetic, shared) if p.exists()]:
             row = throughput(
-                slide_path, tmp, device, workers, batch, args.max_tiles, args.arch, args.repeats, args.precision
+                slide_path,
+                tmp,
+                device,
+                workers,
+                batch,
+                args.max_tiles,
+                args.arch,
+                args.repeats,
+                args.precision,
+                args.decode,
             )
             report["throughput"].append(row)  # type: ignore[union-attr]
             print(json.dumps({k: v for k, v in row.items() if k != "repeats"}))

@@ -59,6 +59,11 @@ class EngineConfig(StrictModel):
     fuse_batchnorm: bool = Field(
         True, description="run PyTorch models with BatchNorm folded into the convolutions (1.1-1.6x on the CPU)"
     )
+    decode: Literal["cpu", "device"] = Field(
+        "cpu",
+        description="device: decode stored JPEG tiles on the model's device (nvJPEG on CUDA) where a plan allows; "
+        "not yet measured on a GPU, so not the default",
+    )
     loader: Literal["threads", "processes"] = Field(
         "threads",
         description="--workers read tiles as threads of the run's process (the readers release the GIL; no copy of "

@@ -199,6 +199,7 @@ def _run(
             compile_=config.engine.compile,
             loader=config.engine.loader,
             fuse=config.engine.fuse_batchnorm,
+            decode=config.engine.decode,
         )
         if requests
         else {"reads": []}

@@ -44,6 +44,7 @@ def compatibility_key(
         "backend": backend,
         "precision": config.engine.precision,
         "fuse_batchnorm": config.engine.fuse_batchnorm,  # folded BatchNorm changes probabilities in the last bits
+        "decode": config.engine.decode,  # nvJPEG may round a pixel otherwise than libjpeg-turbo
         "format": RUN_FORMAT,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]

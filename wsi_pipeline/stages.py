@@ -262,6 +262,7 @@ def predict_stage(
             compile_=config.engine.compile,
             loader=config.engine.loader,
             fuse=config.engine.fuse_batchnorm,
+            decode=config.engine.decode,
         )
         write_tissue_heatmap(out.heatmaps, tissue)
         finish_store(out.heatmaps)

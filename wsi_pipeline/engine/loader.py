@@ -25,6 +25,7 @@ from ..slide import Slide
 from ..tiling import TilePlan
 
 LoaderKind = Literal["threads", "processes"]
+DecodeKind = Literal["cpu", "device"]
 Batch = tuple[torch.Tensor, torch.Tensor]  # plan indices (int64), tiles (n, 3, T, T) uint8
 
 
@@ -124,9 +125,22 @@ class ThreadedReads:
 
 
 def make_loader(
-    slide: Slide, plan: TilePlan, batch_size: int, workers: int, device: torch.device, kind: LoaderKind = "threads"
+    slide: Slide,
+    plan: TilePlan,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    kind: LoaderKind = "threads",
+    decode: DecodeKind = "cpu",
 ) -> Iterable[Batch]:
-    """Batches (plan indices, uint8 tiles) of `plan`, read by `workers` threads or worker processes."""
+    """Batches (plan indices, uint8 tiles) of `plan`, read by `workers` threads or worker processes, or with
+    `decode="device"` decoded on `device` where the plan allows it (`device_reads`)."""
+    if decode == "device":
+        from .device_reads import device_loader
+
+        on_device = device_loader(slide, plan, batch_size, device)
+        if on_device is not None:
+            return on_device
     dataset = TileDataset(slide, plan)
     pin = device.type == "cuda"
     if kind == "threads":

@@ -23,7 +23,7 @@ from ..models.card import ModelCard
 from ..progress import Progress
 from ..slide import Slide
 from ..tiling import TilePlan, TileSpec
-from .loader import LoaderKind, make_loader, one_line_worker_errors
+from .loader import DecodeKind, LoaderKind, make_loader, one_line_worker_errors
 from .stitch import Stitcher, stitcher_class
 
 
@@ -72,6 +72,7 @@ def predict_slide(
     compile_: bool = False,
     loader: LoaderKind = "threads",
     fuse: bool = True,
+    decode: DecodeKind = "cpu",
 ) -> dict[str, Any]:
     """Run every request over its plan and write its heatmaps into `store`; returns timings. `precision` (auto,
         fp32, bf16) and `compile_` go to each model's predictor (see `models.predictor.use_bf16`); `loader` says whether
@@ -93,7 +94,7 @@ def predict_slide(
         started = time.perf_counter()
         # The workers start (a spawned process re-imports torch: seconds on a GPU machine) and read ahead while the
         # models move to the device and the heatmaps are created.
-        tiles = iter(make_loader(slide, plan, batch_size, workers, device, loader))
+        tiles = iter(make_loader(slide, plan, batch_size, workers, device, loader, decode))
         try:
             predictors = []
             for request in group:

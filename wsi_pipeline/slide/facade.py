@@ -18,7 +18,7 @@ from ..layout import slide_id_for
 from .integrity import check_tiff_complete, is_tiff
 from .mpp import Mpp, mpp_from_properties, plausible
 from .reader import SlideReader, open_reader
-from .resample import best_level, read_resampled
+from .resample import Block, best_level, read_resampled, region_blocks
 
 
 @dataclass(frozen=True)
@@ -135,6 +135,11 @@ class Slide:
         """
         slide_mpp = self.mpp
         return read_resampled(self.reader, x, y, width, height, (mpp / slide_mpp.x, mpp / slide_mpp.y))
+
+    def region_blocks(self, x: float, y: float, width: int, height: int, mpp: float) -> list[Block]:
+        """What `read_region` reads from the pyramid and how it resamples it (for readers on another device)."""
+        slide_mpp = self.mpp
+        return region_blocks(self.level_downsamples, x, y, width, height, (mpp / slide_mpp.x, mpp / slide_mpp.y))
 
     def thumbnail(self, mpp: float) -> np.ndarray:
         """The bounded region of the slide at `mpp` µm/px (RGB uint8)."""

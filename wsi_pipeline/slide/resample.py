@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -69,6 +70,55 @@ def _whole(value: float) -> bool:
     return abs(value - round(value)) < 1e-9
 
 
+@dataclass(frozen=True)
+class Block:
+    """One block of output rows of a region read: the level px to read (`left`, `top`, `n_cols` x `n_rows` of
+    `level`) and how they become the output: `mode` copy, reduce (a whole-pixel `factor` mean), area (an exact area
+    mean over `box`, in block px) or bicubic (enlarging over `box`)."""
+
+    level: int
+    left: int
+    top: int
+    n_cols: int
+    n_rows: int
+    mode: str
+    factor: tuple[int, int]
+    box: tuple[float, float, float, float]
+    rows: tuple[int, int]  # output rows row0 .. row1 - 1
+    width: int
+
+
+def region_blocks(
+    downsamples: tuple[float, ...], x: float, y: float, width: int, height: int, scale: tuple[float, float]
+) -> list[Block]:
+    """The blocks `read_resampled` reads and resamples for this region (the CPU path and the device path of
+    `engine.device_reads` both follow them, so both read the same pixels)."""
+    if width <= 0 or height <= 0:
+        raise ValueError(f"region size must be positive, got {width}x{height}")
+    scale_x, scale_y = scale
+    level = best_level(downsamples, min(scale_x, scale_y))
+    level_ds = downsamples[level]
+    fx, fy = scale_x / level_ds, scale_y / level_ds  # level px per output px
+    u0, v0 = x / level_ds, y / level_ds  # the region's corner in level px
+    aligned = _whole(u0) and _whole(v0) and _whole(fx) and _whole(fy) and min(round(fx), round(fy)) >= 1
+    factor = (round(fx), round(fy))
+    mode = ("copy" if factor == (1, 1) else "reduce") if aligned else ("area" if min(fx, fy) >= 1 else "bicubic")
+    # PIL normalises a filter over the pixels it has: a margin past the filter's reach (bicubic: 2 px at the larger
+    # of 1 and the scale) keeps every output pixel's weights the same as in any other read that covers it
+    pad = 0 if aligned else math.ceil(2 * max(fx, fy, 1.0)) + 1
+    left = math.floor(u0 + 1e-9) - pad
+    n_cols = math.ceil(u0 + width * fx - 1e-9) + pad - left
+    blocks = []
+    for row0 in range(0, height, ROWS_PER_BLOCK):
+        row1 = min(height, row0 + ROWS_PER_BLOCK)
+        top = v0 + row0 * fy
+        first_row = math.floor(top + 1e-9) - pad
+        n_rows = math.ceil(v0 + row1 * fy - 1e-9) + pad - first_row
+        box = (u0 - left, top - first_row, u0 - left + width * fx, top - first_row + (row1 - row0) * fy)
+        blocks.append(Block(level, left, first_row, n_cols, n_rows, mode, factor, box, (row0, row1), width))
+    return blocks
+
+
 def read_resampled(
     reader: SlideReader, x: float, y: float, width: int, height: int, scale: tuple[float, float]
 ) -> np.ndarray:
@@ -81,40 +131,19 @@ def read_resampled(
     resamples: an exact area mean when shrinking (`area_mean`), PIL's bicubic when enlarging, a plain copy or PIL's
     correctly rounded k x k mean when the region falls on whole level pixels.
     """
-    if width <= 0 or height <= 0:
-        raise ValueError(f"region size must be positive, got {width}x{height}")
-    scale_x, scale_y = scale
-    level = best_level(reader.level_downsamples, min(scale_x, scale_y))
-    level_ds = reader.level_downsamples[level]
-    fx, fy = scale_x / level_ds, scale_y / level_ds  # level px per output px
-    u0, v0 = x / level_ds, y / level_ds  # the region's corner in level px
-    aligned = _whole(u0) and _whole(v0) and _whole(fx) and _whole(fy) and min(round(fx), round(fy)) >= 1
-    factor = (round(fx), round(fy))
-    exact = aligned and factor == (1, 1)
-    shrink = min(fx, fy) >= 1
-    # PIL normalises a filter over the pixels it has: a margin past the filter's reach (bicubic: 2 px at the larger
-    # of 1 and the scale) keeps every output pixel's weights the same as in any other read that covers it
-    pad = 0 if aligned else math.ceil(2 * max(fx, fy, 1.0)) + 1
     out = np.empty((height, width, 3), dtype=np.uint8)
-    left = math.floor(u0 + 1e-9) - pad
-    n_cols = math.ceil(u0 + width * fx - 1e-9) + pad - left
-    for row0 in range(0, height, ROWS_PER_BLOCK):
-        row1 = min(height, row0 + ROWS_PER_BLOCK)
-        top = v0 + row0 * fy
-        first_row = math.floor(top + 1e-9) - pad
-        n_rows = math.ceil(v0 + row1 * fy - 1e-9) + pad - first_row
-        block = reader.read_level(left, first_row, level, n_cols, n_rows)
-        if exact:
+    for b in region_blocks(reader.level_downsamples, x, y, width, height, scale):
+        row0, row1 = b.rows
+        block = reader.read_level(b.left, b.top, b.level, b.n_cols, b.n_rows)
+        if b.mode == "copy":
             out[row0:row1] = block[: row1 - row0, :width]
-        elif aligned:
+        elif b.mode == "reduce":
             # a whole-pixel k x k mean (e.g. 0.5 µm/px from a 0.25 µm/px level): PIL's reduce is correctly rounded
             # and about twice as fast as resize(BOX), whose fixed-point weights can be 1 off
-            out[row0:row1] = np.asarray(Image.fromarray(block).reduce(factor))[: row1 - row0, :width]
+            out[row0:row1] = np.asarray(Image.fromarray(block).reduce(b.factor))[: row1 - row0, :width]
+        elif b.mode == "area":
+            out[row0:row1] = area_mean(block, b.box, (width, row1 - row0))
         else:
-            box = (u0 - left, top - first_row, u0 - left + width * fx, top - first_row + (row1 - row0) * fy)
-            if shrink:
-                out[row0:row1] = area_mean(block, box, (width, row1 - row0))
-            else:
-                picture = Image.fromarray(block).resize((width, row1 - row0), Image.Resampling.BICUBIC, box=box)
-                out[row0:row1] = np.asarray(picture)
+            picture = Image.fromarray(block).resize((width, row1 - row0), Image.Resampling.BICUBIC, box=b.box)
+            out[row0:row1] = np.asarray(picture)
     return out

@@ -201,6 +201,11 @@ class TiffDirectReader:
             ) from exc
         return np.ascontiguousarray(tile[0, :, :, :3])
 
+    def stored_tile_size(self, level: int) -> tuple[int, int]:
+        """(width, height) of the tiles `level` is stored in."""
+        page = self._page(level)
+        return int(page.tilewidth), int(page.tilelength)
+
     def jpeg_streams(self, level: int, x: int, y: int, width: int, height: int) -> list[tuple[int, int, bytes]]:
         """The stored JPEG tiles a region of `level` touches, as (tile x, tile y, complete JPEG stream): the shared
         tables spliced in, and an Adobe marker where the tiles are stored as RGB, so that any JPEG decoder (nvJPEG

@@ -1,0 +1,123 @@
+"""Tiles read on the model's device (`engine.decode: device`): the stored JPEG tiles a batch touches are decoded
+there in one call (nvJPEG through torchvision on CUDA; torchvision's libjpeg-turbo on the CPU, which is how this path
+is tested without a GPU), each decoded once per batch, assembled and resampled there with the blocks of
+`Slide.region_blocks` (the same global transform as `Slide.read_region`), and handed to the model without a host
+round trip.
+
+Plans this path cannot serve (a reader without stored JPEG tiles, an enlarging read, a tile of more rows than one
+resampling block) are read by the CPU loader instead, with one log line saying why.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import SlideTruncatedError
+from ..slide import Slide
+from ..slide.resample import _TIE_BIAS, Block, _area_weights
+from ..tiling import TilePlan
+from .gpu_decode import assemble_region, decode_jpeg_tiles
+
+LOG = logging.getLogger("wsi_pipeline.engine")
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def device_read_refusal(slide: Slide, plan: TilePlan) -> str | None:
+    """Why the device path cannot read `plan` (None: it can). Every tile of a plan has the same level and mode."""
+    reader: Any = slide.reader
+    if not hasattr(reader, "jpeg_streams") or not hasattr(reader, "stored_tile_size"):
+        return f"the {slide.backend} reader gives no stored JPEG tiles"
+    if len(plan) == 0:
+        return "the plan has no tiles"
+    size = plan.spec.tile_px
+    blocks = slide.region_blocks(float(plan.x[0]), float(plan.y[0]), size, size, plan.spec.mpp)
+    if len(blocks) != 1:
+        return f"{size} px tiles span {len(blocks)} resampling blocks"
+    if blocks[0].mode == "bicubic":
+        return "the plan enlarges the slide (bicubic on the CPU)"
+    if not reader.jpeg_streams(blocks[0].level, 0, 0, 1, 1):
+        return f"level {blocks[0].level} is not stored as JPEG"
+    return None
+
+
+def resample_on_device(region: torch.Tensor, block: Block, height: int) -> torch.Tensor:
+    """(3, n_rows, n_cols) uint8 level pixels -> (3, height, width) uint8, as `read_resampled` does on the CPU."""
+    width = block.width
+    if block.mode == "copy":
+        return region[:, :height, :width]
+    if block.mode == "reduce":
+        # PIL's reduce: the k x k sum, correctly rounded (sum + k^2 / 2) // k^2; sums of uint8 are exact in fp32
+        kx, ky = block.factor
+        sums = F.avg_pool2d(region[None].float(), (ky, kx), ceil_mode=True, divisor_override=1)[0]
+        return torch.div(sums.round().long() + (kx * ky) // 2, kx * ky, rounding_mode="floor")[:, :height, :width].to(
+            torch.uint8
+        )
+    _, rows, cols = region.shape
+    left, top, right, bottom = block.box
+    vertical = torch.from_numpy(_area_weights(top, (bottom - top) / height, height, rows).toarray()).to(region.device)
+    across = torch.from_numpy(_area_weights(left, (right - left) / width, width, cols).toarray()).to(region.device)
+    values = vertical @ region.float() @ across.T  # (3, height, width): rows, then columns, as `area_mean`
+    return torch.clamp(torch.floor(values + (0.5 + _TIE_BIAS)), 0, 255).to(torch.uint8)
+
+
+class DeviceTileReads:
+    """Batches (plan indices on the CPU, uint8 tiles on `device`) of a plan, decoded and resampled on `device`."""
+
+    def __init__(self, slide: Slide, plan: TilePlan, batch_size: int, device: torch.device) -> None:
+        self.slide, self.plan, self.batch_size, self.device = slide, plan, batch_size, device
+        self.reader: Any = slide.reader
+
+    def __len__(self) -> int:
+        return -(-len(self.plan) // self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for start in range(0, len(self.plan), self.batch_size):
+            stop = min(len(self.plan), start + self.batch_size)
+            yield torch.arange(start, stop), self.read_batch(start, stop)
+
+    def read_batch(self, start: int, stop: int) -> torch.Tensor:
+        size, mpp = self.plan.spec.tile_px, self.plan.spec.mpp
+        blocks = [
+            self.slide.region_blocks(float(self.plan.x[i]), float(self.plan.y[i]), size, size, mpp)[0]
+            for i in range(start, stop)
+        ]
+        wanted: dict[tuple[int, int], bytes] = {}
+        per_tile = []
+        for b in blocks:
+            streams = self.reader.jpeg_streams(b.level, b.left, b.top, b.n_cols, b.n_rows)
+            per_tile.append([(tx, ty) for tx, ty, _ in streams])
+            wanted.update({(tx, ty): stream for tx, ty, stream in streams})
+        places = list(wanted)
+        try:
+            decoded = dict(zip(places, decode_jpeg_tiles([wanted[p] for p in places], self.device), strict=True))
+        except RuntimeError as exc:  # torchvision reports a corrupt stream as a RuntimeError
+            raise SlideTruncatedError(
+                f"{self.slide.path}: a stored JPEG tile of level {blocks[0].level} among {sorted(places)[:4]}... "
+                f"cannot be decoded ({exc}); the file is damaged — copy it again from its source"
+            ) from exc
+        level = blocks[0].level
+        tile_size = self.reader.stored_tile_size(level)
+        level_size = self.slide.level_dimensions[level]
+        out = torch.empty((stop - start, 3, size, size), dtype=torch.uint8, device=self.device)
+        for row, (b, tiles) in enumerate(zip(blocks, per_tile, strict=True)):
+            placed = [(tx, ty, decoded[(tx, ty)]) for tx, ty in tiles]
+            region = assemble_region(placed, tile_size, level_size, b.left, b.top, b.n_cols, b.n_rows)
+            out[row] = resample_on_device(region.to(self.device), b, size)
+        return out
+
+    def close(self) -> None:
+        """Nothing runs in the background: batches are read when asked for."""
+
+
+def device_loader(slide: Slide, plan: TilePlan, batch_size: int, device: torch.device) -> DeviceTileReads | None:
+    """The device path for `plan`, or None (with one log line) where it cannot read it."""
+    why = device_read_refusal(slide, plan)
+    if why is not None:
+        LOG.info("%s: tiles decoded on the CPU (%s)", slide.slide_id, why)
+        return None
+    return DeviceTileReads(slide, plan, batch_size, device)
