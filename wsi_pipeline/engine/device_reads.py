@@ -10,6 +10,7 @@ resampling block) are read by the CPU loader instead, with one log line saying w
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -59,10 +60,17 @@ def resample_on_device(region: torch.Tensor, block: Block, height: int) -> torch
         )
     _, rows, cols = region.shape
     left, top, right, bottom = block.box
-    vertical = torch.from_numpy(_area_weights(top, (bottom - top) / height, height, rows).toarray()).to(region.device)
-    across = torch.from_numpy(_area_weights(left, (right - left) / width, width, cols).toarray()).to(region.device)
+    device = str(region.device)
+    vertical = _dense_weights(top, (bottom - top) / height, height, rows, device)
+    across = _dense_weights(left, (right - left) / width, width, cols, device)
     values = vertical @ region.float() @ across.T  # (3, height, width): rows, then columns, as `area_mean`
     return torch.clamp(torch.floor(values + (0.5 + _TIE_BIAS)), 0, 255).to(torch.uint8)
+
+
+@functools.lru_cache(maxsize=1024)
+def _dense_weights(first_edge: float, step: float, count: int, size: int, device: str) -> torch.Tensor:
+    """`_area_weights` as a dense matrix kept on `device` (a plan's rows and columns share them: one copy each)."""
+    return torch.from_numpy(_area_weights(first_edge, step, count, size).toarray()).to(device)
 
 
 class DeviceTileReads:
