@@ -84,12 +84,12 @@ def test_plans_the_device_path_cannot_serve_fall_back_with_one_line(
 
 def test_a_damaged_stored_tile_fails_the_read(data_dir: Path, tmp_path: Path) -> None:
     damaged = tmp_path / "damaged.svs"
-    damage_tile(CMU, damaged, 0, 20)
+    tx, ty = damage_tile(CMU, damaged, 0, 20)
     slide = Slide(damaged, backend="tifffile")
     plan = plan_tiles(slide, detect_tissue(Slide(CMU), TissueConfig()), slide.mpp.x, 240, 0, 0.0)
     with pytest.raises(SlideTruncatedError) as err:
         _all(make_loader(slide, plan, 64, 0, CPU, decode="device"))
-    assert err.value.exit_code == 5 and "cannot be decoded" in str(err.value)
+    assert err.value.exit_code == 5 and f"stored tile ({tx}, {ty}) of level 0 cannot be decoded" in str(err.value)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible here)")

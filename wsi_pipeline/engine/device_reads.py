@@ -79,6 +79,7 @@ class DeviceTileReads:
     def __init__(self, slide: Slide, plan: TilePlan, batch_size: int, device: torch.device) -> None:
         self.slide, self.plan, self.batch_size, self.device = slide, plan, batch_size, device
         self.reader: Any = slide.reader
+        self.cpu_decode = False  # set once the device's decoder has refused this slide's streams
 
     def __len__(self) -> int:
         return -(-len(self.plan) // self.batch_size)
@@ -101,14 +102,8 @@ class DeviceTileReads:
             per_tile.append([(tx, ty) for tx, ty, _ in streams])
             wanted.update({(tx, ty): stream for tx, ty, stream in streams})
         places = list(wanted)
-        try:
-            decoded = dict(zip(places, decode_jpeg_tiles([wanted[p] for p in places], self.device), strict=True))
-        except RuntimeError as exc:  # torchvision reports a corrupt stream as a RuntimeError
-            raise SlideTruncatedError(
-                f"{self.slide.path}: a stored JPEG tile of level {blocks[0].level} among {sorted(places)[:4]}... "
-                f"cannot be decoded ({exc}); the file is damaged — copy it again from its source"
-            ) from exc
         level = blocks[0].level
+        decoded = self._decode(level, places, [wanted[p] for p in places])
         tile_size = self.reader.stored_tile_size(level)
         level_size = self.slide.level_dimensions[level]
         out = torch.empty((stop - start, 3, size, size), dtype=torch.uint8, device=self.device)
@@ -117,6 +112,35 @@ class DeviceTileReads:
             region = assemble_region(placed, tile_size, level_size, b.left, b.top, b.n_cols, b.n_rows)
             out[row] = resample_on_device(region.to(self.device), b, size)
         return out
+
+    def _decode(
+        self, level: int, places: list[tuple[int, int]], streams: list[bytes]
+    ) -> dict[tuple[int, int], torch.Tensor]:
+        """Decoded stored tiles by place. Where the device's decoder refuses a batch (torchvision raises a
+        RuntimeError), each stream is decoded on the CPU: one that fails there too is damaged (exit 5, naming the
+        tile, as the CPU reader does); if none fails, the device decoder cannot take these streams, and they are
+        decoded on the CPU from then on (one log line)."""
+        if not self.cpu_decode:
+            try:
+                return dict(zip(places, decode_jpeg_tiles(streams, self.device), strict=True))
+            except RuntimeError as exc:
+                device_error = exc
+        else:
+            device_error = None
+        tiles: dict[tuple[int, int], torch.Tensor] = {}
+        for place, stream in zip(places, streams, strict=True):
+            try:
+                tiles[place] = decode_jpeg_tiles([stream], torch.device("cpu"))[0].to(self.device)
+            except RuntimeError as exc:
+                raise SlideTruncatedError(
+                    f"{self.slide.path}: stored tile ({place[0]}, {place[1]}) of level {level} cannot be decoded "
+                    f"({exc}); the file is damaged — copy it again from its source"
+                ) from exc
+        if device_error is not None:
+            LOG.info("%s: the %s JPEG decoder refused these tiles (%s); decoding on the CPU", self.slide.slide_id,
+                     self.device.type, device_error)  # fmt: skip
+            self.cpu_decode = True
+        return tiles
 
     def close(self) -> None:
         """Nothing runs in the background: batches are read when asked for."""
