@@ -58,6 +58,7 @@ SETTING_OPTIONS = (
     "freeze_backbone",
     "init",
     "stain_normalisation",
+    "recompute_batchnorm",
 )
 
 
@@ -133,6 +134,12 @@ def given_options(ctx: click.Context, values: dict[str, Any]) -> dict[str, Any]:
     help="The training data for the model card: dataset, licence, citation, what the classes mean.",
 )
 @click.option("--freeze-backbone", is_flag=True, default=None, help="Train only the new head.")
+@click.option(
+    "--recompute-batchnorm",
+    is_flag=True,
+    default=None,
+    help="After training, recompute BatchNorm statistics over the un-augmented training tiles.",
+)
 @click.option(
     "--stain-normalisation",
     type=click.Choice(["macenko"]),

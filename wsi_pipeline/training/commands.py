@@ -39,6 +39,7 @@ def train_model(settings: TrainSettings, data: tuple[str, ...], out: Path) -> tu
         freeze_backbone=s.freeze_backbone,
         init_checkpoint=s.init,
         init_head=s.init_head,
+        recompute_batchnorm=s.recompute_batchnorm,
         extra={
             "data": [*data, *([s.val_data] if s.val_data else [])],
             "description": s.describe,

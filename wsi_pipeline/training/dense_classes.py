@@ -10,6 +10,7 @@ them), which makes a dense model's tile figures comparable with a classifier's o
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -94,6 +95,12 @@ class TileMaps(Dataset):
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def without_augmentation(self) -> TileMaps:
+        """The same tiles and targets as the model is run on them (centre crop, no augmentation)."""
+        plain = copy.copy(self)
+        plain.aug = plain.colour_aug = None
+        return plain
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         item = self.items[index]

@@ -11,7 +11,7 @@ import json
 import math
 import shlex
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,7 @@ class TrainConfig:
     freeze_backbone: bool = False
     init_checkpoint: str | None = None
     init_head: bool = False  # take the head from init_checkpoint too (continuing), else a new head (transfer)
+    recompute_batchnorm: bool = False  # after `fit`: BatchNorm statistics over the un-augmented training tiles
     schedule: str = "cosine"  # "cosine": the learning rate falls to 0 over `epochs`; "constant"
     select: str = "best"  # "best": the epoch with the best validation metric; "last": the final epoch
     extra: dict[str, Any] = field(default_factory=dict)  # a trainer's own settings (e.g. target sigma)
@@ -65,7 +66,7 @@ class TrainConfig:
     def fingerprint(self) -> str:
         """What a checkpoint must match to be resumed. More epochs may be asked of a constant-rate run; a cosine
         schedule is fixed by its length."""
-        data = {k: v for k, v in asdict(self).items() if k not in ("patience", "workers")}
+        data = {k: v for k, v in asdict(self).items() if k not in ("patience", "workers", "recompute_batchnorm")}
         data["extra"] = {k: v for k, v in self.extra.items() if k != "description"}
         if self.schedule == "constant":
             data["epochs"] = None
@@ -161,6 +162,25 @@ def fit(
     model.load_state_dict(best)
     model.eval()
     return state
+
+
+def recompute_batchnorm(model: nn.Module, loader: DataLoader, device: torch.device) -> int:
+    """Replace every BatchNorm's running statistics by their average over `loader`'s batches of tiles (the first item
+    of each batch), the "precise BN" step, with torch's `swa_utils.update_bn`: training leaves exponential averages of
+    the last augmented batches, which drift from the statistics of the tiles the model is run on. Returns the number
+    of tiles seen; the model is left in eval mode."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return 0
+    seen = [0]
+
+    def batches() -> Iterator[torch.Tensor]:
+        for batch in loader:
+            seen[0] += len(batch[0])
+            yield normalise(batch[0], device)
+
+    torch.optim.swa_utils.update_bn(batches(), model)
+    model.eval()
+    return seen[0]
 
 
 def run_epoch(

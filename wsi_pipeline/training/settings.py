@@ -69,6 +69,11 @@ class TrainSettings(StrictModel):
     stain_normalisation: Literal["macenko"] | None = Field(
         None, description="normalise every tile's stain (Macenko, per tile) in training and wherever the model runs"
     )
+    recompute_batchnorm: bool = Field(
+        False,
+        description="after training, recompute every BatchNorm's statistics over the un-augmented training tiles "
+        "(the running averages of the last augmented batches drift from what the model sees when it runs)",
+    )
     augment: dict[str, float | bool] = Field(
         default_factory=dict, description="augmentation settings by name (hed_sigma, brightness, ...; augment.py)"
     )

@@ -31,6 +31,7 @@ from .loop import (
     fit,
     group_list,
     normalise,
+    recompute_batchnorm,
     run_epoch,
 )
 
@@ -46,6 +47,10 @@ class _Tiles(Dataset):
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def without_augmentation(self) -> _Tiles:
+        """The same tiles as the model is run on them (centre crop, no augmentation)."""
+        return _Tiles(self.items, self.tile_px, None, self.seed, self.stain)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         item = self.items[index]
@@ -161,7 +166,16 @@ def train_classifier(
     # the operating point from the selected epoch's validation pass: the last one, unless another epoch was selected
     # or a finished run was resumed (nothing validated here), which alone need another pass over the tiles
     selected_last = bool(latest) and state.best_epoch == state.epoch
+    batchnorm: dict[str, Any] = {}
+    if cfg.recompute_batchnorm:  # new statistics: the selected epoch's validation figures no longer hold
+        plain = train_set.without_augmentation()  # type: ignore[attr-defined]
+        loader = DataLoader(plain, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers)
+        batchnorm = {"recomputed_on_training_tiles": recompute_batchnorm(model, loader, device),
+                     "validation_before": final}  # fmt: skip
+        selected_last = False
     probs, labels = latest[0] if selected_last else evaluate(model, val_loader, device)
+    if batchnorm:
+        final = _metrics(probs, labels)
     thresholds, point = classifier_operating_point(probs, labels, cfg.classes)
     geometry = {"kind": "classifier"} if dense is None else dense_classes.card_geometry(dense)
     card = ModelCard(
@@ -185,6 +199,7 @@ def train_classifier(
             "val_groups": group_list({i.group for i in val_items}),
             "best_epoch": state.best_epoch,
             "history": state.history,
+            **({"batchnorm": batchnorm} if batchnorm else {}),
             "command": command_line(),
             "data": cfg.extra.get("data", []),
             "description": cfg.extra.get("description", ""),
