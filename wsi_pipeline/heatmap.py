@@ -8,6 +8,7 @@ width, never with its area. Each output is built in a temporary folder and renam
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -279,3 +280,28 @@ def open_heatmap(path: str | os.PathLike[str]) -> Heatmap:
         raise OutputError(f"{path} is not a complete wsi-pipeline heatmap; re-run predict")
     count = len(dict(group.attrs)["ome"]["multiscales"][0]["datasets"])
     return Heatmap(path, attrs["channels"], [group[str(i)] for i in range(count)], attrs)
+
+
+def settle_pending_writes(timeout_s: float = 30.0) -> None:
+    """Wait until every write zarr has already started has landed. zarr runs its I/O on its own event-loop thread;
+    an interrupt (SIGINT, SIGTERM) raised in the thread waiting for a write leaves that write running, and a
+    temporary folder removed before it lands is created again by it (seen as a leftover `.case.tmp-*` after Ctrl-C
+    in tests/test_faults.py). Reaches into `zarr.core.sync`, which has no public way to say "wait for pending I/O";
+    where that is missing (another zarr), nothing is waited for."""
+    import asyncio
+
+    from zarr.core import sync as zarr_sync
+
+    loop = getattr(zarr_sync, "loop", [None])[0]
+    if loop is None or loop.is_closed():
+        return
+
+    async def others_done() -> None:
+        pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout_s)
+
+    try:
+        asyncio.run_coroutine_threadsafe(others_done(), loop).result(timeout_s + 1)
+    except Exception as exc:  # a write that failed is the failed slide's business, not this cleanup's
+        logging.getLogger("wsi_pipeline").debug("pending zarr writes not settled: %s", exc)

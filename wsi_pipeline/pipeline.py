@@ -23,7 +23,7 @@ from .config import Config
 from .engine import TaskRequest, predict_slide, resolve_device
 from .errors import MissingMppError, OutputWriteError, WsiError, raise_if_signalled, write_failure
 from .export.qupath import write_feature_collection
-from .heatmap import begin_store, finish_store
+from .heatmap import begin_store, finish_store, settle_pending_writes
 from .input_guard import outside_reason, slide_colour
 from .inventory import take_inventory
 from .layout import RunLayout, SlideLayout
@@ -133,7 +133,20 @@ def process_slide(
             raise failure from exc
         return outcome("failed", f"internal error {type(exc).__name__}: {exc} (please report)")
     finally:
-        shutil.rmtree(tmp.root, ignore_errors=True)
+        if tmp.root.exists():  # the slide failed or was interrupted
+            discard_temporary(tmp.root)
+
+
+def discard_temporary(folder: Path, rounds: int = 5) -> None:
+    """Remove a failed slide's temporary folder for good. Writes that an interrupt left running (zarr's I/O thread,
+    a dask worker finishing its chunk of the pyramid) can create it again after a first removal: wait for zarr's
+    pending writes, remove, and look again a few times (0.05 s apart)."""
+    for _ in range(rounds):
+        settle_pending_writes()
+        shutil.rmtree(folder, ignore_errors=True)
+        time.sleep(0.05)
+        if not folder.exists():
+            return
 
 
 def input_guard_findings(
