@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests.helpers import run_cli
+from tests.helpers import held_out_report, run_cli
 from wsi_pipeline.models.architectures import build, seeded
 from wsi_pipeline.training.loop import normalise, recompute_batchnorm
 
@@ -55,10 +55,5 @@ def test_the_card_measures_the_recomputed_model(data_dir: Path, tmp_path: Path) 
     card = json.loads((model / "model_card.json").read_text())
     assert card["training"]["batchnorm"]["recomputed_on_training_tiles"] == card["training"]["train_tiles"]
     assert set(card["training"]["batchnorm"]["validation_before"]) == {"balanced_accuracy", "roc_auc"}
-    result = run_cli(
-        "evaluate", "epithelium_stroma", str(model), str(kather), *CLASSES, "--positive", "epithelium",
-        "--held-out", "-o", str(tmp_path / "eval"),
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    report = held_out_report(model, [kather], CLASSES, "epithelium", tmp_path / "eval")
     assert report["roc_auc"]["value"] == pytest.approx(card["metrics"]["validation"]["roc_auc"], abs=1e-4)

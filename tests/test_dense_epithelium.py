@@ -12,7 +12,7 @@ import pytest
 import shapely
 import torch
 
-from tests.helpers import CMU, run_cli, stitched_and_whole_region
+from tests.helpers import CMU, held_out_report, run_cli, stitched_and_whole_region
 from wsi_pipeline.config import load_config
 from wsi_pipeline.heatmap import open_heatmap
 from wsi_pipeline.models import ModelCard, load_model, save_model
@@ -143,12 +143,7 @@ def test_train_evaluate_and_run_a_dense_epithelium_model(data_dir: Path, tmp_pat
     assert card["thresholds"]["epithelium"] == pytest.approx(1 - card["thresholds"]["stroma"], abs=1e-4)
     nucleus_groups = [g for g in card["training"]["val_groups"] if "crchistophenotypes" in g]
     assert nucleus_groups and any(g.startswith("CRC-Prim") for g in card["training"]["val_groups"])
-    result = run_cli(
-        "evaluate", "epithelium_stroma", str(model), str(kather), str(crc / "validation"), *classes,
-        "--positive", "epithelium", "--held-out", "-o", str(tmp_path / "eval"),
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    report = held_out_report(model, [kather, crc / "validation"], classes, "epithelium", tmp_path / "eval")
     assert report["tiles"] == card["training"]["val_tiles"]
     assert report["roc_auc"]["value"] == pytest.approx(card["metrics"]["validation"]["roc_auc"], abs=1e-4)
     assert report["roc_auc"]["value"] > 0.6  # two epochs of a tiny network already learn something

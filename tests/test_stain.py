@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import run_cli
+from tests.helpers import held_out_report, run_cli
 from wsi_pipeline.models import ModelCard, load_model, make_predictor, save_model
 from wsi_pipeline.models.architectures import build, seeded
 from wsi_pipeline.models.stain import normalise_batch, normalise_tile
@@ -96,10 +96,5 @@ def test_train_with_stain_normalisation_and_evaluate_reproduces_its_validation(d
     assert result.returncode == 0, result.stderr
     card = json.loads((model / "model_card.json").read_text())
     assert card["stain_normalisation"] == "macenko"
-    result = run_cli(
-        "evaluate", "epithelium_stroma", str(model), str(kather), *classes, "--positive", "epithelium",
-        "--held-out", "-o", str(tmp_path / "eval"),
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    report = held_out_report(model, [kather], classes, "epithelium", tmp_path / "eval")
     assert report["roc_auc"]["value"] == pytest.approx(card["metrics"]["validation"]["roc_auc"], abs=1e-4)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = Path(os.environ.get("WSI_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -27,6 +28,18 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
         timeout=600,
         env=None if env is None else {**os.environ, **env},
     )
+
+
+def held_out_report(model: Path, data: list[Path], classes: list[str], positive: str, out: Path) -> dict[str, Any]:
+    """`wsi-pipeline evaluate epithelium_stroma MODEL DATA... --held-out` as a user runs it; its evaluation.json."""
+    import json
+
+    result = run_cli(
+        "evaluate", "epithelium_stroma", str(model), *map(str, data), *classes, "--positive", positive,
+        "--held-out", "-o", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return json.loads((out / "evaluation.json").read_text())  # type: ignore[no-any-return]
 
 
 def damage_tile(source: Path, target: Path, level: int, index: int) -> tuple[int, int]:
