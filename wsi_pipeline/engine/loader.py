@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Literal
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -47,17 +48,19 @@ class TileDataset(Dataset):
     def __len__(self) -> int:
         return int(self.x.size)
 
+    def rgb(self, index: int) -> np.ndarray:
+        """Tile `index` as (T, T, 3) uint8."""
+        return self.slide.read_region(float(self.x[index]), float(self.y[index]), self.tile_px, self.tile_px, self.mpp)
+
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor]:
-        rgb = self.slide.read_region(float(self.x[index]), float(self.y[index]), self.tile_px, self.tile_px, self.mpp)
-        return index, torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
+        return index, torch.from_numpy(self.rgb(index)).permute(2, 0, 1).contiguous()
 
     def read_batch(self, start: int, stop: int, pin: bool) -> Batch:
         """Tiles `start` .. `stop` - 1 written straight into one (n, 3, T, T) tensor (pinned for a CUDA copy)."""
         tiles = torch.empty((stop - start, 3, self.tile_px, self.tile_px), dtype=torch.uint8, pin_memory=pin)
         view = tiles.numpy()
         for row, index in enumerate(range(start, stop)):
-            x, y = float(self.x[index]), float(self.y[index])
-            view[row] = self.slide.read_region(x, y, self.tile_px, self.tile_px, self.mpp).transpose(2, 0, 1)
+            view[row] = self.rgb(index).transpose(2, 0, 1)
         return torch.arange(start, stop), tiles
 
 

@@ -75,11 +75,11 @@ def predict_slide(
     decode: DecodeKind = "cpu",
 ) -> dict[str, Any]:
     """Run every request over its plan and write its heatmaps into `store`; returns timings. `precision` (auto,
-        fp32, bf16) and `compile_` go to each model's predictor (see `models.predictor.use_bf16`); `loader` says whether
-        `workers` are threads or processes (`engine.loader`); `fuse` folds BatchNorm into convolutions
-    (`engine.fuse_batchnorm`).
+    fp32, bf16), `compile_` and `fuse` (BatchNorm folded into convolutions) go to each model's predictor (see
+    `models.predictor`); `loader` says whether `workers` are threads or processes, `decode="device"` decodes stored
+    JPEG tiles on `device` (`engine.loader`, `engine.decode`).
 
-        Raises before reading when a model cannot serve its plan; on any failure, partial heatmaps are discarded.
+    Raises before reading when a model cannot serve its plan; on any failure, partial heatmaps are discarded.
     """
     names = [c for request in requests for c in request.model.card.written_classes]
     duplicates = sorted({n for n in names if names.count(n) > 1})

@@ -19,6 +19,11 @@ def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn
     return wrap
 
 
+def has_batchnorm(module: nn.Module) -> bool:
+    """Whether `module` holds a BatchNorm layer (the predictor folds them; training can recompute their statistics)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
 def build(name: str, num_outputs: int, **kwargs: Any) -> nn.Module:
     if name in _REGISTRY:
         return _REGISTRY[name](num_outputs=num_outputs, **kwargs)

@@ -12,6 +12,7 @@ from typing import Protocol
 
 import torch
 
+from .architectures import has_batchnorm
 from .card import ModelCard
 from .loading import LoadedModel
 
@@ -88,7 +89,7 @@ def conv_bn_fused(module: torch.nn.Module) -> torch.nn.Module:
     trace (data-dependent control flow) runs as it is."""
     from torch.fx.experimental.optimization import fuse
 
-    if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules()):
+    if not has_batchnorm(module):
         return module
     try:
         return fuse(module).to(memory_format=torch.channels_last)

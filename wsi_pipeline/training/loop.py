@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..atomic import atomic_path
-from ..models.architectures import build
+from ..models.architectures import build, has_batchnorm
 from ..models.card import Normalisation
 from ..models.folders import ModelError
 from ..progress import Progress
@@ -169,18 +169,19 @@ def recompute_batchnorm(model: nn.Module, loader: DataLoader, device: torch.devi
     of each batch), the "precise BN" step, with torch's `swa_utils.update_bn`: training leaves exponential averages of
     the last augmented batches, which drift from the statistics of the tiles the model is run on. Returns the number
     of tiles seen; the model is left in eval mode."""
-    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+    if not has_batchnorm(model):
         return 0
-    seen = [0]
+    seen = 0
 
     def batches() -> Iterator[torch.Tensor]:
+        nonlocal seen
         for batch in loader:
-            seen[0] += len(batch[0])
+            seen += len(batch[0])
             yield normalise(batch[0], device)
 
     torch.optim.swa_utils.update_bn(batches(), model)
     model.eval()
-    return seen[0]
+    return seen
 
 
 def run_epoch(
