@@ -11,8 +11,9 @@ import torch
 
 from tests.helpers import run_cli
 from wsi_pipeline.models.architectures import build
+from wsi_pipeline.training.augment import AugmentConfig
 from wsi_pipeline.training.data import DataError, split_by_group
-from wsi_pipeline.training.dense import gaussian_target, prepare
+from wsi_pipeline.training.dense import DenseTargets, TrainingWindows, gaussian_target, prepare
 from wsi_pipeline.training.points import amibr_images, csv_images, mitos2012_negatives, point_images
 
 
@@ -80,7 +81,7 @@ def test_dense_fcn_depends_on_no_pixel_beyond_its_declared_halo() -> None:
 @pytest.mark.e2e
 def test_train_and_evaluate_mitosis_commands(data_dir: Path, tmp_path: Path) -> None:
     """A small, fast run through the CLI: the card is a dense model with held-out metrics, and `evaluate
-    --held-out` on the same sources reproduces them exactly."""
+    --held-out` on the same sources reproduces them exactly, BatchNorm recomputed after training included."""
     mitosis = data_dir / "mitosis"
     crops = [i for i in amibr_images(mitosis / "amibr_tupac16")]
     slides = sorted({i.group for i in crops})[:8]
@@ -107,10 +108,17 @@ def test_train_and_evaluate_mitosis_commands(data_dir: Path, tmp_path: Path) -> 
         "width=4",
         "--val-fraction",
         "0.4",
+        "--recompute-batchnorm",
         *common,
     )
     assert result.returncode == 0, result.stderr
     card = json.loads((out / "model_card.json").read_text())
+    # one un-jittered window per training crop (this subset has no figure-free fields)
+    assert (
+        card["training"]["batchnorm"]["recomputed_on_training_tiles"]
+        == card["training"]["train_images"]["with_figures"]
+    )
+    assert card["training"]["batchnorm"]["validation_before"].keys() == card["metrics"]["validation"].keys()
     assert card["kind"] == "dense" and card["output_stride"] == 4 and card["halo_px"] == 32
     assert card["classes"] == ["mitosis"] and card["activation"] == "sigmoid"
     assert set(card["training"]["train_groups"]).isdisjoint(card["training"]["val_groups"])
@@ -121,6 +129,27 @@ def test_train_and_evaluate_mitosis_commands(data_dir: Path, tmp_path: Path) -> 
     assert report["at_threshold"] == pytest.approx(card["metrics"]["validation"])
     assert (report_dir / "froc.png").stat().st_size > 1000
     assert report["crops"] == card["training"]["val_images"]["with_figures"]
+
+
+def test_unjittered_windows_are_the_same_windows_and_targets(data_dir: Path) -> None:
+    mitosis = data_dir / "mitosis"
+    crops = [prepare(i, 0.25, 96) for i in amibr_images(mitosis / "amibr_tupac16")[:6]]
+    fields = [prepare(i, 0.25, 96) for i in mitos2012_negatives(mitosis / "mitos2012_scannerA")[:1]]
+    strong = AugmentConfig(hed_sigma=0.08, brightness=0.15, contrast=0.2, saturation=0.25)
+    jittered = TrainingWindows(crops, fields, DenseTargets(), 0.25, strong, seed=3)
+    jittered.epoch = 2
+    plain = jittered.without_augmentation()
+    assert len(plain) == len(jittered) == 6 + 3 and plain.epoch == 2 and jittered.aug == strong
+    for index in range(len(plain)):
+        (x, target, valid), (xj, target_j, valid_j) = plain[index], jittered[index]
+        assert torch.equal(target, target_j) and torch.equal(valid, valid_j)
+        assert not torch.equal(x, xj)
+        # the plain window is pixels of the source image, flipped and turned: the same multiset of colours
+        image = crops[index] if index < 6 else None
+        if image is not None:
+            assert set(map(tuple, x.permute(1, 2, 0).reshape(-1, 3).tolist())) <= set(
+                map(tuple, image.rgb.reshape(-1, 3).tolist())
+            ) | {(0, 0, 0)}
 
 
 def test_split_by_slide_keeps_figures_and_fields_on_both_sides(data_dir: Path) -> None:

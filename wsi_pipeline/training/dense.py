@@ -10,6 +10,7 @@ their source image) gets no loss. Every draw is seeded by (seed, epoch, index).
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,14 +20,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from ..input_guard import training_stats
 from ..models import ModelCard, save_model
 from ..models.card import ColourStats
 from .augment import AugmentConfig, augment
 from .data import DataError
-from .loop import NORMALISATION, TrainConfig, build_model, command_line, fit, normalise, run_epoch
+from .loop import (
+    NORMALISATION,
+    TrainConfig,
+    build_model,
+    command_line,
+    fit,
+    normalise,
+    recompute_batchnorm,
+    run_epoch,
+)
 from .mitosis_eval import detection_metrics, operating_point
 from .points import PointImage
 
@@ -97,7 +107,9 @@ def gaussian_target(points: np.ndarray, shape: tuple[int, int], stride: int, sig
     return target
 
 
-class _Windows(Dataset):
+class TrainingWindows(Dataset):
+    """An epoch's training windows: one around a figure per crop, then negatives from figure-free fields."""
+
     def __init__(
         self,
         positives: list[Prepared],
@@ -120,6 +132,14 @@ class _Windows(Dataset):
 
     def __len__(self) -> int:
         return len(self.positives) + self.n_neg
+
+    def without_augmentation(self) -> TrainingWindows:
+        """The same windows without colour or stain jitter (flips and turns stay: they leave BatchNorm's per-channel
+        statistics as they are), for recomputing BatchNorm on tiles as the model is run on them."""
+        plain = copy.copy(self)
+        plain.aug = AugmentConfig(flips=False, rotate90=False, scale=0.0, brightness=0.0, contrast=0.0,
+                                  saturation=0.0, hed_sigma=0.0)  # fmt: skip
+        return plain
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         t = self.targets
@@ -202,7 +222,7 @@ def train_mitosis(
     if not positives or not val_crops:
         raise DataError("mitosis training needs images with figures on both sides of the split")
     model = build_model(cfg, 1, device)
-    dataset = _Windows(positives, negatives, targets, cfg.mpp, aug, cfg.seed)
+    dataset = TrainingWindows(positives, negatives, targets, cfg.mpp, aug, cfg.seed)
 
     def batch_loss(batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         x, target, valid = (t.to(device) for t in batch)
@@ -227,6 +247,12 @@ def train_mitosis(
     # the last validation belongs to the last epoch; measure again only when another epoch was selected or when a
     # finished run was resumed (nothing validated here)
     selected_last = bool(reports) and state.best_epoch == state.epoch
+    batchnorm: dict[str, Any] = {}
+    if cfg.recompute_batchnorm:  # new statistics: the selected epoch's validation figures no longer hold
+        loader = DataLoader(dataset.without_augmentation(), batch_size=cfg.batch_size, num_workers=cfg.workers)
+        batchnorm = {"recomputed_on_training_tiles": recompute_batchnorm(model, loader, device),
+                     "validation_before": state.selected_metrics()}  # fmt: skip
+        selected_last = False
     report = reports[-1] if selected_last else detection_metrics(model, card, val_crops, val_fields, device)
     point = operating_point(report["curve"])
     card = mitosis_card(
@@ -248,6 +274,7 @@ def train_mitosis(
             "val_groups": sorted({p.group for p in split["val"]}),
             "best_epoch": state.best_epoch,
             "history": state.history,
+            **({"batchnorm": batchnorm} if batchnorm else {}),
             "command": command_line(),
             "data": cfg.extra.get("data", []),
             "description": cfg.extra.get("description", ""),
