@@ -13,7 +13,7 @@ import yaml
 
 from tests.helpers import run_cli
 from wsi_pipeline.training.data import DataError
-from wsi_pipeline.training.study import run_study, train_final
+from wsi_pipeline.training.study import cross_source_operating_point, run_study, train_final
 
 CLASSES = ["epithelium=01_TUMOR,06_MUCOSA", "stroma=02_STROMA"]
 
@@ -90,3 +90,29 @@ def test_a_study_measures_each_variant_across_sources_and_trains_the_best(data_d
 
     with pytest.raises(DataError, match="trained with other settings"):
         run_study(study, data_dir, tmp_path / "study")
+
+
+def test_the_cross_source_operating_point_is_the_best_mean_f1_and_records_each_direction(tmp_path: Path) -> None:
+    curve = [{"threshold": t, "recall": 1 - t, "f1": 0.5} for t in (0.5, 0.55, 0.6)]
+    card = {
+        "classes": ["mitosis"],
+        "thresholds": {"mitosis": 0.6},
+        "metrics": {"validation": {}, "validation_curve": curve},
+    }
+    (tmp_path / "model_card.json").write_text(json.dumps(card))
+    rows = {  # mean F1: 0.5 -> 0.80, 0.55 -> 0.85, 0.6 -> 0.85 (a tie: the lower threshold wins)
+        "a -> b": {"f1_by_threshold": {"0.5": 0.9, "0.55": 0.8, "0.6": 0.9},
+                   "recall_by_threshold": {"0.5": 0.95, "0.55": 0.81, "0.6": 0.7},
+                   "precision_by_threshold": {"0.5": 0.86, "0.55": 0.79, "0.6": 0.99}},
+        "b -> a": {"f1_by_threshold": {"0.5": 0.7, "0.55": 0.9, "0.6": 0.8}},  # a study.json from before the curves
+    }  # fmt: skip
+    cross_source_operating_point(tmp_path, rows)
+    written = json.loads((tmp_path / "model_card.json").read_text())
+    assert written["thresholds"] == {"mitosis": 0.55}
+    point = written["metrics"]["operating_point"]
+    assert point["threshold"] == 0.55 and point["mean_cross_source_f1"] == 0.85
+    assert point["cross_source_at_threshold"] == {
+        "a -> b": {"recall": 0.81, "precision": 0.79, "f1": 0.8},
+        "b -> a": {"recall": None, "precision": None, "f1": 0.9},
+    }
+    assert written["metrics"]["validation"] == curve[1]  # re-read at the new threshold from the validation curve

@@ -101,6 +101,10 @@ def _measure(task: str, model: Path, source: dict[str, Any], data_root: Path, ou
             "best_f1": round(best["f1_with_fields"], 4),
             "best_f1_threshold": best["threshold"],
             "f1_by_threshold": {str(row["threshold"]): round(row["f1_with_fields"], 4) for row in report["curve"]},
+            "recall_by_threshold": {str(row["threshold"]): round(row["recall"], 4) for row in report["curve"]},
+            "precision_by_threshold": {
+                str(row["threshold"]): round(row["precision_with_fields"], 4) for row in report["curve"]
+            },
         }
     return {
         "roc_auc": round(report["roc_auc"]["value"], 4),
@@ -161,7 +165,7 @@ def train_final(
     data = list(dict.fromkeys(str(data_root / d) for source in sources.values() for d in source["data"]))
     model = _train(task, recipe, given, data, out, overrides)
     if study.get("operating_point") == "cross_source":
-        _cross_source_operating_point(model, report["variants"][report["chosen"]]["cross_source"])
+        cross_source_operating_point(model, report["variants"][report["chosen"]]["cross_source"])
     held_out = {}
     for name, source in sources.items():
         held_out[name] = _measure(task, model, {**source, "held_out": True}, data_root, out / "evaluation" / name)
@@ -179,7 +183,7 @@ def train_final(
     return card
 
 
-def _cross_source_operating_point(model: Path, rows: dict[str, Any]) -> None:
+def cross_source_operating_point(model: Path, rows: dict[str, Any]) -> None:
     """Mitosis: the threshold of best mean F1 over the study's cross-source measurements (each model measured on the
     centre it never saw) replaces the one chosen on the final model's own validation split, whose figures come
     from the same centres as its training and set the threshold too high for another scanner (peaks are lower
@@ -196,6 +200,15 @@ def _cross_source_operating_point(model: Path, rows: dict[str, Any]) -> None:
         "trained on one centre measured on the other, both ways), figure-free fields counted",
         "threshold": chosen,
         "mean_cross_source_f1": round(sum(c[best] for c in curves) / len(curves), 4),
+        # what a user of another centre can expect at this threshold: each direction's figures at it
+        "cross_source_at_threshold": {
+            direction: {
+                "recall": row.get("recall_by_threshold", {}).get(best),
+                "precision": row.get("precision_by_threshold", {}).get(best),
+                "f1": row["f1_by_threshold"][best],
+            }
+            for direction, row in rows.items()
+        },
     }
     curve = card["metrics"].get("validation_curve", [])
     card["metrics"]["validation"] = next((r for r in curve if r["threshold"] == chosen), card["metrics"]["validation"])
