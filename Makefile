@@ -10,7 +10,7 @@ DATA   ?= ../shared/data
 MODELS := wsi_pipeline/models/defaults
 MODELS_WORK ?= build/models
 
-.PHONY: install test lint demo bench bench-peers models clean help
+.PHONY: install test lint demo bench bench-peers models models-ablations clean help
 
 help:
 	@echo "make install  create $(VENV) and install wsi-pipeline with its dependencies"
@@ -89,3 +89,11 @@ models: $(STAMP)
 	$(BIN)/wsi-pipeline evaluate mitosis $(MODELS_WORK)/mitosis $(DATA)/mitosis/amibr_tupac16 \
 		$(DATA)/mitosis/mitos2012_scannerA --held-out -o $(MODELS_WORK)/mitosis/evaluation
 	$(BIN)/python -m wsi_pipeline.training.publish $(MODELS_WORK) $(MODELS)
+
+# Study variants measured once and not chosen (configs/models/ablations/: same sources as the studies above); each
+# is trained on one source and measured on the other, and nothing is published.
+models-ablations: $(STAMP)
+	$(BIN)/python -m wsi_pipeline.training.study configs/models/ablations/epithelium.yaml --data $(DATA) \
+		-o $(MODELS_WORK)/ablations/epithelium
+	$(BIN)/python -m wsi_pipeline.training.study configs/models/ablations/mitosis.yaml --data $(DATA) \
+		-o $(MODELS_WORK)/ablations/mitosis

@@ -13,7 +13,7 @@ import yaml
 
 from tests.helpers import run_cli
 from wsi_pipeline.training.data import DataError
-from wsi_pipeline.training.study import cross_source_operating_point, run_study, train_final
+from wsi_pipeline.training.study import cross_source_operating_point, load_study, run_study, train_final
 
 CLASSES = ["epithelium=01_TUMOR,06_MUCOSA", "stroma=02_STROMA"]
 
@@ -116,3 +116,22 @@ def test_the_cross_source_operating_point_is_the_best_mean_f1_and_records_each_d
         "b -> a": {"recall": None, "precision": None, "f1": 0.9},
     }
     assert written["metrics"]["validation"] == curve[1]  # re-read at the new threshold from the validation curve
+
+
+def test_a_study_that_extends_another_keeps_its_sources_and_replaces_its_variants(tmp_path: Path) -> None:
+    base = tmp_path / "study.yaml"
+    common = {
+        "task": "mitosis",
+        "recipe": "r.yaml",
+        "sources": {"a": {"data": ["x"]}},
+        "operating_point": "cross_source",
+    }
+    base.write_text(yaml.safe_dump({**common, "variants": {"chosen": {}, "other": {}}}))
+    ablation = tmp_path / "ablation.yaml"
+    ablation.write_text(
+        yaml.safe_dump({"extends": str(base), "variants": {"chosen": {}, "more_epochs": {"epochs": 12}}})
+    )
+    study = load_study(ablation)
+    assert study == {**common, "variants": {"chosen": {}, "more_epochs": {"epochs": 12}}}
+    shipped = load_study(Path("configs/models/ablations/mitosis.yaml"))
+    assert shipped["sources"] == load_study(Path("configs/models/mitosis_study.yaml"))["sources"]

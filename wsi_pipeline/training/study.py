@@ -58,6 +58,17 @@ def _train(
     return out
 
 
+def load_study(path: Path) -> dict[str, Any]:
+    """A study file; one with `extends: OTHER.yaml` takes the other's task, recipe, sources and settings and
+    replaces only what it names (its own `variants`): ablations measured once sit beside the study that
+    `make models` runs, on the same sources, without making every `make models` train them again."""
+    study = yaml.safe_load(path.read_text())
+    if "extends" in study:
+        base = load_study(Path(study.pop("extends")))
+        study = {**base, **study}
+    return study
+
+
 def _variant_settings(study: dict[str, Any], variant: str) -> dict[str, Any]:
     """A fresh copy of a variant's settings (`_train` consumes its stages), `{models}` resolved in `init`."""
     given = json.loads(json.dumps(study["variants"][variant] or {}))
@@ -115,7 +126,7 @@ def _measure(task: str, model: Path, source: dict[str, Any], data_root: Path, ou
 
 
 def run_study(study_path: Path, data_root: Path, out: Path, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
-    study = yaml.safe_load(study_path.read_text())
+    study = load_study(study_path)
     task, recipe, sources = study["task"], study["recipe"], study["sources"]
     score = study.get("score", "roc_auc")
     key = f"mean_cross_source_{score}"
@@ -153,7 +164,7 @@ def train_final(
 ) -> dict[str, Any]:
     """The chosen variant trained on every source (a split by source image / field of all of them), measured on
     each source's held-out part; the card gets the study's cross-source figures and these."""
-    study = yaml.safe_load(study_path.read_text())
+    study = load_study(study_path)
     task, recipe, sources = study["task"], study["recipe"], study["sources"]
     given = _variant_settings(study, report["chosen"])
     classes: dict[str, list[str]] = {}
