@@ -104,7 +104,9 @@ def test_the_cross_source_operating_point_is_the_best_mean_f1_and_records_each_d
         "a -> b": {"f1_by_threshold": {"0.5": 0.9, "0.55": 0.8, "0.6": 0.9},
                    "recall_by_threshold": {"0.5": 0.95, "0.55": 0.81, "0.6": 0.7},
                    "precision_by_threshold": {"0.5": 0.86, "0.55": 0.79, "0.6": 0.99}},
-        "b -> a": {"f1_by_threshold": {"0.5": 0.7, "0.55": 0.9, "0.6": 0.8}},  # a study.json from before the curves
+        "b -> a": {"f1_by_threshold": {"0.5": 0.7, "0.55": 0.9, "0.6": 0.8},
+                   "recall_by_threshold": {"0.5": 0.93, "0.55": 0.92, "0.6": 0.8},
+                   "precision_by_threshold": {"0.5": 0.58, "0.55": 0.88, "0.6": 0.8}},
     }  # fmt: skip
     cross_source_operating_point(tmp_path, rows)
     written = json.loads((tmp_path / "model_card.json").read_text())
@@ -113,7 +115,7 @@ def test_the_cross_source_operating_point_is_the_best_mean_f1_and_records_each_d
     assert point["threshold"] == 0.55 and point["mean_cross_source_f1"] == 0.85
     assert point["cross_source_at_threshold"] == {
         "a -> b": {"recall": 0.81, "precision": 0.79, "f1": 0.8},
-        "b -> a": {"recall": None, "precision": None, "f1": 0.9},
+        "b -> a": {"recall": 0.92, "precision": 0.88, "f1": 0.9},
     }
     assert written["metrics"]["validation"] == curve[1]  # re-read at the new threshold from the validation curve
 

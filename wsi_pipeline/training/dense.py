@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ..input_guard import training_stats
 from ..models import ModelCard, save_model
@@ -34,7 +34,7 @@ from .loop import (
     command_line,
     fit,
     normalise,
-    recompute_batchnorm,
+    precise_batchnorm,
     run_epoch,
 )
 from .mitosis_eval import detection_metrics, operating_point
@@ -116,7 +116,7 @@ class TrainingWindows(Dataset):
         negatives: list[Prepared],
         targets: DenseTargets,
         mpp: float,
-        aug: AugmentConfig,
+        aug: AugmentConfig | None,
         seed: int,
     ) -> None:
         self.positives, self.negatives, self.targets, self.mpp, self.aug, self.seed = (
@@ -137,8 +137,7 @@ class TrainingWindows(Dataset):
         """The same windows without colour or stain jitter (flips and turns stay: they leave BatchNorm's per-channel
         statistics as they are), for recomputing BatchNorm on tiles as the model is run on them."""
         plain = copy.copy(self)
-        plain.aug = AugmentConfig(flips=False, rotate90=False, scale=0.0, brightness=0.0, contrast=0.0,
-                                  saturation=0.0, hed_sigma=0.0)  # fmt: skip
+        plain.aug = None
         return plain
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -164,7 +163,8 @@ class TrainingWindows(Dataset):
             x, maps = x.flip(-1), maps.flip(-1)
         turns = int(rng.integers(4))
         x, maps = torch.rot90(x, turns, (-2, -1)), torch.rot90(maps, turns, (-2, -1))
-        x = augment(x.contiguous(), self.aug, self.seed, self.epoch, index)
+        if self.aug is not None:
+            x = augment(x.contiguous(), self.aug, self.seed, self.epoch, index)
         return x, maps[0].contiguous(), maps[1].contiguous()
 
     def _around_figure(self, image: Prepared, rng: np.random.Generator) -> tuple[int, int]:
@@ -249,10 +249,8 @@ def train_mitosis(
     selected_last = bool(reports) and state.best_epoch == state.epoch
     batchnorm: dict[str, Any] = {}
     if cfg.recompute_batchnorm:  # new statistics: the selected epoch's validation figures no longer hold
-        loader = DataLoader(dataset.without_augmentation(), batch_size=cfg.batch_size, num_workers=cfg.workers)
-        batchnorm = {"recomputed_on_training_tiles": recompute_batchnorm(model, loader, device),
-                     "validation_before": state.selected_metrics()}  # fmt: skip
-        selected_last = False
+        batchnorm = precise_batchnorm(model, dataset, cfg, device, state.selected_metrics())
+    selected_last = selected_last and not batchnorm
     report = reports[-1] if selected_last else detection_metrics(model, card, val_crops, val_fields, device)
     point = operating_point(report["curve"])
     card = mitosis_card(

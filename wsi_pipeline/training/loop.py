@@ -184,6 +184,15 @@ def recompute_batchnorm(model: nn.Module, loader: DataLoader, device: torch.devi
     return seen
 
 
+def precise_batchnorm(
+    model: nn.Module, train_set: Any, cfg: TrainConfig, device: torch.device, before: dict[str, float]
+) -> dict[str, Any]:
+    """`recompute_batchnorm` over `train_set.without_augmentation()` (the training tiles as the model is run on
+    them); returns what the card records: the tiles seen and the validation figures of the selected epoch before."""
+    loader = DataLoader(train_set.without_augmentation(), batch_size=cfg.batch_size, num_workers=cfg.workers)
+    return {"recomputed_on_training_tiles": recompute_batchnorm(model, loader, device), "validation_before": before}
+
+
 def run_epoch(
     dataset: Any,
     cfg: TrainConfig,

@@ -103,6 +103,10 @@ def _measure(task: str, model: Path, source: dict[str, Any], data_root: Path, ou
     )
     if "at_threshold" in report:
         at = report["at_threshold"]
+
+        def by_threshold(key: str) -> dict[str, float]:
+            return {str(row["threshold"]): round(row[key], 4) for row in report["curve"]}
+
         best = max(report["curve"], key=lambda row: row["f1_with_fields"])
         return {
             "threshold": at["threshold"],
@@ -111,11 +115,9 @@ def _measure(task: str, model: Path, source: dict[str, Any], data_root: Path, ou
             "f1": round(at["f1_with_fields"], 4),
             "best_f1": round(best["f1_with_fields"], 4),
             "best_f1_threshold": best["threshold"],
-            "f1_by_threshold": {str(row["threshold"]): round(row["f1_with_fields"], 4) for row in report["curve"]},
-            "recall_by_threshold": {str(row["threshold"]): round(row["recall"], 4) for row in report["curve"]},
-            "precision_by_threshold": {
-                str(row["threshold"]): round(row["precision_with_fields"], 4) for row in report["curve"]
-            },
+            "f1_by_threshold": by_threshold("f1_with_fields"),
+            "recall_by_threshold": by_threshold("recall"),
+            "precision_by_threshold": by_threshold("precision_with_fields"),
         }
     return {
         "roc_auc": round(report["roc_auc"]["value"], 4),
@@ -214,8 +216,8 @@ def cross_source_operating_point(model: Path, rows: dict[str, Any]) -> None:
         # what a user of another centre can expect at this threshold: each direction's figures at it
         "cross_source_at_threshold": {
             direction: {
-                "recall": row.get("recall_by_threshold", {}).get(best),
-                "precision": row.get("precision_by_threshold", {}).get(best),
+                "recall": row["recall_by_threshold"][best],
+                "precision": row["precision_by_threshold"][best],
                 "f1": row["f1_by_threshold"][best],
             }
             for direction, row in rows.items()

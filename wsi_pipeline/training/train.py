@@ -31,7 +31,7 @@ from .loop import (
     fit,
     group_list,
     normalise,
-    recompute_batchnorm,
+    precise_batchnorm,
     run_epoch,
 )
 
@@ -166,13 +166,9 @@ def train_classifier(
     # the operating point from the selected epoch's validation pass: the last one, unless another epoch was selected
     # or a finished run was resumed (nothing validated here), which alone need another pass over the tiles
     selected_last = bool(latest) and state.best_epoch == state.epoch
-    batchnorm: dict[str, Any] = {}
-    if cfg.recompute_batchnorm:  # new statistics: the selected epoch's validation figures no longer hold
-        plain = train_set.without_augmentation()  # type: ignore[attr-defined]
-        loader = DataLoader(plain, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers)
-        batchnorm = {"recomputed_on_training_tiles": recompute_batchnorm(model, loader, device),
-                     "validation_before": final}  # fmt: skip
-        selected_last = False
+    # new statistics: the selected epoch's validation figures no longer hold
+    batchnorm = precise_batchnorm(model, train_set, cfg, device, final) if cfg.recompute_batchnorm else {}
+    selected_last = selected_last and not batchnorm
     probs, labels = latest[0] if selected_last else evaluate(model, val_loader, device)
     if batchnorm:
         final = _metrics(probs, labels)
