@@ -43,17 +43,24 @@ def test_statistics_are_the_plain_moments_of_the_tiles(data_dir: Path) -> None:
 
 
 @pytest.mark.e2e
-def test_the_card_measures_the_recomputed_model(data_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("averaged", [0, 2], ids=["last_epoch", "mean_of_two_epochs"])
+def test_the_card_measures_the_recomputed_model(data_dir: Path, tmp_path: Path, averaged: int) -> None:
+    """Also with `--average-epochs` (stochastic weight averaging, tests/test_weight_average.py), whose averaged
+    weights need the new statistics."""
     kather = data_dir.joinpath(*KATHER)
     model = tmp_path / "model"
     result = run_cli(
         "train", "epithelium_stroma", str(kather), *CLASSES, "--tile-px", "96", "--mpp", "0.495",
-        "--arch-arg", "width=4", "--arch-arg", "blocks=2", "--epochs", "2", "--select", "last",
-        "--recompute-batchnorm", "--val-fraction", "0.4", "--seed", "2", "-o", str(model),
+        "--arch-arg", "width=4", "--arch-arg", "blocks=2", "--epochs", "3", "--select", "last",
+        "--recompute-batchnorm", "--average-epochs", str(averaged), "--val-fraction", "0.4", "--seed", "2",
+        "-o", str(model),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     card = json.loads((model / "model_card.json").read_text())
     assert card["training"]["batchnorm"]["recomputed_on_training_tiles"] == card["training"]["train_tiles"]
     assert set(card["training"]["batchnorm"]["validation_before"]) == {"balanced_accuracy", "roc_auc"}
+    assert card["training"]["config"]["average_epochs"] == averaged
+    selected = "mean of the weights of the last 2 epochs" if averaged else "last epoch"
+    assert card["metrics"]["selected_by"] == selected
     report = held_out_report(model, [kather], CLASSES, "epithelium", tmp_path / "eval")
     assert report["roc_auc"]["value"] == pytest.approx(card["metrics"]["validation"]["roc_auc"], abs=1e-4)

@@ -59,6 +59,7 @@ SETTING_OPTIONS = (
     "init",
     "stain_normalisation",
     "recompute_batchnorm",
+    "average_epochs",
 )
 
 
@@ -139,6 +140,13 @@ def given_options(ctx: click.Context, values: dict[str, Any]) -> dict[str, Any]:
     is_flag=True,
     default=None,
     help="After training, recompute BatchNorm statistics over the un-augmented training tiles.",
+)
+@click.option(
+    "--average-epochs",
+    type=int,
+    default=None,
+    help="Keep the mean of the last N epochs' weights (stochastic weight averaging; with --select last "
+    "--recompute-batchnorm) [0: off].",
 )
 @click.option(
     "--stain-normalisation",

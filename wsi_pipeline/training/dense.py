@@ -36,6 +36,7 @@ from .loop import (
     normalise,
     precise_batchnorm,
     run_epoch,
+    selected_by,
 )
 from .mitosis_eval import detection_metrics, operating_point
 from .points import PointImage
@@ -260,7 +261,7 @@ def train_mitosis(
             "validation": {k: v for k, v in point.items() if k != "criterion"},
             "operating_point": {"criterion": point["criterion"], "threshold": point["threshold"]},
             "validation_curve": report["curve"],
-            "selected_by": "last epoch" if cfg.select == "last" else "best validation f1",
+            "selected_by": selected_by(cfg, "f1"),
             "seconds": round(time.perf_counter() - started, 1),
         },
         training={

@@ -59,6 +59,7 @@ class TrainConfig:
     init_checkpoint: str | None = None
     init_head: bool = False  # take the head from init_checkpoint too (continuing), else a new head (transfer)
     recompute_batchnorm: bool = False  # after `fit`: BatchNorm statistics over the un-augmented training tiles
+    average_epochs: int = 0  # > 0: the model is the mean of the last N epochs' weights (SWA; select "last")
     schedule: str = "cosine"  # "cosine": the learning rate falls to 0 over `epochs`; "constant"
     select: str = "best"  # "best": the epoch with the best validation metric; "last": the final epoch
     extra: dict[str, Any] = field(default_factory=dict)  # a trainer's own settings (e.g. target sigma)
@@ -68,6 +69,8 @@ class TrainConfig:
         schedule is fixed by its length."""
         data = {k: v for k, v in asdict(self).items() if k not in ("patience", "workers", "recompute_batchnorm")}
         data["extra"] = {k: v for k, v in self.extra.items() if k != "description"}
+        if not self.average_epochs:  # checkpoints written before the setting existed still resume
+            del data["average_epochs"]
         if self.schedule == "constant":
             data["epochs"] = None
         return json.dumps(data, sort_keys=True)
@@ -80,6 +83,7 @@ class LoopState:
     best_epoch: int = 0
     stale: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    averaged: int = 0  # epochs whose weights are in the running mean (average_epochs)
 
     def selected_metrics(self) -> dict[str, float]:
         """The validation metrics measured at the selected epoch (the model holds that epoch's weights)."""
@@ -109,6 +113,13 @@ def command_line() -> str:
     return " ".join(shlex.quote(a) for a in [script.name, *sys.argv[1:]])
 
 
+def selected_by(cfg: TrainConfig, watched: str) -> str:
+    """How the saved weights were chosen, for the card."""
+    if cfg.average_epochs:
+        return f"mean of the weights of the last {cfg.average_epochs} epochs"
+    return "last epoch" if cfg.select == "last" else f"best validation {watched}"
+
+
 def build_model(cfg: TrainConfig, n_outputs: int, device: torch.device) -> nn.Module:
     torch.manual_seed(cfg.seed)
     model = build(cfg.architecture, n_outputs, **(cfg.architecture_args or {})).to(device)
@@ -128,9 +139,16 @@ def fit(
     watched: str,
 ) -> LoopState:
     """Run epochs until `cfg.epochs` or `cfg.patience` epochs without a better `watched` metric; leaves the model
-    holding the selected epoch's weights. `train_epoch(epoch, optimiser)` returns the epoch's mean loss."""
+    holding the selected epoch's weights, or with `cfg.average_epochs` the mean of the last epochs' weights (its
+    BatchNorm statistics are then meaningless until recomputed). `train_epoch(epoch, optimiser)` returns the
+    epoch's mean loss."""
     if cfg.schedule not in ("cosine", "constant") or cfg.select not in ("best", "last"):
         raise DataError(f"unknown schedule {cfg.schedule!r} or selection {cfg.select!r}")
+    if cfg.average_epochs and (cfg.select != "last" or not cfg.recompute_batchnorm or cfg.average_epochs > cfg.epochs):
+        raise DataError(
+            f"average_epochs {cfg.average_epochs} needs select 'last', recompute_batchnorm and at most "
+            f"{cfg.epochs} epochs"
+        )
     out.mkdir(parents=True, exist_ok=True)
     params = [p for name, p in model.named_parameters() if not (cfg.freeze_backbone and not _is_head(name, model))]
     optimiser = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -139,10 +157,11 @@ def fit(
     )
     state = LoopState()
     best: dict[str, torch.Tensor] | None = None
+    average: dict[str, torch.Tensor] | None = None
     path = out / CHECKPOINT
     fingerprint = cfg.fingerprint()
     if path.exists():
-        best, state = _resume(path, fingerprint, model, optimiser, schedule, device)
+        best, average, state = _resume(path, fingerprint, model, optimiser, schedule, device)
     while state.epoch < cfg.epochs and state.stale < cfg.patience:
         model.train()
         loss = train_epoch(state.epoch, optimiser)
@@ -156,12 +175,31 @@ def fit(
             best = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             state.stale += 1
-        _save(path, model, optimiser, schedule, best, state, fingerprint)
+        if cfg.average_epochs and state.epoch > cfg.epochs - cfg.average_epochs:
+            average = _running_mean(average, model.state_dict(), state)
+        _save(path, model, optimiser, schedule, best, average, state, fingerprint)
     if best is None:
         raise DataError(f"{path}: the checkpoint holds no finished epoch; delete it and train again")
-    model.load_state_dict(best)
+    model.load_state_dict(average if average is not None else best)
     model.eval()
     return state
+
+
+def _running_mean(
+    average: dict[str, torch.Tensor] | None, weights: dict[str, torch.Tensor], state: LoopState
+) -> dict[str, torch.Tensor]:
+    """Stochastic weight averaging (Izmailov et al. 2018) over epoch ends, written here because torch's
+    `swa_utils.AveragedModel` keeps a second module and its own checkpoint format; integer buffers (BatchNorm's
+    batch counters) keep the latest value."""
+    state.averaged += 1
+    if average is None:
+        return {k: v.detach().clone() for k, v in weights.items()}
+    for key, value in weights.items():
+        if value.is_floating_point():
+            average[key] += (value.detach() - average[key]) / state.averaged
+        else:
+            average[key] = value.detach().clone()
+    return average
 
 
 def recompute_batchnorm(model: nn.Module, loader: DataLoader, device: torch.device) -> int:
@@ -274,7 +312,7 @@ def _resume(
     optimiser: torch.optim.Optimizer,
     schedule: torch.optim.lr_scheduler.LRScheduler,
     device: torch.device,
-) -> tuple[dict[str, torch.Tensor] | None, LoopState]:
+) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None, LoopState]:
     ckpt = torch.load(path, weights_only=True, map_location=device)
     if ckpt.get("config") != fingerprint:
         raise DataError(
@@ -285,8 +323,10 @@ def _resume(
     optimiser.load_state_dict(ckpt["optimiser"])
     schedule.load_state_dict(ckpt["schedule"])
     history = [dict(zip(ckpt["history_keys"], row, strict=True)) for row in ckpt["history"]]
-    state = LoopState(ckpt["epoch"], ckpt["best_score"], ckpt["best_epoch"], ckpt["stale"], history)
-    return ckpt["best_model"], state
+    state = LoopState(
+        ckpt["epoch"], ckpt["best_score"], ckpt["best_epoch"], ckpt["stale"], history, ckpt.get("averaged", 0)
+    )
+    return ckpt["best_model"], ckpt.get("average"), state
 
 
 def _save(
@@ -295,6 +335,7 @@ def _save(
     optimiser: torch.optim.Optimizer,
     schedule: torch.optim.lr_scheduler.LRScheduler,
     best: dict[str, torch.Tensor] | None,
+    average: dict[str, torch.Tensor] | None,
     state: LoopState,
     fingerprint: str,
 ) -> None:
@@ -305,6 +346,8 @@ def _save(
         "optimiser": optimiser.state_dict(),
         "schedule": schedule.state_dict(),
         "best_model": best,
+        "average": average,
+        "averaged": state.averaged,
         "epoch": state.epoch,
         "best_score": float(state.best_score),
         "best_epoch": state.best_epoch,

@@ -74,6 +74,12 @@ class TrainSettings(StrictModel):
         description="after training, recompute every BatchNorm's statistics over the un-augmented training tiles "
         "(the running averages of the last augmented batches drift from what the model sees when it runs)",
     )
+    average_epochs: int = Field(
+        0,
+        ge=0,
+        description="the model is the mean of the last N epochs' weights (stochastic weight averaging); needs "
+        "select: last and recompute_batchnorm: true (averaged weights have no BatchNorm statistics of their own)",
+    )
     augment: dict[str, float | bool] = Field(
         default_factory=dict, description="augmentation settings by name (hed_sigma, brightness, ...; augment.py)"
     )
@@ -104,6 +110,16 @@ class TrainSettings(StrictModel):
                     "size and µm/px)"
                 )
             self.__dict__["arch"] = self.arch or ("small_unet" if self.dense else "small_cnn")
+        return self
+
+    @model_validator(mode="after")
+    def _averaging(self) -> TrainSettings:
+        if self.average_epochs and (self.select != "last" or not self.recompute_batchnorm):
+            raise ValueError(
+                "average_epochs needs select: last and recompute_batchnorm: true (--select last --recompute-batchnorm)"
+            )
+        if self.average_epochs > self.epochs:
+            raise ValueError(f"average_epochs {self.average_epochs} is more than epochs {self.epochs}")
         return self
 
     @model_validator(mode="after")

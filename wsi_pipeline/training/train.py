@@ -33,6 +33,7 @@ from .loop import (
     normalise,
     precise_batchnorm,
     run_epoch,
+    selected_by,
 )
 
 __all__ = ["CHECKPOINT", "TrainConfig", "train_classifier"]
@@ -202,7 +203,7 @@ def train_classifier(
         },
         metrics={
             "validation": final,
-            "selected_by": "last epoch" if cfg.select == "last" else f"best validation {watched}",
+            "selected_by": selected_by(cfg, watched),
             "seconds": round(time.perf_counter() - started, 1),
             **({"operating_point": point} if point else {}),
         },
