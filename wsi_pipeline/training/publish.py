@@ -1,8 +1,9 @@
 """`python -m wsi_pipeline.training.publish WORK DEFAULTS`: the last step of `make models`.
 
-For each task trained in WORK/<task>, the weights, the card and the held-out evaluation (WORK/<task>/evaluation)
-replace DEFAULTS/<task>; the evaluation's figures go into the card (`metrics.evaluation`) so the card says what the
-shipped weights measured. Each folder is assembled under a temporary name and renamed into place.
+For each task trained in WORK/<task> (other folders are left alone), the weights, the card and the held-out
+evaluation (WORK/<task>/evaluation) replace DEFAULTS/<task>; the evaluation's figures go into the card
+(`metrics.evaluation`) so the card says what the shipped weights measured. Each folder is assembled under a
+temporary name and renamed into place.
 """
 
 from __future__ import annotations
@@ -66,10 +67,16 @@ def _headline(report: dict) -> dict:
 def main(argv: list[str]) -> None:
     if len(argv) != 2:
         raise SystemExit("usage: python -m wsi_pipeline.training.publish WORK_DIR DEFAULTS_DIR")
+    from ..tasks import task_names
+
     work, defaults = Path(argv[0]), Path(argv[1])
-    trained = sorted(p.name for p in work.iterdir() if (p / CARD_FILE).is_file())
+    with_card = sorted(p.name for p in work.iterdir() if (p / CARD_FILE).is_file())
+    # only WORK/<task>: a backup or experiment folder beside them (WORK/mitosis.old) is never shipped
+    trained = [name for name in with_card if name in task_names()]
+    for name in sorted(set(with_card) - set(trained)):
+        print(f"skipped {work / name}: not named after a task ({', '.join(task_names())})")
     if not trained:
-        raise SystemExit(f"no trained model folders (with {CARD_FILE}) in {work}")
+        raise SystemExit(f"no trained model folders (WORK/<task> with {CARD_FILE}) in {work}")
     for task in trained:
         print(f"published {publish(work, defaults, task)}")
 
