@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -137,3 +139,24 @@ def test_a_study_that_extends_another_keeps_its_sources_and_replaces_its_variant
     assert study == {**common, "variants": {"chosen": {}, "more_epochs": {"epochs": 12}}}
     shipped = load_study(Path("configs/models/ablations/mitosis.yaml"))
     assert shipped["sources"] == load_study(Path("configs/models/mitosis_study.yaml"))["sources"]
+
+
+def test_a_study_of_missing_data_stops_with_one_line_and_the_data_exit_status(tmp_path: Path) -> None:
+    study = tmp_path / "study.yaml"
+    study.write_text(
+        yaml.safe_dump(
+            {
+                "task": "epithelium_stroma",
+                "recipe": "configs/models/epithelium_stroma.yaml",
+                "sources": {"a": {"data": ["no_such_folder"]}, "b": {"data": ["no_such_folder_either"]}},
+                "variants": {"scratch": {}},
+            }
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "wsi_pipeline.training.study", str(study), "--data", str(tmp_path), "-o",
+         str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == DataError.exit_code == 13, done.stderr
+    assert done.stderr.strip().splitlines() == [f"error: training data folder {tmp_path / 'no_such_folder'} not found"]

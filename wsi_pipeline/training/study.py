@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ..atomic import write_json
+from ..errors import WsiError
 from ..models.folders import CARD_FILE, WEIGHTS_FILE
 from .commands import evaluate_model, train_model
 from .data import KATHER_GROUP, DataError
@@ -236,10 +238,14 @@ def main() -> None:
     parser.add_argument("--final", type=Path, default=None, help="then train the chosen variant on every source here")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="a setting for every training")
     args = parser.parse_args()
-    report = run_study(args.study, args.data, args.out, tuple(args.overrides))
-    print(f"chosen: {report['chosen']} ({args.out / 'study.json'})")
-    if args.final is not None:
-        train_final(args.study, report, args.data, args.final, tuple(args.overrides))
+    try:
+        report = run_study(args.study, args.data, args.out, tuple(args.overrides))
+        print(f"chosen: {report['chosen']} ({args.out / 'study.json'})")
+        if args.final is not None:
+            train_final(args.study, report, args.data, args.final, tuple(args.overrides))
+    except WsiError as exc:  # one line with the fix and its exit status, as `wsi-pipeline train` gives it
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        raise SystemExit(exc.exit_code) from None
 
 
 if __name__ == "__main__":
