@@ -302,7 +302,10 @@ def test_a_checkpoint_with_numpy_figures_in_its_history_still_resumes(tmp_path: 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda e: 1.0)
     row = {"epoch": 1, "loss": np.float32(0.5), "threshold": np.float64(0.55), "f1": np.float64(0.8), "centre": None}
     state = LoopState(1, np.float64(0.8), 1, 0, [row])
-    _save(tmp_path / "checkpoint.pt", model, optimiser, schedule, model.state_dict(), state, "config")
-    best, resumed = _resume(tmp_path / "checkpoint.pt", "config", model, optimiser, schedule, torch.device("cpu"))
+    _save(tmp_path / "checkpoint.pt", model, optimiser, schedule, model.state_dict(), None, state, "config")
+    best, average, resumed = _resume(
+        tmp_path / "checkpoint.pt", "config", model, optimiser, schedule, torch.device("cpu")
+    )
+    assert average is None  # no weight averaging in this run
     expected = {"epoch": 1.0, "loss": 0.5, "threshold": 0.55, "f1": 0.8, "centre": None}  # None: not measurable
     assert best is not None and resumed.history == [expected]
