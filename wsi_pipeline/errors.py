@@ -15,6 +15,10 @@ class WsiError(Exception):
     exit_code = 1
     kind = "error"
 
+    def one_line(self) -> str:
+        """The message on one line, whatever its source put in it (a wrapped library message, a path list)."""
+        return " ".join(str(self).split())
+
 
 class UsageError(WsiError):
     """The command line asks for something impossible (no slides, a bad --shard, two slides sharing an id)."""

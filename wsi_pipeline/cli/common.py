@@ -50,7 +50,7 @@ def _quiet_background_writes() -> None:
 def _fail(exc: WsiError) -> None:
     if isinstance(exc, OutputWriteError):
         _quiet_background_writes()
-    message = " ".join(str(exc).split())  # one line, whatever the message's source put in it
+    message = exc.one_line()
     click.echo(f"error: {message}", err=True)
     sys.exit(exc.exit_code)
 

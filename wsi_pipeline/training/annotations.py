@@ -35,7 +35,10 @@ def annotation_file(slide_path: Path) -> Path | None:
 
 
 def is_annotated_folder(root: str | Path) -> bool:
+    """Slides with QuPath exports beside them; a missing folder is not (the folder reader then says it is missing)."""
     root = Path(root)
+    if not root.is_dir():
+        return False
     return any(p.suffix.lower() in SLIDE_EXTENSIONS and annotation_file(p) for p in root.iterdir() if p.is_file())
 
 

@@ -71,7 +71,7 @@ class TrainConfig:
         data["extra"] = {k: v for k, v in self.extra.items() if k != "description"}
         if not self.average_epochs:  # checkpoints written before the setting existed still resume
             del data["average_epochs"]
-        if self.schedule == "constant":
+        if self.schedule == "constant" and not self.average_epochs:  # an averaged window is fixed by the length
             data["epochs"] = None
         return json.dumps(data, sort_keys=True)
 
@@ -83,7 +83,6 @@ class LoopState:
     best_epoch: int = 0
     stale: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
-    averaged: int = 0  # epochs whose weights are in the running mean (average_epochs)
 
     def selected_metrics(self) -> dict[str, float]:
         """The validation metrics measured at the selected epoch (the model holds that epoch's weights)."""
@@ -144,11 +143,9 @@ def fit(
     epoch's mean loss."""
     if cfg.schedule not in ("cosine", "constant") or cfg.select not in ("best", "last"):
         raise DataError(f"unknown schedule {cfg.schedule!r} or selection {cfg.select!r}")
-    if cfg.average_epochs and (cfg.select != "last" or not cfg.recompute_batchnorm or cfg.average_epochs > cfg.epochs):
-        raise DataError(
-            f"average_epochs {cfg.average_epochs} needs select 'last', recompute_batchnorm and at most "
-            f"{cfg.epochs} epochs"
-        )
+    problem = averaging_problem(cfg.average_epochs, cfg.select, cfg.recompute_batchnorm, cfg.epochs)
+    if problem:
+        raise DataError(problem)
     out.mkdir(parents=True, exist_ok=True)
     params = [p for name, p in model.named_parameters() if not (cfg.freeze_backbone and not _is_head(name, model))]
     optimiser = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -176,7 +173,7 @@ def fit(
         else:
             state.stale += 1
         if cfg.average_epochs and state.epoch > cfg.epochs - cfg.average_epochs:
-            average = _running_mean(average, model.state_dict(), state)
+            average = _running_mean(average, model.state_dict(), state.epoch - (cfg.epochs - cfg.average_epochs))
         _save(path, model, optimiser, schedule, best, average, state, fingerprint)
     if best is None:
         raise DataError(f"{path}: the checkpoint holds no finished epoch; delete it and train again")
@@ -185,18 +182,31 @@ def fit(
     return state
 
 
+def averaging_problem(average_epochs: int, select: str, recompute_batchnorm: bool, epochs: int) -> str | None:
+    """Why `average_epochs` cannot be used with these settings (None: it can), for the recipe's validation and the
+    loop alike."""
+    if average_epochs and (select != "last" or not recompute_batchnorm):
+        return (
+            f"average_epochs {average_epochs} needs select: last and recompute_batchnorm: true (--select last "
+            "--recompute-batchnorm): averaged weights have no BatchNorm statistics of their own"
+        )
+    if average_epochs > epochs:
+        return f"average_epochs {average_epochs} is more than epochs {epochs}"
+    return None
+
+
 def _running_mean(
-    average: dict[str, torch.Tensor] | None, weights: dict[str, torch.Tensor], state: LoopState
+    average: dict[str, torch.Tensor] | None, weights: dict[str, torch.Tensor], count: int
 ) -> dict[str, torch.Tensor]:
     """Stochastic weight averaging (Izmailov et al. 2018) over epoch ends, written here because torch's
-    `swa_utils.AveragedModel` keeps a second module and its own checkpoint format; integer buffers (BatchNorm's
-    batch counters) keep the latest value."""
-    state.averaged += 1
-    if average is None:
+    `swa_utils.AveragedModel` keeps a second module and its own checkpoint format. `count` is the epoch's place in
+    the averaged window (1 starts it; the fingerprint fixes the window, so a resumed run continues the same mean);
+    integer buffers (BatchNorm's batch counters) keep the latest value."""
+    if average is None or count == 1:
         return {k: v.detach().clone() for k, v in weights.items()}
     for key, value in weights.items():
         if value.is_floating_point():
-            average[key] += (value.detach() - average[key]) / state.averaged
+            average[key] += (value.detach() - average[key]) / count
         else:
             average[key] = value.detach().clone()
     return average
@@ -323,9 +333,7 @@ def _resume(
     optimiser.load_state_dict(ckpt["optimiser"])
     schedule.load_state_dict(ckpt["schedule"])
     history = [dict(zip(ckpt["history_keys"], row, strict=True)) for row in ckpt["history"]]
-    state = LoopState(
-        ckpt["epoch"], ckpt["best_score"], ckpt["best_epoch"], ckpt["stale"], history, ckpt.get("averaged", 0)
-    )
+    state = LoopState(ckpt["epoch"], ckpt["best_score"], ckpt["best_epoch"], ckpt["stale"], history)
     return ckpt["best_model"], ckpt.get("average"), state
 
 
@@ -347,7 +355,6 @@ def _save(
         "schedule": schedule.state_dict(),
         "best_model": best,
         "average": average,
-        "averaged": state.averaged,
         "epoch": state.epoch,
         "best_score": float(state.best_score),
         "best_epoch": state.best_epoch,

@@ -70,11 +70,13 @@ def main(argv: list[str]) -> None:
     from ..tasks import task_names
 
     work, defaults = Path(argv[0]), Path(argv[1])
+    tasks = task_names()
     with_card = sorted(p.name for p in work.iterdir() if (p / CARD_FILE).is_file())
     # only WORK/<task>: a backup or experiment folder beside them (WORK/mitosis.old) is never shipped
-    trained = [name for name in with_card if name in task_names()]
-    for name in sorted(set(with_card) - set(trained)):
-        print(f"skipped {work / name}: not named after a task ({', '.join(task_names())})")
+    trained = [name for name in with_card if name in tasks]
+    for name in with_card:
+        if name not in tasks:
+            print(f"skipped {work / name}: not named after a task ({', '.join(tasks)})")
     if not trained:
         raise SystemExit(f"no trained model folders (WORK/<task> with {CARD_FILE}) in {work}")
     for task in trained:

@@ -114,12 +114,11 @@ class TrainSettings(StrictModel):
 
     @model_validator(mode="after")
     def _averaging(self) -> TrainSettings:
-        if self.average_epochs and (self.select != "last" or not self.recompute_batchnorm):
-            raise ValueError(
-                "average_epochs needs select: last and recompute_batchnorm: true (--select last --recompute-batchnorm)"
-            )
-        if self.average_epochs > self.epochs:
-            raise ValueError(f"average_epochs {self.average_epochs} is more than epochs {self.epochs}")
+        from .loop import averaging_problem
+
+        problem = averaging_problem(self.average_epochs, self.select, self.recompute_batchnorm, self.epochs)
+        if problem:
+            raise ValueError(problem)
         return self
 
     @model_validator(mode="after")

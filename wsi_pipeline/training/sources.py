@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
@@ -20,17 +19,12 @@ def training_items(
 ) -> tuple[list[Any], list[str]]:
     """Every folder's items and the class names (all folders must give the same classes). A dense task reads
     point-annotated images; a classifier task folder-per-class tiles, or slides with QuPath GeoJSON exports."""
-    from .data import DataError
-
-    missing = [str(f) for f in folders if not Path(f).is_dir()]
-    if missing:  # the CLI checks its arguments; a study or a script calls this directly
-        raise DataError(f"training data folder {missing[0]} not found")
     if get_task(task).model_kind == "dense":
         from .points import point_images
 
         return [image for folder in folders for image in point_images(folder, mpp)], [task]
     from .annotations import annotated_items, is_annotated_folder
-    from .data import folder_items
+    from .data import DataError, folder_items
     from .nuclei import is_nuclei_folder, nucleus_items
 
     items: list[Any] = []

@@ -244,7 +244,7 @@ def main() -> None:
         if args.final is not None:
             train_final(args.study, report, args.data, args.final, tuple(args.overrides))
     except WsiError as exc:  # one line with the fix and its exit status, as `wsi-pipeline train` gives it
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"error: {exc.one_line()}", file=sys.stderr)
         raise SystemExit(exc.exit_code) from None
 
 
