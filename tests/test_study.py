@@ -14,8 +14,16 @@ import pytest
 import yaml
 
 from tests.helpers import run_cli
+from wsi_pipeline.models.folders import CARD_FILE
 from wsi_pipeline.training.data import DataError
-from wsi_pipeline.training.study import cross_source_operating_point, load_study, run_study, train_final
+from wsi_pipeline.training.study import (
+    choose_variant,
+    cross_source_operating_point,
+    gain_over_base,
+    load_study,
+    run_study,
+    train_final,
+)
 
 CLASSES = ["epithelium=01_TUMOR,06_MUCOSA", "stroma=02_STROMA"]
 
@@ -45,24 +53,40 @@ def test_a_study_measures_each_variant_across_sources_and_trains_the_best(data_d
             {
                 "task": "epithelium_stroma",
                 "recipe": str(recipe),
-                "sources": {
-                    "first_half": {**source, "groups": "CRC-Prim-HE-0[1-5]$"},
+                "sources": {  # the first half trains twice (seeds 2 and 3), the second once, with the recipe's seed
+                    "first_half": {**source, "groups": "CRC-Prim-HE-0[1-5]$", "seeds": [2, 3]},
                     "second_half": {**source, "groups": "CRC-Prim-HE-(0[6-9]|10)$"},
                 },
                 "variants": {"plain": {}, "no_stain_jitter": {"augment": {"hed_sigma": 0.0}}},
+                "base": "plain",
             }
         )
     )
     report = run_study(study, data_dir, tmp_path / "study")
     assert json.loads((tmp_path / "study" / "study.json").read_text()) == report
     means = {v: r["mean_cross_source_roc_auc"] for v, r in report["variants"].items()}
-    assert report["chosen"] == max(means, key=means.get)
+    choice = report["choice"]
+    assert choice["base"] == "plain" and choice["best_mean"] == max(means, key=means.get)
+    other = report["variants"]["no_stain_jitter"]
+    clear = other["gain_over_base"] > 2 * other["standard_error_of_gain"]
+    assert report["chosen"] == ("no_stain_jitter" if choice["best_mean"] == "no_stain_jitter" and clear else "plain")
     for variant, result in report["variants"].items():
         rows = result["cross_source"]
         assert set(rows) == {"first_half -> second_half", "second_half -> first_half"}
         assert means[variant] == pytest.approx(sum(r["roc_auc"] for r in rows.values()) / 2, abs=1e-4)
+        # a direction trained with several seeds reports each and their mean; one trained once, its figures
+        by_seed = rows["first_half -> second_half"]["seeds"]
+        assert set(by_seed) == {"2", "3"} and "seeds" not in rows["second_half -> first_half"]
+        mean_auc = (by_seed["2"]["roc_auc"] + by_seed["3"]["roc_auc"]) / 2
+        assert rows["first_half -> second_half"]["roc_auc"] == pytest.approx(mean_auc, abs=1e-4)
+        for seed in (2, 3):
+            card = json.loads((tmp_path / "study" / variant / "first_half" / f"seed{seed}" / CARD_FILE).read_text())
+            assert card["training"]["config"]["seed"] == seed
+    # the same split for both seeds of a variant would make the seeds' spread too small: the seed moves it too
+    cards = [json.loads((tmp_path / "study/plain/first_half" / f"seed{s}" / CARD_FILE).read_text()) for s in (2, 3)]
+    assert cards[0]["training"]["history"] != cards[1]["training"]["history"]
     # the figure is what `evaluate` says of that model on the other source, and nothing of it was trained on
-    model = tmp_path / "study" / "plain" / "first_half"
+    model = tmp_path / "study" / "plain" / "first_half" / "seed2"
     card = json.loads((model / "model_card.json").read_text())
     assert all(g.endswith(("01", "02", "03", "04", "05")) for g in card["training"]["train_groups"])
     result = run_cli(
@@ -78,10 +102,11 @@ def test_a_study_measures_each_variant_across_sources_and_trains_the_best(data_d
     assert again["tiles"] == sum(1 for g in groups if g and re.search("(0[6-9]|10)$", g.group(1))) > 20
     assert (
         round(again["roc_auc"]["value"], 4)
-        == report["variants"]["plain"]["cross_source"]["first_half -> second_half"]["roc_auc"]
+        == report["variants"]["plain"]["cross_source"]["first_half -> second_half"]["seeds"]["2"]["roc_auc"]
     )
     final = train_final(study, report, data_dir, tmp_path / "final")
     assert final["metrics"]["cross_source"]["chosen"] == report["chosen"]
+    assert final["metrics"]["cross_source"]["choice"] == choice
     assert set(final["metrics"]["held_out_by_source"]) == {"first_half", "second_half"}
     assert final["training"]["train_tiles"] + final["training"]["val_tiles"] == 99  # every tile of both halves
     # run again: every finished model is kept (nothing retrained, same figures) ...
@@ -92,6 +117,35 @@ def test_a_study_measures_each_variant_across_sources_and_trains_the_best(data_d
 
     with pytest.raises(DataError, match="trained with other settings"):
         run_study(study, data_dir, tmp_path / "study")
+
+
+def _row(by_seed: dict[str, float]) -> dict:
+    return {"roc_auc": sum(by_seed.values()) / len(by_seed), "seeds": {s: {"roc_auc": v} for s, v in by_seed.items()}}
+
+
+def test_a_gain_over_the_base_counts_only_beyond_the_seeds_spread() -> None:
+    base = {"a -> b": _row({"1": 0.60, "2": 0.50, "3": 0.70}), "b -> a": {"roc_auc": 0.90}}
+    # seed-paired differences 0.10, 0.30, 0.20 (mean 0.2, sd 0.1, standard error 0.1 / sqrt 3) and, once, 0.04
+    noisy = {"a -> b": _row({"1": 0.70, "2": 0.80, "3": 0.90}), "b -> a": {"roc_auc": 0.94}}
+    gain, error = gain_over_base(noisy, base, "roc_auc")
+    assert gain == pytest.approx((0.2 + 0.04) / 2)
+    assert error == pytest.approx(0.1 / 3**0.5 / 2)  # the single-seed direction adds no variance
+    # the same mean gain from differences that disagree in sign: -0.4, 0.3, 0.7 (sd 0.557)
+    spread = {"a -> b": _row({"1": 0.20, "2": 0.80, "3": 1.40}), "b -> a": {"roc_auc": 0.94}}
+    gain_spread, error_spread = gain_over_base(spread, base, "roc_auc")
+    assert gain_spread == pytest.approx(gain) and error_spread == pytest.approx(0.5568 / 3**0.5 / 2, abs=1e-4)
+    key = "mean_cross_source_roc_auc"
+
+    def results(variant_rows: dict) -> dict:
+        g, e = gain_over_base(variant_rows, base, "roc_auc")
+        mean = sum(r["roc_auc"] for r in variant_rows.values()) / 2
+        return {"base": {key: 0.7}, "new": {key: mean, "gain_over_base": g, "standard_error_of_gain": e}}
+
+    assert choose_variant(results(noisy), key, "base", 2.0)["chosen"] == "new"  # 0.12 > 2 x 0.029
+    kept = choose_variant(results(spread), key, "base", 2.0)  # 0.12 < 2 x 0.161
+    assert kept["chosen"] == "base" and kept["best_mean"] == "new"
+    with pytest.raises(DataError, match="no seed in common"):
+        gain_over_base({"a -> b": _row({"7": 0.9}), "b -> a": {"roc_auc": 0.9}}, base, "roc_auc")
 
 
 def test_the_cross_source_operating_point_is_the_best_mean_f1_and_records_each_direction(tmp_path: Path) -> None:

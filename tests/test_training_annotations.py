@@ -13,9 +13,12 @@ from wsi_pipeline.slide import Slide
 from wsi_pipeline.training.annotations import annotated_items
 from wsi_pipeline.training.data import DataError, load_tile
 
+Box = tuple[int, int, int, int]
 
-def _qupath_export(path: Path, regions: dict[str, tuple[int, int, int, int]]) -> None:
+
+def _qupath_export(path: Path, regions: dict[str, Box | list[Box]]) -> None:
     """What QuPath's Export objects as GeoJSON writes for rectangle annotations (plus an unclassified one)."""
+    boxes = [(name, box) for name, given in regions.items() for box in (given if isinstance(given, list) else [given])]
     features = [
         {
             "type": "Feature",
@@ -26,7 +29,7 @@ def _qupath_export(path: Path, regions: dict[str, tuple[int, int, int, int]]) ->
             },
             "properties": {"objectType": "annotation", "classification": {"name": name, "color": [200, 0, 0]}},
         }
-        for i, (name, (x, y, w, h)) in enumerate(regions.items())
+        for i, (name, (x, y, w, h)) in enumerate(boxes)
     ]
     features.append(
         {
@@ -71,6 +74,22 @@ def test_tiles_fill_each_annotation_on_a_grid_and_read_the_slide(annotated: Path
     # at 1 µm/px a tile covers 128 level-0 px: a 640 px square holds 5 x 5
     coarse, _ = annotated_items(annotated, {"stroma": ["Stroma"], "epi": ["Epithelium"]}, mpp=0.998, tile_px=64)
     assert sum(1 for i in coarse if i.path.name == "a.svs" and i.label == 0) == 25
+
+
+def test_each_separate_annotation_gets_a_grid_of_its_own(data_dir: Path, tmp_path: Path) -> None:
+    """Two small epithelium boxes 37 px off each other's grid: each holds 2 x 2 whole tiles of 64 px, which a grid
+    anchored at the class's overall bounds would cut (the second box would keep one of its four)."""
+    (tmp_path / "s.svs").symlink_to(data_dir / "slides" / "CMU-1-Small-Region.svs")
+    boxes: dict[str, Box | list[Box]] = {
+        "Epithelium": [(100, 200, 128, 128), (437, 637, 128, 128)],
+        "Stroma": (300, 1500, 256, 128),
+    }
+    _qupath_export(tmp_path / "s.geojson", boxes)
+    items, _ = annotated_items(tmp_path, None, mpp=0.499, tile_px=64, min_coverage=1.0)
+    epithelium = sorted((i.region.x, i.region.y) for i in items if i.label == 0)
+    corners = [(x0 + dx, y0 + dy) for x0, y0 in ((100, 200), (437, 637)) for dx in (0, 64) for dy in (0, 64)]
+    assert epithelium == sorted(corners)
+    assert sum(1 for i in items if i.label == 1) == 4 * 2
 
 
 def test_annotation_errors_name_the_problem(annotated: Path) -> None:

@@ -109,7 +109,11 @@ def annotated_items(
             if region.is_empty:
                 continue
             region = shapely.affinity.translate(region, offset[0], offset[1])  # QuPath -> OpenSlide level 0
-            origins = _tile_origins(region, tile_px * mpp / slide_mpp.x, tile_px * mpp / slide_mpp.y, min_coverage)
+            # one grid per separate area, anchored at its own bounds: a grid over the union's bounds would cut a
+            # small annotation far from the others wherever its lines happen to fall
+            width, height = tile_px * mpp / slide_mpp.x, tile_px * mpp / slide_mpp.y
+            parts = getattr(region, "geoms", [region])
+            origins = np.concatenate([_tile_origins(part, width, height, min_coverage) for part in parts])
             if max_tiles_per_class and len(origins) > max_tiles_per_class:
                 origins = origins[np.sort(rng.choice(len(origins), max_tiles_per_class, replace=False))]
             items += [TileItem(path, label, f"slide:{path.name}", SlideRegion(int(x), int(y), mpp)) for x, y in origins]

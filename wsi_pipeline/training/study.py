@@ -2,13 +2,16 @@
 
 A study (YAML, e.g. `configs/models/epithelium_study.yaml`) names data sources (folders and their class map), a
 base recipe and variants of it (augmentation, transfer from another model, ...). For every variant and every
-ordered pair of sources it trains on one source and measures ROC AUC and balanced accuracy on all of the other;
-the variant with the best mean cross-source AUC is chosen. A figure measured on tiles of the training source says
-little about a user's slides; this one says how far a model carries to another centre.
+ordered pair of sources it trains on one source and measures ROC AUC and balanced accuracy on all of the other,
+once per seed where the study (or a source) lists `seeds` (a small source's figures move a lot from seed to seed).
+The variant with the best mean cross-source score is chosen if it beats the base variant (`base`, else the first)
+by more than `margin_standard_errors` (2) standard errors of the seed-paired gain; else the base is kept. A figure
+measured on tiles of the training source says little about a user's slides; this one says how far a model carries
+to another centre.
 
     python -m wsi_pipeline.training.study configs/models/epithelium_study.yaml --data ../shared/data -o OUT
 
-writes OUT/study.json (every figure, the choice) and keeps each model under OUT/<variant>/<source>/; with
+writes OUT/study.json (every figure, the choice) and keeps each model under OUT/<variant>/<source>/ (/seed<N>/); with
 `--final MODEL` it then trains the chosen variant on all sources into MODEL, whose card gets the figures.
 """
 
@@ -129,36 +132,117 @@ def _measure(task: str, model: Path, source: dict[str, Any], data_root: Path, ou
     }
 
 
+def _seeds(study: dict[str, Any], source: dict[str, Any]) -> list[int | None]:
+    """The seeds to train on a source with: its own `seeds`, else the study's, else the recipe's one (None)."""
+    seeds = source.get("seeds", study.get("seeds"))
+    return [None] if seeds is None else [int(seed) for seed in seeds]
+
+
+def _mean_figures(by_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """The mean of each figure (and of each entry of a figure per threshold) over seeds; seconds are summed."""
+    first = by_seed[0]
+    mean: dict[str, Any] = {}
+    for key, value in first.items():
+        if isinstance(value, dict):
+            mean[key] = _mean_figures([figures[key] for figures in by_seed])
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            values = [figures[key] for figures in by_seed]
+            mean[key] = round(sum(values) if key == "train_seconds" else sum(values) / len(values), 4)
+    return mean
+
+
+def gain_over_base(rows: dict[str, Any], base_rows: dict[str, Any], score: str) -> tuple[float, float]:
+    """A variant's mean gain over the base variant and the standard error of that gain. Each direction's gain is
+    the mean of the seed-paired differences (same seed: same split, initial weights and augmentation draws), its
+    variance that mean's squared standard error; a direction trained with one seed adds no variance (none is
+    measured): give a noisy direction several seeds. The mean over directions has the directions' variances
+    summed over the square of their number."""
+    gains, variances = [], []
+    for direction, row in rows.items():
+        mine = {seed: figures[score] for seed, figures in row.get("seeds", {"-": row}).items()}
+        base_row = base_rows[direction]
+        theirs = {seed: figures[score] for seed, figures in base_row.get("seeds", {"-": base_row}).items()}
+        differences = [mine[seed] - theirs[seed] for seed in mine if seed in theirs]
+        if not differences:
+            raise DataError(f"study: {direction} has no seed in common with the base variant; give both the same seeds")
+        count = len(differences)
+        mean = sum(differences) / count
+        gains.append(mean)
+        spread = sum((d - mean) ** 2 for d in differences) / (count - 1) if count > 1 else 0.0
+        variances.append(spread / count)
+    return sum(gains) / len(gains), sum(variances) ** 0.5 / len(gains)
+
+
+def choose_variant(results: dict[str, Any], key: str, base: str, margin: float) -> dict[str, Any]:
+    """The best mean wins only if its gain over the base variant exceeds `margin` standard errors of that gain
+    (`gain_over_base`, `standard_error_of_gain` of each result); otherwise the base is kept: a recipe is not
+    changed on a difference that the seeds' spread explains."""
+    best = max(results, key=lambda variant: results[variant][key])
+    gain = results[best].get("gain_over_base", 0.0)
+    error = results[best].get("standard_error_of_gain", 0.0)
+    return {
+        "chosen": best if best == base or gain > margin * error else base,
+        "best_mean": best,
+        "base": base,
+        "gain_over_base": gain,
+        "standard_error": error,
+        "margin_standard_errors": margin,
+        "rule": "the variant of the best mean cross-source score, if its seed-paired mean gain over the base "
+        "variant exceeds the margin in standard errors of that gain; else the base",
+    }
+
+
 def run_study(study_path: Path, data_root: Path, out: Path, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     study = load_study(study_path)
     task, recipe, sources = study["task"], study["recipe"], study["sources"]
     score = study.get("score", "roc_auc")
     key = f"mean_cross_source_{score}"
+    base = study.get("base", next(iter(study["variants"])))
+    if base not in study["variants"]:
+        raise DataError(f"study {study_path}: base variant {base!r} is not one of its variants")
     results: dict[str, Any] = {}
     for variant in study["variants"]:
         rows = {}
         for train_name, train_source in sources.items():
-            given = _variant_settings(study, variant)
-            given |= {"classes": train_source["class"]} if train_source.get("class") else {}
-            given |= {"groups": train_source["groups"]} if train_source.get("groups") else {}
-            folders = [str(data_root / d) for d in train_source["data"]]
-            model = _train(task, recipe, given, folders, out / variant / train_name, overrides)
-            card = json.loads((model / CARD_FILE).read_text())
-            seconds = _training_seconds(model)
-            for test_name, test_source in sources.items():
-                if test_name == train_name:
-                    continue
-                figures = _measure(task, model, test_source, data_root, out / variant / train_name / f"on-{test_name}")
-                rows[f"{train_name} -> {test_name}"] = {
-                    **figures,
-                    "same_source_validation": card["metrics"]["validation"],
-                    "train_seconds": seconds,
-                }
+            by_seed: dict[str, dict[str, dict[str, Any]]] = {}
+            for seed in _seeds(study, train_source):
+                given = _variant_settings(study, variant)
+                given |= {"classes": train_source["class"]} if train_source.get("class") else {}
+                given |= {"groups": train_source["groups"]} if train_source.get("groups") else {}
+                given |= {} if seed is None else {"seed": seed}
+                folders = [str(data_root / d) for d in train_source["data"]]
+                where = out / variant / train_name / ("" if seed is None else f"seed{seed}")
+                model = _train(task, recipe, given, folders, where, overrides)
+                card = json.loads((model / CARD_FILE).read_text())
+                for test_name, test_source in sources.items():
+                    if test_name != train_name:
+                        figures = _measure(task, model, test_source, data_root, model / f"on-{test_name}")
+                        by_seed.setdefault(f"{train_name} -> {test_name}", {})[str(seed)] = {
+                            **figures,
+                            "same_source_validation": card["metrics"]["validation"],
+                            "train_seconds": _training_seconds(model),
+                        }
+            for direction, figures_by_seed in by_seed.items():
+                if list(figures_by_seed) == ["None"]:  # one run with the recipe's seed: the figures as they are
+                    rows[direction] = figures_by_seed["None"]
+                else:
+                    rows[direction] = {**_mean_figures(list(figures_by_seed.values())), "seeds": figures_by_seed}
         mean = sum(r[score] for r in rows.values()) / len(rows)
         results[variant] = {"settings": study["variants"][variant] or {}, "cross_source": rows, key: round(mean, 4)}
-        print(f"{variant}: mean cross-source {score} {mean:.4f} {json.dumps(rows)}", flush=True)
-    chosen = max(results, key=lambda v: results[v][key])
-    report = {"study": str(study_path), "task": task, "score": key, "variants": results, "chosen": chosen}
+        print(f"{variant}: mean cross-source {score} {mean:.4f}", flush=True)
+    for variant, result in results.items():
+        if variant != base:
+            gain, error = gain_over_base(result["cross_source"], results[base]["cross_source"], score)
+            result |= {"gain_over_base": round(gain, 4), "standard_error_of_gain": round(error, 4)}
+    choice = choose_variant(results, key, base, float(study.get("margin_standard_errors", 2.0)))
+    report = {
+        "study": str(study_path),
+        "task": task,
+        "score": key,
+        "variants": results,
+        "chosen": choice["chosen"],
+        "choice": choice,
+    }
     write_json(out / "study.json", report)
     return report
 
@@ -192,6 +276,7 @@ def train_final(
         "chosen": report["chosen"],
         "figures": report["variants"][report["chosen"]]["cross_source"],
         "variants": {v: r[report["score"]] for v, r in report["variants"].items()},
+        "choice": report.get("choice"),
     }
     write_json(card_path, card)  # the card only: the weights and their sha256 are unchanged
     print(f"final model in {model}: held out by source {json.dumps(held_out)}", flush=True)
