@@ -41,6 +41,7 @@ def train_model(settings: TrainSettings, data: tuple[str, ...], out: Path) -> tu
         init_head=s.init_head,
         recompute_batchnorm=s.recompute_batchnorm,
         average_epochs=s.average_epochs,
+        precision=s.precision,
         extra={
             "data": [*data, *([s.val_data] if s.val_data else [])],
             "description": s.describe,

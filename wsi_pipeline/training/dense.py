@@ -233,7 +233,7 @@ def train_mitosis(
         return loss / weight.sum().clamp(min=1)
 
     def train_epoch(epoch: int, optimiser: torch.optim.Optimizer) -> float:
-        return run_epoch(dataset, cfg, epoch, optimiser, batch_loss, progress=progress)
+        return run_epoch(dataset, cfg, epoch, optimiser, batch_loss, device=device, progress=progress)
 
     card = mitosis_card(cfg, targets, {})
 

@@ -60,6 +60,7 @@ class TrainConfig:
     init_head: bool = False  # take the head from init_checkpoint too (continuing), else a new head (transfer)
     recompute_batchnorm: bool = False  # after `fit`: BatchNorm statistics over the un-augmented training tiles
     average_epochs: int = 0  # > 0: the model is the mean of the last N epochs' weights (SWA; select "last")
+    precision: str = "fp32"  # "bf16": the training forward pass under bf16 autocast, channels-last memory
     schedule: str = "cosine"  # "cosine": the learning rate falls to 0 over `epochs`; "constant"
     select: str = "best"  # "best": the epoch with the best validation metric; "last": the final epoch
     extra: dict[str, Any] = field(default_factory=dict)  # a trainer's own settings (e.g. target sigma)
@@ -69,8 +70,9 @@ class TrainConfig:
         schedule is fixed by its length."""
         data = {k: v for k, v in asdict(self).items() if k not in ("patience", "workers", "recompute_batchnorm")}
         data["extra"] = {k: v for k, v in self.extra.items() if k != "description"}
-        if not self.average_epochs:  # checkpoints written before the setting existed still resume
-            del data["average_epochs"]
+        for name, default in (("average_epochs", 0), ("precision", "fp32")):
+            if data[name] == default:  # checkpoints written before the setting existed still resume
+                del data[name]
         if self.schedule == "constant" and not self.average_epochs:  # an averaged window is fixed by the length
             data["epochs"] = None
         return json.dumps(data, sort_keys=True)
@@ -124,6 +126,8 @@ def build_model(cfg: TrainConfig, n_outputs: int, device: torch.device) -> nn.Mo
     model = build(cfg.architecture, n_outputs, **(cfg.architecture_args or {})).to(device)
     if cfg.init_checkpoint:
         init_from(model, Path(cfg.init_checkpoint), keep_head=cfg.init_head)
+    if cfg.precision == "bf16":  # oneDNN's bf16 convolutions (AMX) and cuDNN's run fastest on NHWC
+        model = model.to(memory_format=torch.channels_last)
     return model
 
 
@@ -248,10 +252,13 @@ def run_epoch(
     optimiser: torch.optim.Optimizer,
     batch_loss: Callable[[tuple[torch.Tensor, ...]], torch.Tensor],
     *,
+    device: torch.device,
     progress: bool,
 ) -> float:
     """One pass over `dataset` (shuffled from seed + epoch) with a progress bar; `batch_loss` maps a batch to its
-    mean loss. Returns the epoch's mean loss per sample."""
+    mean loss (under bf16 autocast, its tiles channels-last, with `cfg.precision` bf16; the backward pass and the
+    optimiser step stay outside, on fp32 weights). Returns the epoch's mean loss per sample."""
+    mixed = cfg.precision == "bf16"
     dataset.epoch = epoch  # seeds the augmentation
     loader = DataLoader(
         dataset,
@@ -264,7 +271,10 @@ def run_epoch(
     total = 0.0
     for batch in loader:
         optimiser.zero_grad()
-        loss = batch_loss(batch)
+        if mixed:
+            batch = (batch[0].contiguous(memory_format=torch.channels_last), *batch[1:])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed):
+            loss = batch_loss(batch).float()
         loss.backward()
         optimiser.step()
         total += loss.item() * len(batch[0])

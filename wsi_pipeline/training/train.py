@@ -153,7 +153,7 @@ def train_classifier(
         return loss_fn(model(normalise(tiles, device)), labels.to(device))
 
     def train_epoch(epoch: int, optimiser: torch.optim.Optimizer) -> float:
-        return run_epoch(train_set, cfg, epoch, optimiser, batch_loss, progress=progress)
+        return run_epoch(train_set, cfg, epoch, optimiser, batch_loss, device=device, progress=progress)
 
     latest: list[tuple[np.ndarray, np.ndarray]] = []  # (probabilities, labels) of the last epoch validated here
 
