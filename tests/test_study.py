@@ -214,3 +214,21 @@ def test_a_study_of_missing_data_stops_with_one_line_and_the_data_exit_status(tm
     )  # fmt: skip
     assert done.returncode == DataError.exit_code == 13, done.stderr
     assert done.stderr.strip().splitlines() == [f"error: training data folder {tmp_path / 'no_such_folder'} not found"]
+
+
+def test_a_study_whose_base_is_not_one_of_its_variants_is_refused_before_training(tmp_path: Path) -> None:
+    study = tmp_path / "study.yaml"
+    study.write_text(
+        yaml.safe_dump(
+            {
+                "task": "epithelium_stroma",
+                "recipe": "configs/models/epithelium_stroma.yaml",
+                "sources": {"a": {"data": ["x"]}, "b": {"data": ["y"]}},
+                "variants": {"scratch": {}},
+                "base": "strong_stain",
+            }
+        )
+    )
+    with pytest.raises(DataError, match="base variant 'strong_stain' is not one of its variants"):
+        run_study(study, tmp_path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
