@@ -4,7 +4,6 @@ validation figures are those of the recomputed model."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests.helpers import held_out_report, run_cli
+from tests.helpers import held_out_report, train_small_kather_model
 from wsi_pipeline.models.architectures import build, seeded
 from wsi_pipeline.training.loop import normalise, recompute_batchnorm
 
@@ -49,14 +48,7 @@ def test_the_card_measures_the_recomputed_model(data_dir: Path, tmp_path: Path, 
     weights need the new statistics."""
     kather = data_dir.joinpath(*KATHER)
     model = tmp_path / "model"
-    result = run_cli(
-        "train", "epithelium_stroma", str(kather), *CLASSES, "--tile-px", "96", "--mpp", "0.495",
-        "--arch-arg", "width=4", "--arch-arg", "blocks=2", "--epochs", "3", "--select", "last",
-        "--recompute-batchnorm", "--average-epochs", str(averaged), "--val-fraction", "0.4", "--seed", "2",
-        "-o", str(model),
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    card = json.loads((model / "model_card.json").read_text())
+    card = train_small_kather_model(kather, model, "--recompute-batchnorm", "--average-epochs", str(averaged), epochs=3)
     assert card["training"]["batchnorm"]["recomputed_on_training_tiles"] == card["training"]["train_tiles"]
     assert set(card["training"]["batchnorm"]["validation_before"]) == {"balanced_accuracy", "roc_auc"}
     assert card["training"]["config"]["average_epochs"] == averaged

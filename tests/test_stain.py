@@ -3,7 +3,6 @@ without enough stain left alone, and a model whose card asks for it sees normali
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import held_out_report, run_cli
+from tests.helpers import KATHER_CLASSES, held_out_report, train_small_kather_model
 from wsi_pipeline.models import ModelCard, load_model, make_predictor, save_model
 from wsi_pipeline.models.architectures import build, seeded
 from wsi_pipeline.models.stain import normalise_batch, normalise_tile
@@ -86,15 +85,8 @@ def test_train_with_stain_normalisation_and_evaluate_reproduces_its_validation(d
     """Training normalised its tiles; `evaluate` (through the predictor) must normalise them the same way, or the
     held-out AUC would differ from the card's."""
     kather = data_dir.joinpath(*KATHER)
-    classes = ["--class", "epithelium=01_TUMOR,06_MUCOSA", "--class", "stroma=02_STROMA"]
     model = tmp_path / "model"
-    result = run_cli(
-        "train", "epithelium_stroma", str(kather), *classes, "--tile-px", "96", "--mpp", "0.495",
-        "--arch-arg", "width=4", "--arch-arg", "blocks=2", "--epochs", "2", "--select", "last",
-        "--stain-normalisation", "macenko", "--val-fraction", "0.4", "--seed", "2", "-o", str(model),
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    card = json.loads((model / "model_card.json").read_text())
+    card = train_small_kather_model(kather, model, "--stain-normalisation", "macenko")
     assert card["stain_normalisation"] == "macenko"
-    report = held_out_report(model, [kather], classes, "epithelium", tmp_path / "eval")
+    report = held_out_report(model, [kather], KATHER_CLASSES, "epithelium", tmp_path / "eval")
     assert report["roc_auc"]["value"] == pytest.approx(card["metrics"]["validation"]["roc_auc"], abs=1e-4)

@@ -195,18 +195,18 @@ def test_a_study_that_extends_another_keeps_its_sources_and_replaces_its_variant
     assert shipped["sources"] == load_study(Path("configs/models/mitosis_study.yaml"))["sources"]
 
 
+def _shipped_recipe_study(folder: Path, sources: dict, **more: object) -> Path:
+    """A study of the shipped epithelium/stroma recipe with one variant, `scratch`, on `sources`."""
+    study = folder / "study.yaml"
+    recipe = "configs/models/epithelium_stroma.yaml"
+    fields = {"task": "epithelium_stroma", "recipe": recipe, "sources": sources, "variants": {"scratch": {}}}
+    study.write_text(yaml.safe_dump({**fields, **more}))
+    return study
+
+
 def test_a_study_of_missing_data_stops_with_one_line_and_the_data_exit_status(tmp_path: Path) -> None:
-    study = tmp_path / "study.yaml"
-    study.write_text(
-        yaml.safe_dump(
-            {
-                "task": "epithelium_stroma",
-                "recipe": "configs/models/epithelium_stroma.yaml",
-                "sources": {"a": {"data": ["no_such_folder"]}, "b": {"data": ["no_such_folder_either"]}},
-                "variants": {"scratch": {}},
-            }
-        )
-    )
+    missing = {"a": {"data": ["no_such_folder"]}, "b": {"data": ["no_such_folder_either"]}}
+    study = _shipped_recipe_study(tmp_path, missing)
     done = subprocess.run(
         [sys.executable, "-m", "wsi_pipeline.training.study", str(study), "--data", str(tmp_path), "-o",
          str(tmp_path / "out")],
@@ -217,18 +217,7 @@ def test_a_study_of_missing_data_stops_with_one_line_and_the_data_exit_status(tm
 
 
 def test_a_study_whose_base_is_not_one_of_its_variants_is_refused_before_training(tmp_path: Path) -> None:
-    study = tmp_path / "study.yaml"
-    study.write_text(
-        yaml.safe_dump(
-            {
-                "task": "epithelium_stroma",
-                "recipe": "configs/models/epithelium_stroma.yaml",
-                "sources": {"a": {"data": ["x"]}, "b": {"data": ["y"]}},
-                "variants": {"scratch": {}},
-                "base": "strong_stain",
-            }
-        )
-    )
+    study = _shipped_recipe_study(tmp_path, {"a": {"data": ["x"]}, "b": {"data": ["y"]}}, base="strong_stain")
     with pytest.raises(DataError, match="base variant 'strong_stain' is not one of its variants"):
         run_study(study, tmp_path, tmp_path / "out")
     assert not (tmp_path / "out").exists()

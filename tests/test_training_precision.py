@@ -11,10 +11,9 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import TensorDataset
 
-from tests.helpers import held_out_report, run_cli
+from tests.helpers import KATHER_CLASSES, held_out_report, train_small_kather_model
 from wsi_pipeline.training.loop import TrainConfig, build_model, normalise, run_epoch
 
-CLASSES = ["--class", "epithelium=01_TUMOR,06_MUCOSA", "--class", "stroma=02_STROMA"]
 CPU = torch.device("cpu")
 
 
@@ -64,16 +63,10 @@ def test_a_fp32_recipe_keeps_the_checkpoint_fingerprint_of_runs_made_before_the_
 def test_a_bf16_trained_model_is_saved_in_fp32_and_its_card_measures_it(data_dir: Path, tmp_path: Path) -> None:
     kather = data_dir / "epithelium_stroma" / "kather2016"
     model = tmp_path / "model"
-    result = run_cli(
-        "train", "epithelium_stroma", str(kather), *CLASSES, "--tile-px", "96", "--mpp", "0.495",
-        "--arch-arg", "width=4", "--arch-arg", "blocks=2", "--epochs", "2", "--select", "last",
-        "--val-fraction", "0.4", "--seed", "2", "--precision", "bf16", "-o", str(model),
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    card = json.loads((model / "model_card.json").read_text())
+    card = train_small_kather_model(kather, model, "--precision", "bf16")
     assert card["training"]["config"]["precision"] == "bf16"
     weights = load_file(str(model / "weights.safetensors"))
     assert {tensor.dtype for name, tensor in weights.items() if "num_batches" not in name} == {torch.float32}
     # validation ran in fp32 on the saved weights: `evaluate` (the engine's path) measures the same
-    report = held_out_report(model, [kather], CLASSES, "epithelium", tmp_path / "eval")
+    report = held_out_report(model, [kather], KATHER_CLASSES, "epithelium", tmp_path / "eval")
     assert report["roc_auc"]["value"] == pytest.approx(card["metrics"]["validation"]["roc_auc"], abs=1e-4)

@@ -42,6 +42,23 @@ def held_out_report(model: Path, data: list[Path], classes: list[str], positive:
     return json.loads((out / "evaluation.json").read_text())  # type: ignore[no-any-return]
 
 
+KATHER_CLASSES = ["--class", "epithelium=01_TUMOR,06_MUCOSA", "--class", "stroma=02_STROMA"]
+
+
+def train_small_kather_model(kather: Path, out: Path, *options: str, epochs: int = 2) -> dict[str, Any]:
+    """`wsi-pipeline train` of a tiny epithelium/stroma classifier on Kather 2016 (seed 2, 40 % held out) with
+    `options`, as a user runs it; its model card."""
+    import json
+
+    result = run_cli(
+        "train", "epithelium_stroma", str(kather), *KATHER_CLASSES, "--tile-px", "96", "--mpp", "0.495",
+        "--arch-arg", "width=4", "--arch-arg", "blocks=2", "--epochs", str(epochs), "--select", "last",
+        "--val-fraction", "0.4", "--seed", "2", *options, "-o", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return json.loads((out / "model_card.json").read_text())  # type: ignore[no-any-return]
+
+
 def damage_tile(source: Path, target: Path, level: int, index: int) -> tuple[int, int]:
     """Copy a tiled TIFF slide and overwrite the first bytes of one stored tile (its JPEG header): the directories
     stay intact, that tile no longer decodes. Returns the tile's (column, row)."""
