@@ -157,11 +157,13 @@ def gain_over_base(rows: dict[str, Any], base_rows: dict[str, Any], score: str) 
     variance that mean's squared standard error; a direction trained with one seed adds no variance (none is
     measured): give a noisy direction several seeds. The mean over directions has the directions' variances
     summed over the square of their number."""
+
+    def by_seed(row: dict[str, Any]) -> dict[str, float]:  # a row trained once is its own only seed
+        return {seed: figures[score] for seed, figures in row.get("seeds", {"-": row}).items()}
+
     gains, variances = [], []
     for direction, row in rows.items():
-        mine = {seed: figures[score] for seed, figures in row.get("seeds", {"-": row}).items()}
-        base_row = base_rows[direction]
-        theirs = {seed: figures[score] for seed, figures in base_row.get("seeds", {"-": base_row}).items()}
+        mine, theirs = by_seed(row), by_seed(base_rows[direction])
         differences = [mine[seed] - theirs[seed] for seed in mine if seed in theirs]
         if not differences:
             raise DataError(f"study: {direction} has no seed in common with the base variant; give both the same seeds")
@@ -205,23 +207,22 @@ def run_study(study_path: Path, data_root: Path, out: Path, overrides: tuple[str
         rows = {}
         for train_name, train_source in sources.items():
             by_seed: dict[str, dict[str, dict[str, Any]]] = {}
+            folders = [str(data_root / d) for d in train_source["data"]]
             for seed in _seeds(study, train_source):
-                given = _variant_settings(study, variant)
+                given = _variant_settings(study, variant)  # a fresh copy each time: `_train` consumes its stages
                 given |= {"classes": train_source["class"]} if train_source.get("class") else {}
                 given |= {"groups": train_source["groups"]} if train_source.get("groups") else {}
                 given |= {} if seed is None else {"seed": seed}
-                folders = [str(data_root / d) for d in train_source["data"]]
                 where = out / variant / train_name / ("" if seed is None else f"seed{seed}")
                 model = _train(task, recipe, given, folders, where, overrides)
-                card = json.loads((model / CARD_FILE).read_text())
+                trained = {
+                    "same_source_validation": json.loads((model / CARD_FILE).read_text())["metrics"]["validation"],
+                    "train_seconds": _training_seconds(model),
+                }
                 for test_name, test_source in sources.items():
                     if test_name != train_name:
                         figures = _measure(task, model, test_source, data_root, model / f"on-{test_name}")
-                        by_seed.setdefault(f"{train_name} -> {test_name}", {})[str(seed)] = {
-                            **figures,
-                            "same_source_validation": card["metrics"]["validation"],
-                            "train_seconds": _training_seconds(model),
-                        }
+                        by_seed.setdefault(f"{train_name} -> {test_name}", {})[str(seed)] = {**figures, **trained}
             for direction, figures_by_seed in by_seed.items():
                 if list(figures_by_seed) == ["None"]:  # one run with the recipe's seed: the figures as they are
                     rows[direction] = figures_by_seed["None"]
