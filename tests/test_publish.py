@@ -39,4 +39,7 @@ def test_only_task_folders_are_published_with_their_evaluation(data_dir: Path, t
     card = json.loads((defaults / "metastasis" / "model_card.json").read_text())
     assert card["metrics"]["evaluation"]["roc_auc"] == report["roc_auc"]
     assert card["metrics"]["evaluation"]["tiles"] == 3000
+    assert 0 <= report["bf16"]["max_abs_difference"] < 1  # the engine's precision reads it from the card
+    assert card["bf16_max_difference"] == report["bf16"]["max_abs_difference"]
+    assert abs(report["bf16"]["roc_auc"] - report["roc_auc"]["value"]) < 0.01
     assert (defaults / "metastasis" / "evaluation" / "roc.png").is_file()

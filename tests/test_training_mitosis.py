@@ -129,6 +129,8 @@ def test_train_and_evaluate_mitosis_commands(data_dir: Path, tmp_path: Path) -> 
     assert report["at_threshold"] == pytest.approx(card["metrics"]["validation"])
     assert (report_dir / "froc.png").stat().st_size > 1000
     assert report["crops"] == card["training"]["val_images"]["with_figures"]
+    assert report["bf16"]["images"] == min(report["crops"] + report["fields"], 64)
+    assert 0 < report["bf16"]["max_abs_difference"] < 0.5  # autocast rounds; publish copies it into the card
 
 
 def test_unjittered_windows_are_the_same_windows_and_targets(data_dir: Path) -> None:

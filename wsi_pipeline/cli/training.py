@@ -262,6 +262,18 @@ def evaluate(
         device=device,
     )
     click.echo(_report_line(report, threshold, out_dir))
+    click.echo(_bf16_line(report["bf16"]["max_abs_difference"]))
+
+
+def _bf16_line(difference: float) -> str:
+    from ..models.predictor import BF16_CARD_LIMIT
+
+    verdict = "within" if difference <= BF16_CARD_LIMIT else "over"
+    runs = "bf16 where the device has it" if difference <= BF16_CARD_LIMIT else "fp32"
+    return (
+        f"bf16 autocast: outputs up to {difference:.4f} from fp32, {verdict} the engine's limit {BF16_CARD_LIMIT} "
+        f"(published in the card, `engine.precision: auto` runs it in {runs})"
+    )
 
 
 def _report_line(report: dict[str, Any], threshold: float | None, out_dir: str) -> str:

@@ -78,6 +78,12 @@ class ModelCard(BaseModel):
     input_stats: ColourStats | None = Field(
         None, description="colour of the training tissue; slides far outside it are skipped unless forced"
     )
+    bf16_max_difference: float | None = Field(
+        None,
+        ge=0,
+        description="largest |bf16 - fp32| of any output over the evaluation data (`evaluate`, copied here by "
+        "`publish`); `engine.precision: auto` runs the model in fp32 where it exceeds 0.01; None: not measured",
+    )
     weights_sha256: str | None = Field(
         None, description="sha256 of the weights file, written on export and checked on every load"
     )

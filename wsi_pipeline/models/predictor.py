@@ -32,12 +32,24 @@ class Predictor(Protocol):
         ...
 
 
-def use_bf16(device: torch.device, precision: str) -> bool:
+BF16_TOLERANCE = 0.02  # largest |bf16 - fp32| of a probability the engine accepts (as on CUDA)
+# A card's figure is the maximum over its evaluation data; on other slides it can be larger (the 5-block PCam model:
+# 0.013 on PCam valid, 0.021 on CMU-1 skin), so `auto` asks the measured figure for half the tolerance.
+BF16_CARD_LIMIT = BF16_TOLERANCE / 2
+
+
+def use_bf16(device: torch.device, precision: str, card: ModelCard | None = None) -> bool:
     """`auto`: bf16 autocast on CUDA, and on CPUs with native bf16 (AVX512-BF16 / AMX: 2-3x the fp32 rate of every
-    shipped model, probabilities within 0.0063 of fp32; benchmarks/results/cpu-model.json); fp32 elsewhere."""
+    shipped model; benchmarks/results/cpu-model.json), unless the card measured its bf16 outputs further than
+    BF16_CARD_LIMIT from fp32 (`bf16_max_difference`, written by `evaluate` and `publish`): a model is only as fast
+    as its outputs stay right. fp32 elsewhere; `bf16` forces it."""
     if precision == "fp32":
         return False
-    if precision == "bf16" or device.type == "cuda":
+    if precision == "bf16":
+        return True
+    if card is not None and card.bf16_max_difference is not None and card.bf16_max_difference > BF16_CARD_LIMIT:
+        return False
+    if device.type == "cuda":
         return True
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
@@ -58,7 +70,14 @@ class TorchModulePredictor:
             raise ValueError(f"{model.card.name} has no torch module to run")
         self.card = model.card
         self.device = device
-        self.bf16 = use_bf16(device, precision)
+        self.bf16 = use_bf16(device, precision, self.card)
+        if precision == "auto" and not self.bf16 and use_bf16(device, precision):
+            LOG.info(
+                "%s runs in fp32: its card measured bf16 outputs up to %.3f from fp32 (limit %.2f)",
+                self.card.name,
+                self.card.bf16_max_difference,
+                BF16_CARD_LIMIT,
+            )
         self.module = model.module.to(device).eval().to(memory_format=torch.channels_last)
         model.module = self.module
         # a TorchScript module is already a compiled graph: neither fusion nor torch.compile takes it

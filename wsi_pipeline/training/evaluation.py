@@ -10,30 +10,36 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..atomic import atomic_path, write_json
-from ..evaluate import balanced_accuracy, bootstrap_auc
+from ..evaluate import balanced_accuracy, bootstrap_auc, roc_auc
 from ..models import LoadedModel
 from .data import TileItem, load_tile
 
 
-def predict_items(model: LoadedModel, items: list[TileItem], device: torch.device, batch: int = 64) -> np.ndarray:
-    """Every class's probability per tile, through the same predictor `run` uses (any model format), in fp32; a
-    dense model's map is scored on each tile's labelled area, as in its training (dense_classes.py)."""
+def predict_items_and_bf16_difference(
+    model: LoadedModel, items: list[TileItem], device: torch.device, batch: int = 64
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """fp32 and bf16 scores per tile, through the same predictor `run` uses (any model format; a dense model's map
+    scored on each tile's labelled area, as in its training: dense_classes.py), and the largest |bf16 - fp32| of
+    any output (at every pixel of a dense map): the figure `engine.precision: auto` reads from the card."""
     from ..models import make_predictor
     from .dense_classes import item_scores, label_areas, scoring_radius_px
 
     card = model.card
-    predictor = make_predictor(model, device, precision="fp32")
+    predictors = [make_predictor(model, device, precision=p) for p in ("fp32", "bf16")]
     radius = scoring_radius_px(card.training, card.mpp)  # used by dense models only
-    out = []
+    scores: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
+    largest = 0.0
     with torch.inference_mode():
         for start in range(0, len(items), batch):
             chunk = items[start : start + batch]
-            tiles = np.stack([load_tile(i, card.tile_px) for i in chunk])
-            probs = predictor.probabilities(torch.from_numpy(tiles).permute(0, 3, 1, 2).to(device)).numpy()
-            if probs.ndim == 4:
-                probs = item_scores(probs, label_areas(chunk, card.tile_px, card.output_stride, radius))
-            out.append(probs)
-    return np.concatenate(out)
+            tiles = torch.from_numpy(np.stack([load_tile(i, card.tile_px) for i in chunk])).permute(0, 3, 1, 2)
+            fp32, bf16 = (p.probabilities(tiles.to(device)).numpy() for p in predictors)
+            largest = max(largest, float(np.abs(bf16 - fp32).max()))
+            for out, probs in zip(scores, (fp32, bf16), strict=True):
+                if probs.ndim == 4:
+                    probs = item_scores(probs, label_areas(chunk, card.tile_px, card.output_stride, radius))
+                out.append(probs)
+    return np.concatenate(scores[0]), np.concatenate(scores[1]), largest
 
 
 def roc_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -102,7 +108,7 @@ def evaluate_classifier(
 
         raise DataError(f"data classes {unknown} are not among the model's classes {names}")
     labels = np.array([names.index(classes[i.label]) for i in items])
-    probs = predict_items(model, items, device)
+    probs, probs_bf16, bf16_difference = predict_items_and_bf16_difference(model, items, device)
     positive = positive or names[0]
     pos = names.index(positive)
     auc, low, high = bootstrap_auc(labels == pos, probs[:, pos], n=1000, seed=0)
@@ -115,6 +121,11 @@ def evaluate_classifier(
         "at_operating_point": _at_threshold(
             labels == pos, probs[:, pos], model.card.threshold(positive) if threshold is None else threshold
         ),
+        "bf16": {
+            "max_abs_difference": bf16_difference,
+            "roc_auc": roc_auc(labels == pos, probs_bf16[:, pos]),
+            "note": "the same tiles run under bf16 autocast; the figures above are fp32",
+        },
         "confusion": {
             names[t]: {names[p]: int(((labels == t) & (probs.argmax(1) == p)).sum()) for p in range(len(names))}
             for t in sorted(set(labels.tolist()))

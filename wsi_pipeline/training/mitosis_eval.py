@@ -39,8 +39,11 @@ class DetectionParams:
     radius_um: float = 7.5
 
 
-def predict_map(model: nn.Module, card: ModelCard, rgb: np.ndarray, device: torch.device) -> np.ndarray:
-    """The model's probability map of one RGB image (padded with white to a multiple of the output stride)."""
+def predict_map(
+    model: nn.Module, card: ModelCard, rgb: np.ndarray, device: torch.device, bf16: bool = False
+) -> np.ndarray:
+    """The model's probability map of one RGB image (padded with white to a multiple of the output stride), in fp32
+    or under bf16 autocast."""
     s = card.output_stride
     h, w = rgb.shape[:2]
     ph, pw = -h % s, -w % s
@@ -48,7 +51,7 @@ def predict_map(model: nn.Module, card: ModelCard, rgb: np.ndarray, device: torc
     mean = torch.tensor(card.normalisation.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(card.normalisation.std, device=device).view(1, 3, 1, 1)
     x = torch.from_numpy(np.ascontiguousarray(padded)).permute(2, 0, 1)[None].to(device).float() / 255
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         logits = model((x - mean) / std)[0, 0].float()
     return torch.sigmoid(logits).cpu().numpy()[: (h + ph) // s, : (w + pw) // s]
 
@@ -165,8 +168,9 @@ def evaluate_mitosis(
     fields = [p for p in prepared if not len(p.points)]
     if not crops:
         raise DataError("mitosis evaluation needs images with annotated figures")
-    report = detection_metrics(model.module.to(device), card, crops, fields, device, params)
-    report = {"model": card.name, **report}
+    module = model.module.to(device)
+    report = detection_metrics(module, card, crops, fields, device, params)
+    report = {"model": card.name, **report, "bf16": bf16_difference(module, card, crops + fields, device)}
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "evaluation.json", report)
     at = report["at_threshold"]
@@ -177,6 +181,24 @@ def evaluate_mitosis(
         f"(t={params.threshold})",
     )
     return report
+
+
+BF16_IMAGES = 64  # every crop and field would double the evaluation's time for a figure that is a maximum anyway
+
+
+def bf16_difference(model: nn.Module, card: ModelCard, images: list[Prepared], device: torch.device) -> dict:
+    """The largest |bf16 - fp32| of the probability map over (up to BF16_IMAGES of) the evaluated images, evenly
+    spread over them: the figure `engine.precision: auto` reads from the card."""
+    from ..models.predictor import conv_bn_fused
+
+    step = max(1, len(images) // BF16_IMAGES)
+    chosen = images[::step][:BF16_IMAGES]
+    as_run = conv_bn_fused(model)  # the engine's module: folding BatchNorm changes bf16's error, not fp32's
+    largest = 0.0
+    for image in chosen:
+        fp32 = predict_map(model, card, image.rgb, device)
+        largest = max(largest, float(np.abs(predict_map(as_run, card, image.rgb, device, bf16=True) - fp32).max()))
+    return {"max_abs_difference": largest, "images": len(chosen), "note": "bf16 autocast against fp32, same maps"}
 
 
 def froc_png(path: Path, curve: list[dict[str, float | None]], title: str) -> None:

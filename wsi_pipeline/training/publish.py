@@ -2,7 +2,8 @@
 
 For each task trained in WORK/<task> (other folders are left alone), the weights, the card and the held-out
 evaluation (WORK/<task>/evaluation) replace DEFAULTS/<task>; the evaluation's figures go into the card
-(`metrics.evaluation`) so the card says what the shipped weights measured. Each folder is assembled under a
+(`metrics.evaluation`, and `bf16_max_difference`, which decides the engine's precision) so the card says what the
+shipped weights measured. Each folder is assembled under a
 temporary name and renamed into place.
 """
 
@@ -32,6 +33,8 @@ def publish(work: Path, defaults: Path, task: str) -> Path:
         if key in card.get("training", {}):
             card["training"][key] = group_list(card["training"][key])
     card["metrics"]["evaluation"] = {"report": f"evaluation/{report_file.name}", **_headline(report)}
+    if "bf16" in report:  # `engine.precision: auto` runs the model in fp32 where this is over its tolerance
+        card["bf16_max_difference"] = report["bf16"]["max_abs_difference"]
     tmp = defaults / f".{task}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "evaluation").mkdir(parents=True)
