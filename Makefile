@@ -19,7 +19,7 @@ help:
 	@echo "make lint     ruff check + format check + import contracts (lint-imports)"
 	@echo "make bench    benchmarks (JSON in benchmarks/results/)"
 	@echo "make bench-peers  TIAToolbox 1.3.2 beside wsi-pipeline predict (builds build/peers-venv first)"
-	@echo "make models   retrain the three shipped models from $(DATA), with cross-source studies (CPU: about 85 min)"
+	@echo "make models   retrain the three shipped models from $(DATA), with cross-source studies (CPU: about 70 min)"
 
 install: $(STAMP)
 
