@@ -326,34 +326,38 @@ def test_cuda_bf16_matches_cpu_fp32(cmu, tmp_path: Path) -> None:
     assert np.abs(gpu - cpu).max() < 0.02  # bf16 autocast keeps ~3 significant digits
 
 
-def test_cpu_bf16_by_default_where_native_and_within_the_tolerance(data_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("task", "written"), [("metastasis", "tumour"), ("epithelium_stroma", "epithelium")])
+def test_cpu_bf16_by_default_where_native_and_within_the_tolerance(
+    data_dir: Path, tmp_path: Path, task: str, written: str
+) -> None:
     """`precision: auto` autocasts to bf16 on CPUs with native bf16 (2-3x faster, benchmarks/cpu_model.py) for a
-    model whose card measured its bf16 outputs within half the engine's tolerance (0.02, as on CUDA) of fp32, and
-    then its map of this other slide stays within the tolerance; a model measured further runs in fp32 (its map
-    equals the fp32 one)."""
+    shipped model whose card measured its bf16 outputs within half the engine's tolerance (0.02, as on CUDA) of
+    fp32, and then its map of this other slide stays within the tolerance; a model measured further (the shipped
+    metastasis model) runs in fp32: its map equals the fp32 one."""
     from wsi_pipeline.models.predictor import BF16_CARD_LIMIT, BF16_TOLERANCE, TorchModulePredictor, use_bf16
     from wsi_pipeline.tasks import task_model
 
     native = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     assert use_bf16(CPU, "auto") is native and use_bf16(CPU, "fp32") is False and use_bf16(CPU, "bf16") is True
     slide = Slide(CMU)
-    card = task_model("metastasis", None).card
+    card = task_model(task, None).card
     assert card.bf16_max_difference is not None, "the shipped card carries its measured bf16 difference (publish)"
     maps = {}
     for precision in ("fp32", "bf16", "auto"):
-        model = task_model("metastasis", None)
+        model = task_model(task, None)
         plan = plan_tiles(slide, detect_tissue(slide, TissueConfig()), model.card.mpp, model.card.tile_px, 48, 0.25)
         store = tmp_path / f"{precision}.zarr"
-        request = TaskRequest("metastasis", model, plan, dtype="float32")
+        request = TaskRequest(task, model, plan, dtype="float32")
         predict_slide(slide, [request], store, device=CPU, workers=0, progress=False, precision=precision)
-        maps[precision] = open_heatmap(store / "tumour").channel("tumour")
-    runs_bf16 = TorchModulePredictor(task_model("metastasis", None), CPU, "auto").bf16
+        maps[precision] = open_heatmap(store / written).channel(written)
+    runs_bf16 = TorchModulePredictor(task_model(task, None), CPU, "auto").bf16
     assert runs_bf16 is (native and card.bf16_max_difference <= BF16_CARD_LIMIT)
+    assert np.abs(maps["bf16"] - maps["fp32"]).max() > 0  # forced bf16 runs it so either way
     if runs_bf16:
-        assert 0 < np.abs(maps["auto"] - maps["fp32"]).max() < BF16_TOLERANCE
+        assert np.array_equal(maps["auto"], maps["bf16"])
+        assert np.abs(maps["auto"] - maps["fp32"]).max() < BF16_TOLERANCE
     else:
         assert np.array_equal(maps["auto"], maps["fp32"])
-        assert np.abs(maps["bf16"] - maps["fp32"]).max() > 0  # forced bf16 still runs it so
 
 
 def test_auto_precision_reads_the_cards_measured_bf16_difference(tmp_path: Path) -> None:
