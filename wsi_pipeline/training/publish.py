@@ -3,8 +3,7 @@
 For each task trained in WORK/<task> (other folders are left alone), the weights, the card and the held-out
 evaluation (WORK/<task>/evaluation) replace DEFAULTS/<task>; the evaluation's figures go into the card
 (`metrics.evaluation`, and `bf16_max_difference`, which decides the engine's precision) so the card says what the
-shipped weights measured. Each folder is assembled under a
-temporary name and renamed into place.
+shipped weights measured. Each folder is assembled under a temporary name and renamed into place.
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ def publish(work: Path, defaults: Path, task: str) -> Path:
         if key in card.get("training", {}):
             card["training"][key] = group_list(card["training"][key])
     card["metrics"]["evaluation"] = {"report": f"evaluation/{report_file.name}", **_headline(report)}
-    if "bf16" in report:  # `engine.precision: auto` runs the model in fp32 where this is over its tolerance
+    if "bf16" in report:  # `engine.precision: auto` runs the model in fp32 where this is over BF16_CARD_LIMIT
         card["bf16_max_difference"] = report["bf16"]["max_abs_difference"]
     tmp = defaults / f".{task}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
