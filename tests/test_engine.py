@@ -342,15 +342,17 @@ def test_cpu_bf16_by_default_where_native_and_within_the_tolerance(
     slide = Slide(CMU)
     card = task_model(task, None).card
     assert card.bf16_max_difference is not None, "the shipped card carries its measured bf16 difference (publish)"
-    maps = {}
+    maps, ran_in = {}, {}
     for precision in ("fp32", "bf16", "auto"):
         model = task_model(task, None)
         plan = plan_tiles(slide, detect_tissue(slide, TissueConfig()), model.card.mpp, model.card.tile_px, 48, 0.25)
         store = tmp_path / f"{precision}.zarr"
         request = TaskRequest(task, model, plan, dtype="float32")
-        predict_slide(slide, [request], store, device=CPU, workers=0, progress=False, precision=precision)
+        ran = predict_slide(slide, [request], store, device=CPU, workers=0, progress=False, precision=precision)
         maps[precision] = open_heatmap(store / written).channel(written)
+        ran_in[precision] = ran["precision"][task]
     runs_bf16 = TorchModulePredictor(task_model(task, None), CPU, "auto").bf16
+    assert ran_in == {"fp32": "fp32", "bf16": "bf16", "auto": "bf16" if runs_bf16 else "fp32"}
     assert runs_bf16 is (native and card.bf16_max_difference <= BF16_CARD_LIMIT)
     assert np.abs(maps["bf16"] - maps["fp32"]).max() > 0  # forced bf16 runs it so either way
     if runs_bf16:

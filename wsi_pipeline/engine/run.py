@@ -77,7 +77,8 @@ def predict_slide(
     """Run every request over its plan and write its heatmaps into `store`; returns timings. `precision` (auto,
     fp32, bf16), `compile_` and `fuse` (BatchNorm folded into convolutions) go to each model's predictor (see
     `models.predictor`); `loader` says whether `workers` are threads or processes, `decode="device"` decodes stored
-    JPEG tiles on `device` (`engine.loader`, `engine.decode`).
+    JPEG tiles on `device` (`engine.loader`, `engine.decode`). The timings name the precision each task ran in
+    (`auto` decides per device and model card).
 
     Raises before reading when a model cannot serve its plan; on any failure, partial heatmaps are discarded.
     """
@@ -87,7 +88,7 @@ def predict_slide(
         raise ConfigError(f"two tasks write heatmaps named {duplicates}; set heatmap_classes in a model card")
     for request in requests:
         check_request(request)
-    timings: dict[str, Any] = {"reads": []}
+    timings: dict[str, Any] = {"reads": [], "precision": {}}  # precision: what each task's model ran in
     for group in read_groups(requests):
         plan = group[0].plan
         stitchers: list[Stitcher] = []
@@ -99,6 +100,7 @@ def predict_slide(
             predictors = []
             for request in group:
                 predictors.append(make_predictor(request.model, device, precision, compile_, fuse))
+                timings["precision"][request.name] = "bf16" if getattr(predictors[-1], "bf16", False) else "fp32"
                 card = request.model.card
                 stitchers.append(stitcher_class(card)(request.name, card, request.plan, store, request.dtype))
             names = [r.name for r in group]
