@@ -266,10 +266,10 @@ def evaluate(
 
 
 def _bf16_line(difference: float) -> str:
-    from ..models.predictor import BF16_CARD_LIMIT
+    from ..models.predictor import BF16_CARD_LIMIT, bf16_within_limit
 
-    verdict = "within" if difference <= BF16_CARD_LIMIT else "over"
-    runs = "bf16 where the device has it" if difference <= BF16_CARD_LIMIT else "fp32"
+    within = bf16_within_limit(difference)
+    verdict, runs = ("within", "bf16 where the device has it") if within else ("over", "fp32")
     return (
         f"bf16 autocast: outputs up to {difference:.4f} from fp32, {verdict} the engine's limit {BF16_CARD_LIMIT} "
         f"(published in the card, `engine.precision: auto` runs it in {runs})"

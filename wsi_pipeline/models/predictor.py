@@ -38,6 +38,11 @@ BF16_TOLERANCE = 0.02  # largest |bf16 - fp32| of a probability the engine accep
 BF16_CARD_LIMIT = BF16_TOLERANCE / 2
 
 
+def bf16_within_limit(measured: float | None) -> bool:
+    """Whether a card's measured bf16 difference lets `auto` use bf16 (None: not measured, so nothing forbids it)."""
+    return measured is None or measured <= BF16_CARD_LIMIT
+
+
 def use_bf16(device: torch.device, precision: str, card: ModelCard | None = None) -> bool:
     """`auto`: bf16 autocast on CUDA, and on CPUs with native bf16 (AVX512-BF16 / AMX: 2-3x the fp32 rate of every
     shipped model; benchmarks/results/cpu-model.json), unless the card measured its bf16 outputs further than
@@ -47,7 +52,7 @@ def use_bf16(device: torch.device, precision: str, card: ModelCard | None = None
         return False
     if precision == "bf16":
         return True
-    if card is not None and card.bf16_max_difference is not None and card.bf16_max_difference > BF16_CARD_LIMIT:
+    if card is not None and not bf16_within_limit(card.bf16_max_difference):
         return False
     if device.type == "cuda":
         return True

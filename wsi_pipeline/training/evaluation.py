@@ -33,7 +33,8 @@ def predict_items_and_bf16_difference(
         for start in range(0, len(items), batch):
             chunk = items[start : start + batch]
             tiles = torch.from_numpy(np.stack([load_tile(i, card.tile_px) for i in chunk])).permute(0, 3, 1, 2)
-            fp32, bf16 = (p.probabilities(tiles.to(device)).numpy() for p in predictors)
+            tiles = tiles.to(device)
+            fp32, bf16 = (p.probabilities(tiles).numpy() for p in predictors)
             largest = max(largest, float(np.abs(bf16 - fp32).max()))
             for out, probs in zip(scores, (fp32, bf16), strict=True):
                 if probs.ndim == 4:
