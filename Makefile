@@ -10,7 +10,7 @@ DATA   ?= ../shared/data
 MODELS := wsi_pipeline/models/defaults
 MODELS_WORK ?= build/models
 
-.PHONY: install test lint demo bench bench-peers models models-ablations clean help
+.PHONY: install test lint demo bench bench-peers device-kit models models-ablations clean help
 
 help:
 	@echo "make install  create $(VENV) and install wsi-pipeline with its dependencies"
@@ -19,6 +19,7 @@ help:
 	@echo "make lint     ruff check + format check + import contracts (lint-imports)"
 	@echo "make bench    benchmarks (JSON in benchmarks/results/)"
 	@echo "make bench-peers  TIAToolbox 1.3.2 beside wsi-pipeline predict (builds build/peers-venv first)"
+	@echo "make device-kit  wheels (.whl) and a slide (.device-data) for benchmarks/device/check.sh on a GPU machine"
 	@echo "make models   retrain the three shipped models from $(DATA), with cross-source studies (CPU: about 70 min)"
 
 install: $(STAMP)
@@ -67,6 +68,10 @@ $(PEERS_VENV)/.installed:
 
 bench-peers: $(STAMP) $(PEERS_VENV)/.installed
 	$(BIN)/python benchmarks/peers.py
+
+# what benchmarks/device/check.sh needs on a lent GPU machine that reaches no registry (docs/benchmarks.md)
+device-kit: $(STAMP)
+	WSI_SHARED_DATA=$(DATA) bash benchmarks/device/prepare.sh
 
 # The shipped defaults are the output of this target: each model trains in $(MODELS_WORK) (resumable), is
 # evaluated on data it never saw, and only then replaces its folder in $(MODELS) (weights, card, evaluation).

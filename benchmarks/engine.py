@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import statistics
 import tempfile
@@ -254,7 +255,8 @@ def main() -> None:
     batch = args.batch or (128 if device.type == "cuda" else 16)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     report: dict[str, object] = {"benchmark": "engine", "machine": machine_facts(gpu), "throughput": [], "memory": []}
-    shared = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
+    data = os.environ.get("WSI_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data")
+    shared = Path(data) / "slides" / "CMU-1-Small-Region.svs"  # as the tests find it
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         # 30 000 x 24 000 px at 0.25 µm/px: about 1 300 tissue tiles of 224 px at 0.5 µm/px, more than --max-tiles
