@@ -13,6 +13,12 @@ from pathlib import Path
 from typing import Any
 
 
+def shared_slide(name: str) -> Path:
+    """A real slide of ../shared/data (or $WSI_SHARED_DATA, as the tests find it: a GPU machine gets a copy)."""
+    data = os.environ.get("WSI_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data")
+    return Path(data) / "slides" / name
+
+
 def machine_facts(gpu: str | None = None) -> dict[str, Any]:
     import torch
 

@@ -11,11 +11,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import wsi_pipeline  # noqa: F401
 import torch
-from _report import machine_facts, write_report
+from _report import machine_facts, shared_slide, write_report
 
 TOLERANCE = 0.02
 
@@ -24,7 +23,7 @@ def tiles_for(card, n: int) -> torch.Tensor:  # type: ignore[no-untyped-def]
     """`n` real tiles of CMU-1-Small-Region at the model's µm/px and tile size, as the engine feeds them."""
     from wsi_pipeline.slide import Slide
 
-    slide = Slide(Path(__file__).resolve().parents[1].parent / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs")
+    slide = Slide(shared_slide("CMU-1-Small-Region.svs"))
     size = card.tile_px
     step = size * card.mpp / slide.mpp.x
     tiles = [slide.read_region(300 + (i % 6) * step, 600 + (i // 6) * step, size, size, card.mpp) for i in range(n)]
@@ -54,7 +53,7 @@ def main() -> None:
     args = parser.parse_args()
     from wsi_pipeline.models import ModelCard
     from wsi_pipeline.models.architectures import build, seeded
-    from wsi_pipeline.models.predictor import conv_bn_fused
+    from wsi_pipeline.models.predictor import conv_bn_fused, use_bf16
     from wsi_pipeline.tasks import task_model
 
     models = {name: task_model(name, None) for name in ("epithelium_stroma", "metastasis", "mitosis")}
@@ -96,6 +95,8 @@ def main() -> None:
             key=lambda m: row[m]["tiles_per_s"],  # type: ignore[index]
         )
         row["fastest_within_tolerance"] = best
+        # what the engine's `auto` runs on this CPU: a card that measured bf16 past its limit keeps the model in fp32
+        row["engine_auto"] = "bf16" if use_bf16(torch.device("cpu"), "auto", card) else "fp32"
         rows.append(row)
         print(row, flush=True)
     write_report(args.out, {"benchmark": "cpu-model", "machine": machine_facts(), "tolerance": TOLERANCE, "rows": rows})

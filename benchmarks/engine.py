@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import statistics
 import tempfile
@@ -26,7 +25,7 @@ from typing import TYPE_CHECKING
 # wsi_pipeline before torch, as in `wsi-pipeline` itself: the package sets OpenMP's wait policy, read when torch loads
 import wsi_pipeline  # noqa: F401
 import torch
-from _report import in_fresh_process, machine_facts, peak_rss_mb, write_report
+from _report import in_fresh_process, machine_facts, peak_rss_mb, shared_slide, write_report
 
 if TYPE_CHECKING:
     from wsi_pipeline.models import LoadedModel
@@ -255,8 +254,7 @@ def main() -> None:
     batch = args.batch or (128 if device.type == "cuda" else 16)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     report: dict[str, object] = {"benchmark": "engine", "machine": machine_facts(gpu), "throughput": [], "memory": []}
-    data = os.environ.get("WSI_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data")
-    shared = Path(data) / "slides" / "CMU-1-Small-Region.svs"  # as the tests find it
+    shared = shared_slide("CMU-1-Small-Region.svs")
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         # 30 000 x 24 000 px at 0.25 µm/px: about 1 300 tissue tiles of 224 px at 0.5 µm/px, more than --max-tiles

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import wsi_pipeline  # noqa: F401
 import torch
-from _report import machine_facts, write_report
+from _report import machine_facts, shared_slide, write_report
 
 PLANS = ((0.5, 224), (0.972, 96))
 
@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--max-tiles", type=int, default=600)
     parser.add_argument("--loaders", nargs="+", default=["threads", "processes"])
     args = parser.parse_args()
-    cmu = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
+    cmu = shared_slide("CMU-1-Small-Region.svs")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         from wsi_pipeline.synth import default_layout, write_synthetic_slide

@@ -44,8 +44,8 @@ def bf16_within_limit(measured: float | None) -> bool:
 
 
 def use_bf16(device: torch.device, precision: str, card: ModelCard | None = None) -> bool:
-    """`auto`: bf16 autocast on CUDA, and on CPUs with native bf16 (AVX512-BF16 / AMX: 2-3x the fp32 rate of every
-    shipped model; benchmarks/results/cpu-model.json), unless the card measured its bf16 outputs further than
+    """`auto`: bf16 autocast on CUDA, and on CPUs with native bf16 (AVX512-BF16 / AMX: 1.1-2.7x the folded fp32 rate of
+    the models measured; benchmarks/results/cpu-model.json), unless the card measured its bf16 outputs further than
     BF16_CARD_LIMIT from fp32 (`bf16_max_difference`, written by `evaluate` and `publish`): a model is only as fast
     as its outputs stay right. fp32 elsewhere; `bf16` forces it."""
     if precision == "fp32":
