@@ -128,6 +128,7 @@ def main() -> None:
         (tmp / "tia.py").write_text(TIATOOLBOX_SCRIPT)
         ours = [sys.executable, "-m", "wsi_pipeline.cli", "predict", str(slide), "--task", "epithelium_stroma",
                 "--model", str(tmp / "model"), "--batch-size", "64", "--workers", "2", "--device", "cpu",
+                "--set", "tasks.epithelium_stroma.overlap_px=0",  # stride 224 as TIAToolbox's (the task's own: 48 px)
                 "--no-progress"]  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
         for repeat in range(args.repeats):
