@@ -16,6 +16,7 @@ WHEELS=${WHEELS:-.whl}
 SITE=${SITE:-/tmp/wsi-site}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/check.log") 2>&1
+tee_pid=$!
 start=$(date +%s)
 step() { echo "== $(($(date +%s) - start)) s: $*"; }
 
@@ -53,4 +54,6 @@ step "the shipped models end to end (shipped-$DEVICE.json)"
 timeout 200 "$PYTHON" benchmarks/shipped.py --device "$DEVICE" --workers "$([ "$DEVICE" = cuda ] && echo 8 || echo 1)" --repeats 1 --out "$OUT/shipped-$DEVICE.json"
 
 step "done; CUDA tests exit status $tests_rc"
+exec >&- 2>&-
+wait "$tee_pid"  # check.log complete before the device tool collects $OUT
 exit "$tests_rc"
