@@ -242,7 +242,13 @@ def test_a_running_job_the_scheduler_terminates_is_redone_by_the_next_submission
     subprocess.run(["scancel", f"{array_id}_0"], check=True, timeout=60)
     _wait_until_ended(gather_id, deadline)
     log = (out / "shards" / "logs" / f"slurm-{array_id}_0.out").read_text()
-    assert "terminated (SIGTERM): outputs being written were discarded" in log and "Traceback" not in log
+    # seen once in a CI rehearsal: the log held only slurmstepd's CANCELLED line (not reproduced since); the
+    # scheduler's own record of the job goes into the message so that a repeat says more
+    daemons = (slurm.root / "slurmd.log").read_text().splitlines()[-6:]
+    assert "terminated (SIGTERM): outputs being written were discarded" in log and "Traceback" not in log, (
+        log,
+        daemons,
+    )
     row = next(csv.DictReader((out / "manifest.csv").open()))
     assert row["status"] == "failed" and "submit again" in row["error"]
     assert not (out / "big").exists() and not any(".tmp-" in p.name for p in out.iterdir())
