@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,6 +16,7 @@ import pytest
 from tests.helpers import run_cli
 from tests.helpers.slurm import LocalSlurm, unavailable_reason
 from tests.test_run import _outputs, mitosis_options
+from wsi_pipeline.cluster import TERMINAL_STATES, ClusterError, job_states
 from wsi_pipeline.models.demo import write_figure_detector
 from wsi_pipeline.synth import default_layout, write_synthetic_slide
 
@@ -55,8 +59,6 @@ def _jobs_known() -> set[str]:
 
 def _workflow_config(tmp_path: Path, slides: Path, model: Path, **resources: int) -> Path:
     """A workflows/Snakefile configuration writing to tmp_path/wf with 2 slides per job."""
-    import sys
-
     import yaml
 
     config = tmp_path / "wf.yaml"
@@ -76,13 +78,13 @@ def _workflow_config(tmp_path: Path, slides: Path, model: Path, **resources: int
 
 
 def _wait_until_ended(job_id: str, deadline: float) -> None:
-    """Until squeue says the job ended (or forgot it), within the test's deadline."""
+    """Until squeue says the job ended (or forgot it), within the test's deadline. A failing squeue (a busy
+    controller's timeout) is asked again, where its empty answer would have read as "ended" before the job had."""
     while time.monotonic() < deadline:
-        states = subprocess.run(
-            ["squeue", "-h", "--states=all", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=60
-        ).stdout.strip()
-        if states in ("COMPLETED", "FAILED", "CANCELLED", ""):
-            return
+        with contextlib.suppress(ClusterError):
+            state = job_states([job_id]).get(job_id, "gone")
+            if state in TERMINAL_STATES or state == "gone":
+                return
         time.sleep(0.5)
     pytest.fail(f"job {job_id} did not end in time")
 
@@ -152,9 +154,29 @@ def test_cancelled_job_is_reported_and_resubmit_completes(slurm: LocalSlurm, thr
     assert "3 slides: 1 done, 2 skipped, 0 failed" in again.stdout
 
 
-def test_snakefile_with_the_local_executor_equals_a_local_run(three_slides, tmp_path: Path) -> None:
-    import sys
+def test_following_outlasts_a_controller_that_stops_answering(slurm: LocalSlurm, three_slides, tmp_path: Path) -> None:
+    """A busy or stalled slurmctld times a query out (squeue fails after 2 x MessageTimeout, 20 s here); `submit`
+    asks again on its next poll instead of giving up on jobs that go on (it gives up after SQUEUE_ATTEMPTS)."""
+    slides, model = three_slides
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "wsi_pipeline.cli", "submit", str(slides), "-o", str(out), "--cpus-per-job", "1"]
+    command += ["--mem-per-job", "2G", "--slides-per-job", "2", "--timeout", str(HARD_TIMEOUT), *_common(model)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    lines = [proc.stdout.readline()]
+    assert lines[0].startswith("submitted array job"), lines[0] + proc.communicate()[1]
+    controller = int((slurm.root / "slurmctld.pid").read_text())
+    os.kill(controller, signal.SIGSTOP)
+    try:
+        time.sleep(23)  # the follower's squeue waits 20 s for an answer, then fails
+    finally:
+        os.kill(controller, signal.SIGCONT)
+    stdout, stderr = proc.communicate(timeout=HARD_TIMEOUT)
+    assert proc.returncode == 0, lines[0] + stdout + stderr
+    assert "3 slides: 3 done, 0 skipped, 0 failed" in stdout
 
+
+def test_snakefile_with_the_local_executor_equals_a_local_run(three_slides, tmp_path: Path) -> None:
     slides, model = three_slides
     local = tmp_path / "local"
     assert run_cli("run", str(slides), "-o", str(local), "--no-progress", *_common(model)).returncode == 0
@@ -188,8 +210,6 @@ def test_snakefile_with_the_local_executor_equals_a_local_run(three_slides, tmp_
 
 
 def test_snakefile_with_the_slurm_profile(slurm: LocalSlurm, three_slides, tmp_path: Path) -> None:
-    import sys
-
     slides, model = three_slides
     config = _workflow_config(tmp_path, slides, model, runtime_min=30)
     jobs_before = _jobs_known()

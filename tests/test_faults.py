@@ -522,3 +522,37 @@ def test_an_interrupt_that_lands_in_a_finaliser_prints_no_traceback() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     assert "still shown" in done.stderr and done.stderr.count("Exception ignored") == 1
+
+
+def test_a_signal_that_lands_in_a_finaliser_is_acted_on_at_once(tmp_path: Path) -> None:
+    """SIGTERM arriving while a __del__ runs raises there, where Python can only drop it; the run must not carry on
+    until its next safe point (a whole stage, past a scheduler's KillWait): the interrupt is raised again at once.
+    The work after the finaliser has no safe point, so only that re-delivery can stop it."""
+    in_finaliser, carried_on = tmp_path / "in-finaliser", tmp_path / "carried-on"
+    code = (
+        "import os, sys, time\n"
+        "from wsi_pipeline import errors\n"
+        "errors.install_signal_handlers()\n"
+        "class Slow:\n"
+        "    def __del__(self):\n"
+        f"        open({str(in_finaliser)!r}, 'w').close()\n"
+        "        end = time.monotonic() + 30\n"
+        "        while time.monotonic() < end: pass\n"
+        "try:\n"
+        "    Slow()\n"
+        "    end = time.monotonic() + 30\n"
+        "    while time.monotonic() < end: pass\n"
+        f"    open({str(carried_on)!r}, 'w').close()\n"
+        "except KeyboardInterrupt as exc:\n"
+        "    print(type(exc).__name__, flush=True)\n"
+        "    os._exit(143)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not in_finaliser.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert (proc.returncode, stdout.strip()) == (143, "Terminated"), stderr
+    assert not carried_on.exists() and "Exception ignored" not in stderr

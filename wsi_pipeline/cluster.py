@@ -36,6 +36,9 @@ TERMINAL_STATES = {
 }
 
 
+SQUEUE_ATTEMPTS = 3  # failed squeue calls in a row before `wait` gives up
+
+
 class ClusterError(WsiError):
     exit_code = 12
     kind = "cluster"
@@ -229,8 +232,18 @@ def wait(array_id: str, gather_id: str, *, timeout_s: float | None, poll_s: floa
     """Poll squeue until the gather job is finished; every wait has a deadline when `timeout_s` is given."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     last = ""
+    failures = 0
     while True:
-        states = job_states([array_id, gather_id])
+        try:
+            states = job_states([array_id, gather_id])
+            failures = 0
+        except ClusterError:
+            # a busy controller times out a query now and then; the jobs go on, so ask again before giving up
+            failures += 1
+            if failures >= SQUEUE_ATTEMPTS:
+                raise
+            time.sleep(poll_s)
+            continue
         tasks = {k: v for k, v in states.items() if k.startswith(f"{array_id}_")}
         counts: dict[str, int] = {}
         for state in tasks.values():

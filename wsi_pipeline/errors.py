@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import _thread
+import contextlib
 import errno
 import os
 import signal
 import sys
+import threading
 from typing import Any
 
 
@@ -76,13 +79,18 @@ class Terminated(KeyboardInterrupt):
 
 
 _RECEIVED: list[int] = []  # signals taken by the handler; checked again at safe points (`raise_if_signalled`)
+_RAISED: list[BaseException] = []  # the interrupt the handler raised last, to know it again if it is swallowed
+
+
+def _interrupt(signum: int) -> KeyboardInterrupt:
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 def raise_if_signalled() -> None:
     """Raise the interrupt again if one was received: a library that catches the first KeyboardInterrupt (and goes
     on) cannot make the run ignore Ctrl-C or SIGTERM. Called per batch of tiles and between stages and slides."""
     if _RECEIVED:
-        raise Terminated() if _RECEIVED[0] == signal.SIGTERM else KeyboardInterrupt()
+        raise _interrupt(_RECEIVED[0])
 
 
 def install_signal_handlers() -> None:
@@ -94,8 +102,10 @@ def install_signal_handlers() -> None:
     def _handler(signum: int, frame: object) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        _RECEIVED.append(signum)
-        raise_if_signalled()
+        if not _RECEIVED:
+            _RECEIVED.append(signum)
+        _RAISED[:] = [_interrupt(_RECEIVED[0])]
+        raise _RAISED[0]
 
     signal.signal(signal.SIGINT, _handler)
     signal.signal(signal.SIGTERM, _handler)
@@ -103,11 +113,29 @@ def install_signal_handlers() -> None:
 
     def _quiet_interrupts(unraisable: Any) -> None:
         # The handler's exception can land in a __del__ or weakref callback, where Python cannot raise it and prints
-        # "Exception ignored in ..." with a traceback instead; the run acts on it at the next safe point anyway
-        # (`raise_if_signalled`), so that print is noise in front of the one line the user should see.
+        # "Exception ignored in ..." with a traceback instead. That print is noise in front of the one line the user
+        # should see. The interrupt itself is delivered again at once: the next safe point can be a whole stage
+        # away, past a scheduler's grace before SIGKILL (`KillWait`). Only the handler's own exception is delivered
+        # again: a copy raised by `raise_if_signalled` in a finaliser may be dropped while the first one is still
+        # unwinding, and raising again then would cut that cleanup short.
         if _RECEIVED and isinstance(unraisable.exc_value, KeyboardInterrupt):
+            if _RAISED and unraisable.exc_value is _RAISED[0]:
+                _deliver_again(_RECEIVED[0])
             return
         previous(unraisable)
+
+    def _deliver_again(signum: int) -> None:
+        # Python runs signal handlers, and lets them be set, only in the main thread, where the handler raised. The
+        # interrupt is asked for from a new thread, which runs once this thread lets go of the GIL, past this hook:
+        # asked for here, the handler would run at the hook's own next bytecode and be dropped with it (and
+        # `threading.Thread.start` waits for the thread, which would let it run in here). Should it land in a
+        # finaliser again, this hook asks again.
+        if threading.current_thread() is not threading.main_thread():
+            return
+        _RAISED.clear()
+        signal.signal(signum, _handler)
+        with contextlib.suppress(RuntimeError):  # no new threads at interpreter shutdown: the safe points remain
+            _thread.start_new_thread(_thread.interrupt_main, (signum,))
 
     sys.unraisablehook = _quiet_interrupts
 
