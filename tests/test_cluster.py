@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import os
 import signal
@@ -16,7 +15,7 @@ import pytest
 from tests.helpers import run_cli
 from tests.helpers.slurm import LocalSlurm, unavailable_reason
 from tests.test_run import _outputs, mitosis_options
-from wsi_pipeline.cluster import TERMINAL_STATES, ClusterError, job_states
+from wsi_pipeline.cluster import wait
 from wsi_pipeline.models.demo import write_figure_detector
 from wsi_pipeline.synth import default_layout, write_synthetic_slide
 
@@ -77,16 +76,9 @@ def _workflow_config(tmp_path: Path, slides: Path, model: Path, **resources: int
     return config
 
 
-def _wait_until_ended(job_id: str, deadline: float) -> None:
-    """Until squeue says the job ended (or forgot it), within the test's deadline. A failing squeue (a busy
-    controller's timeout) is asked again, where its empty answer would have read as "ended" before the job had."""
-    while time.monotonic() < deadline:
-        with contextlib.suppress(ClusterError):
-            state = job_states([job_id]).get(job_id, "gone")
-            if state in TERMINAL_STATES or state == "gone":
-                return
-        time.sleep(0.5)
-    pytest.fail(f"job {job_id} did not end in time")
+def _wait_until_ended(array_id: str, gather_id: str, deadline: float) -> None:
+    """Until the gather job has ended (it waits for the array's tasks), as `submit` follows it, within the deadline."""
+    wait(array_id, gather_id, timeout_s=deadline - time.monotonic(), poll_s=0.5, echo=lambda line: None)
 
 
 def _submit(slides: Path, model: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -145,7 +137,7 @@ def test_cancelled_job_is_reported_and_resubmit_completes(slurm: LocalSlurm, thr
     gather_id = first.stdout.split("gather job ")[1].split(";")[0]
     subprocess.run(["scancel", f"{array_id}_2"], check=True, timeout=60)
     deadline = time.monotonic() + HARD_TIMEOUT
-    _wait_until_ended(gather_id, deadline)
+    _wait_until_ended(array_id, gather_id, deadline)
     rows = {r["slide_id"]: r for r in csv.DictReader((out / "manifest.csv").open())}
     assert rows["c23"]["status"] == "failed" and "submit again" in rows["c23"]["error"]
     assert rows["c21"]["status"] == rows["c22"]["status"] == "done"
@@ -260,7 +252,7 @@ def test_a_running_job_the_scheduler_terminates_is_redone_by_the_next_submission
         assert time.monotonic() < deadline, "the job never started its slide"
         time.sleep(0.05)
     subprocess.run(["scancel", f"{array_id}_0"], check=True, timeout=60)
-    _wait_until_ended(gather_id, deadline)
+    _wait_until_ended(array_id, gather_id, deadline)
     log = (out / "shards" / "logs" / f"slurm-{array_id}_0.out").read_text()
     # seen once in a CI rehearsal: the log held only slurmstepd's CANCELLED line (not reproduced since); the
     # scheduler's own record of the job goes into the message (read only when it fails) so that a repeat says more

@@ -36,7 +36,7 @@ TERMINAL_STATES = {
 }
 
 
-SQUEUE_ATTEMPTS = 3  # failed squeue calls in a row before `wait` gives up
+SQUEUE_ATTEMPTS = 3  # squeue calls in a row that may fail before `wait` gives up
 
 
 class ClusterError(WsiError):
@@ -194,6 +194,17 @@ def job_states(job_ids: Sequence[str]) -> dict[str, str]:
     return states
 
 
+def _job_states_patiently(job_ids: Sequence[str], poll_s: float) -> dict[str, str]:
+    """`job_states`, asked again `poll_s` later when squeue fails: a busy or stalled controller times a query out now
+    and then (after 2 x MessageTimeout) while the jobs go on."""
+    for _ in range(SQUEUE_ATTEMPTS - 1):
+        try:
+            return job_states(job_ids)
+        except ClusterError:
+            time.sleep(poll_s)
+    return job_states(job_ids)  # the last attempt's failure is the caller's
+
+
 def submit(
     plan: SubmitPlan,
     *,
@@ -232,18 +243,8 @@ def wait(array_id: str, gather_id: str, *, timeout_s: float | None, poll_s: floa
     """Poll squeue until the gather job is finished; every wait has a deadline when `timeout_s` is given."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     last = ""
-    failures = 0
     while True:
-        try:
-            states = job_states([array_id, gather_id])
-            failures = 0
-        except ClusterError:
-            # a busy controller times out a query now and then; the jobs go on, so ask again before giving up
-            failures += 1
-            if failures >= SQUEUE_ATTEMPTS:
-                raise
-            time.sleep(poll_s)
-            continue
+        states = _job_states_patiently([array_id, gather_id], poll_s)
         tasks = {k: v for k, v in states.items() if k.startswith(f"{array_id}_")}
         counts: dict[str, int] = {}
         for state in tasks.values():
