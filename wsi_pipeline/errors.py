@@ -132,7 +132,6 @@ def install_signal_handlers() -> None:
         # finaliser again, this hook asks again.
         if threading.current_thread() is not threading.main_thread():
             return
-        _RAISED.clear()
         signal.signal(signum, _handler)
         with contextlib.suppress(RuntimeError):  # no new threads at interpreter shutdown: the safe points remain
             _thread.start_new_thread(_thread.interrupt_main, (signum,))
