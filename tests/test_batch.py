@@ -69,6 +69,7 @@ def test_shards_partition_the_list() -> None:
 
 def test_output_lock(tmp_path: Path) -> None:
     """A second process cannot write the same folder; shards of one job can, but not the same shard twice."""
+    import os
     import subprocess
     import sys
     import textwrap
@@ -90,11 +91,15 @@ def test_output_lock(tmp_path: Path) -> None:
     with output_lock(tmp_path):
         result = other("None")
         assert result.stdout.startswith("locked:") and "another run is writing" in result.stdout
-        assert "pid" in result.stdout
+        assert f"(pid {os.getpid()} on " in result.stdout
         assert other("(0, 2)").stdout.startswith("locked:")
+    assert (tmp_path / ".lock").read_text() == ""  # the holder's name goes with its lock
+    # what a SIGKILLed whole run leaves; written before the lock is taken (closing a file drops a process's lock on it)
+    (tmp_path / ".lock").write_text("pid 1 on a-node")
     with output_lock(tmp_path, (0, 2)):
         assert other("(1, 2)").stdout.strip() == "got it"
         assert other("(0, 2)").stdout.startswith("locked:")
-        assert other("None").stdout.startswith("locked:")
+        whole = other("None").stdout
+        assert whole.startswith("locked:") and f"(shard 0-of-2: pid {os.getpid()} on " in whole, whole
     assert other("None").stdout.strip() == "got it"  # released
     assert OutputLockedError.exit_code == 11

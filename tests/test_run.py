@@ -15,6 +15,7 @@ from shapely.geometry import shape
 from tests.helpers import CMU, DICOM, NDPI, TCGA, run_cli
 from wsi_pipeline.evaluate import match_detections
 from wsi_pipeline.heatmap import open_heatmap
+from wsi_pipeline.lock import output_lock
 from wsi_pipeline.models.demo import write_figure_detector
 from wsi_pipeline.synth import default_layout, read_truth, write_synthetic_slide
 
@@ -238,6 +239,10 @@ def test_sharded_runs_then_gather_equal_one_run(
         result = run_cli(*_args(slides, model, sharded, "--shard", f"{index}/2"))
         assert result.returncode == 0, result.stderr
         assert "1 slides: 1 done" in result.stdout
+    assert not (sharded / "manifest.csv").exists()
+    with output_lock(sharded, (1, 2)):  # shard 1 still running: its slide would be written down as failed
+        early = run_cli("gather", str(sharded))
+    assert early.returncode == 11 and "another run is writing" in early.stderr, early.stderr
     assert not (sharded / "manifest.csv").exists()
     gathered = run_cli("gather", str(sharded))
     assert gathered.returncode == 0, gathered.stderr

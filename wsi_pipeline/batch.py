@@ -122,8 +122,13 @@ def write_batch_report(out: Path, outcomes: Sequence[SlideOutcome]) -> Path:
 def gather(out: Path) -> tuple[Path, Path, int]:
     """Merge the shards' manifests into OUT/manifest.csv and OUT/cohort_summary.csv; returns them and the number
     of failed slides. Newer shard manifests win; slides of a submitted list with no row at all (their job was
-    killed, timed out or lost its node) are recorded as failed."""
-    layout = RunLayout(out)
+    killed, timed out or lost its node) are recorded as failed. It holds OUT's lock whole, so it is refused (exit
+    11) while a shard still runs: those slides would otherwise be written down as failed."""
+    with output_lock(out):
+        return _gather(RunLayout(out))
+
+
+def _gather(layout: RunLayout) -> tuple[Path, Path, int]:
     rows: dict[str, dict[str, str]] = {}
     for path in sorted(layout.shard_manifests(), key=lambda p: p.stat().st_mtime_ns):
         with path.open(newline="", encoding="utf-8") as fh:
@@ -156,7 +161,7 @@ def gather(out: Path) -> tuple[Path, Path, int]:
             with contextlib.suppress(ValueError):  # a damaged summary: the row stays, the cohort line is left out
                 summaries.append(json.loads(summary.read_text()))
     write_cohort(layout.cohort, summaries)
-    write_report(out, ordered, report_columns())
+    write_report(layout.root, ordered, report_columns())
     return layout.manifest, layout.cohort, sum(r["status"] == "failed" for r in ordered)
 
 

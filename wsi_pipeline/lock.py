@@ -24,14 +24,35 @@ class OutputLockedError(WsiError):
     kind = "output-locked"
 
 
+def _holder(fd: int) -> str:
+    with contextlib.suppress(OSError):
+        return os.pread(fd, 200, 0).decode(errors="replace").strip()
+    return ""
+
+
+def _running_shards(root: Path) -> list[str]:
+    """The shards that hold their lock now, as `I-of-N: pid … on host`: while shards run, `OUT/.lock` is held
+    shared, and only each shard's own file names its process."""
+    held = []
+    for path in sorted(root.glob(".lock-shard-*")):
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # granted beside no exclusive holder: not running
+            except OSError:
+                held.append(f"shard {path.name.removeprefix('.lock-shard-')}: {_holder(fd) or 'holder unknown'}")
+            finally:
+                os.close(fd)
+    return held
+
+
 def _take(path: Path, shared: bool) -> int:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.lockf(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except OSError:
-        holder = ""
-        with contextlib.suppress(OSError):
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        # running shards exclude an exclusive holder; the file's text may be a SIGKILLed holder's, so they go first
+        holder = ", ".join(_running_shards(path.parent)) or _holder(fd)
         os.close(fd)
         raise OutputLockedError(
             f"another run is writing {path.parent} ({holder or 'holder unknown'}); wait for it to finish, or give "
@@ -43,15 +64,22 @@ def _take(path: Path, shared: bool) -> int:
     return fd
 
 
+def _release(fd: int, exclusive: bool) -> None:
+    if exclusive:  # the holder's name goes with the lock, so a later refusal never names a process long ended
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+    os.close(fd)
+
+
 @contextlib.contextmanager
 def output_lock(out: Path, shard: tuple[int, int] | None = None) -> Iterator[None]:
     out.mkdir(parents=True, exist_ok=True)
     layout = RunLayout(out)
-    fds = [_take(layout.lock, shared=shard is not None)]
+    fds = [(_take(layout.lock, shared=shard is not None), shard is None)]
     try:
         if shard is not None:
-            fds.append(_take(layout.shard_lock(shard), shared=False))
+            fds.append((_take(layout.shard_lock(shard), shared=False), True))
         yield
     finally:
-        for fd in fds:
-            os.close(fd)
+        for fd, exclusive in fds:
+            _release(fd, exclusive)
