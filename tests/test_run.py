@@ -265,5 +265,6 @@ def test_postprocessing_on_an_existing_dask_scheduler(
         result = run_cli(*_args(slides, model, out, "--dask-scheduler", cluster.scheduler_address))
         assert result.returncode == 0, result.stderr
         assert _outputs(out) == _outputs(plain)
-    bad = run_cli(*_args(slides, model, tmp_path / "bad", "--dask-scheduler", "tcp://127.0.0.1:9"))
-    assert bad.returncode == 7 and "cannot connect" in bad.stderr
+    patience = {"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "2s"}  # dask's connect timeout, 30 s by default
+    bad = run_cli(*_args(slides, model, tmp_path / "bad", "--dask-scheduler", "tcp://127.0.0.1:9"), env=patience)
+    assert bad.returncode == 7 and "cannot connect" in bad.stderr, bad.stderr

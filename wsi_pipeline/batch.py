@@ -172,10 +172,13 @@ def dask_client(address: str | None) -> Iterator[None]:
     if address is None:
         yield
         return
+    import dask
     from distributed import Client
 
+    # dask's own setting (30 s by default; DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT), as every dask tool reads it
+    timeout = dask.config.get("distributed.comm.timeouts.connect")
     try:
-        client = Client(address, timeout="30s")
+        client = Client(address, timeout=timeout)
     except OSError as exc:
         raise ConfigError(
             f"--dask-scheduler {address}: cannot connect ({exc}); check the address (tcp://host:port)"
