@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision
 
 from tests.helpers import CMU, NDPI, damage_tile
 from wsi_pipeline.engine import make_loader
@@ -80,6 +81,20 @@ def test_plans_the_device_path_cannot_serve_fall_back_with_one_line(
     expected = f"{slide.slide_id}: tiles decoded on the CPU (the plan enlarges the slide (bicubic on the CPU))"
     assert [r.getMessage() for r in caplog.records] == [expected]
     assert "span 2 resampling blocks" in str(device_read_refusal(slide, _plan(slide, 0.25, 600)))
+
+
+def test_a_torchvision_without_its_jpeg_decoder_falls_back(synthetic: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchvision deprecated its image decoders in 0.29 (for TorchCodec); a release without them is simulated."""
+    from wsi_pipeline.engine import gpu_decode
+
+    slide = Slide(synthetic, backend="tifffile")
+    plan = _plan(slide, 0.5, 96)
+    _, expected = _all(make_loader(slide, plan, 8, 0, CPU))
+    monkeypatch.setattr(gpu_decode, "decode_jpeg", None)
+    assert f"torchvision {torchvision.__version__} has no io.decode_jpeg" in str(device_read_refusal(slide, plan))
+    loader = make_loader(slide, plan, 8, 0, CPU, decode="device")
+    assert not isinstance(loader, DeviceTileReads)
+    assert np.array_equal(_all(loader)[1], expected)
 
 
 def test_a_damaged_stored_tile_fails_the_read(data_dir: Path, tmp_path: Path) -> None:

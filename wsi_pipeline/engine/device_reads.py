@@ -22,7 +22,7 @@ from ..errors import SlideTruncatedError
 from ..slide import Slide
 from ..slide.resample import _TIE_BIAS, Block, _area_weights
 from ..tiling import TilePlan
-from .gpu_decode import assemble_region, decode_jpeg_tiles
+from .gpu_decode import assemble_region, decode_jpeg_tiles, missing_decoder
 
 LOG = logging.getLogger("wsi_pipeline.engine")
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -31,6 +31,9 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 def device_read_refusal(slide: Slide, plan: TilePlan) -> str | None:
     """Why the device path cannot read `plan` (None: it can). Every tile of a plan has the same level and mode."""
     reader: Any = slide.reader
+    no_decoder = missing_decoder()
+    if no_decoder is not None:
+        return no_decoder
     if not hasattr(reader, "jpeg_streams") or not hasattr(reader, "stored_tile_size"):
         return f"the {slide.backend} reader gives no stored JPEG tiles"
     if len(plan) == 0:

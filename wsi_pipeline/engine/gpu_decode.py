@@ -3,14 +3,25 @@ batches, so that a read-bound model is fed without the CPU decoding every pixel.
 
 The streams come from the slide backend (`TiffDirectReader.jpeg_streams`: shared tables spliced in, RGB tiles
 marked as such), so that the GPU decodes the same pixels as the CPU path. What is here decodes and assembles a
-region of one level on the device; feeding the engine's batches from it (no host round trip) is the next step and
-needs a GPU to build and measure (docs/readers.md).
+region of one level on the device; `engine.device_reads` feeds the engine's batches from it (docs/readers.md).
 """
 
 from __future__ import annotations
 
 import torch
-from torchvision.io import ImageReadMode, decode_jpeg
+import torchvision
+
+try:
+    from torchvision.io import ImageReadMode, decode_jpeg
+except ImportError:  # torchvision deprecated its image decoders in 0.29 (for TorchCodec) and will remove them
+    decode_jpeg = None  # type: ignore[assignment]
+
+
+def missing_decoder() -> str | None:
+    """Why this installation cannot decode JPEG on the device (None: it can)."""
+    if decode_jpeg is None:
+        return f"torchvision {torchvision.__version__} has no io.decode_jpeg (0.29 has)"
+    return None
 
 
 def decode_jpeg_tiles(streams: list[bytes], device: torch.device) -> list[torch.Tensor]:
@@ -18,6 +29,7 @@ def decode_jpeg_tiles(streams: list[bytes], device: torch.device) -> list[torch.
     data = [torch.frombuffer(bytearray(s), dtype=torch.uint8) for s in streams]
     if not data:
         return []
+    assert decode_jpeg is not None, missing_decoder()  # device_read_refusal keeps such plans on the CPU loader
     decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
     return list(decoded)
 
