@@ -32,7 +32,8 @@ def _holder(fd: int) -> str:
 
 def _running_shards(root: Path) -> list[str]:
     """The shards that hold their lock now, as `I-of-N: pid … on host`: while shards run, `OUT/.lock` is held
-    shared, and only each shard's own file names its process."""
+    shared, and only each shard's own file names its process. Asked only when a lock was refused; the probe holds a
+    shared lock for an instant (Python has no portable F_GETLK), in which that shard itself could not start."""
     held = []
     for path in sorted(root.glob(".lock-shard-*")):
         with contextlib.suppress(OSError):
