@@ -155,3 +155,27 @@ def test_run_uses_the_shipped_models_unless_configured(synthetic_slide, tmp_path
         f"tasks.metastasis.model={missing}",
     )
     assert result.returncode == ModelError.exit_code and f"model folder {missing} not found" in result.stderr
+
+
+def test_an_implausible_mitosis_count_is_flagged_wherever_the_count_is_read(data_dir: Path, tmp_path: Path) -> None:
+    """The shipped mitosis model (breast cancer at 40x) on skin at 20x takes nearly every nucleus for a mitosis: the
+    count is kept, and flagged in the log, summary.json, the manifest, cohort_summary.csv and report.html."""
+    import csv
+
+    out = tmp_path / "out"
+    result = run_cli("run", str(CMU), "-o", str(out), "--tasks", "mitosis", "--device", "cpu", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    mitosis = json.loads((out / CMU.stem / "summary.json").read_text())["mitosis"]
+    assert mitosis["per_mm2"] > 50, mitosis  # 1 384 per mm² when measured (891 detections on 0.64 mm²)
+    flag = f"mitosis: {mitosis['per_mm2']:.0f} per mm² of tissue is implausible"
+    assert len(mitosis["warnings"]) == 1 and mitosis["warnings"][0].startswith(flag)
+    assert f"warning: {CMU.stem}: {flag}" in result.stderr
+    assert next(csv.DictReader((out / "manifest.csv").open()))["note"].startswith(flag)
+    assert next(csv.DictReader((out / "cohort_summary.csv").open()))["warnings"].startswith(flag)
+    assert flag in (out / "report.html").read_text()
+    raised = tmp_path / "raised"
+    limit = f"tasks.mitosis.plausible_max_per_mm2={mitosis['per_mm2'] + 1}"
+    again = run_cli("run", str(CMU), "-o", str(raised), "--tasks", "mitosis", "--set", limit, "--no-progress")
+    assert again.returncode == 0 and "implausible" not in again.stderr, again.stderr
+    summary = json.loads((raised / CMU.stem / "summary.json").read_text())["mitosis"]
+    assert summary["count"] == mitosis["count"] and "warnings" not in summary

@@ -101,7 +101,7 @@ def test_a_registered_task_joins_the_configuration_and_the_cohort_columns() -> N
         assert config.task(NAME).report_quantile == 0.5 and config.task(NAME).tile_px == 256
         assert NAME not in select_tasks(config, None)  # disabled by default: only run when asked for
         assert select_tasks(config, f"mitosis,{NAME}") == ["mitosis", NAME]
-        assert cohort_columns()[-2:] == [f"{NAME}_mean_density", f"{NAME}_dense_area_mm2"]
+        assert cohort_columns()[-3:] == [f"{NAME}_mean_density", f"{NAME}_dense_area_mm2", "warnings"]
     assert NAME not in Config().model_dump()["tasks"] and f"{NAME}_mean_density" not in cohort_columns()
 
 

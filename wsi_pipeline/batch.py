@@ -39,7 +39,11 @@ SLIDE_COLUMNS = ["slide_id", "slide", "mpp", "mpp_source", "tissue_area_mm2"]
 
 def cohort_columns() -> list[str]:
     """The slide's own figures, then each registered task's (`<task>_<key>`), in registration order."""
-    return [*SLIDE_COLUMNS, *(f"{t.name}_{key}" for t in registered_tasks() for key in t.cohort_columns)]
+    return [
+        *SLIDE_COLUMNS,
+        *(f"{t.name}_{key}" for t in registered_tasks() for key in t.cohort_columns),
+        "warnings",  # last, so that the figures' columns keep their places
+    ]
 
 
 def load_task_models(config: Config, names: Sequence[str]) -> dict[str, LoadedModel]:
@@ -96,6 +100,8 @@ def cohort_row(summary: dict[str, Any]) -> dict[str, Any]:
     for task in task_names():
         for key, value in (summary.get(task) or {}).items():
             row[f"{task}_{key}"] = value
+    # figures a task found implausible: whoever reads only this table must see that they are not to be used
+    row["warnings"] = "; ".join(w for t in task_names() for w in (summary.get(t) or {}).get("warnings", []))
     return row
 
 
@@ -109,6 +115,7 @@ def report_columns() -> list[Column]:
         Column(None, "slide_id", "slide"),
         Column(None, "status", "status"),
         Column(None, "error", "error"),
+        Column(None, "note", "note"),
         Column(None, "tissue_area_mm2", "tissue mm²"),
         *(Column(t.name, key, header) for t in registered_tasks() for key, header in t.report_columns),
         Column(None, "seconds", "seconds"),

@@ -121,7 +121,7 @@ def process_slide(
             shutil.rmtree(final.root)
         os.replace(tmp.root, final.root)
         summary = json.loads(final.summary.read_text())
-        note = "; ".join(n for n in (note, guard_note(record["input_guard"])) if n)
+        note = "; ".join(n for n in (note, guard_note(record["input_guard"]), *record["warnings"]) if n)
         return outcome("done", tiles=record["tiles"], summary=summary, note=note)
     except OutputWriteError:
         raise
@@ -236,6 +236,8 @@ def _run(
             tissue.geometry,
         )
         results[request.name] = get_task(request.name).postprocess(context)
+        for warning in results[request.name].warnings:
+            log.warning("warning: %s: %s", slide_id, warning)
     timings["postprocess_s"] = time.perf_counter() - t0
     raise_if_signalled()
     t0 = time.perf_counter()
@@ -266,6 +268,7 @@ def _run(
         "models": model_records(tasks, models),
         "tiles": sum(len(r.plan) for r in requests),
         "input_guard": guard,
+        "warnings": [w for r in results.values() for w in r.warnings],
         "timings": timings,
         "inference": inference,
         "versions": versions(),

@@ -115,7 +115,7 @@ def render_report(out: Path, rows: Sequence[SlideRow], columns: Sequence[Column]
         cells = []
         for column in columns:
             text, key = _cell(_value(row, column))
-            kind = "text" if column.key in ("slide_id", "status", "error", "category") else "num"
+            kind = "text" if column.key in ("slide_id", "status", "error", "note", "category") else "num"
             if column.key == "slide_id" and row.summary is not None:
                 text_html = f'<a href="#slide-{e(text)}">{e(text)}</a>'
             else:

@@ -19,6 +19,13 @@ class MitosisConfig(TaskConfig):
     smooth_sigma_um: float = Field(1.0, ge=0, description="Gaussian smoothing before peak finding")
     match_radius_um: float = Field(7.5, gt=0, description="a detection within this radius of a truth is a hit")
     hpf_area_mm2: float = Field(0.237, gt=0, description="area of one high-power field (0.55 mm FN at 40x)")
+    plausible_max_per_mm2: float = Field(
+        50.0,
+        gt=0,
+        description="a count above this many per mm² of tissue is flagged as implausible: Nottingham grading's top "
+        "mitotic score starts at 20 per 10 HPF (8.4 per mm²); far above that over a whole slide, the model is "
+        "taking ordinary nuclei for mitoses",
+    )
 
 
 class MitosisTask:
@@ -71,8 +78,17 @@ class MitosisTask:
             "threshold_source": context.threshold_source(),
             "min_distance_um": cfg.min_distance_um,
         }
+        warnings = []
+        if per_mm2 > cfg.plausible_max_per_mm2:
+            warnings.append(
+                f"mitosis: {per_mm2:.0f} per mm² of tissue is implausible (over tasks.mitosis.plausible_max_per_mm2 = "
+                f"{cfg.plausible_max_per_mm2:g}): the model takes this slide's ordinary nuclei for mitoses (another "
+                "organ, stain or scanner than its training data?); do not use the count before checking some fields "
+                "(wsi-pipeline evaluate)"
+            )
+            summary["warnings"] = warnings
         points = PointObjects("mitosis", "Mitosis", COLOUR, "Mitosis probability", np.c_[x, y, peaks.values])
-        return TaskResult(summary, points=[points], overlay=Overlay(name, COLOUR))
+        return TaskResult(summary, points=[points], overlay=Overlay(name, COLOUR), warnings=warnings)
 
 
 register_task(MitosisTask())
