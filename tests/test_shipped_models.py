@@ -173,6 +173,9 @@ def test_an_implausible_mitosis_count_is_flagged_wherever_the_count_is_read(data
     assert next(csv.DictReader((out / "manifest.csv").open()))["note"].startswith(flag)
     assert next(csv.DictReader((out / "cohort_summary.csv").open()))["warnings"].startswith(flag)
     assert flag in (out / "report.html").read_text()
+    rerun = run_cli("run", str(CMU), "-o", str(out), "--tasks", "mitosis", "--device", "cpu", "--no-progress")
+    row = next(csv.DictReader((out / "manifest.csv").open()))
+    assert row["status"] == "skipped" and row["note"].startswith(flag), rerun.stdout  # said again when kept
     raised = tmp_path / "raised"
     limit = f"tasks.mitosis.plausible_max_per_mm2={mitosis['per_mm2'] + 1}"
     again = run_cli("run", str(CMU), "-o", str(raised), "--tasks", "mitosis", "--set", limit, "--no-progress")

@@ -47,7 +47,7 @@ class SlideOutcome:
     seconds: float = 0.0
     tiles: int = 0
     summary: dict[str, Any] | None = None
-    note: str = ""  # why finished outputs were redone (a missing chunk, changed settings, ...)
+    note: str = ""  # why finished outputs were redone (a missing chunk, ...); the input guard's and tasks' warnings
 
 
 def open_slide(path: Path, config: Config, mpp: float | None, default_mpp: float | None) -> Slide:
@@ -100,8 +100,9 @@ def process_slide(
                 f"{final.root} holds the outputs of another slide with the same id ({decision.foreign}); give this "
                 "run another -o folder, or rename one of the two files",
             )
-        if decision.skip:
-            return outcome("skipped", tiles=decision.tiles, summary=json.loads(final.summary.read_text()))
+        if decision.skip:  # the note says again what the run that made the outputs said of them
+            note = record_note(json.loads(final.run_record.read_text()))
+            return outcome("skipped", tiles=decision.tiles, summary=json.loads(final.summary.read_text()), note=note)
         note = "redone (--overwrite)" if overwrite and final.root.exists() else decision.note
         tmp.root.mkdir(parents=True)
         record = _run(slide, slide_id, tmp, config, tasks, models, device, workers, progress)
@@ -121,7 +122,7 @@ def process_slide(
             shutil.rmtree(final.root)
         os.replace(tmp.root, final.root)
         summary = json.loads(final.summary.read_text())
-        note = "; ".join(n for n in (note, guard_note(record["input_guard"]), *record["warnings"]) if n)
+        note = "; ".join(n for n in (note, record_note(record)) if n)
         return outcome("done", tiles=record["tiles"], summary=summary, note=note)
     except OutputWriteError:
         raise
@@ -164,6 +165,11 @@ def input_guard_findings(
         action = "run anyway (forced)" if forced else f"skipped; set tasks.{task}.force: true to run it anyway"
         log.warning("warning: %s: %s model not trusted here: %s; %s", slide_id, task, reason, action)
     return findings
+
+
+def record_note(record: dict[str, Any]) -> str:
+    """The manifest's note on a slide's finished outputs: the input guard's findings and the tasks' warnings."""
+    return "; ".join(n for n in (guard_note(record.get("input_guard") or {}), *record.get("warnings", [])) if n)
 
 
 def guard_note(findings: dict[str, dict[str, Any]]) -> str:
