@@ -101,7 +101,7 @@ def process_slide(
                 "run another -o folder, or rename one of the two files",
             )
         if decision.skip:  # the note says again what the run that made the outputs said of them
-            note = record_note(json.loads(final.run_record.read_text()))
+            note = record_note(decision.record or {})
             return outcome("skipped", tiles=decision.tiles, summary=json.loads(final.summary.read_text()), note=note)
         note = "redone (--overwrite)" if overwrite and final.root.exists() else decision.note
         tmp.root.mkdir(parents=True)
@@ -253,7 +253,7 @@ def _run(
         "mpp": mpp.mean,
         "mpp_source": mpp.source,
         "tissue_area_mm2": round(tissue.area_mm2, 6),
-        **{t: r.summary for t, r in results.items()},
+        **{t: r.summary | ({"warnings": r.warnings} if r.warnings else {}) for t, r in results.items()},
         **({"input_guard": guard} if guard else {}),
     }
     write_json(out.summary, summary)

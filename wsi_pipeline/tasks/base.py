@@ -88,8 +88,9 @@ class TaskResult:
     regions: list[RegionObject] = field(default_factory=list)
     points: list[PointObjects] = field(default_factory=list)
     overlay: Overlay | None = None
-    # figures the task itself finds implausible (one line each, naming the check and what to do): the input guard
-    # judges a slide's colour before the model runs; these judge what the model made of it
+    # figures the task itself finds implausible (one line each, naming the check and what to do; the pipeline puts
+    # them in summary.json as `<task>.warnings`): the input guard judges a slide's colour before the model runs,
+    # these judge what the model made of it
     warnings: list[str] = field(default_factory=list)
 
 

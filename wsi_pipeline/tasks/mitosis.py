@@ -86,7 +86,6 @@ class MitosisTask:
                 "organ, stain or scanner than its training data?); do not use the count before checking some fields "
                 "(wsi-pipeline evaluate)"
             )
-            summary["warnings"] = warnings
         points = PointObjects("mitosis", "Mitosis", COLOUR, "Mitosis probability", np.c_[x, y, peaks.values])
         return TaskResult(summary, points=[points], overlay=Overlay(name, COLOUR), warnings=warnings)
 
