@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import uuid
 from pathlib import Path
 
@@ -242,7 +243,7 @@ def test_sharded_runs_then_gather_equal_one_run(
     assert not (sharded / "manifest.csv").exists()
     with output_lock(sharded, (1, 2)):  # shard 1 still running: its slide would be written down as failed
         early = run_cli("gather", str(sharded))
-    assert early.returncode == 11 and "another run is writing" in early.stderr, early.stderr
+    assert early.returncode == 11 and f"(shard 1-of-2: pid {os.getpid()} on " in early.stderr, early.stderr
     assert not (sharded / "manifest.csv").exists()
     gathered = run_cli("gather", str(sharded))
     assert gathered.returncode == 0, gathered.stderr
