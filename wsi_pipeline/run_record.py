@@ -69,8 +69,12 @@ class ResumeDecision:
     skip: bool
     note: str = ""
     foreign: str | None = None
-    tiles: int = 0  # the skipped slide's tile count, from its record
     record: dict[str, Any] | None = None  # the skipped slide's run record
+
+    @property
+    def tiles(self) -> int:
+        """The skipped slide's tile count, from its record."""
+        return int((self.record or {}).get("tiles", 0))
 
 
 def resume_decision(
@@ -102,7 +106,7 @@ def resume_decision(
     problem = first_problem(folder.root, record.get("outputs") or {})
     if problem is not None:
         return ResumeDecision(False, f"{problem}: redone")
-    return ResumeDecision(True, tiles=int(record.get("tiles", 0)), record=record)
+    return ResumeDecision(True, record=record)
 
 
 def model_records(tasks: list[str], models: dict[str, LoadedModel]) -> dict[str, Any]:
