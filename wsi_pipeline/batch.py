@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .atomic import remove_stale_temporaries, write_text
-from .config import Config
-from .errors import ConfigError, OutputWriteError, UsageError, WsiError
-from .export.report import Column, write_report
-from .inputs import (
+from wsi_pipeline.atomic import remove_stale_temporaries, write_text
+from wsi_pipeline.config import Config
+from wsi_pipeline.errors import ConfigError, OutputWriteError, UsageError, WsiError
+from wsi_pipeline.export.report import Column, write_report
+from wsi_pipeline.inputs import (
     assign_ids,
     discover,
     override_for,
@@ -24,14 +24,14 @@ from .inputs import (
     shard_paths,
     warn_unmatched_overrides,
 )
-from .layout import SLIDE_EXTENSIONS, RunLayout
-from .lock import output_lock
-from .models import LoadedModel
-from .pipeline import SlideOutcome, process_slide
-from .progress import BatchProgress
-from .stages import check_task_settings
-from .tasks import task_model, task_names
-from .tasks import tasks as registered_tasks
+from wsi_pipeline.layout import SLIDE_EXTENSIONS, RunLayout
+from wsi_pipeline.lock import output_lock
+from wsi_pipeline.models import LoadedModel
+from wsi_pipeline.pipeline import SlideOutcome, process_slide
+from wsi_pipeline.progress import BatchProgress
+from wsi_pipeline.stages import check_task_settings
+from wsi_pipeline.tasks import task_model, task_names
+from wsi_pipeline.tasks import tasks as registered_tasks
 
 MANIFEST_COLUMNS = ["slide", "slide_id", "status", "error", "seconds", "tiles", "note"]
 SLIDE_COLUMNS = ["slide_id", "slide", "mpp", "mpp_source", "tissue_area_mm2"]

@@ -12,10 +12,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import Config
-from .errors import ConfigError, UsageError
-from .layout import SLIDE_EXTENSIONS, slide_id_for
-from .tasks import parse_task_list, task_names
+from wsi_pipeline.config import Config
+from wsi_pipeline.errors import ConfigError, UsageError
+from wsi_pipeline.layout import SLIDE_EXTENSIONS, slide_id_for
+from wsi_pipeline.tasks import parse_task_list, task_names
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import WsiError
-from .layout import RunLayout
+from wsi_pipeline.errors import WsiError
+from wsi_pipeline.layout import RunLayout
 
 
 class OutputLockedError(WsiError):

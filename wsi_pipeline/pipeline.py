@@ -18,22 +18,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .atomic import write_json
-from .config import Config
-from .engine import TaskRequest, predict_slide, resolve_device
-from .errors import MissingMppError, OutputWriteError, WsiError, raise_if_signalled, write_failure
-from .export.qupath import write_feature_collection
-from .heatmap import begin_store, finish_store, settle_pending_writes
-from .input_guard import outside_reason, slide_colour
-from .inventory import take_inventory
-from .layout import RunLayout, SlideLayout
-from .models import LoadedModel
-from .run_record import RUN_FORMAT, compatibility_key, model_records, resume_decision, slide_fingerprint, versions
-from .slide import Slide
-from .slide_outputs import qupath_features, write_overview, write_point_tables, write_task_overlays
-from .stages import qupath_offset, task_plan, tissue_stage, write_tissue_heatmap
-from .tasks import TaskContext, TaskResult, get_task
-from .tissue import TissueMask
+from wsi_pipeline.atomic import write_json
+from wsi_pipeline.config import Config
+from wsi_pipeline.engine import TaskRequest, predict_slide, resolve_device
+from wsi_pipeline.errors import MissingMppError, OutputWriteError, WsiError, raise_if_signalled, write_failure
+from wsi_pipeline.export.qupath import write_feature_collection
+from wsi_pipeline.heatmap import begin_store, finish_store, settle_pending_writes
+from wsi_pipeline.input_guard import outside_reason, slide_colour
+from wsi_pipeline.inventory import take_inventory
+from wsi_pipeline.layout import RunLayout, SlideLayout
+from wsi_pipeline.models import LoadedModel
+from wsi_pipeline.run_record import (
+    RUN_FORMAT,
+    compatibility_key,
+    model_records,
+    resume_decision,
+    slide_fingerprint,
+    versions,
+)
+from wsi_pipeline.slide import Slide
+from wsi_pipeline.slide_outputs import qupath_features, write_overview, write_point_tables, write_task_overlays
+from wsi_pipeline.stages import qupath_offset, task_plan, tissue_stage, write_tissue_heatmap
+from wsi_pipeline.tasks import TaskContext, TaskResult, get_task
+from wsi_pipeline.tissue import TissueMask
 
 log = logging.getLogger(__name__)
 

@@ -12,13 +12,13 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
-from .config import Config
-from .inventory import file_sha256, first_problem
-from .layout import SlideLayout
-from .models import LoadedModel
-from .models.folders import FORMAT_FILES
-from .slide import backend_versions
+from wsi_pipeline import __version__
+from wsi_pipeline.config import Config
+from wsi_pipeline.inventory import file_sha256, first_problem
+from wsi_pipeline.layout import SlideLayout
+from wsi_pipeline.models import LoadedModel
+from wsi_pipeline.models.folders import FORMAT_FILES
+from wsi_pipeline.slide import backend_versions
 
 RUN_FORMAT = "wsi-pipeline/run@2"  # @2: with the outputs' inventory and the slide's fingerprint
 _FINGERPRINT_BYTES = 1 << 20

@@ -19,11 +19,11 @@ from scipy import ndimage
 from shapely.geometry import Polygon
 from skimage import filters, measure, morphology
 
-from .errors import NoTissueError
-from .memory import release_free_memory
-from .polygons import mask_to_polygons
-from .slide import Slide
-from .tissue_config import TissueConfig
+from wsi_pipeline.errors import NoTissueError
+from wsi_pipeline.memory import release_free_memory
+from wsi_pipeline.polygons import mask_to_polygons
+from wsi_pipeline.slide import Slide
+from wsi_pipeline.tissue_config import TissueConfig
 
 _STRIP_ROWS = 256
 

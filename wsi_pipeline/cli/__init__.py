@@ -9,13 +9,13 @@ import logging
 
 import click
 
-from .. import __version__
-from ..config import dump_config
-from .cluster import gather, submit
-from .common import WsiGroup, config_option, run_config, set_option
-from .inference import predict, run
-from .slides import info, synth, tiles, tissue
-from .training import evaluate, export_model_cmd, train
+from wsi_pipeline import __version__
+from wsi_pipeline.cli.cluster import gather, submit
+from wsi_pipeline.cli.common import WsiGroup, config_option, run_config, set_option
+from wsi_pipeline.cli.inference import predict, run
+from wsi_pipeline.cli.slides import info, synth, tiles, tissue
+from wsi_pipeline.cli.training import evaluate, export_model_cmd, train
+from wsi_pipeline.config import dump_config
 
 
 @click.group(cls=WsiGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

@@ -1,3 +1,3 @@
-from . import main
+from wsi_pipeline.cli import main
 
 main()

@@ -8,7 +8,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from ..training.settings import TrainSettings, parse_class_map
+from wsi_pipeline.training.settings import TrainSettings, parse_class_map
 
 GROUP_PATTERN = TrainSettings.model_fields["group_pattern"].default
 group_pattern_option = click.option(
@@ -182,8 +182,8 @@ def train(
     Classifiers (epithelium_stroma, metastasis) read folder-per-class tiles; mitosis reads point-annotated images
     (AMi-Br crops, a points.csv, MITOS-2012 fields as negatives) and learns a dense probability map.
     """
-    from ..training.commands import train_model
-    from ..training.settings import load_train_settings
+    from wsi_pipeline.training.commands import train_model
+    from wsi_pipeline.training.settings import load_train_settings
 
     given = given_options(ctx, options)
     for key in ("classes", "arch_args"):  # multiple options: typed means at least one
@@ -243,7 +243,7 @@ def evaluate(
     Classifiers: balanced accuracy, ROC AUC with a bootstrap 95 % interval, confusion matrix. Mitosis: figure-centre
     recall, recall, precision and F1 within --radius-um, false detections per crop and per mm² of figure-free field.
     """
-    from ..training.commands import evaluate_model
+    from wsi_pipeline.training.commands import evaluate_model
 
     class_map = parse_class_map(classes)
     report = evaluate_model(
@@ -266,7 +266,7 @@ def evaluate(
 
 
 def _bf16_line(difference: float) -> str:
-    from ..models.predictor import BF16_CARD_LIMIT, bf16_within_limit
+    from wsi_pipeline.models.predictor import BF16_CARD_LIMIT, bf16_within_limit
 
     within = bf16_within_limit(difference)
     verdict, runs = ("within", "bf16 where the device has it") if within else ("over", "fp32")
@@ -309,7 +309,7 @@ def _report_line(report: dict[str, Any], threshold: float | None, out_dir: str) 
 def export_model_cmd(model_dir: str, out_dir: str, target_format: str) -> None:
     """Export MODEL (a safetensors model folder) as ONNX or TorchScript with the same card; `run` and `predict`
     take the new folder like any other (tasks.<task>.model, --model)."""
-    from ..models.export import export_model
+    from wsi_pipeline.models.export import export_model
 
     out = export_model(model_dir, target_format, out_dir)
     click.echo(f"{target_format} model in {out}")

@@ -4,10 +4,18 @@ Knows nothing of OpenSlide (an import contract checks it): it reads tiles throug
 `Predictor`s, so a new reader backend or model format needs no change here.
 """
 
-from .device import resolve_device
-from .loader import TileDataset, default_workers, make_loader
-from .run import TaskRequest, check_request, check_spec, predict_slide, read_groups
-from .stitch import STITCHERS, ClassifierStitcher, DenseCrop, DenseStitcher, Stitcher, dense_crop, tile_measurements
+from wsi_pipeline.engine.device import resolve_device
+from wsi_pipeline.engine.loader import TileDataset, default_workers, make_loader
+from wsi_pipeline.engine.run import TaskRequest, check_request, check_spec, predict_slide, read_groups
+from wsi_pipeline.engine.stitch import (
+    STITCHERS,
+    ClassifierStitcher,
+    DenseCrop,
+    DenseStitcher,
+    Stitcher,
+    dense_crop,
+    tile_measurements,
+)
 
 __all__ = [
     "STITCHERS",

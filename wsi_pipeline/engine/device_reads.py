@@ -18,11 +18,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..errors import SlideTruncatedError
-from ..slide import Slide
-from ..slide.resample import _TIE_BIAS, Block, _area_weights
-from ..tiling import TilePlan
-from .gpu_decode import assemble_region, decode_jpeg_tiles, missing_decoder
+from wsi_pipeline.engine.gpu_decode import assemble_region, decode_jpeg_tiles, missing_decoder
+from wsi_pipeline.errors import SlideTruncatedError
+from wsi_pipeline.slide import Slide
+from wsi_pipeline.slide.resample import _TIE_BIAS, Block, _area_weights
+from wsi_pipeline.tiling import TilePlan
 
 LOG = logging.getLogger("wsi_pipeline.engine")
 Batch = tuple[torch.Tensor, torch.Tensor]

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..errors import WsiError
-from ..slide import Slide
-from ..tiling import TilePlan
+from wsi_pipeline.errors import WsiError
+from wsi_pipeline.slide import Slide
+from wsi_pipeline.tiling import TilePlan
 
 LoaderKind = Literal["threads", "processes"]
 DecodeKind = Literal["cpu", "device"]
@@ -139,7 +139,7 @@ def make_loader(
     """Batches (plan indices, uint8 tiles) of `plan`, read by `workers` threads or worker processes, or with
     `decode="device"` decoded on `device` where the plan allows it (`device_reads`)."""
     if decode == "device":
-        from .device_reads import device_loader
+        from wsi_pipeline.engine.device_reads import device_loader
 
         on_device = device_loader(slide, plan, batch_size, device)
         if on_device is not None:

@@ -16,10 +16,10 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from ..errors import ConfigError
-from ..heatmap import Heatmap, HeatmapGeometry, HeatmapWriter
-from ..models.card import ModelCard
-from ..tiling import TilePlan, TileSpec
+from wsi_pipeline.errors import ConfigError
+from wsi_pipeline.heatmap import Heatmap, HeatmapGeometry, HeatmapWriter
+from wsi_pipeline.models.card import ModelCard
+from wsi_pipeline.tiling import TilePlan, TileSpec
 
 
 class Stitcher(Protocol):

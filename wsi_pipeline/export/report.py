@@ -13,8 +13,8 @@ from typing import Any
 
 import yaml
 
-from ..atomic import write_text
-from ..layout import RunLayout, SlideLayout
+from wsi_pipeline.atomic import write_text
+from wsi_pipeline.layout import RunLayout, SlideLayout
 
 SLIDE_FILES = ("summary.json", "qupath.geojson", "mitoses.csv", "heatmaps.zarr", "run.json", "tissue.geojson")
 

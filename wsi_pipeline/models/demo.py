@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from .architectures import build
-from .card import ModelCard
-from .loading import save_model
+from wsi_pipeline.models.architectures import build
+from wsi_pipeline.models.card import ModelCard
+from wsi_pipeline.models.loading import save_model
 
 
 def figure_detector_card(mpp: float) -> ModelCard:

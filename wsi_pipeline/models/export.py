@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_path, write_json
-from ..inventory import file_sha256
-from .folders import CARD_FILE, FORMAT_FILES, ModelError
-from .loading import load_model
+from wsi_pipeline.atomic import atomic_path, write_json
+from wsi_pipeline.inventory import file_sha256
+from wsi_pipeline.models.folders import CARD_FILE, FORMAT_FILES, ModelError
+from wsi_pipeline.models.loading import load_model
 
 ONNX_OPSET = 17
 

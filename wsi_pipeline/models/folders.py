@@ -8,8 +8,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from ..errors import WsiError
-from .card import ModelCard
+from wsi_pipeline.errors import WsiError
+from wsi_pipeline.models.card import ModelCard
 
 CARD_FILE = "model_card.json"
 WEIGHTS_FILE = "weights.safetensors"

@@ -11,11 +11,11 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..atomic import atomic_path, write_json
-from ..inventory import file_sha256
-from .architectures import build
-from .card import ModelCard
-from .folders import (
+from wsi_pipeline.atomic import atomic_path, write_json
+from wsi_pipeline.inventory import file_sha256
+from wsi_pipeline.models.architectures import build
+from wsi_pipeline.models.card import ModelCard
+from wsi_pipeline.models.folders import (
     CARD_FILE,
     DEFAULTS_DIR,
     FORMAT_FILES,

@@ -12,9 +12,9 @@ from typing import Protocol
 
 import torch
 
-from .architectures import has_batchnorm
-from .card import ModelCard
-from .loading import LoadedModel
+from wsi_pipeline.models.architectures import has_batchnorm
+from wsi_pipeline.models.card import ModelCard
+from wsi_pipeline.models.loading import LoadedModel
 
 LOG = logging.getLogger("wsi_pipeline.models")
 
@@ -127,7 +127,7 @@ def stain_normalised(batch: torch.Tensor, card: ModelCard) -> torch.Tensor:
     a Macenko estimate per tile is a few small linear-algebra steps, not worth a device kernel)."""
     if card.stain_normalisation is None:
         return batch
-    from .stain import normalise_batch
+    from wsi_pipeline.models.stain import normalise_batch
 
     return normalise_batch(batch, card.stain_normalisation)
 

@@ -5,11 +5,18 @@ Knows nothing of torch (an import contract checks it). Modules: `reader` (protoc
 (truncation checks), `facade` (`Slide`).
 """
 
-from ..layout import SLIDE_EXTENSIONS, slide_id_for
-from .facade import Bounds, Slide
-from .integrity import check_tiff_complete
-from .mpp import Mpp
-from .reader import SlideReader, backend_names, backend_versions, check_backend_name, open_reader, register_backend
+from wsi_pipeline.layout import SLIDE_EXTENSIONS, slide_id_for
+from wsi_pipeline.slide.facade import Bounds, Slide
+from wsi_pipeline.slide.integrity import check_tiff_complete
+from wsi_pipeline.slide.mpp import Mpp
+from wsi_pipeline.slide.reader import (
+    SlideReader,
+    backend_names,
+    backend_versions,
+    check_backend_name,
+    open_reader,
+    register_backend,
+)
 
 __all__ = [
     "SLIDE_EXTENSIONS",

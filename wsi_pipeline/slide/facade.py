@@ -13,12 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import MissingMppError, SlideNotFoundError
-from ..layout import slide_id_for
-from .integrity import check_tiff_complete, is_tiff
-from .mpp import Mpp, mpp_from_properties, plausible
-from .reader import SlideReader, open_reader
-from .resample import Block, best_level, read_resampled, region_blocks
+from wsi_pipeline.errors import MissingMppError, SlideNotFoundError
+from wsi_pipeline.layout import slide_id_for
+from wsi_pipeline.slide.integrity import check_tiff_complete, is_tiff
+from wsi_pipeline.slide.mpp import Mpp, mpp_from_properties, plausible
+from wsi_pipeline.slide.reader import SlideReader, open_reader
+from wsi_pipeline.slide.resample import Block, best_level, read_resampled, region_blocks
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 from scipy import sparse
 
-from .reader import SlideReader
+from wsi_pipeline.slide.reader import SlideReader
 
 # A level may be this much coarser than asked and still be used (TCGA level downsamples are 2.0005, not 2).
 LEVEL_TOLERANCE = 1.01

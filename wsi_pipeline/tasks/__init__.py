@@ -4,8 +4,8 @@ Everything that depends on which tasks exist (configuration sections, `--tasks`,
 cohort columns, QuPath objects) iterates the registry; adding a task is one module that calls `register_task`.
 """
 
-from .base import Overlay, PointObjects, RegionObject, Task, TaskConfig, TaskContext, TaskResult
-from .registry import (
+from wsi_pipeline.tasks.base import Overlay, PointObjects, RegionObject, Task, TaskConfig, TaskContext, TaskResult
+from wsi_pipeline.tasks.registry import (
     get_task,
     load_builtin,
     load_plugins,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..export.qupath import object_id
-from ..heatmap import Heatmap
-from ..postprocess.regions import Region, heatmap_regions
-from .base import Colour, RegionObject
+from wsi_pipeline.export.qupath import object_id
+from wsi_pipeline.heatmap import Heatmap
+from wsi_pipeline.postprocess.regions import Region, heatmap_regions
+from wsi_pipeline.tasks.base import Colour, RegionObject
 
 # Region extraction reads the finest pyramid level no larger than this (px per side): enough for mm-scale regions.
 REGION_LEVEL_MAX_PX = 8192

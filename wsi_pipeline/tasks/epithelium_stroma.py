@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..models.folders import default_model_dir
-from .base import Overlay, RegionObject, TaskConfig, TaskContext, TaskResult
-from .registry import register_task
+from wsi_pipeline.models.folders import default_model_dir
+from wsi_pipeline.tasks.base import Overlay, RegionObject, TaskConfig, TaskContext, TaskResult
+from wsi_pipeline.tasks.registry import register_task
 
 CLASSES = (("epithelium", "Epithelium", (150, 0, 200)), ("stroma", "Stroma", (230, 150, 0)))
 
@@ -31,9 +31,9 @@ class EpitheliumStromaTask:
     def postprocess(self, context: TaskContext) -> TaskResult:
         # imported here, not at module level: the CLI and the configuration load every task without zarr, dask
         # or scikit-image
-        from ..heatmap import open_heatmap
-        from ..postprocess.regions import clipped_to
-        from .common import region_level, region_objects, regions_of
+        from wsi_pipeline.heatmap import open_heatmap
+        from wsi_pipeline.postprocess.regions import clipped_to
+        from wsi_pipeline.tasks.common import region_level, region_objects, regions_of
 
         written = context.card.written_classes
         shown = [cls for cls, _, _ in CLASSES if cls in written]

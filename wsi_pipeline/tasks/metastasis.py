@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field
 
-from ..models.folders import default_model_dir
-from .base import Overlay, PointObjects, TaskConfig, TaskContext, TaskResult
-from .registry import register_task
+from wsi_pipeline.models.folders import default_model_dir
+from wsi_pipeline.tasks.base import Overlay, PointObjects, TaskConfig, TaskContext, TaskResult
+from wsi_pipeline.tasks.registry import register_task
 
 TUMOUR = (200, 0, 0)
 CANDIDATE = (255, 80, 80)
@@ -43,10 +43,10 @@ class MetastasisTask:
         # or scikit-image
         from scipy import ndimage
 
-        from ..heatmap import open_heatmap
-        from ..postprocess.maxima import find_peaks
-        from ..postprocess.regions import lesion_category
-        from .common import positive_class, region_level, region_objects, regions_of
+        from wsi_pipeline.heatmap import open_heatmap
+        from wsi_pipeline.postprocess.maxima import find_peaks
+        from wsi_pipeline.postprocess.regions import lesion_category
+        from wsi_pipeline.tasks.common import positive_class, region_level, region_objects, regions_of
 
         cfg = context.config
         name = positive_class(context.card.written_classes, ("tumor", "tumour", "metastasis"))

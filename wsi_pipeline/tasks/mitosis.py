@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field
 
-from ..models.folders import default_model_dir
-from .base import Overlay, PointObjects, TaskConfig, TaskContext, TaskResult
-from .registry import register_task
+from wsi_pipeline.models.folders import default_model_dir
+from wsi_pipeline.tasks.base import Overlay, PointObjects, TaskConfig, TaskContext, TaskResult
+from wsi_pipeline.tasks.registry import register_task
 
 COLOUR = (0, 90, 255)
 
@@ -48,9 +48,9 @@ class MitosisTask:
         # or scikit-image
         import dask.array as da
 
-        from ..heatmap import open_heatmap
-        from ..postprocess.maxima import find_peaks
-        from .common import level_transform, positive_class
+        from wsi_pipeline.heatmap import open_heatmap
+        from wsi_pipeline.postprocess.maxima import find_peaks
+        from wsi_pipeline.tasks.common import level_transform, positive_class
 
         cfg = context.config
         name = positive_class(context.card.written_classes, ("mitosis",))

@@ -17,12 +17,12 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import ConfigError, UsageError
-from ..models.folders import ModelError
-from .base import Task
+from wsi_pipeline.errors import ConfigError, UsageError
+from wsi_pipeline.models.folders import ModelError
+from wsi_pipeline.tasks.base import Task
 
 if TYPE_CHECKING:
-    from ..models.loading import LoadedModel
+    from wsi_pipeline.models.loading import LoadedModel
 
 _TASKS: dict[str, Task] = {}
 _LISTENERS: list[Callable[[], None]] = []
@@ -88,7 +88,7 @@ def get_task(name: str, option: str = "task") -> Task:
 
 def task_model(name: str, configured: str | None, option: str | None = None) -> LoadedModel:
     """Task `name`'s model: the configured folder, else the task's own default; checked before any tile is read."""
-    from ..models.loading import load_model  # torch, only when a model is loaded
+    from wsi_pipeline.models.loading import load_model  # torch, only when a model is loaded
 
     if configured is not None:
         return load_model(configured, task=name, option=option or f"tasks.{name}.model")

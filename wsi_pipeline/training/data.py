@@ -13,8 +13,8 @@ from typing import Protocol, TypeVar
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import WsiError
-from ..slide import Slide
+from wsi_pipeline.errors import WsiError
+from wsi_pipeline.slide import Slide
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 # Kather 2016 / NCT-CRC-HE file names carry their source image as CRC-Prim-HE-NN.
@@ -150,7 +150,7 @@ def load_tile(
     rgb = _load_tile(item, size, offset)
     if stain is None:
         return rgb
-    from ..models.stain import normalise_tile
+    from wsi_pipeline.models.stain import normalise_tile
 
     return normalise_tile(rgb, stain)
 

@@ -22,12 +22,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..input_guard import training_stats
-from ..models import ModelCard, save_model
-from ..models.card import ColourStats
-from .augment import AugmentConfig, augment
-from .data import DataError
-from .loop import (
+from wsi_pipeline.input_guard import training_stats
+from wsi_pipeline.models import ModelCard, save_model
+from wsi_pipeline.models.card import ColourStats
+from wsi_pipeline.training.augment import AugmentConfig, augment
+from wsi_pipeline.training.data import DataError
+from wsi_pipeline.training.loop import (
     NORMALISATION,
     TrainConfig,
     build_model,
@@ -38,8 +38,8 @@ from .loop import (
     run_epoch,
     selected_by,
 )
-from .mitosis_eval import detection_metrics, operating_point
-from .points import PointImage
+from wsi_pipeline.training.mitosis_eval import detection_metrics, operating_point
+from wsi_pipeline.training.points import PointImage
 
 PAD_VALUE = 8  # pixels darker than this in every channel are padding, not tissue
 

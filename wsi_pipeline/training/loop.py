@@ -20,12 +20,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..atomic import atomic_path
-from ..models.architectures import build, has_batchnorm
-from ..models.card import Normalisation
-from ..models.folders import ModelError
-from ..progress import Progress
-from .data import DataError
+from wsi_pipeline.atomic import atomic_path
+from wsi_pipeline.models.architectures import build, has_batchnorm
+from wsi_pipeline.models.card import Normalisation
+from wsi_pipeline.models.folders import ModelError
+from wsi_pipeline.progress import Progress
+from wsi_pipeline.training.data import DataError
 
 CHECKPOINT = "checkpoint.pt"
 # Every trainer feeds the network (RGB / 255 - mean) / std with these values and writes them into the card it makes,

@@ -18,15 +18,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..atomic import write_json
-from ..evaluate import match_detections
-from ..models import LoadedModel, ModelCard, ModelError
-from ..postprocess.maxima import find_peaks
-from .data import DataError
-from .points import PointImage
+from wsi_pipeline.atomic import write_json
+from wsi_pipeline.evaluate import match_detections
+from wsi_pipeline.models import LoadedModel, ModelCard, ModelError
+from wsi_pipeline.postprocess.maxima import find_peaks
+from wsi_pipeline.training.data import DataError
+from wsi_pipeline.training.points import PointImage
 
 if TYPE_CHECKING:
-    from .dense import Prepared
+    from wsi_pipeline.training.dense import Prepared
 
 THRESHOLDS = tuple(float(round(t, 2)) for t in np.arange(0.05, 1.0, 0.05))  # python floats: they go into checkpoints
 
@@ -153,7 +153,7 @@ def evaluate_mitosis(
     model: LoadedModel, images: list[PointImage], out: Path, device: torch.device, params: DetectionParams
 ) -> dict[str, Any]:
     """`wsi-pipeline evaluate mitosis`: detection metrics, OUT/evaluation.json and OUT/froc.png."""
-    from .dense import prepare
+    from wsi_pipeline.training.dense import prepare
 
     card = model.card
     if card.kind != "dense":
@@ -189,7 +189,7 @@ BF16_IMAGES = 64  # every crop and field would double the evaluation's time for 
 def bf16_difference(model: nn.Module, card: ModelCard, images: list[Prepared], device: torch.device) -> dict:
     """The largest |bf16 - fp32| of the probability map over (up to BF16_IMAGES of) the evaluated images, evenly
     spread over them: the figure `engine.precision: auto` reads from the card."""
-    from ..models.predictor import conv_bn_fused
+    from wsi_pipeline.models.predictor import conv_bn_fused
 
     step = max(1, len(images) // BF16_IMAGES)
     chosen = images[::step][:BF16_IMAGES]
@@ -203,7 +203,7 @@ def bf16_difference(model: nn.Module, card: ModelCard, images: list[Prepared], d
 
 def froc_png(path: Path, curve: list[dict[str, float | None]], title: str) -> None:
     """Figure-centre recall against false detections per crop, one point per threshold."""
-    from .evaluation import curve_png
+    from wsi_pipeline.training.evaluation import curve_png
 
     xs = np.array([row["false_per_crop"] for row in curve])
     ys = np.array([row["centre_recall"] if row["centre_recall"] is not None else row["recall"] for row in curve])

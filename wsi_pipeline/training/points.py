@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from scipy import ndimage
 
-from .data import IMAGE_SUFFIXES, DataError
+from wsi_pipeline.training.data import IMAGE_SUFFIXES, DataError
 
 AMIBR_CSV = "AMI-BR-TUPAC16.csv"
 POINTS_CSV = "points.csv"

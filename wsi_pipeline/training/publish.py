@@ -13,8 +13,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from ..models.loading import CARD_FILE, WEIGHTS_FILE, load_model
-from .loop import group_list
+from wsi_pipeline.models.loading import CARD_FILE, WEIGHTS_FILE, load_model
+from wsi_pipeline.training.loop import group_list
 
 EVALUATION_FILES = ("evaluation.json", "roc.png", "froc.png")
 
@@ -69,7 +69,7 @@ def _headline(report: dict) -> dict:
 def main(argv: list[str]) -> None:
     if len(argv) != 2:
         raise SystemExit("usage: python -m wsi_pipeline.training.publish WORK_DIR DEFAULTS_DIR")
-    from ..tasks import task_names
+    from wsi_pipeline.tasks import task_names
 
     work, defaults = Path(argv[0]), Path(argv[1])
     tasks = task_names()

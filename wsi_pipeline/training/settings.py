@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import AliasChoices, ConfigDict, Field, model_validator
 
-from ..config import merged_settings, validated
-from ..errors import ConfigError
-from ..schema import StrictModel
-from ..tasks import get_task
+from wsi_pipeline.config import merged_settings, validated
+from wsi_pipeline.errors import ConfigError
+from wsi_pipeline.schema import StrictModel
+from wsi_pipeline.tasks import get_task
 
 if TYPE_CHECKING:
-    from .augment import AugmentConfig
+    from wsi_pipeline.training.augment import AugmentConfig
 
 # Point-annotated mitosis data in ../shared/data (AMi-Br / TUPAC16 crops, MITOS-2012) is at 0.25 µm/px (40x), and the
 # dense network learns from 96 px windows of it: these are the defaults of a dense task, not of classifiers, whose
@@ -120,7 +120,7 @@ class TrainSettings(StrictModel):
 
     @model_validator(mode="after")
     def _averaging(self) -> TrainSettings:
-        from .loop import averaging_problem
+        from wsi_pipeline.training.loop import averaging_problem
 
         problem = averaging_problem(self.average_epochs, self.select, self.recompute_batchnorm, self.epochs)
         if problem:
@@ -131,7 +131,7 @@ class TrainSettings(StrictModel):
     def _augment_known(self) -> TrainSettings:
         from dataclasses import fields
 
-        from .augment import AugmentConfig
+        from wsi_pipeline.training.augment import AugmentConfig
 
         known = {f.name for f in fields(AugmentConfig)}
         unknown = sorted(set(self.augment) - known)
@@ -142,7 +142,7 @@ class TrainSettings(StrictModel):
     def augmentation(self) -> AugmentConfig:
         """The recipe's augmentation over the trainer's defaults (a dense trainer moves image and target together
         itself, so flips, rotations and zoom are off in its colour augmentation)."""
-        from .augment import AugmentConfig
+        from wsi_pipeline.training.augment import AugmentConfig
 
         base = AugmentConfig(flips=False, rotate90=False, scale=0.0) if self.dense else AugmentConfig()
         geometric = {"flips", "rotate90", "scale"} if self.dense else set()

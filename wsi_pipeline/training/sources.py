@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..errors import ConfigError
-from ..tasks import get_task
+from wsi_pipeline.errors import ConfigError
+from wsi_pipeline.tasks import get_task
 
 
 def training_items(
@@ -20,12 +20,12 @@ def training_items(
     """Every folder's items and the class names (all folders must give the same classes). A dense task reads
     point-annotated images; a classifier task folder-per-class tiles, or slides with QuPath GeoJSON exports."""
     if get_task(task).model_kind == "dense":
-        from .points import point_images
+        from wsi_pipeline.training.points import point_images
 
         return [image for folder in folders for image in point_images(folder, mpp)], [task]
-    from .annotations import annotated_items, is_annotated_folder
-    from .data import DataError, folder_items
-    from .nuclei import is_nuclei_folder, nucleus_items
+    from wsi_pipeline.training.annotations import annotated_items, is_annotated_folder
+    from wsi_pipeline.training.data import DataError, folder_items
+    from wsi_pipeline.training.nuclei import is_nuclei_folder, nucleus_items
 
     items: list[Any] = []
     classes: list[str] | None = None
@@ -60,7 +60,7 @@ def matching_groups(items: list[Any], pattern: str | None, what: str) -> list[An
         return items
     import re
 
-    from .data import DataError
+    from wsi_pipeline.training.data import DataError
 
     regex = re.compile(pattern)
     kept = [item for item in items if regex.search(item.group)]

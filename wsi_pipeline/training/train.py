@@ -15,14 +15,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..evaluate import balanced_accuracy, roc_auc, youden_threshold
-from ..input_guard import training_stats
-from ..models import ModelCard, save_model
-from . import dense_classes
-from .augment import AugmentConfig, augment
-from .data import DataError, TileItem, load_tile, sample_items
-from .dense_classes import ClassMapTargets
-from .loop import (
+from wsi_pipeline.evaluate import balanced_accuracy, roc_auc, youden_threshold
+from wsi_pipeline.input_guard import training_stats
+from wsi_pipeline.models import ModelCard, save_model
+from wsi_pipeline.training import dense_classes
+from wsi_pipeline.training.augment import AugmentConfig, augment
+from wsi_pipeline.training.data import DataError, TileItem, load_tile, sample_items
+from wsi_pipeline.training.dense_classes import ClassMapTargets
+from wsi_pipeline.training.loop import (
     CHECKPOINT,
     NORMALISATION,
     TrainConfig,

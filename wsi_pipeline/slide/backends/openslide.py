@@ -10,9 +10,9 @@ import numpy as np
 import openslide
 from PIL import Image
 
-from ...errors import SlideTruncatedError, SlideUnreadableError
-from ..integrity import check_tiff_complete, is_tiff
-from ..reader import register_backend
+from wsi_pipeline.errors import SlideTruncatedError, SlideUnreadableError
+from wsi_pipeline.slide.integrity import check_tiff_complete, is_tiff
+from wsi_pipeline.slide.reader import register_backend
 
 
 class OpenSlideReader:

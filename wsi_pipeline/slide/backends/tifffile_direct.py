@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import tifffile
 
-from ...errors import SlideTruncatedError, SlideUnreadableError
-from ..integrity import check_tiff_complete, is_tiff
-from ..reader import register_backend
+from wsi_pipeline.errors import SlideTruncatedError, SlideUnreadableError
+from wsi_pipeline.slide.integrity import check_tiff_complete, is_tiff
+from wsi_pipeline.slide.reader import register_backend
 
 LOG = logging.getLogger("wsi_pipeline.slide")
 # JPEG, JPEG 2000 (Aperio YCbCr / RGB, generic), deflate, Adobe deflate, LZW, none
