@@ -42,7 +42,7 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 
 demo: $(STAMP)
-	$(BIN)/python -m wsi_pipeline.demo --out $(DEMO_OUT)
+	$(BIN)/python -m wsi_pipeline.cli.demo --out $(DEMO_OUT)
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache build *.egg-info

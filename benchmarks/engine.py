@@ -30,7 +30,7 @@ from _report import in_fresh_process, machine_facts, peak_rss_mb, shared_slide, 
 if TYPE_CHECKING:
     from wsi_pipeline.models import LoadedModel
     from wsi_pipeline.slide import Slide
-    from wsi_pipeline.tiling import TilePlan
+    from wsi_pipeline.slide.tiling import TilePlan
 
 
 def _model(tmp: Path, arch: str, mpp: float, tile: int) -> LoadedModel:
@@ -133,8 +133,8 @@ def throughput(
     2-core virtual machine's rates vary by +-15 % from one second to the next)."""
     from wsi_pipeline.config import TissueConfig
     from wsi_pipeline.slide import Slide
-    from wsi_pipeline.tiling import plan_tiles
-    from wsi_pipeline.tissue import detect_tissue
+    from wsi_pipeline.slide.tiling import plan_tiles
+    from wsi_pipeline.slide.tissue import detect_tissue
 
     slide = Slide(slide_path)
     plan = plan_tiles(slide, detect_tissue(slide, TissueConfig()), 0.5, 224, 0, 0.1)
@@ -187,7 +187,7 @@ def memory_one(path: Path, tmp: Path) -> dict[str, object]:
     from wsi_pipeline.models import ModelCard, save_model
     from wsi_pipeline.models.architectures import build, seeded
     from wsi_pipeline.slide import Slide
-    from wsi_pipeline.stages import predict_stage
+    from wsi_pipeline.run.stages import predict_stage
 
     card = ModelCard(
         name="tiny",
@@ -247,7 +247,7 @@ def main() -> None:
             print(json.dumps(memory_one(args.memory, Path(tmp))))
         return
     from wsi_pipeline.engine import default_workers, resolve_device
-    from wsi_pipeline.synth import default_layout, write_synthetic_slide
+    from wsi_pipeline.slide.synth import default_layout, write_synthetic_slide
 
     device = resolve_device(args.device)
     workers = default_workers() if args.workers is None else args.workers

@@ -42,10 +42,10 @@ def main() -> None:
     parser.add_argument("--overlaps", default="0,32,48")
     parser.add_argument("--out", default="benchmarks/results/epithelium-nuclei.json")
     args = parser.parse_args()
-    from wsi_pipeline.evaluate import roc_auc
     from wsi_pipeline.heatmap import open_heatmap
     from wsi_pipeline.models import default_model_dir
     from wsi_pipeline.tasks.common import level_transform
+    from wsi_pipeline.training.metrics import roc_auc
 
     card = json.loads((default_model_dir("epithelium_stroma") / "model_card.json").read_text())
     fields = _fields(args.data, card)

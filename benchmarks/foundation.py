@@ -20,9 +20,9 @@ SIZES = [(20_000, 16_000), (100_000, 80_000)]
 def measure_one(width: int, height: int, workdir: Path) -> dict[str, float | int]:
     from wsi_pipeline.config import TissueConfig
     from wsi_pipeline.slide import Slide
-    from wsi_pipeline.synth import default_layout, write_synthetic_slide
-    from wsi_pipeline.tiling import plan_tiles
-    from wsi_pipeline.tissue import detect_tissue
+    from wsi_pipeline.slide.synth import default_layout, write_synthetic_slide
+    from wsi_pipeline.slide.tiling import plan_tiles
+    from wsi_pipeline.slide.tissue import detect_tissue
 
     figures: dict[str, float | int] = {"width": width, "height": height}
     t0 = time.perf_counter()

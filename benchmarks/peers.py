@@ -112,7 +112,7 @@ def main() -> None:
 
     from wsi_pipeline.models import ModelCard, save_model
     from wsi_pipeline.models.architectures import seeded
-    from wsi_pipeline.synth import default_layout, write_synthetic_slide
+    from wsi_pipeline.slide.synth import default_layout, write_synthetic_slide
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp_name:

@@ -28,9 +28,9 @@ def rate(
 ) -> tuple[float, int]:
     from wsi_pipeline.engine import make_loader
     from wsi_pipeline.slide import Slide
-    from wsi_pipeline.tiling import plan_tiles
-    from wsi_pipeline.tissue import detect_tissue
-    from wsi_pipeline.tissue_config import TissueConfig
+    from wsi_pipeline.slide.tiling import plan_tiles
+    from wsi_pipeline.slide.tissue import detect_tissue
+    from wsi_pipeline.slide.tissue_config import TissueConfig
 
     slide = Slide(path, backend=backend)
     plan = plan_tiles(slide, detect_tissue(slide, TissueConfig()), mpp, tile, 0, 0.1)
@@ -52,7 +52,7 @@ def main() -> None:
     cmu = shared_slide("CMU-1-Small-Region.svs")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        from wsi_pipeline.synth import default_layout, write_synthetic_slide
+        from wsi_pipeline.slide.synth import default_layout, write_synthetic_slide
 
         synthetic = write_synthetic_slide(Path(tmp) / "synthetic.svs", default_layout(20000, 16000, 0.25, seed=5))
         for path in (synthetic, cmu):

@@ -29,8 +29,8 @@ def main() -> None:
     args = parser.parse_args()
     from wsi_pipeline.config import load_config
     from wsi_pipeline.slide import Slide
-    from wsi_pipeline.stages import predict_stage
-    from wsi_pipeline.synth import default_layout, write_synthetic_slide
+    from wsi_pipeline.run.stages import predict_stage
+    from wsi_pipeline.slide.synth import default_layout, write_synthetic_slide
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp_name:

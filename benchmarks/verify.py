@@ -1,7 +1,7 @@
 """Verified resume: what checking a finished slide's outputs costs next to computing them.
 
 For each case, `wsi-pipeline run` computes a slide in a subprocess (timed), then the outputs are verified the way a
-re-run does before it skips the slide (`run_record.resume_decision`: record, fingerprint, sizes, every file's
+re-run does before it skips the slide (`run/record.py: resume_decision`: record, fingerprint, sizes, every file's
 sha256), in this process, with the page cache dropped first where this runs as root (a cold read, as on a cluster's
 next day) and again warm; last, the whole skipping re-run is timed as a user sees it (process start included).
 Cases: the 100 000 x 80 000 px slide with the two shipped classifiers, and a 20 000 x 16 000 px slide with the
@@ -53,8 +53,8 @@ def _run(slide: Path, out: Path, tasks: str) -> float:
 
 
 def _verify_seconds(folder: Path, slide: Path) -> tuple[float, bool]:
-    from wsi_pipeline.layout import SlideLayout
-    from wsi_pipeline.run_record import resume_decision, slide_fingerprint
+    from wsi_pipeline.core.layout import SlideLayout
+    from wsi_pipeline.run.record import resume_decision, slide_fingerprint
 
     record = json.loads((folder / "run.json").read_text())
     started = time.perf_counter()
@@ -63,7 +63,7 @@ def _verify_seconds(folder: Path, slide: Path) -> tuple[float, bool]:
 
 
 def measure(case: dict, workdir: Path) -> dict:
-    from wsi_pipeline.synth import default_layout, write_synthetic_slide
+    from wsi_pipeline.slide.synth import default_layout, write_synthetic_slide
 
     width, height = case["size"]
     slide = write_synthetic_slide(workdir / f"s{width}.svs", default_layout(width, height, 0.25, seed=1, pen=True))

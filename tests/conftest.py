@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import DATA, SLIDES
-from wsi_pipeline.synth import SynthSpec, default_layout, write_synthetic_slide
+from wsi_pipeline.slide.synth import SynthSpec, default_layout, write_synthetic_slide
 
 
 @pytest.fixture(scope="session")

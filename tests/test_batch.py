@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from wsi_pipeline.errors import ConfigError, UsageError
-from wsi_pipeline.inputs import assign_ids, discover, read_mpp_file
+from wsi_pipeline.core.errors import ConfigError, UsageError
+from wsi_pipeline.run.inputs import assign_ids, discover, read_mpp_file
 
 
 def test_discover_files_folders_and_globs(tmp_path: Path) -> None:
@@ -54,7 +54,7 @@ def test_mpp_file(tmp_path: Path) -> None:
 
 
 def test_shards_partition_the_list() -> None:
-    from wsi_pipeline.inputs import parse_shard, shard_paths
+    from wsi_pipeline.run.inputs import parse_shard, shard_paths
 
     paths = [Path(f"s{i:02d}.svs") for i in range(11)]
     parts = [shard_paths(paths, (i, 3)) for i in range(3)]
@@ -74,12 +74,12 @@ def test_output_lock(tmp_path: Path) -> None:
     import sys
     import textwrap
 
-    from wsi_pipeline.lock import OutputLockedError, output_lock
+    from wsi_pipeline.run.lock import OutputLockedError, output_lock
 
     def other(shard: str) -> subprocess.CompletedProcess[str]:
         code = textwrap.dedent(f"""
             from pathlib import Path
-            from wsi_pipeline.lock import output_lock, OutputLockedError
+            from wsi_pipeline.run.lock import output_lock, OutputLockedError
             try:
                 with output_lock(Path({str(tmp_path)!r}), {shard}):
                     print("got it")

@@ -133,7 +133,7 @@ def test_config_errors_name_the_key() -> None:
 
 
 def test_no_tissue_exit_code(tmp_path: Path) -> None:
-    from wsi_pipeline.synth import SynthSpec, write_synthetic_slide
+    from wsi_pipeline.slide.synth import SynthSpec, write_synthetic_slide
 
     empty = write_synthetic_slide(tmp_path / "empty.svs", SynthSpec(2000, 1500, 0.5))
     result = run_cli("tissue", str(empty), "-o", str(tmp_path / "o"))

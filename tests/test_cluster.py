@@ -15,9 +15,9 @@ import pytest
 from tests.helpers import run_cli
 from tests.helpers.slurm import LocalSlurm, unavailable_reason
 from tests.test_run import _outputs, mitosis_options
-from wsi_pipeline.cluster import wait
 from wsi_pipeline.models.demo import write_figure_detector
-from wsi_pipeline.synth import default_layout, write_synthetic_slide
+from wsi_pipeline.run.cluster import wait
+from wsi_pipeline.slide.synth import default_layout, write_synthetic_slide
 
 pytestmark = pytest.mark.e2e  # the CLI in subprocesses / whole runs
 

@@ -9,7 +9,7 @@ import yaml
 
 from tests.helpers import ROOT
 from wsi_pipeline.config import Config, load_config
-from wsi_pipeline.errors import ConfigError
+from wsi_pipeline.core.errors import ConfigError
 
 
 def test_shipped_default_yaml_equals_the_defaults() -> None:

@@ -18,13 +18,13 @@ from wsi_pipeline.heatmap import open_heatmap
 from wsi_pipeline.models import ModelCard, load_model, save_model
 from wsi_pipeline.models.architectures import build, seeded
 from wsi_pipeline.postprocess.regions import Region, clipped_to
+from wsi_pipeline.run.stages import task_tiling
 from wsi_pipeline.slide import Slide
-from wsi_pipeline.stages import task_tiling
-from wsi_pipeline.tiling import plan_tiles
-from wsi_pipeline.tissue import detect_tissue
-from wsi_pipeline.tissue_config import TissueConfig
-from wsi_pipeline.training.data import TileItem
-from wsi_pipeline.training.dense_classes import ClassMapTargets, item_scores, label_areas
+from wsi_pipeline.slide.tiling import plan_tiles
+from wsi_pipeline.slide.tissue import detect_tissue
+from wsi_pipeline.slide.tissue_config import TissueConfig
+from wsi_pipeline.training.classifier.class_maps import ClassMapTargets, item_scores, label_areas
+from wsi_pipeline.training.data.items import TileItem
 
 EPI = ("epithelium_stroma", "kather2016")
 CRC = ("epithelium_stroma", "crchistophenotypes")

@@ -15,14 +15,14 @@ import torch
 import torchvision
 
 from tests.helpers import CMU, NDPI, damage_tile
+from wsi_pipeline.core.errors import SlideTruncatedError
 from wsi_pipeline.engine import make_loader
 from wsi_pipeline.engine.device_reads import DeviceTileReads, device_read_refusal
-from wsi_pipeline.errors import SlideTruncatedError
 from wsi_pipeline.slide import Slide
-from wsi_pipeline.synth import default_layout, write_synthetic_slide
-from wsi_pipeline.tiling import TilePlan, plan_tiles
-from wsi_pipeline.tissue import detect_tissue
-from wsi_pipeline.tissue_config import TissueConfig
+from wsi_pipeline.slide.synth import default_layout, write_synthetic_slide
+from wsi_pipeline.slide.tiling import TilePlan, plan_tiles
+from wsi_pipeline.slide.tissue import detect_tissue
+from wsi_pipeline.slide.tissue_config import TissueConfig
 
 CPU = torch.device("cpu")
 
@@ -121,7 +121,7 @@ def test_nvjpeg_reads_match_the_cpu_loader(data_dir: Path, synthetic: Path) -> N
 def test_predict_with_device_decode_writes_the_same_heatmap(data_dir: Path, tmp_path: Path) -> None:
     from wsi_pipeline.config import load_config
     from wsi_pipeline.heatmap import open_heatmap
-    from wsi_pipeline.stages import predict_stage
+    from wsi_pipeline.run.stages import predict_stage
 
     maps = []
     for decode in ("cpu", "device"):

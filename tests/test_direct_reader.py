@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from tests.helpers import CMU, NDPI, TCGA, damage_tile, run_cli
-from wsi_pipeline.errors import SlideTruncatedError
+from wsi_pipeline.core.errors import SlideTruncatedError
 from wsi_pipeline.slide import Slide
-from wsi_pipeline.synth import default_layout, write_synthetic_slide
+from wsi_pipeline.slide.synth import default_layout, write_synthetic_slide
 
 
 def test_same_pixels_as_openslide_on_every_level_of_real_slides(data_dir: Path, tmp_path: Path) -> None:

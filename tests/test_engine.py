@@ -12,15 +12,15 @@ import zarr
 
 from tests.helpers import CMU, run_cli, stitched_and_whole_region
 from wsi_pipeline.config import TissueConfig
+from wsi_pipeline.core.errors import ConfigError
 from wsi_pipeline.engine import TaskRequest, predict_slide, resolve_device
-from wsi_pipeline.errors import ConfigError
 from wsi_pipeline.heatmap import HeatmapGeometry, HeatmapWriter, open_heatmap
 from wsi_pipeline.models import ModelCard, load_model, save_model
 from wsi_pipeline.models.architectures import build, seeded
 from wsi_pipeline.models.loading import ModelError
 from wsi_pipeline.slide import Slide
-from wsi_pipeline.tiling import plan_tiles
-from wsi_pipeline.tissue import detect_tissue
+from wsi_pipeline.slide.tiling import plan_tiles
+from wsi_pipeline.slide.tissue import detect_tissue
 
 CPU = torch.device("cpu")
 
@@ -205,7 +205,7 @@ def _damage_middle_tile_row(path: Path) -> None:
 
 @pytest.mark.e2e
 def test_predict_command_and_failure_midway(tmp_path: Path) -> None:
-    from wsi_pipeline.synth import default_layout, write_synthetic_slide
+    from wsi_pipeline.slide.synth import default_layout, write_synthetic_slide
 
     slide = write_synthetic_slide(tmp_path / "s.svs", default_layout(3000, 2400, 0.5, seed=4))
     model = dense_model(tmp_path, stride=2, halo=4, mpp=0.5)
@@ -286,7 +286,7 @@ def test_tasks_sharing_a_resolution_share_one_read(cmu, tmp_path: Path) -> None:
 
 
 def test_progress_is_plain_lines_off_a_terminal(tmp_path: Path) -> None:
-    from wsi_pipeline.progress import Progress
+    from wsi_pipeline.core.progress import Progress
 
     log = tmp_path / "log.txt"
     with log.open("w") as stream:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from wsi_pipeline.evaluate import FrocSlide, balanced_accuracy, bootstrap_auc, froc, match_detections, roc_auc
+from wsi_pipeline.training.metrics import FrocSlide, balanced_accuracy, bootstrap_auc, froc, match_detections, roc_auc
 
 
 def test_auc_hand_computed() -> None:

@@ -22,11 +22,11 @@ import torch
 import zarr
 
 from tests.helpers import TCGA, run_cli
+from wsi_pipeline.core.inventory import first_problem
 from wsi_pipeline.heatmap import open_heatmap
-from wsi_pipeline.inventory import first_problem
-from wsi_pipeline.lock import output_lock
 from wsi_pipeline.models.demo import write_figure_detector
-from wsi_pipeline.synth import SynthSpec, default_layout, write_synthetic_slide
+from wsi_pipeline.run.lock import output_lock
+from wsi_pipeline.slide.synth import SynthSpec, default_layout, write_synthetic_slide
 
 pytestmark = pytest.mark.e2e
 
@@ -398,8 +398,8 @@ def test_full_disk_is_exit_9_and_leaves_nothing_complete(case, tmp_path: Path) -
 
 def test_a_library_that_hides_the_errno_is_still_a_write_failure(tmp_path: Path) -> None:
     """torch.save on a full disk raises RuntimeError, not OSError: the failed write is still named (exit 9)."""
-    from wsi_pipeline.atomic import atomic_path
-    from wsi_pipeline.errors import OutputWriteError
+    from wsi_pipeline.core.atomic import atomic_path
+    from wsi_pipeline.core.errors import OutputWriteError
 
     full = tmp_path / "full"
     _mount(full, "size=64k")
@@ -510,7 +510,7 @@ def test_an_interrupt_that_lands_in_a_finaliser_prints_no_traceback() -> None:
     raises the interrupt again at its next safe point), and other unraisable errors are still printed."""
     code = (
         "import signal\n"
-        "from wsi_pipeline import errors\n"
+        "from wsi_pipeline.core import errors\n"
         "errors.install_signal_handlers()\n"
         "class Late:\n"
         "    def __init__(self, exc): self.exc = exc\n"
@@ -531,7 +531,7 @@ def test_a_signal_that_lands_in_a_finaliser_is_acted_on_at_once(tmp_path: Path) 
     in_finaliser, carried_on = tmp_path / "in-finaliser", tmp_path / "carried-on"
     code = (
         "import os, sys, time\n"
-        "from wsi_pipeline import errors\n"
+        "from wsi_pipeline.core import errors\n"
         "errors.install_signal_handlers()\n"
         "class Slow:\n"
         "    def __del__(self):\n"

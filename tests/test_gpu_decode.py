@@ -11,7 +11,7 @@ import torch
 from tests.helpers import CMU
 from wsi_pipeline.engine.gpu_decode import assemble_region, decode_jpeg_tiles
 from wsi_pipeline.slide import Slide
-from wsi_pipeline.synth import default_layout, write_synthetic_slide
+from wsi_pipeline.slide.synth import default_layout, write_synthetic_slide
 
 
 def _region(slide: Slide, device: torch.device, x: int, y: int, w: int, h: int) -> np.ndarray:

@@ -13,10 +13,10 @@ import pytest
 
 from tests.helpers import CMU, NDPI, TCGA, run_cli
 from wsi_pipeline.config import TissueConfig
-from wsi_pipeline.input_guard import outside_reason, slide_colour, training_stats
+from wsi_pipeline.models.input_guard import outside_reason, slide_colour, training_stats
 from wsi_pipeline.models.loading import default_model_dir, load_card
 from wsi_pipeline.slide import Slide
-from wsi_pipeline.tissue import detect_tissue
+from wsi_pipeline.slide.tissue import detect_tissue
 
 TASKS = ("epithelium_stroma", "metastasis", "mitosis")
 

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from tests.helpers import CMU, damage_tile
+from wsi_pipeline.core.errors import SlideTruncatedError
 from wsi_pipeline.engine import make_loader
-from wsi_pipeline.errors import SlideTruncatedError
 from wsi_pipeline.slide import Slide
-from wsi_pipeline.tiling import plan_tiles
-from wsi_pipeline.tissue import detect_tissue
-from wsi_pipeline.tissue_config import TissueConfig
+from wsi_pipeline.slide.tiling import plan_tiles
+from wsi_pipeline.slide.tissue import detect_tissue
+from wsi_pipeline.slide.tissue_config import TissueConfig
 
 CPU = torch.device("cpu")
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from tests.helpers import CMU, run_cli
+from wsi_pipeline.core.inventory import file_sha256
 from wsi_pipeline.engine import TaskRequest, predict_slide
 from wsi_pipeline.heatmap import open_heatmap
-from wsi_pipeline.inventory import file_sha256
 from wsi_pipeline.models import (
     LoadedModel,
     ModelCard,
@@ -27,11 +27,11 @@ from wsi_pipeline.models import (
 from wsi_pipeline.models.architectures import build, seeded
 from wsi_pipeline.models.export import export_model
 from wsi_pipeline.models.folders import FORMAT_FILES
-from wsi_pipeline.run_record import weights_digest
+from wsi_pipeline.run.record import weights_digest
 from wsi_pipeline.slide import Slide
-from wsi_pipeline.tiling import plan_tiles
-from wsi_pipeline.tissue import detect_tissue
-from wsi_pipeline.tissue_config import TissueConfig
+from wsi_pipeline.slide.tiling import plan_tiles
+from wsi_pipeline.slide.tissue import detect_tissue
+from wsi_pipeline.slide.tissue_config import TissueConfig
 
 
 class ScriptedPredictor:
@@ -153,7 +153,7 @@ def test_a_dense_onnx_model_runs_on_larger_tiles_than_it_was_exported_for(tmp_pa
     assert got.shape == expected.shape == (2, 64, 48)
     assert float((got - expected).abs().max()) < 1e-5
     # `evaluate mitosis` runs whole images through the torch module: an ONNX folder is refused in one message
-    from wsi_pipeline.training.mitosis_eval import DetectionParams, evaluate_mitosis
+    from wsi_pipeline.training.detector.evaluate import DetectionParams, evaluate_mitosis
 
     with pytest.raises(ModelError, match="cannot run onnx models yet"):
         evaluate_mitosis(load_model(tmp_path / "onnx"), [], tmp_path / "eval", cpu, DetectionParams())

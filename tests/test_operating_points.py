@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wsi_pipeline.evaluate import youden_threshold
 from wsi_pipeline.models import ModelCard, load_card
 from wsi_pipeline.tasks import TaskConfig, TaskContext
-from wsi_pipeline.training.mitosis_eval import operating_point
-from wsi_pipeline.training.train import classifier_operating_point
+from wsi_pipeline.training.classifier.train import classifier_operating_point
+from wsi_pipeline.training.detector.evaluate import operating_point
+from wsi_pipeline.training.metrics import youden_threshold
 
 
 def test_youden_threshold_on_fixed_scores() -> None:

@@ -16,9 +16,9 @@ import pytest
 import tifffile
 
 from tests.helpers import CMU, DICOM, TCGA, damage_tile
-from wsi_pipeline.errors import MissingMppError, SlideNotFoundError, SlideTruncatedError, SlideUnreadableError
+from wsi_pipeline.core.errors import MissingMppError, SlideNotFoundError, SlideTruncatedError, SlideUnreadableError
 from wsi_pipeline.slide import Slide, SlideReader, backend_names
-from wsi_pipeline.synth import SynthSpec, default_layout, write_synthetic_slide
+from wsi_pipeline.slide.synth import SynthSpec, default_layout, write_synthetic_slide
 
 BACKENDS = backend_names()
 

@@ -19,9 +19,9 @@ import zarr
 from PIL import Image
 
 from tests.helpers import DICOM, run_cli
-from wsi_pipeline.layout import SLIDE_EXTENSIONS, slide_id_for
+from wsi_pipeline.core.layout import SLIDE_EXTENSIONS, slide_id_for
 from wsi_pipeline.models.demo import write_figure_detector
-from wsi_pipeline.synth import default_layout, write_synthetic_slide
+from wsi_pipeline.slide.synth import default_layout, write_synthetic_slide
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,11 +14,11 @@ import pytest
 from shapely.geometry import shape
 
 from tests.helpers import CMU, DICOM, NDPI, TCGA, run_cli
-from wsi_pipeline.evaluate import match_detections
 from wsi_pipeline.heatmap import open_heatmap
-from wsi_pipeline.lock import output_lock
 from wsi_pipeline.models.demo import write_figure_detector
-from wsi_pipeline.synth import default_layout, read_truth, write_synthetic_slide
+from wsi_pipeline.run.lock import output_lock
+from wsi_pipeline.slide.synth import default_layout, read_truth, write_synthetic_slide
+from wsi_pipeline.training.metrics import match_detections
 
 pytestmark = pytest.mark.e2e  # the CLI in subprocesses / whole runs
 

@@ -16,8 +16,8 @@ from wsi_pipeline.config import TissueConfig
 from wsi_pipeline.models import default_model_dir, load_model, resolve_model, shipped_tasks
 from wsi_pipeline.models.loading import CARD_FILE, ModelError
 from wsi_pipeline.slide import Slide
-from wsi_pipeline.tiling import TilePlan, plan_tiles
-from wsi_pipeline.tissue import detect_tissue
+from wsi_pipeline.slide.tiling import TilePlan, plan_tiles
+from wsi_pipeline.slide.tissue import detect_tissue
 
 CPU = torch.device("cpu")
 EPI_CLASSES = ["--class", "epithelium=01_TUMOR,06_MUCOSA,epithelial", "--class", "stroma=02_STROMA,fibroblast"]

@@ -11,9 +11,9 @@ import openslide
 import pytest
 
 from tests.helpers import CMU, DICOM, NDPI, TCGA
-from wsi_pipeline.errors import MissingMppError, SlideNotFoundError, SlideTruncatedError, SlideUnreadableError
+from wsi_pipeline.core.errors import MissingMppError, SlideNotFoundError, SlideTruncatedError, SlideUnreadableError
 from wsi_pipeline.slide import Slide, slide_id_for
-from wsi_pipeline.synth import default_layout, write_synthetic_slide
+from wsi_pipeline.slide.synth import default_layout, write_synthetic_slide
 
 
 def test_aperio_svs_geometry_and_mpp(data_dir: Path) -> None:

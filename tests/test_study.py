@@ -15,7 +15,7 @@ import yaml
 
 from tests.helpers import run_cli
 from wsi_pipeline.models.folders import CARD_FILE
-from wsi_pipeline.training.data import DataError
+from wsi_pipeline.training.data.items import DataError
 from wsi_pipeline.training.study import (
     choose_variant,
     cross_source_operating_point,

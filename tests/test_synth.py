@@ -9,7 +9,7 @@ import openslide
 import pytest
 
 from tests.helpers import run_cli
-from wsi_pipeline.synth import SynthSpec, read_truth, truth_path
+from wsi_pipeline.slide.synth import SynthSpec, read_truth, truth_path
 
 
 def test_openslide_opens_it_as_aperio(synthetic_slide: tuple[Path, SynthSpec]) -> None:

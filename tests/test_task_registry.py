@@ -18,7 +18,7 @@ from tests.helpers import run_cli
 from wsi_pipeline.heatmap import open_heatmap
 from wsi_pipeline.models import ModelCard, save_model
 from wsi_pipeline.models.architectures import build
-from wsi_pipeline.synth import SynthSpec
+from wsi_pipeline.slide.synth import SynthSpec
 from wsi_pipeline.tasks import Overlay, TaskConfig, TaskContext, TaskResult, register_task, registered
 from wsi_pipeline.tasks.common import region_level, region_objects, regions_of
 
@@ -91,9 +91,9 @@ def write_density_model(directory: Path) -> Path:
 
 
 def test_a_registered_task_joins_the_configuration_and_the_cohort_columns() -> None:
-    from wsi_pipeline.batch import cohort_columns
     from wsi_pipeline.config import Config, load_config
-    from wsi_pipeline.inputs import select_tasks
+    from wsi_pipeline.run.batch import cohort_columns
+    from wsi_pipeline.run.inputs import select_tasks
 
     assert NAME not in Config().model_dump()["tasks"]
     with registered(HaematoxylinTask()):

@@ -12,12 +12,12 @@ import pytest
 
 from tests.helpers import CMU
 from wsi_pipeline.config import TissueConfig
-from wsi_pipeline.errors import ConfigError
+from wsi_pipeline.core.errors import ConfigError
+from wsi_pipeline.run.stages import tiles_stage
 from wsi_pipeline.slide import Slide
-from wsi_pipeline.stages import tiles_stage
-from wsi_pipeline.synth import SynthSpec, write_synthetic_slide
-from wsi_pipeline.tiling import TilePlan, plan_tiles
-from wsi_pipeline.tissue import TissueMask, detect_tissue
+from wsi_pipeline.slide.synth import SynthSpec, write_synthetic_slide
+from wsi_pipeline.slide.tiling import TilePlan, plan_tiles
+from wsi_pipeline.slide.tissue import TissueMask, detect_tissue
 
 
 @pytest.fixture(scope="module")

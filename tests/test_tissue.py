@@ -14,12 +14,12 @@ from shapely.geometry import Point, shape
 
 from tests.helpers import CMU, NDPI, TCGA
 from wsi_pipeline.config import TissueConfig
-from wsi_pipeline.errors import NoTissueError
-from wsi_pipeline.polygons import mask_to_polygons
+from wsi_pipeline.core.errors import NoTissueError
+from wsi_pipeline.run.stages import tissue_stage
 from wsi_pipeline.slide import Slide
-from wsi_pipeline.stages import tissue_stage
-from wsi_pipeline.synth import SynthSpec, write_synthetic_slide
-from wsi_pipeline.tissue import detect_tissue, tissue_mask_from_rgb
+from wsi_pipeline.slide.polygons import mask_to_polygons
+from wsi_pipeline.slide.synth import SynthSpec, write_synthetic_slide
+from wsi_pipeline.slide.tissue import detect_tissue, tissue_mask_from_rgb
 
 PARAMS = TissueConfig()
 

@@ -10,8 +10,8 @@ import pytest
 
 from tests.helpers import run_cli
 from wsi_pipeline.slide import Slide
-from wsi_pipeline.training.annotations import annotated_items
-from wsi_pipeline.training.data import DataError, load_tile
+from wsi_pipeline.training.data.annotations import annotated_items
+from wsi_pipeline.training.data.items import DataError, load_tile
 
 Box = tuple[int, int, int, int]
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from wsi_pipeline.training.augment import AugmentConfig, augment, hed_jitter
-from wsi_pipeline.training.data import DataError, ImageCrop, folder_items, load_tile, split_by_group
+from wsi_pipeline.training.data.augment import AugmentConfig, augment, hed_jitter
+from wsi_pipeline.training.data.items import DataError, ImageCrop, folder_items, load_tile, split_by_group
 
 EPI_STROMA = {"epithelium": ["01_TUMOR", "06_MUCOSA"], "stroma": ["02_STROMA"]}
 
@@ -74,7 +74,7 @@ def test_augmentation_is_seeded_and_hed_round_trips(data_dir: Path) -> None:
 @pytest.mark.e2e
 def test_train_classifier_resumes_and_writes_a_loadable_model(data_dir: Path, tmp_path: Path) -> None:
     from wsi_pipeline.models import load_model
-    from wsi_pipeline.training.train import CHECKPOINT, TrainConfig, train_classifier
+    from wsi_pipeline.training.classifier.train import CHECKPOINT, TrainConfig, train_classifier
 
     items, classes = folder_items(data_dir / "epithelium_stroma" / "kather2016", EPI_STROMA)
     train, val = split_by_group(items, 0.3, seed=1)
@@ -165,8 +165,8 @@ def test_evaluate_command_report_is_consistent(data_dir: Path, tmp_path: Path) -
     import json
 
     from tests.helpers import run_cli
-    from wsi_pipeline.training.evaluation import roc_points
-    from wsi_pipeline.training.train import TrainConfig, train_classifier
+    from wsi_pipeline.training.classifier.evaluate import roc_points
+    from wsi_pipeline.training.classifier.train import TrainConfig, train_classifier
 
     items, classes = folder_items(data_dir / "epithelium_stroma" / "kather2016", EPI_STROMA)
     train, val = split_by_group(items, 0.3, seed=1)
@@ -238,7 +238,7 @@ def test_tiles_around_labelled_nuclei_hold_their_nucleus(data_dir: Path, tmp_pat
     from the fields' 0.55 µm/px to the model's, shifted inwards at the field's edge, grouped by field."""
     import csv
 
-    from wsi_pipeline.training.nuclei import nucleus_items
+    from wsi_pipeline.training.data.nuclei import nucleus_items
 
     folder = data_dir.joinpath(*CRC, "validation")
     classes = {"epithelium": ["epithelial"], "stroma": ["fibroblast"]}
@@ -279,7 +279,7 @@ def test_tiles_around_labelled_nuclei_hold_their_nucleus(data_dir: Path, tmp_pat
 def test_one_class_map_across_sources_of_different_layouts(data_dir: Path) -> None:
     """Kather folders and CRCHistoPhenotypes nuclei in one `train`: each name of the map is taken where it exists;
     a name that exists nowhere is an error."""
-    from wsi_pipeline.training.sources import training_items
+    from wsi_pipeline.training.data.sources import training_items
 
     folders = [str(data_dir / "epithelium_stroma" / "kather2016"), str(data_dir.joinpath(*CRC, "validation"))]
     mapping = {"epithelium": ["01_TUMOR", "06_MUCOSA", "epithelial"], "stroma": ["02_STROMA", "fibroblast"]}

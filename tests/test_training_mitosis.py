@@ -11,10 +11,10 @@ import torch
 
 from tests.helpers import run_cli
 from wsi_pipeline.models.architectures import build
-from wsi_pipeline.training.augment import AugmentConfig
-from wsi_pipeline.training.data import DataError, split_by_group
-from wsi_pipeline.training.dense import DenseTargets, TrainingWindows, gaussian_target, prepare
-from wsi_pipeline.training.points import amibr_images, csv_images, mitos2012_negatives, point_images
+from wsi_pipeline.training.data.augment import AugmentConfig
+from wsi_pipeline.training.data.items import DataError, split_by_group
+from wsi_pipeline.training.data.points import amibr_images, csv_images, mitos2012_negatives, point_images, prepare
+from wsi_pipeline.training.detector.train import DenseTargets, TrainingWindows, gaussian_target
 
 
 def test_amibr_crops_mark_the_centre_and_every_other_listed_figure(data_dir: Path) -> None:

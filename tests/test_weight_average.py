@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from wsi_pipeline.errors import ConfigError
-from wsi_pipeline.training.data import DataError
+from wsi_pipeline.core.errors import ConfigError
+from wsi_pipeline.training.data.items import DataError
 from wsi_pipeline.training.loop import TrainConfig, fit
 from wsi_pipeline.training.settings import load_train_settings
 

@@ -16,12 +16,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, create_model, field_validator
 
-from wsi_pipeline.errors import ConfigError
-from wsi_pipeline.schema import StrictModel
+from wsi_pipeline.core.errors import ConfigError
+from wsi_pipeline.core.schema import StrictModel
 from wsi_pipeline.slide import check_backend_name
+from wsi_pipeline.slide.tissue_config import TissueConfig
 from wsi_pipeline.tasks import TaskConfig, load_plugins, tasks
 from wsi_pipeline.tasks import registry as task_registry
-from wsi_pipeline.tissue_config import TissueConfig
 
 __all__ = [
     "Config",

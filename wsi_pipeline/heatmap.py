@@ -19,8 +19,8 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from wsi_pipeline.errors import OutputError, write_failure
-from wsi_pipeline.layout import heatmap_temporary
+from wsi_pipeline.core.errors import OutputError, write_failure
+from wsi_pipeline.core.layout import heatmap_temporary
 
 CHUNK = 512
 AXES = ("c", "y", "x")  # NGFF 0.5: every array's zarr v3 dimension_names equal the multiscale's axes

@@ -30,7 +30,7 @@ export PYTHONPATH="$PWD:$SITE" WSI_SHARED_DATA="$PWD/.device-data" PYTHONUNBUFFE
 import importlib.metadata as m
 import torch
 import wsi_pipeline.engine.device_reads  # what the checks run imports with the carried dependencies
-import wsi_pipeline.stages
+import wsi_pipeline.run.stages
 print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
 for name in ("torchvision", "numpy", "scikit-image", "tifffile", "imagecodecs", "zarr", "openslide-python"):
     print(name, m.version(name))

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from wsi_pipeline.config import Config, load_config
-from wsi_pipeline.errors import OutputWriteError, Terminated, WsiError, install_signal_handlers, write_failure
+from wsi_pipeline.core.errors import OutputWriteError, Terminated, WsiError, install_signal_handlers, write_failure
 
 
 class WsiGroup(click.Group):

@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING
 
 import click
 
-from wsi_pipeline.errors import UsageError
-from wsi_pipeline.layout import RunLayout
+from wsi_pipeline.core.errors import UsageError
+from wsi_pipeline.core.layout import RunLayout
 from wsi_pipeline.slide import Slide
 
 if TYPE_CHECKING:
-    from wsi_pipeline.pipeline import SlideOutcome
+    from wsi_pipeline.run.pipeline import SlideOutcome
 
 from wsi_pipeline.cli.common import (
     backend_option,
@@ -66,7 +66,7 @@ def predict(
 ) -> None:
     """Run one task over SLIDE's tiles: OUT/<slide_id>/heatmaps.zarr/<class> (OME-Zarr) and tissue."""
     from wsi_pipeline.engine import default_workers
-    from wsi_pipeline.stages import predict_stage
+    from wsi_pipeline.run.stages import predict_stage
     from wsi_pipeline.tasks import get_task
 
     cfg = run_config(config_path, overrides, backend)
@@ -153,7 +153,7 @@ def run(
     overrides: tuple[str, ...],
 ) -> None:
     """Run the pipeline on SLIDES (files, folders, glob patterns): see docs/outputs.md for what OUT holds."""
-    from wsi_pipeline.inputs import parse_shard, read_mpp_file, read_slide_list, select_tasks
+    from wsi_pipeline.run.inputs import parse_shard, read_mpp_file, read_slide_list, select_tasks
 
     # the command line checked before torch is imported: a mistake costs half a second, not three
     inputs = [*slides, *(read_slide_list(slide_list) if slide_list else [])]
@@ -165,8 +165,8 @@ def run(
     if mpp_file:
         read_mpp_file(mpp_file)
 
-    from wsi_pipeline.batch import run_batch, summary_table
     from wsi_pipeline.engine import default_workers
+    from wsi_pipeline.run.batch import run_batch, summary_table
 
     def report(outcome: SlideOutcome) -> None:
         text = f"{outcome.slide_id}: {outcome.status} ({outcome.seconds:.1f} s)"

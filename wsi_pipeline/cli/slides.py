@@ -16,8 +16,8 @@ from wsi_pipeline.cli.common import (
     set_option,
     slide_mpp_option,
 )
-from wsi_pipeline.errors import MissingMppError
-from wsi_pipeline.layout import RunLayout
+from wsi_pipeline.core.errors import MissingMppError
+from wsi_pipeline.core.layout import RunLayout
 from wsi_pipeline.slide import Slide
 
 
@@ -86,7 +86,7 @@ def format_info(d: dict[str, Any]) -> str:
 @click.option("--pen/--no-pen", default=False, show_default=True, help="Draw a green pen stroke on the glass.")
 def synth(out: str, width: int, height: int, mpp: float, seed: int, figures: int, pen: bool) -> None:
     """Write a synthetic pyramidal Aperio TIFF with known tissue (and OUT's .truth.json)."""
-    from wsi_pipeline.synth import default_layout, truth_path, write_synthetic_slide
+    from wsi_pipeline.slide.synth import default_layout, truth_path, write_synthetic_slide
 
     spec = default_layout(width, height, mpp, seed=seed, n_figures=figures, pen=pen)
     path = write_synthetic_slide(out, spec)
@@ -109,7 +109,7 @@ def tissue(
     overrides: tuple[str, ...],
 ) -> None:
     """Detect tissue: OUT/<slide_id>/tissue.geojson, tissue_mask.png, overview.png, tissue.json."""
-    from wsi_pipeline.stages import tissue_stage
+    from wsi_pipeline.run.stages import tissue_stage
 
     cfg = run_config(config_path, overrides, backend)
     with Slide(slide_path, mpp=slide_mpp, backend=cfg.slide.backend) as slide:
@@ -150,8 +150,8 @@ def tiles(
     overrides: tuple[str, ...],
 ) -> None:
     """Plan tiles at a target µm/px: OUT/<slide_id>/tiles-<name>.json (+ .geojson for QuPath, .png)."""
-    from wsi_pipeline.stages import tile_request, tiles_stage
-    from wsi_pipeline.tissue import detect_tissue
+    from wsi_pipeline.run.stages import tile_request, tiles_stage
+    from wsi_pipeline.slide.tissue import detect_tissue
 
     cfg = run_config(config_path, overrides, backend)
     want = tile_request(cfg, task, mpp, tile_px, overlap_px, min_tissue)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from wsi_pipeline.errors import ConfigError
+from wsi_pipeline.core.errors import ConfigError
 
 
 def resolve_device(name: str) -> torch.device:

@@ -18,11 +18,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from wsi_pipeline.core.errors import SlideTruncatedError
 from wsi_pipeline.engine.gpu_decode import assemble_region, decode_jpeg_tiles, missing_decoder
-from wsi_pipeline.errors import SlideTruncatedError
 from wsi_pipeline.slide import Slide
 from wsi_pipeline.slide.resample import _TIE_BIAS, Block, _area_weights
-from wsi_pipeline.tiling import TilePlan
+from wsi_pipeline.slide.tiling import TilePlan
 
 LOG = logging.getLogger("wsi_pipeline.engine")
 Batch = tuple[torch.Tensor, torch.Tensor]

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from wsi_pipeline.errors import WsiError
+from wsi_pipeline.core.errors import WsiError
 from wsi_pipeline.slide import Slide
-from wsi_pipeline.tiling import TilePlan
+from wsi_pipeline.slide.tiling import TilePlan
 
 LoaderKind = Literal["threads", "processes"]
 DecodeKind = Literal["cpu", "device"]

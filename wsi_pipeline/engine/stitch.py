@@ -16,10 +16,10 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from wsi_pipeline.errors import ConfigError
+from wsi_pipeline.core.errors import ConfigError
 from wsi_pipeline.heatmap import Heatmap, HeatmapGeometry, HeatmapWriter
 from wsi_pipeline.models.card import ModelCard
-from wsi_pipeline.tiling import TilePlan, TileSpec
+from wsi_pipeline.slide.tiling import TilePlan, TileSpec
 
 
 class Stitcher(Protocol):

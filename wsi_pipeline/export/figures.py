@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from wsi_pipeline.atomic import atomic_path
+from wsi_pipeline.core.atomic import atomic_path
 
 COLOUR_MAP = "viridis"
 MIN_LONG_SIDE_PX = 1500

@@ -9,7 +9,7 @@ import numpy as np
 import shapely
 from PIL import Image, ImageDraw
 
-from wsi_pipeline.atomic import atomic_path
+from wsi_pipeline.core.atomic import atomic_path
 
 
 class Overview:

@@ -18,7 +18,7 @@ import numpy as np
 import shapely
 from shapely.geometry import mapping
 
-from wsi_pipeline.atomic import atomic_path
+from wsi_pipeline.core.atomic import atomic_path
 
 OBJECT_TYPES = ("annotation", "detection", "tile", "cell", "tmaCore")
 # Stable ids: the same object in a re-run gets the same UUID, so outputs of identical runs are identical.

@@ -13,8 +13,8 @@ from typing import Any
 
 import yaml
 
-from wsi_pipeline.atomic import write_text
-from wsi_pipeline.layout import RunLayout, SlideLayout
+from wsi_pipeline.core.atomic import write_text
+from wsi_pipeline.core.layout import RunLayout, SlideLayout
 
 SLIDE_FILES = ("summary.json", "qupath.geojson", "mitoses.csv", "heatmaps.zarr", "run.json", "tissue.geojson")
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from wsi_pipeline.atomic import atomic_path, write_json
-from wsi_pipeline.inventory import file_sha256
+from wsi_pipeline.core.atomic import atomic_path, write_json
+from wsi_pipeline.core.inventory import file_sha256
 from wsi_pipeline.models.folders import CARD_FILE, FORMAT_FILES, ModelError
 from wsi_pipeline.models.loading import load_model
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from wsi_pipeline.errors import WsiError
+from wsi_pipeline.core.errors import WsiError
 from wsi_pipeline.models.card import ModelCard
 
 CARD_FILE = "model_card.json"

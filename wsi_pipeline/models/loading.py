@@ -11,8 +11,8 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from wsi_pipeline.atomic import atomic_path, write_json
-from wsi_pipeline.inventory import file_sha256
+from wsi_pipeline.core.atomic import atomic_path, write_json
+from wsi_pipeline.core.inventory import file_sha256
 from wsi_pipeline.models.architectures import build
 from wsi_pipeline.models.card import ModelCard
 from wsi_pipeline.models.folders import (

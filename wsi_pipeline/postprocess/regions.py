@@ -10,7 +10,7 @@ import shapely
 from scipy import ndimage
 from shapely.geometry import Polygon
 
-from wsi_pipeline.polygons import mask_to_polygons
+from wsi_pipeline.slide.polygons import mask_to_polygons
 
 
 @dataclass

@@ -5,7 +5,7 @@ Knows nothing of torch (an import contract checks it). Modules: `reader` (protoc
 (truncation checks), `facade` (`Slide`).
 """
 
-from wsi_pipeline.layout import SLIDE_EXTENSIONS, slide_id_for
+from wsi_pipeline.core.layout import SLIDE_EXTENSIONS, slide_id_for
 from wsi_pipeline.slide.facade import Bounds, Slide
 from wsi_pipeline.slide.integrity import check_tiff_complete
 from wsi_pipeline.slide.mpp import Mpp

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from wsi_pipeline.errors import MissingMppError, SlideNotFoundError
-from wsi_pipeline.layout import slide_id_for
+from wsi_pipeline.core.errors import MissingMppError, SlideNotFoundError
+from wsi_pipeline.core.layout import slide_id_for
 from wsi_pipeline.slide.integrity import check_tiff_complete, is_tiff
 from wsi_pipeline.slide.mpp import Mpp, mpp_from_properties, plausible
 from wsi_pipeline.slide.reader import SlideReader, open_reader

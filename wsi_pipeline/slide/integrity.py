@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_pipeline.errors import SlideTruncatedError
+from wsi_pipeline.core.errors import SlideTruncatedError
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 

@@ -15,7 +15,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from wsi_pipeline.errors import ConfigError, SlideTruncatedError, SlideUnreadableError
+from wsi_pipeline.core.errors import ConfigError, SlideTruncatedError, SlideUnreadableError
 
 
 @runtime_checkable

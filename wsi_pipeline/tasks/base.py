@@ -14,8 +14,8 @@ import numpy as np
 import shapely
 from pydantic import Field, model_validator
 
+from wsi_pipeline.core.schema import StrictModel
 from wsi_pipeline.models.card import ModelCard
-from wsi_pipeline.schema import StrictModel
 
 Colour = tuple[int, int, int]
 

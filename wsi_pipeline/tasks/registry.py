@@ -17,7 +17,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from wsi_pipeline.errors import ConfigError, UsageError
+from wsi_pipeline.core.errors import ConfigError, UsageError
 from wsi_pipeline.models.folders import ModelError
 from wsi_pipeline.tasks.base import Task
 

@@ -9,12 +9,12 @@ import argparse
 import json
 from pathlib import Path
 
-from wsi_pipeline.input_guard import training_stats
 from wsi_pipeline.models.folders import CARD_FILE, load_card
-from wsi_pipeline.training.data import load_tile, sample_items, split_by_group
+from wsi_pipeline.models.input_guard import training_stats
+from wsi_pipeline.training.classifier.train import STATS_TILES
+from wsi_pipeline.training.data.items import load_tile, sample_items, split_by_group
+from wsi_pipeline.training.data.sources import training_items
 from wsi_pipeline.training.settings import load_train_settings
-from wsi_pipeline.training.sources import training_items
-from wsi_pipeline.training.train import STATS_TILES
 
 
 def measure(task: str, recipe: str, data: list[str], val_data: str | None = None) -> dict:
@@ -22,7 +22,7 @@ def measure(task: str, recipe: str, data: list[str], val_data: str | None = None
     items, _ = training_items(s.task, data, s.class_map(), s.group_pattern, s.mpp, s.tile_px)
     train_items = items if s.val_data else split_by_group(items, s.val_fraction, s.seed)[0]
     if s.detector:
-        from wsi_pipeline.training.dense import prepare
+        from wsi_pipeline.training.data.points import prepare
 
         tiles = (prepare(i, s.model_mpp, 1).rgb for i in train_items)
     else:

@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from wsi_pipeline.core.errors import ConfigError
 from wsi_pipeline.engine import resolve_device
-from wsi_pipeline.errors import ConfigError
 from wsi_pipeline.models import load_model
 from wsi_pipeline.tasks import get_task
-from wsi_pipeline.training.data import split_by_group
+from wsi_pipeline.training.data.items import split_by_group
+from wsi_pipeline.training.data.sources import matching_groups, training_items
 from wsi_pipeline.training.loop import TrainConfig
 from wsi_pipeline.training.settings import TrainSettings
-from wsi_pipeline.training.sources import matching_groups, training_items
 
 
 def train_model(settings: TrainSettings, data: tuple[str, ...], out: Path) -> tuple[dict[str, Any], int, int]:
@@ -59,12 +59,12 @@ def train_model(settings: TrainSettings, data: tuple[str, ...], out: Path) -> tu
         train_items, val_items = split_by_group(items, s.val_fraction, s.seed)
     device = resolve_device(s.device)
     if s.detector:
-        from wsi_pipeline.training.dense import train_mitosis
+        from wsi_pipeline.training.detector.train import train_mitosis
 
         card = train_mitosis(train_items, val_items, cfg, out, device=device, augmentation=s.augmentation())
     else:
-        from wsi_pipeline.training.dense_classes import ClassMapTargets
-        from wsi_pipeline.training.train import train_classifier
+        from wsi_pipeline.training.classifier.class_maps import ClassMapTargets
+        from wsi_pipeline.training.classifier.train import train_classifier
 
         dense = ClassMapTargets() if s.dense else None
         card = train_classifier(
@@ -99,11 +99,11 @@ def evaluate_model(
         if not items:
             raise ConfigError(f"--held-out: none of DATA is among {model_dir}'s validation sources")
     if get_task(task).model_kind == "dense":  # a detector: points, not tiles
-        from wsi_pipeline.training.mitosis_eval import DetectionParams, evaluate_mitosis
+        from wsi_pipeline.training.detector.evaluate import DetectionParams, evaluate_mitosis
 
         chosen = model.card.threshold("mitosis") if threshold is None else threshold
         params = DetectionParams(threshold=chosen, radius_um=radius_um)
         return evaluate_mitosis(model, items, out, resolve_device(device), params)
-    from wsi_pipeline.training.evaluation import evaluate_classifier
+    from wsi_pipeline.training.classifier.evaluate import evaluate_classifier
 
     return evaluate_classifier(model, items, classes, out, resolve_device(device), positive, threshold)

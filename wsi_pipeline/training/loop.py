@@ -20,12 +20,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from wsi_pipeline.atomic import atomic_path
+from wsi_pipeline.core.atomic import atomic_path
+from wsi_pipeline.core.progress import Progress
 from wsi_pipeline.models.architectures import build, has_batchnorm
 from wsi_pipeline.models.card import Normalisation
 from wsi_pipeline.models.folders import ModelError
-from wsi_pipeline.progress import Progress
-from wsi_pipeline.training.data import DataError
+from wsi_pipeline.training.data.items import DataError
 
 CHECKPOINT = "checkpoint.pt"
 # Every trainer feeds the network (RGB / 255 - mean) / std with these values and writes them into the card it makes,

@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import AliasChoices, ConfigDict, Field, model_validator
 
 from wsi_pipeline.config import merged_settings, validated
-from wsi_pipeline.errors import ConfigError
-from wsi_pipeline.schema import StrictModel
+from wsi_pipeline.core.errors import ConfigError
+from wsi_pipeline.core.schema import StrictModel
 from wsi_pipeline.tasks import get_task
 
 if TYPE_CHECKING:
-    from wsi_pipeline.training.augment import AugmentConfig
+    from wsi_pipeline.training.data.augment import AugmentConfig
 
 # Point-annotated mitosis data in ../shared/data (AMi-Br / TUPAC16 crops, MITOS-2012) is at 0.25 µm/px (40x), and the
 # dense network learns from 96 px windows of it: these are the defaults of a dense task, not of classifiers, whose
@@ -39,7 +39,7 @@ class TrainSettings(StrictModel):
     kind: Literal["classifier", "dense"] | None = Field(
         None,
         description="what the model makes: one vector per tile (classifier) or a map per tile (dense); null = the "
-        "task's kind (a classifier task's dense model is a U-Net trained on the same tiles: dense_classes.py)",
+        "task's kind (a classifier task's dense model is a U-Net trained on the same tiles: classifier/class_maps.py)",
     )
     arch: str | None = Field(
         None, description="architecture [small_cnn; small_unet for a dense classifier task; dense_fcn for mitosis]"
@@ -87,7 +87,7 @@ class TrainSettings(StrictModel):
         "validation stays fp32",
     )
     augment: dict[str, float | bool] = Field(
-        default_factory=dict, description="augmentation settings by name (hed_sigma, brightness, ...; augment.py)"
+        default_factory=dict, description="augmentation settings by name (hed_sigma, brightness, ...; data/augment.py)"
     )
 
     @property
@@ -131,7 +131,7 @@ class TrainSettings(StrictModel):
     def _augment_known(self) -> TrainSettings:
         from dataclasses import fields
 
-        from wsi_pipeline.training.augment import AugmentConfig
+        from wsi_pipeline.training.data.augment import AugmentConfig
 
         known = {f.name for f in fields(AugmentConfig)}
         unknown = sorted(set(self.augment) - known)
@@ -142,7 +142,7 @@ class TrainSettings(StrictModel):
     def augmentation(self) -> AugmentConfig:
         """The recipe's augmentation over the trainer's defaults (a dense trainer moves image and target together
         itself, so flips, rotations and zoom are off in its colour augmentation)."""
-        from wsi_pipeline.training.augment import AugmentConfig
+        from wsi_pipeline.training.data.augment import AugmentConfig
 
         base = AugmentConfig(flips=False, rotate90=False, scale=0.0) if self.dense else AugmentConfig()
         geometric = {"flips", "rotate90", "scale"} if self.dense else set()

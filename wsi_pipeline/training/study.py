@@ -25,11 +25,11 @@ from typing import Any
 
 import yaml
 
-from wsi_pipeline.atomic import write_json
-from wsi_pipeline.errors import WsiError
+from wsi_pipeline.core.atomic import write_json
+from wsi_pipeline.core.errors import WsiError
 from wsi_pipeline.models.folders import CARD_FILE, WEIGHTS_FILE
 from wsi_pipeline.training.commands import evaluate_model, train_model
-from wsi_pipeline.training.data import KATHER_GROUP, DataError
+from wsi_pipeline.training.data.items import KATHER_GROUP, DataError
 from wsi_pipeline.training.settings import load_train_settings, parse_class_map
 
 STUDY_SETTINGS = "study_settings.json"  # the resolved settings and data a study folder's model was trained with

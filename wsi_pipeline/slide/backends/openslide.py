@@ -10,7 +10,7 @@ import numpy as np
 import openslide
 from PIL import Image
 
-from wsi_pipeline.errors import SlideTruncatedError, SlideUnreadableError
+from wsi_pipeline.core.errors import SlideTruncatedError, SlideUnreadableError
 from wsi_pipeline.slide.integrity import check_tiff_complete, is_tiff
 from wsi_pipeline.slide.reader import register_backend
 

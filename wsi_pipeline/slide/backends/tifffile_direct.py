@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import tifffile
 
-from wsi_pipeline.errors import SlideTruncatedError, SlideUnreadableError
+from wsi_pipeline.core.errors import SlideTruncatedError, SlideUnreadableError
 from wsi_pipeline.slide.integrity import check_tiff_complete, is_tiff
 from wsi_pipeline.slide.reader import register_backend
 

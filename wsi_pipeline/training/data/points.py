@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from scipy import ndimage
 
-from wsi_pipeline.training.data import IMAGE_SUFFIXES, DataError
+from wsi_pipeline.training.data.items import IMAGE_SUFFIXES, DataError
 
 AMIBR_CSV = "AMI-BR-TUPAC16.csv"
 POINTS_CSV = "points.csv"
@@ -163,3 +163,42 @@ def _image_size(path: Path) -> tuple[int, int]:
             return image.size
     except (UnidentifiedImageError, OSError) as exc:
         raise DataError(f"cannot read training image {path}: {exc}") from exc
+
+
+@dataclass
+class Prepared:
+    """An image resampled to the model's µm/px, with its points, what may be sampled, and its group."""
+
+    rgb: np.ndarray
+    points: np.ndarray
+    group: str
+    centre_index: int | None
+    usable: np.ndarray | None  # bool (H, W): pixels that may be sampled (None: all)
+    usable_windows: np.ndarray | None  # bool (H - w + 1, W - w + 1): top-left corners of all-usable windows
+
+
+def prepare(image: PointImage, mpp: float, window: int) -> Prepared:
+    """Load and resample (when the image's µm/px differs by more than 1 %) an image and its annotations."""
+    rgb = image.load()
+    points = image.points.copy()
+    usable = image.usable
+    factor = image.mpp / mpp
+    if abs(factor - 1) > 0.01:
+        h, w = rgb.shape[:2]
+        size = (max(1, round(w * factor)), max(1, round(h * factor)))
+        rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BOX))
+        points = (points + 0.5) * factor - 0.5
+        if usable is not None:
+            usable = np.asarray(Image.fromarray(usable).resize(size, Image.Resampling.NEAREST))
+    windows = None
+    if usable is not None:
+        windows = _all_true_windows(usable, window)
+    return Prepared(rgb, points, image.group, image.centre_index, usable, windows)
+
+
+def _all_true_windows(mask: np.ndarray, window: int) -> np.ndarray:
+    """Top-left corners whose window x window block is all True (summed-area table of the False pixels)."""
+    bad = np.pad((~mask).astype(np.int64), ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+    w = window
+    count = bad[w:, w:] - bad[:-w, w:] - bad[w:, :-w] + bad[:-w, :-w]
+    return count == 0

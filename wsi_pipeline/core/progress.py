@@ -8,7 +8,7 @@ from typing import TextIO
 
 from tqdm import tqdm
 
-from wsi_pipeline.errors import raise_if_signalled
+from wsi_pipeline.core.errors import raise_if_signalled
 
 
 class Progress:

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_pipeline.batch import run_batch, summary_table
 from wsi_pipeline.config import load_config
-from wsi_pipeline.evaluate import match_detections
 from wsi_pipeline.models.demo import write_figure_detector
-from wsi_pipeline.synth import default_layout, read_truth, write_synthetic_slide
+from wsi_pipeline.run.batch import run_batch, summary_table
+from wsi_pipeline.slide.synth import default_layout, read_truth, write_synthetic_slide
+from wsi_pipeline.training.metrics import match_detections
 
 
 def main() -> None:

@@ -18,10 +18,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from wsi_pipeline.atomic import write_text
-from wsi_pipeline.errors import UsageError, WsiError
-from wsi_pipeline.inputs import assign_ids, discover
-from wsi_pipeline.layout import RunLayout
+from wsi_pipeline.core.atomic import write_text
+from wsi_pipeline.core.errors import UsageError, WsiError
+from wsi_pipeline.core.layout import RunLayout
+from wsi_pipeline.run.inputs import assign_ids, discover
 
 TERMINAL_STATES = {
     "COMPLETED",

@@ -19,11 +19,11 @@ from scipy import ndimage
 from shapely.geometry import Polygon
 from skimage import filters, measure, morphology
 
-from wsi_pipeline.errors import NoTissueError
-from wsi_pipeline.memory import release_free_memory
-from wsi_pipeline.polygons import mask_to_polygons
+from wsi_pipeline.core.errors import NoTissueError
+from wsi_pipeline.core.memory import release_free_memory
 from wsi_pipeline.slide import Slide
-from wsi_pipeline.tissue_config import TissueConfig
+from wsi_pipeline.slide.polygons import mask_to_polygons
+from wsi_pipeline.slide.tissue_config import TissueConfig
 
 _STRIP_ROWS = 256
 

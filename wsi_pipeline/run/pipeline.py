@@ -3,7 +3,7 @@ all-or-nothing.
 
 Everything for a slide is built in a hidden temporary folder beside `OUT/<slide_id>/` and renamed to it when
 complete, so `OUT/<slide_id>/` exists only when finished. Its `run.json` records a compatibility key, the slide's
-fingerprint and every output file's size and sha256 (see `run_record`); a re-run skips a slide only when all of them
+fingerprint and every output file's size and sha256 (see `run.record`); a re-run skips a slide only when all of them
 still match, and otherwise redoes it and says why.
 """
 
@@ -18,17 +18,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wsi_pipeline.atomic import write_json
 from wsi_pipeline.config import Config
+from wsi_pipeline.core.atomic import write_json
+from wsi_pipeline.core.errors import MissingMppError, OutputWriteError, WsiError, raise_if_signalled, write_failure
+from wsi_pipeline.core.inventory import take_inventory
+from wsi_pipeline.core.layout import RunLayout, SlideLayout
 from wsi_pipeline.engine import TaskRequest, predict_slide, resolve_device
-from wsi_pipeline.errors import MissingMppError, OutputWriteError, WsiError, raise_if_signalled, write_failure
 from wsi_pipeline.export.qupath import write_feature_collection
 from wsi_pipeline.heatmap import begin_store, finish_store, settle_pending_writes
-from wsi_pipeline.input_guard import outside_reason, slide_colour
-from wsi_pipeline.inventory import take_inventory
-from wsi_pipeline.layout import RunLayout, SlideLayout
 from wsi_pipeline.models import LoadedModel
-from wsi_pipeline.run_record import (
+from wsi_pipeline.models.input_guard import outside_reason, slide_colour
+from wsi_pipeline.run.outputs import qupath_features, write_overview, write_point_tables, write_task_overlays
+from wsi_pipeline.run.record import (
     RUN_FORMAT,
     compatibility_key,
     model_records,
@@ -36,11 +37,10 @@ from wsi_pipeline.run_record import (
     slide_fingerprint,
     versions,
 )
+from wsi_pipeline.run.stages import qupath_offset, task_plan, tissue_stage, write_tissue_heatmap
 from wsi_pipeline.slide import Slide
-from wsi_pipeline.slide_outputs import qupath_features, write_overview, write_point_tables, write_task_overlays
-from wsi_pipeline.stages import qupath_offset, task_plan, tissue_stage, write_tissue_heatmap
+from wsi_pipeline.slide.tissue import TissueMask
 from wsi_pipeline.tasks import TaskContext, TaskResult, get_task
-from wsi_pipeline.tissue import TissueMask
 
 log = logging.getLogger(__name__)
 

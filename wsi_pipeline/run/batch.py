@@ -11,11 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wsi_pipeline.atomic import remove_stale_temporaries, write_text
 from wsi_pipeline.config import Config
-from wsi_pipeline.errors import ConfigError, OutputWriteError, UsageError, WsiError
+from wsi_pipeline.core.atomic import remove_stale_temporaries, write_text
+from wsi_pipeline.core.errors import ConfigError, OutputWriteError, UsageError, WsiError
+from wsi_pipeline.core.layout import SLIDE_EXTENSIONS, RunLayout
+from wsi_pipeline.core.progress import BatchProgress
 from wsi_pipeline.export.report import Column, write_report
-from wsi_pipeline.inputs import (
+from wsi_pipeline.models import LoadedModel
+from wsi_pipeline.run.inputs import (
     assign_ids,
     discover,
     override_for,
@@ -24,12 +27,9 @@ from wsi_pipeline.inputs import (
     shard_paths,
     warn_unmatched_overrides,
 )
-from wsi_pipeline.layout import SLIDE_EXTENSIONS, RunLayout
-from wsi_pipeline.lock import output_lock
-from wsi_pipeline.models import LoadedModel
-from wsi_pipeline.pipeline import SlideOutcome, process_slide
-from wsi_pipeline.progress import BatchProgress
-from wsi_pipeline.stages import check_task_settings
+from wsi_pipeline.run.lock import output_lock
+from wsi_pipeline.run.pipeline import SlideOutcome, process_slide
+from wsi_pipeline.run.stages import check_task_settings
 from wsi_pipeline.tasks import task_model, task_names
 from wsi_pipeline.tasks import tasks as registered_tasks
 

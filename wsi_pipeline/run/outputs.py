@@ -11,17 +11,17 @@ from typing import Any
 import numpy as np
 import shapely
 
-from wsi_pipeline.atomic import write_text
+from wsi_pipeline.core.atomic import write_text
+from wsi_pipeline.core.layout import SlideLayout
 from wsi_pipeline.engine import TaskRequest, tile_measurements
 from wsi_pipeline.export.figures import MIN_LONG_SIDE_PX, Marks, Outline, OverlayFigure, save_overlay
 from wsi_pipeline.export.overlay import Overview, draw_points, heat_overlay, sample_on_grid
 from wsi_pipeline.export.qupath import TISSUE_COLOR, feature, object_id, tile_features, tissue_features
 from wsi_pipeline.heatmap import open_heatmap
-from wsi_pipeline.layout import SlideLayout
 from wsi_pipeline.slide import Slide
+from wsi_pipeline.slide.tissue import TissueMask
 from wsi_pipeline.tasks import TaskResult, get_task
 from wsi_pipeline.tasks.common import region_level
-from wsi_pipeline.tissue import TissueMask
 
 
 def qupath_features(

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from wsi_pipeline.training.augment import AugmentConfig, augment
-from wsi_pipeline.training.data import TileItem, load_tile
+from wsi_pipeline.training.data.augment import AugmentConfig, augment
+from wsi_pipeline.training.data.items import TileItem, load_tile
 from wsi_pipeline.training.loop import normalise
 
 IGNORE = -1  # output px without a label: no loss
@@ -37,7 +37,7 @@ class ClassMapTargets:
 
 def check_map_shape(model: nn.Module, name: str, tile_px: int, targets: ClassMapTargets) -> None:
     """Refuse, before training, an architecture that makes no map, or one at another output stride."""
-    from wsi_pipeline.errors import ConfigError
+    from wsi_pipeline.core.errors import ConfigError
 
     model.eval()
     with torch.inference_mode():

@@ -23,7 +23,7 @@ import shapely
 import tifffile
 from shapely.geometry import LineString, Point, Polygon, mapping
 
-from wsi_pipeline.atomic import atomic_path
+from wsi_pipeline.core.atomic import atomic_path
 
 BACKGROUND = (255, 255, 255)
 EOSIN = np.array([232, 160, 200], dtype=np.float32)

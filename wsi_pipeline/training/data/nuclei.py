@@ -19,7 +19,7 @@ import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from wsi_pipeline.training.data import DataError, ImageCrop, TileItem, sample_items
+from wsi_pipeline.training.data.items import DataError, ImageCrop, TileItem, sample_items
 
 NUCLEI_CSV = "nuclei.csv"
 MPP_FILE = "mpp.txt"

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from wsi_pipeline.config import Config
-from wsi_pipeline.errors import ConfigError, UsageError
-from wsi_pipeline.layout import SLIDE_EXTENSIONS, slide_id_for
+from wsi_pipeline.core.errors import ConfigError, UsageError
+from wsi_pipeline.core.layout import SLIDE_EXTENSIONS, slide_id_for
 from wsi_pipeline.tasks import parse_task_list, task_names
 
 log = logging.getLogger(__name__)

@@ -15,8 +15,8 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-from wsi_pipeline.errors import WsiError
-from wsi_pipeline.layout import RunLayout
+from wsi_pipeline.core.errors import WsiError
+from wsi_pipeline.core.layout import RunLayout
 
 
 class OutputLockedError(WsiError):

@@ -12,21 +12,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from wsi_pipeline.atomic import write_json
-from wsi_pipeline.evaluate import match_detections
+from wsi_pipeline.core.atomic import write_json
 from wsi_pipeline.models import LoadedModel, ModelCard, ModelError
 from wsi_pipeline.postprocess.maxima import find_peaks
-from wsi_pipeline.training.data import DataError
-from wsi_pipeline.training.points import PointImage
-
-if TYPE_CHECKING:
-    from wsi_pipeline.training.dense import Prepared
+from wsi_pipeline.training.data.items import DataError
+from wsi_pipeline.training.data.points import PointImage, Prepared, prepare
+from wsi_pipeline.training.metrics import match_detections
 
 THRESHOLDS = tuple(float(round(t, 2)) for t in np.arange(0.05, 1.0, 0.05))  # python floats: they go into checkpoints
 
@@ -153,8 +150,6 @@ def evaluate_mitosis(
     model: LoadedModel, images: list[PointImage], out: Path, device: torch.device, params: DetectionParams
 ) -> dict[str, Any]:
     """`wsi-pipeline evaluate mitosis`: detection metrics, OUT/evaluation.json and OUT/froc.png."""
-    from wsi_pipeline.training.dense import prepare
-
     card = model.card
     if card.kind != "dense":
         raise DataError(f"{card.name} is a {card.kind} model; mitosis evaluation needs a dense one")
@@ -203,7 +198,7 @@ def bf16_difference(model: nn.Module, card: ModelCard, images: list[Prepared], d
 
 def froc_png(path: Path, curve: list[dict[str, float | None]], title: str) -> None:
     """Figure-centre recall against false detections per crop, one point per threshold."""
-    from wsi_pipeline.training.evaluation import curve_png
+    from wsi_pipeline.training.classifier.evaluate import curve_png
 
     xs = np.array([row["false_per_crop"] for row in curve])
     ys = np.array([row["centre_recall"] if row["centre_recall"] is not None else row["recall"] for row in curve])

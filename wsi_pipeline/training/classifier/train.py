@@ -15,13 +15,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from wsi_pipeline.evaluate import balanced_accuracy, roc_auc, youden_threshold
-from wsi_pipeline.input_guard import training_stats
 from wsi_pipeline.models import ModelCard, save_model
-from wsi_pipeline.training import dense_classes
-from wsi_pipeline.training.augment import AugmentConfig, augment
-from wsi_pipeline.training.data import DataError, TileItem, load_tile, sample_items
-from wsi_pipeline.training.dense_classes import ClassMapTargets
+from wsi_pipeline.models.input_guard import training_stats
+from wsi_pipeline.training.classifier import class_maps
+from wsi_pipeline.training.classifier.class_maps import ClassMapTargets
+from wsi_pipeline.training.data.augment import AugmentConfig, augment
+from wsi_pipeline.training.data.items import DataError, TileItem, load_tile, sample_items
 from wsi_pipeline.training.loop import (
     CHECKPOINT,
     NORMALISATION,
@@ -35,6 +34,7 @@ from wsi_pipeline.training.loop import (
     run_epoch,
     selected_by,
 )
+from wsi_pipeline.training.metrics import balanced_accuracy, roc_auc, youden_threshold
 
 __all__ = ["CHECKPOINT", "TrainConfig", "train_classifier"]
 
@@ -121,7 +121,7 @@ def train_classifier(
 ) -> dict[str, Any]:
     """Train; keep the best epoch by the validation selection metric (or the last epoch); write the model folder
     and return its card. With `dense`, the network makes a class map per tile (a U-Net), trained and scored on
-    each tile's labelled area (dense_classes.py); the rest is the same."""
+    each tile's labelled area (class_maps.py); the rest is the same."""
     if not train_items or not val_items:
         raise DataError("training needs tiles on both sides of the split")
     model = build_model(cfg, len(cfg.classes), device)
@@ -135,12 +135,12 @@ def train_classifier(
         val_set: Dataset = _Tiles(val_items, cfg.tile_px, None, cfg.seed, stain)
         loss_fn = nn.CrossEntropyLoss(weight=weight)
         evaluate: Any = _evaluate
-    else:  # a dense class map learnt from the same tiles (dense_classes.py)
-        dense_classes.check_map_shape(model, cfg.architecture, cfg.tile_px, dense)
+    else:  # a dense class map learnt from the same tiles (class_maps.py)
+        class_maps.check_map_shape(model, cfg.architecture, cfg.tile_px, dense)
         radius_px = dense.radius_um / cfg.mpp
-        train_set = dense_classes.TileMaps(train_items, cfg.tile_px, dense, radius_px, aug, cfg.seed, stain)
-        val_set = dense_classes.TileMaps(val_items, cfg.tile_px, dense, radius_px, None, cfg.seed, stain)
-        evaluate = dense_classes.evaluate_maps
+        train_set = class_maps.TileMaps(train_items, cfg.tile_px, dense, radius_px, aug, cfg.seed, stain)
+        val_set = class_maps.TileMaps(val_items, cfg.tile_px, dense, radius_px, None, cfg.seed, stain)
+        evaluate = class_maps.evaluate_maps
         cfg.extra = {**cfg.extra, "targets": asdict(dense)}
     val_loader = DataLoader(val_set, batch_size=cfg.batch_size, num_workers=cfg.workers)
 
@@ -148,7 +148,7 @@ def train_classifier(
         if dense is not None:
             tiles, target, labels = batch
             logits = model(normalise(tiles, device))
-            return dense_classes.tile_loss(logits, target.to(device), labels.to(device), weight)
+            return class_maps.tile_loss(logits, target.to(device), labels.to(device), weight)
         tiles, labels = batch
         return loss_fn(model(normalise(tiles, device)), labels.to(device))
 
@@ -174,7 +174,7 @@ def train_classifier(
     if batchnorm:
         final = _metrics(probs, labels)
     thresholds, point = classifier_operating_point(probs, labels, cfg.classes)
-    geometry = {"kind": "classifier"} if dense is None else dense_classes.card_geometry(dense)
+    geometry = {"kind": "classifier"} if dense is None else class_maps.card_geometry(dense)
     card = ModelCard(
         name=f"{cfg.task}-{cfg.architecture}",
         task=cfg.task,

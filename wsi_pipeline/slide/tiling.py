@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from wsi_pipeline.atomic import write_text
-from wsi_pipeline.errors import ConfigError
+from wsi_pipeline.core.atomic import write_text
+from wsi_pipeline.core.errors import ConfigError
 from wsi_pipeline.slide import Slide
-from wsi_pipeline.tissue import TissueMask
+from wsi_pipeline.slide.tissue import TissueMask
 
 PLAN_FORMAT = "wsi-pipeline/tile-plan@1"
 

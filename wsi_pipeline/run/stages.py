@@ -13,23 +13,23 @@ from typing import Any
 
 import numpy as np
 
-from wsi_pipeline.atomic import write_json
 from wsi_pipeline.config import Config, TaskConfig, TissueConfig
+from wsi_pipeline.core.atomic import write_json
+from wsi_pipeline.core.errors import ConfigError, write_failure
+from wsi_pipeline.core.inventory import invalidate
+from wsi_pipeline.core.layout import SlideLayout
 from wsi_pipeline.engine import TaskRequest, check_request, check_spec, predict_slide, resolve_device
-from wsi_pipeline.errors import ConfigError, write_failure
 from wsi_pipeline.export.overlay import Overview, save_mask_png
 from wsi_pipeline.export.qupath import TISSUE_COLOR, tile_features, tissue_features, write_feature_collection
 from wsi_pipeline.heatmap import CHUNK, HeatmapGeometry, HeatmapWriter, begin_store, finish_store
-from wsi_pipeline.input_guard import outside_reason
-from wsi_pipeline.inventory import invalidate
-from wsi_pipeline.layout import SlideLayout
 from wsi_pipeline.models import LoadedModel
 from wsi_pipeline.models.card import ModelCard
+from wsi_pipeline.models.input_guard import outside_reason
 from wsi_pipeline.models.loading import load_card
 from wsi_pipeline.slide import Slide
+from wsi_pipeline.slide.tiling import TilePlan, TileSpec, plan_tiles
+from wsi_pipeline.slide.tissue import TissueMask, detect_tissue, require_tissue
 from wsi_pipeline.tasks import get_task, task_model
-from wsi_pipeline.tiling import TilePlan, TileSpec, plan_tiles
-from wsi_pipeline.tissue import TissueMask, detect_tissue, require_tissue
 
 TILE_COLOR = (30, 90, 220)
 log = logging.getLogger(__name__)

@@ -19,14 +19,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import Dataset
 
-from wsi_pipeline.input_guard import training_stats
 from wsi_pipeline.models import ModelCard, save_model
 from wsi_pipeline.models.card import ColourStats
-from wsi_pipeline.training.augment import AugmentConfig, augment
-from wsi_pipeline.training.data import DataError
+from wsi_pipeline.models.input_guard import training_stats
+from wsi_pipeline.training.data.augment import AugmentConfig, augment
+from wsi_pipeline.training.data.items import DataError
+from wsi_pipeline.training.data.points import PointImage, Prepared, prepare
+from wsi_pipeline.training.detector.evaluate import detection_metrics, operating_point
 from wsi_pipeline.training.loop import (
     NORMALISATION,
     TrainConfig,
@@ -38,8 +39,6 @@ from wsi_pipeline.training.loop import (
     run_epoch,
     selected_by,
 )
-from wsi_pipeline.training.mitosis_eval import detection_metrics, operating_point
-from wsi_pipeline.training.points import PointImage
 
 PAD_VALUE = 8  # pixels darker than this in every channel are padding, not tissue
 
@@ -53,45 +52,6 @@ class DenseTargets:
     positive_weight: float = 20.0  # loss weight 1 + w * target: figures are a tiny fraction of the pixels
     output_stride: int = 4
     halo_px: int = 32
-
-
-@dataclass
-class Prepared:
-    """An image resampled to the model's µm/px, with its points, what may be sampled, and its group."""
-
-    rgb: np.ndarray
-    points: np.ndarray
-    group: str
-    centre_index: int | None
-    usable: np.ndarray | None  # bool (H, W): pixels that may be sampled (None: all)
-    usable_windows: np.ndarray | None  # bool (H - w + 1, W - w + 1): top-left corners of all-usable windows
-
-
-def prepare(image: PointImage, mpp: float, window: int) -> Prepared:
-    """Load and resample (when the image's µm/px differs by more than 1 %) an image and its annotations."""
-    rgb = image.load()
-    points = image.points.copy()
-    usable = image.usable
-    factor = image.mpp / mpp
-    if abs(factor - 1) > 0.01:
-        h, w = rgb.shape[:2]
-        size = (max(1, round(w * factor)), max(1, round(h * factor)))
-        rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BOX))
-        points = (points + 0.5) * factor - 0.5
-        if usable is not None:
-            usable = np.asarray(Image.fromarray(usable).resize(size, Image.Resampling.NEAREST))
-    windows = None
-    if usable is not None:
-        windows = _all_true_windows(usable, window)
-    return Prepared(rgb, points, image.group, image.centre_index, usable, windows)
-
-
-def _all_true_windows(mask: np.ndarray, window: int) -> np.ndarray:
-    """Top-left corners whose window x window block is all True (summed-area table of the False pixels)."""
-    bad = np.pad((~mask).astype(np.int64), ((1, 0), (1, 0))).cumsum(0).cumsum(1)
-    w = window
-    count = bad[w:, w:] - bad[:-w, w:] - bad[w:, :-w] + bad[:-w, :-w]
-    return count == 0
 
 
 def gaussian_target(points: np.ndarray, shape: tuple[int, int], stride: int, sigma_px: float) -> np.ndarray:

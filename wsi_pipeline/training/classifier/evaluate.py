@@ -9,20 +9,20 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from wsi_pipeline.atomic import atomic_path, write_json
-from wsi_pipeline.evaluate import balanced_accuracy, bootstrap_auc, roc_auc
+from wsi_pipeline.core.atomic import atomic_path, write_json
 from wsi_pipeline.models import LoadedModel
-from wsi_pipeline.training.data import TileItem, load_tile
+from wsi_pipeline.training.data.items import TileItem, load_tile
+from wsi_pipeline.training.metrics import balanced_accuracy, bootstrap_auc, roc_auc
 
 
 def predict_items_and_bf16_difference(
     model: LoadedModel, items: list[TileItem], device: torch.device, batch: int = 64
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """fp32 and bf16 scores per tile, through the same predictor `run` uses (any model format; a dense model's map
-    scored on each tile's labelled area, as in its training: dense_classes.py), and the largest |bf16 - fp32| of
+    scored on each tile's labelled area, as in its training: classifier/class_maps.py), and the largest |bf16 - fp32| of
     any output (at every pixel of a dense map): the figure `engine.precision: auto` reads from the card."""
     from wsi_pipeline.models import make_predictor
-    from wsi_pipeline.training.dense_classes import item_scores, label_areas, scoring_radius_px
+    from wsi_pipeline.training.classifier.class_maps import item_scores, label_areas, scoring_radius_px
 
     card = model.card
     predictors = [make_predictor(model, device, precision=p) for p in ("fp32", "bf16")]
@@ -105,7 +105,7 @@ def evaluate_classifier(
     names = model.card.classes
     unknown = [c for c in classes if c not in names]
     if unknown:
-        from wsi_pipeline.training.data import DataError
+        from wsi_pipeline.training.data.items import DataError
 
         raise DataError(f"data classes {unknown} are not among the model's classes {names}")
     labels = np.array([names.index(classes[i.label]) for i in items])

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from wsi_pipeline.schema import StrictModel
+from wsi_pipeline.core.schema import StrictModel
 
 
 class TissueConfig(StrictModel):

@@ -14,8 +14,8 @@ import numpy as np
 
 from wsi_pipeline import __version__
 from wsi_pipeline.config import Config
-from wsi_pipeline.inventory import file_sha256, first_problem
-from wsi_pipeline.layout import SlideLayout
+from wsi_pipeline.core.inventory import file_sha256, first_problem
+from wsi_pipeline.core.layout import SlideLayout
 from wsi_pipeline.models import LoadedModel
 from wsi_pipeline.models.folders import FORMAT_FILES
 from wsi_pipeline.slide import backend_versions

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from wsi_pipeline.errors import OutputWriteError, write_failure
-from wsi_pipeline.layout import TEMPORARY_MARK, temporary_sibling
+from wsi_pipeline.core.errors import OutputWriteError, write_failure
+from wsi_pipeline.core.layout import TEMPORARY_MARK, temporary_sibling
 
 
 @contextlib.contextmanager

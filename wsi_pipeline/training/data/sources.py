@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from wsi_pipeline.errors import ConfigError
+from wsi_pipeline.core.errors import ConfigError
 from wsi_pipeline.tasks import get_task
 
 
@@ -20,12 +20,12 @@ def training_items(
     """Every folder's items and the class names (all folders must give the same classes). A dense task reads
     point-annotated images; a classifier task folder-per-class tiles, or slides with QuPath GeoJSON exports."""
     if get_task(task).model_kind == "dense":
-        from wsi_pipeline.training.points import point_images
+        from wsi_pipeline.training.data.points import point_images
 
         return [image for folder in folders for image in point_images(folder, mpp)], [task]
-    from wsi_pipeline.training.annotations import annotated_items, is_annotated_folder
-    from wsi_pipeline.training.data import DataError, folder_items
-    from wsi_pipeline.training.nuclei import is_nuclei_folder, nucleus_items
+    from wsi_pipeline.training.data.annotations import annotated_items, is_annotated_folder
+    from wsi_pipeline.training.data.items import DataError, folder_items
+    from wsi_pipeline.training.data.nuclei import is_nuclei_folder, nucleus_items
 
     items: list[Any] = []
     classes: list[str] | None = None
@@ -60,7 +60,7 @@ def matching_groups(items: list[Any], pattern: str | None, what: str) -> list[An
         return items
     import re
 
-    from wsi_pipeline.training.data import DataError
+    from wsi_pipeline.training.data.items import DataError
 
     regex = re.compile(pattern)
     kept = [item for item in items if regex.search(item.group)]

@@ -13,7 +13,7 @@ from typing import Protocol, TypeVar
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from wsi_pipeline.errors import WsiError
+from wsi_pipeline.core.errors import WsiError
 from wsi_pipeline.slide import Slide
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
@@ -52,7 +52,7 @@ class TileItem:
     region: SlideRegion | None = None
     crop: ImageCrop | None = None
     # where the label holds, as fractions (x, y) of the tile (a labelled nucleus); None: the whole tile. A dense
-    # network learns the label around this point only, and is scored there (dense_classes.py).
+    # network learns the label around this point only, and is scored there (classifier/class_maps.py).
     point: tuple[float, float] | None = None
 
 

@@ -16,15 +16,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from wsi_pipeline.core.errors import ConfigError
+from wsi_pipeline.core.memory import HeapTrimmer
+from wsi_pipeline.core.progress import Progress
 from wsi_pipeline.engine.loader import DecodeKind, LoaderKind, make_loader, one_line_worker_errors
 from wsi_pipeline.engine.stitch import Stitcher, stitcher_class
-from wsi_pipeline.errors import ConfigError
-from wsi_pipeline.memory import HeapTrimmer
 from wsi_pipeline.models import LoadedModel, Predictor, make_predictor
 from wsi_pipeline.models.card import ModelCard
-from wsi_pipeline.progress import Progress
 from wsi_pipeline.slide import Slide
-from wsi_pipeline.tiling import TilePlan, TileSpec
+from wsi_pipeline.slide.tiling import TilePlan, TileSpec
 
 
 @dataclass

@@ -19,9 +19,9 @@ import numpy as np
 import shapely
 from shapely.geometry import shape
 
-from wsi_pipeline.errors import WsiError
+from wsi_pipeline.core.errors import WsiError
 from wsi_pipeline.slide import SLIDE_EXTENSIONS, Slide
-from wsi_pipeline.training.data import DataError, SlideRegion, TileItem
+from wsi_pipeline.training.data.items import DataError, SlideRegion, TileItem
 
 ANNOTATION_SUFFIXES = (".geojson", ".geojson.gz", ".json")
 

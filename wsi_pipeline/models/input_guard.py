@@ -17,7 +17,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from wsi_pipeline.models.card import ColourStats
-from wsi_pipeline.tissue import TissueMask
+from wsi_pipeline.slide.tissue import TissueMask
 
 # Pixels with less optical density than this in sum are glass, not tissue (both in training tiles and slides).
 MIN_TISSUE_OD = 0.15

@@ -1,0 +1,1 @@
+"""Training and evaluating tile classifiers and class-map (U-Net) networks."""

@@ -1,0 +1,1 @@
+"""Training and evaluating point detectors (mitosis): probability maps scored on annotated points."""
