@@ -42,7 +42,7 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 
 demo: $(STAMP)
-	$(BIN)/python -m wsi_pipeline.cli.demo --out $(DEMO_OUT)
+	$(BIN)/wsi-pipeline demo --out $(DEMO_OUT)
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache build *.egg-info
@@ -84,21 +84,21 @@ models: $(STAMP)
 		-c configs/models/metastasis.yaml -o $(MODELS_WORK)/metastasis
 	$(BIN)/wsi-pipeline evaluate metastasis $(MODELS_WORK)/metastasis $(DATA)/metastasis/pcam/valid \
 		--class tumour=1 --class normal=0 --positive tumour -o $(MODELS_WORK)/metastasis/evaluation
-	$(BIN)/python -m wsi_pipeline.training.study configs/models/epithelium_study.yaml --data $(DATA) \
+	$(BIN)/wsi-pipeline study configs/models/epithelium_study.yaml --data $(DATA) \
 		-o $(MODELS_WORK)/epithelium_study --final $(MODELS_WORK)/epithelium_stroma
 	$(BIN)/wsi-pipeline evaluate epithelium_stroma $(MODELS_WORK)/epithelium_stroma $(EPI)/kather2016 \
 		$(EPI)/crchistophenotypes/train $(EPI)/crchistophenotypes/validation --held-out $(EPI_CLASSES) \
 		-o $(MODELS_WORK)/epithelium_stroma/evaluation
-	$(BIN)/python -m wsi_pipeline.training.study configs/models/mitosis_study.yaml --data $(DATA) \
+	$(BIN)/wsi-pipeline study configs/models/mitosis_study.yaml --data $(DATA) \
 		-o $(MODELS_WORK)/mitosis_study --final $(MODELS_WORK)/mitosis
 	$(BIN)/wsi-pipeline evaluate mitosis $(MODELS_WORK)/mitosis $(DATA)/mitosis/amibr_tupac16 \
 		$(DATA)/mitosis/mitos2012_scannerA --held-out -o $(MODELS_WORK)/mitosis/evaluation
-	$(BIN)/python -m wsi_pipeline.training.publish $(MODELS_WORK) $(MODELS)
+	$(BIN)/wsi-pipeline publish $(MODELS_WORK) $(MODELS)
 
 # Study variants measured once and not chosen (configs/models/ablations/: same sources as the studies above); each
 # is trained on one source and measured on the other, and nothing is published.
 models-ablations: $(STAMP)
-	$(BIN)/python -m wsi_pipeline.training.study configs/models/ablations/epithelium.yaml --data $(DATA) \
+	$(BIN)/wsi-pipeline study configs/models/ablations/epithelium.yaml --data $(DATA) \
 		-o $(MODELS_WORK)/ablations/epithelium
-	$(BIN)/python -m wsi_pipeline.training.study configs/models/ablations/mitosis.yaml --data $(DATA) \
+	$(BIN)/wsi-pipeline study configs/models/ablations/mitosis.yaml --data $(DATA) \
 		-o $(MODELS_WORK)/ablations/mitosis

@@ -1,4 +1,4 @@
-"""`python -m wsi_pipeline.training.publish WORK DEFAULTS` (the last step of `make models`): a task's folder is
+"""`wsi-pipeline publish WORK DEFAULTS` (the last step of `make models`): a task's folder is
 published with its evaluation's figures in the card; a folder beside it that is not named after a task (a backup,
 an experiment) is reported and left alone."""
 
@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 from tests.helpers import run_cli
@@ -26,12 +24,7 @@ def test_only_task_folders_are_published_with_their_evaluation(data_dir: Path, t
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     shutil.copytree(model, work / "metastasis.backup")
-    done = subprocess.run(
-        [sys.executable, "-m", "wsi_pipeline.training.publish", str(work), str(defaults)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_cli("publish", str(work), str(defaults))
     assert done.returncode == 0, done.stderr
     assert "skipped" in done.stdout and "metastasis.backup" in done.stdout
     assert sorted(p.name for p in defaults.iterdir()) == ["metastasis"]

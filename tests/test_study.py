@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -207,11 +205,7 @@ def _shipped_recipe_study(folder: Path, sources: dict, **more: object) -> Path:
 def test_a_study_of_missing_data_stops_with_one_line_and_the_data_exit_status(tmp_path: Path) -> None:
     missing = {"a": {"data": ["no_such_folder"]}, "b": {"data": ["no_such_folder_either"]}}
     study = _shipped_recipe_study(tmp_path, missing)
-    done = subprocess.run(
-        [sys.executable, "-m", "wsi_pipeline.training.study", str(study), "--data", str(tmp_path), "-o",
-         str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    done = run_cli("study", str(study), "--data", str(tmp_path), "-o", str(tmp_path / "out"))
     assert done.returncode == DataError.exit_code == 13, done.stderr
     assert done.stderr.strip().splitlines() == [f"error: training data folder {tmp_path / 'no_such_folder'} not found"]
 

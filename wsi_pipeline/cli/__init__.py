@@ -13,6 +13,7 @@ from wsi_pipeline import __version__
 from wsi_pipeline.cli.cluster import gather, submit
 from wsi_pipeline.cli.common import WsiGroup, config_option, run_config, set_option
 from wsi_pipeline.cli.inference import predict, run
+from wsi_pipeline.cli.models import colour_stats, demo, publish, study
 from wsi_pipeline.cli.slides import info, synth, tiles, tissue
 from wsi_pipeline.cli.training import evaluate, export_model_cmd, train
 from wsi_pipeline.config import dump_config
@@ -39,5 +40,8 @@ def config_cmd(config_path: str | None, overrides: tuple[str, ...]) -> None:
     click.echo(dump_config(run_config(config_path, overrides)), nl=False)
 
 
-for command in (info, synth, tissue, tiles, predict, run, submit, gather, train, evaluate, export_model_cmd):
+for command in (
+    *(info, synth, tissue, tiles, predict, run, submit, gather),
+    *(train, evaluate, export_model_cmd, study, publish, colour_stats, demo),
+):
     main.add_command(command)

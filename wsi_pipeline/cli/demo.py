@@ -1,4 +1,5 @@
-"""`make demo`: write a synthetic slide with planted figures, run the pipeline on it, and say where to look.
+"""`make demo` (`wsi-pipeline demo`): write a synthetic slide with planted figures, run the pipeline on it, and
+say where to look.
 
 Epithelium/stroma and metastasis run with the shipped trained models. For mitosis the demo uses the hand-set
 dark-figure detector (`wsi_pipeline.models.demo`) because a synthetic slide's planted figures are dark discs, not
@@ -7,7 +8,6 @@ mitoses: their true positions are in the slide's .truth.json, so the demo can sa
 
 from __future__ import annotations
 
-import argparse
 import csv
 import time
 from pathlib import Path
@@ -21,11 +21,7 @@ from wsi_pipeline.slide.synth import default_layout, read_truth, write_synthetic
 from wsi_pipeline.training.metrics import match_detections
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", default="demo_out", help="output folder [demo_out]")
-    args = parser.parse_args()
-    out = Path(args.out).resolve()
+def run_demo(out: Path) -> None:
     started = time.perf_counter()
     slide_path = out / "slides" / "demo-synthetic.svs"
     if not slide_path.exists():
@@ -57,7 +53,3 @@ def main() -> None:
         "in QuPath open the slide and drag qupath.geojson onto it;\n"
         "heatmaps.zarr opens in napari (ome-zarr plugin)."
     )
-
-
-if __name__ == "__main__":
-    main()

@@ -107,9 +107,9 @@ def command_line() -> str:
     if not sys.argv:
         return "python"
     script = Path(sys.argv[0])
-    if script.suffix == ".py" and "wsi_pipeline" in script.parts:  # python -m wsi_pipeline.training.study ...
+    if script.suffix == ".py" and "wsi_pipeline" in script.parts:  # python -m wsi_pipeline.cli ...
         parts = script.with_suffix("").parts
-        module = ".".join(parts[parts.index("wsi_pipeline") :])
+        module = ".".join(parts[parts.index("wsi_pipeline") :]).removesuffix(".__main__")
         return " ".join(shlex.quote(a) for a in ["python", "-m", module, *sys.argv[1:]])
     return " ".join(shlex.quote(a) for a in [script.name, *sys.argv[1:]])
 

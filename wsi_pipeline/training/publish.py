@@ -1,4 +1,4 @@
-"""`python -m wsi_pipeline.training.publish WORK DEFAULTS`: the last step of `make models`.
+"""`wsi-pipeline publish WORK DEFAULTS`: the last step of `make models`.
 
 For each task trained in WORK/<task> (other folders are left alone), the weights, the card and the held-out
 evaluation (WORK/<task>/evaluation) replace DEFAULTS/<task>; the evaluation's figures go into the card
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 from wsi_pipeline.models.loading import CARD_FILE, WEIGHTS_FILE, load_model
+from wsi_pipeline.training.data.items import DataError
 from wsi_pipeline.training.loop import group_list
 
 EVALUATION_FILES = ("evaluation.json", "roc.png", "froc.png")
@@ -25,7 +25,7 @@ def publish(work: Path, defaults: Path, task: str) -> Path:
     report_dir = source / "evaluation"
     report_file = report_dir / "evaluation.json"
     if not report_file.is_file():
-        raise SystemExit(f"{report_file} is missing: run `wsi-pipeline evaluate {task} ...` first (see the Makefile)")
+        raise DataError(f"{report_file} is missing: run `wsi-pipeline evaluate {task} ...` first (see the Makefile)")
     card = json.loads((source / CARD_FILE).read_text())
     report = json.loads(report_file.read_text())
     for key in ("train_groups", "val_groups"):
@@ -66,24 +66,17 @@ def _headline(report: dict) -> dict:
     }
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) != 2:
-        raise SystemExit("usage: python -m wsi_pipeline.training.publish WORK_DIR DEFAULTS_DIR")
+def publish_all(work: Path, defaults: Path) -> list[str]:
+    """Publish every WORK/<task> that holds a card; one line per folder published or skipped."""
     from wsi_pipeline.tasks import task_names
 
-    work, defaults = Path(argv[0]), Path(argv[1])
     tasks = task_names()
     with_card = sorted(p.name for p in work.iterdir() if (p / CARD_FILE).is_file())
     # only WORK/<task>: a backup or experiment folder beside them (WORK/mitosis.old) is never shipped
     trained = [name for name in with_card if name in tasks]
-    for name in with_card:
-        if name not in tasks:
-            print(f"skipped {work / name}: not named after a task ({', '.join(tasks)})")
+    lines = [
+        f"skipped {work / name}: not named after a task ({', '.join(tasks)})" for name in with_card if name not in tasks
+    ]
     if not trained:
-        raise SystemExit(f"no trained model folders (WORK/<task> with {CARD_FILE}) in {work}")
-    for task in trained:
-        print(f"published {publish(work, defaults, task)}")
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
+        raise DataError(f"no trained model folders (WORK/<task> with {CARD_FILE}) in {work}")
+    return lines + [f"published {publish(work, defaults, task)}" for task in trained]

@@ -9,7 +9,7 @@ by more than `margin_standard_errors` (2) standard errors of the seed-paired gai
 measured on tiles of the training source says little about a user's slides; this one says how far a model carries
 to another centre.
 
-    python -m wsi_pipeline.training.study configs/models/epithelium_study.yaml --data ../shared/data -o OUT
+    wsi-pipeline study configs/models/epithelium_study.yaml --data ../shared/data -o OUT
 
 writes OUT/study.json (every figure, the choice) and keeps each model under OUT/<variant>/<source>/ (/seed<N>/); with
 `--final MODEL` it then trains the chosen variant on all sources into MODEL, whose card gets the figures.
@@ -17,16 +17,13 @@ writes OUT/study.json (every figure, the choice) and keeps each model under OUT/
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from wsi_pipeline.core.atomic import write_json
-from wsi_pipeline.core.errors import WsiError
 from wsi_pipeline.models.folders import CARD_FILE, WEIGHTS_FILE
 from wsi_pipeline.training.commands import evaluate_model, train_model
 from wsi_pipeline.training.data.items import KATHER_GROUP, DataError
@@ -314,25 +311,3 @@ def cross_source_operating_point(model: Path, rows: dict[str, Any]) -> None:
     curve = card["metrics"].get("validation_curve", [])
     card["metrics"]["validation"] = next((r for r in curve if r["threshold"] == chosen), card["metrics"]["validation"])
     write_json(card_path, card)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("study", type=Path)
-    parser.add_argument("--data", type=Path, default=Path("../shared/data"))
-    parser.add_argument("-o", "--out", type=Path, required=True)
-    parser.add_argument("--final", type=Path, default=None, help="then train the chosen variant on every source here")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="a setting for every training")
-    args = parser.parse_args()
-    try:
-        report = run_study(args.study, args.data, args.out, tuple(args.overrides))
-        print(f"chosen: {report['chosen']} ({args.out / 'study.json'})")
-        if args.final is not None:
-            train_final(args.study, report, args.data, args.final, tuple(args.overrides))
-    except WsiError as exc:  # one line with the fix and its exit status, as `wsi-pipeline train` gives it
-        print(f"error: {exc.one_line()}", file=sys.stderr)
-        raise SystemExit(exc.exit_code) from None
-
-
-if __name__ == "__main__":
-    main()
