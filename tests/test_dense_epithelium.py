@@ -124,14 +124,14 @@ def test_regions_are_clipped_to_the_tissue() -> None:
 
 @pytest.mark.e2e
 def test_train_evaluate_and_run_a_dense_epithelium_model(data_dir: Path, tmp_path: Path) -> None:
-    """Kather tiles (whole-tile labels) and CRCHistoPhenotypes nuclei (discs) through `train --kind dense`; the
+    """Kather tiles (whole-tile labels) and CRCHistoPhenotypes nuclei (discs) through `train --kind class_map`; the
     card's validation AUC is what `evaluate --held-out` measures on the same tiles; `run` uses the card's tile
     geometry and reports areas inside the tissue."""
     kather, crc = data_dir.joinpath(*EPI), data_dir.joinpath(*CRC)
     model = tmp_path / "unet"
     classes = ["--class", "epithelium=01_TUMOR,06_MUCOSA,epithelial", "--class", "stroma=02_STROMA,fibroblast"]
     result = run_cli(
-        "train", "epithelium_stroma", str(kather), str(crc / "validation"), *classes, "--kind", "dense",
+        "train", "epithelium_stroma", str(kather), str(crc / "validation"), *classes, "--kind", "class_map",
         "--arch-arg", "width=4", "--tile-px", "96", "--mpp", "0.495", "--epochs", "2", "--select", "last",
         "--val-fraction", "0.3", "--seed", "1", "-o", str(model),
     )  # fmt: skip

@@ -153,10 +153,10 @@ def test_a_dense_onnx_model_runs_on_larger_tiles_than_it_was_exported_for(tmp_pa
     assert got.shape == expected.shape == (2, 64, 48)
     assert float((got - expected).abs().max()) < 1e-5
     # `evaluate mitosis` runs whole images through the torch module: an ONNX folder is refused in one message
-    from wsi_pipeline.training.detector.evaluate import DetectionParams, evaluate_mitosis
+    from wsi_pipeline.training.detector.evaluate import DetectionParams, evaluate_detector
 
     with pytest.raises(ModelError, match="cannot run onnx models yet"):
-        evaluate_mitosis(load_model(tmp_path / "onnx"), [], tmp_path / "eval", cpu, DetectionParams())
+        evaluate_detector(load_model(tmp_path / "onnx"), [], tmp_path / "eval", cpu, DetectionParams())
 
 
 def test_batchnorm_is_folded_into_convolutions_without_changing_outputs(data_dir: Path) -> None:

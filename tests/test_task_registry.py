@@ -1,6 +1,7 @@
 """The task seam: a fourth task defined in this file alone (a hand-set "haematoxylin density" dense model) runs
 through `wsi-pipeline run` and gets its heatmap, summary entry, cohort columns and QuPath objects, with no edit
-outside tests. The subprocess loads this file as a plugin (`plugins: [this file:register]`)."""
+outside tests; a fifth (a point detector) is trained by `wsi-pipeline train` for its own class. The subprocesses load
+this file as a plugin (`plugins: [this file:register]`, `WSI_PIPELINE_PLUGINS=this file:register_detector`)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ class HaematoxylinTask:
     cohort_columns = ("mean_density", "dense_area_mm2")
     report_columns = (("mean_density", "haematoxylin density"),)
     point_table = None
-    model_kind = "dense"
+    trainer = "classifier"  # `train` would make a classifier (or, with --kind class_map, a class map) for it
 
     def default_config(self) -> HaematoxylinConfig:
         return HaematoxylinConfig(enabled=False, tile_px=256, overlap_px=16, min_tissue=0.1, batch_size=16)
@@ -64,6 +65,33 @@ def register() -> None:
     register_task(HaematoxylinTask())
 
 
+DETECTOR = "atypical_figure"
+
+
+class AtypicalFigureTask:
+    """A point-detector task of a plugin: `train` makes it a detector of its own class, not of mitoses."""
+
+    name = DETECTOR
+    config_model = TaskConfig
+    cohort_columns = ()
+    report_columns = ()
+    point_table = None
+    trainer = "point_detector"
+
+    def default_config(self) -> TaskConfig:
+        return TaskConfig(enabled=False)
+
+    def default_model(self) -> Path | None:
+        return None
+
+    def postprocess(self, context: TaskContext) -> TaskResult:
+        return TaskResult({})
+
+
+def register_detector() -> None:
+    register_task(AtypicalFigureTask())
+
+
 def write_density_model(directory: Path) -> Path:
     """A hand-set dense network that marks dark (haematoxylin-dense) pixels: sigmoid(40 (0.5 - mean3x3) - 6)."""
     card = ModelCard(
@@ -88,6 +116,45 @@ def write_density_model(directory: Path) -> Path:
         module[2].weight.fill_(40.0)
         module[2].bias.fill_(-6.0)
     return save_model(directory, module, card)
+
+
+def test_a_task_that_lacks_part_of_the_protocol_is_refused_when_registered() -> None:
+    from wsi_pipeline.core.errors import ConfigError
+    from wsi_pipeline.tasks import task_names
+
+    class Old(HaematoxylinTask):  # written for the protocol before `trainer` and `report_columns`
+        name = "old_style"
+        model_kind = "dense"
+        trainer = property(lambda self: (_ for _ in ()).throw(AttributeError("trainer")))
+        report_columns = property(lambda self: (_ for _ in ()).throw(AttributeError("report_columns")))
+
+    with pytest.raises(ConfigError, match=r"task old_style: lacks report_columns, trainer .*\(model_kind is now"):
+        register_task(Old())
+    wrong = AtypicalFigureTask()
+    wrong.trainer = "dense"  # type: ignore[misc]
+    with pytest.raises(ConfigError, match="trainer 'dense' is not one of classifier, point_detector"):
+        register_task(wrong)
+    assert "old_style" not in task_names() and DETECTOR not in task_names()
+
+
+def test_what_train_makes_is_named_by_the_task_and_the_kind_option() -> None:
+    """A task's `trainer` decides between a classifier and a point detector; `kind` only chooses a classifier
+    task's output (a vector, or a class map, formerly "dense"); a point detector takes no kind."""
+    from wsi_pipeline.core.errors import ConfigError
+    from wsi_pipeline.training.settings import load_train_settings
+
+    tiles = {"tile_px": 96, "mpp": 0.5}
+    vector = load_train_settings("epithelium_stroma", None, (), tiles)
+    assert (vector.point_detector, vector.makes_maps, vector.arch) == (False, False, "small_cnn")
+    for name in ("class_map", "dense"):
+        maps = load_train_settings("epithelium_stroma", None, (), {**tiles, "kind": name})
+        assert (maps.kind, maps.point_detector, maps.makes_maps, maps.arch) == ("class_map", False, True, "small_unet")
+    points = load_train_settings("mitosis", None, (), {})
+    assert (points.point_detector, points.makes_maps, points.arch) == (True, True, "dense_fcn")
+    with pytest.raises(ConfigError, match="mitosis trains a point detector: kind"):
+        load_train_settings("mitosis", None, (), {"kind": "classifier"})
+    with registered(AtypicalFigureTask()):
+        assert load_train_settings(DETECTOR, None, (), {}).point_detector
 
 
 def test_a_registered_task_joins_the_configuration_and_the_cohort_columns() -> None:
@@ -142,3 +209,35 @@ def test_run_writes_the_plugin_tasks_heatmap_summary_cohort_and_qupath_objects(
     assert {"haematoxylin mean", "haematoxylin max", "Tissue fraction"} <= set(tiles[0]["properties"]["measurements"])
     record = json.loads((slide_dir / "run.json").read_text())
     assert record["tasks"] == [NAME] and record["models"][NAME]["card"]["task"] == NAME
+
+
+@pytest.mark.e2e
+def test_a_plugin_point_detector_task_trains_and_evaluates_its_own_class(data_dir: Path, tmp_path: Path) -> None:
+    """`train` and `evaluate` of a point-detector task that only this file defines: the card is the plugin's (task,
+    class, threshold and name), not a mitosis model's, and `evaluate --held-out` reads its threshold by that class."""
+    from wsi_pipeline.training.data.points import amibr_images
+
+    crops = amibr_images(data_dir / "mitosis" / "amibr_tupac16")
+    slides = sorted({i.group for i in crops})[:6]
+    subset = tmp_path / "subset"
+    subset.mkdir()
+    rows = ["image,x,y,group"]
+    for image in (i for i in crops if i.group in slides):
+        (subset / image.path.name).symlink_to(image.path)
+        rows += [f"{image.path.name},{x},{y},{image.group}" for x, y in image.points]
+    (subset / "points.csv").write_text("\n".join(rows) + "\n")
+    plugin = {"WSI_PIPELINE_PLUGINS": f"{Path(__file__).resolve()}:register_detector"}
+    out = tmp_path / "model"
+    common = ["--device", "cpu"]
+    train = ["--mpp", "0.25", "--epochs", "1", "--arch-arg", "width=4", "--val-fraction", "0.4", "--workers", "0"]
+    result = run_cli("train", DETECTOR, str(subset), "-o", str(out), *train, *common, env=plugin)
+    assert result.returncode == 0, result.stderr
+    card = json.loads((out / "model_card.json").read_text())
+    assert (card["task"], card["classes"], card["kind"]) == (DETECTOR, [DETECTOR], "dense")
+    assert card["name"].startswith(f"{DETECTOR}-") and list(card["thresholds"]) == [DETECTOR]
+    report = tmp_path / "report"
+    result = run_cli("evaluate", DETECTOR, str(out), str(subset), "--held-out", "-o", str(report), *common, env=plugin)
+    assert result.returncode == 0, result.stderr
+    evaluation = json.loads((report / "evaluation.json").read_text())
+    assert evaluation["at_threshold"] == pytest.approx(card["metrics"]["validation"])
+    assert evaluation["params"]["threshold"] == card["thresholds"][DETECTOR]

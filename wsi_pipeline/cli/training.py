@@ -86,10 +86,11 @@ def given_options(ctx: click.Context, values: dict[str, Any]) -> dict[str, Any]:
 @class_option
 @click.option(
     "--kind",
-    type=click.Choice(["classifier", "dense"]),
+    type=click.Choice(["classifier", "class_map", "dense"]),
     default=None,
-    help="A classifier task's model: one vector per tile, or a dense class map (a U-Net trained on the same tiles; "
-    "see docs/models.md) [the task's: classifier; mitosis: dense].",
+    help="A classifier task's model: one vector per tile, or a map of per-pixel classes (class_map, a U-Net "
+    "trained on the same tiles; see docs/models.md; 'dense' is its former name) [classifier]. A point-detector "
+    "task (mitosis) always trains a point detector.",
 )
 @click.option(
     "--arch",
@@ -179,8 +180,9 @@ def train(
 ) -> None:
     """Train a TASK model from DATA folders, split by source image or slide (never by tile).
 
-    Classifiers (epithelium_stroma, metastasis) read folder-per-class tiles; mitosis reads point-annotated images
-    (AMi-Br crops, a points.csv, MITOS-2012 fields as negatives) and learns a dense probability map.
+    Classifier tasks (epithelium_stroma, metastasis) read folder-per-class tiles; point-detector tasks (mitosis) read
+    point-annotated images (AMi-Br crops, a points.csv, MITOS-2012 fields as negatives) and learn a probability map.
+    A plugin's task (WSI_PIPELINE_PLUGINS or an entry point) trains like a built-in one.
     """
     from wsi_pipeline.training.commands import train_model
     from wsi_pipeline.training.settings import load_train_settings

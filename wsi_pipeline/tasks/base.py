@@ -127,7 +127,10 @@ class Task(Protocol):
     cohort_columns: tuple[str, ...]  # summary keys written to cohort_summary.csv as <name>_<key>
     report_columns: tuple[tuple[str, str], ...]  # (summary key, header) shown in report.html's table
     point_table: str | None  # file name of a CSV of its first point set (e.g. mitoses.csv), or None
-    model_kind: str  # "classifier" or "dense": the kind of model `train` makes for the task
+    # what `train` makes for the task: "classifier" (labelled tiles; with `--kind class_map` a U-Net of per-pixel
+    # classes) or "point_detector" (a probability map trained on point-annotated images, as for mitosis). How a
+    # model's outputs are stitched is its card's `kind` (one vector or one map per tile), not this.
+    trainer: str
 
     def default_config(self) -> TaskConfig: ...
 

@@ -17,7 +17,7 @@ class EpitheliumStromaTask:
     config_model = TaskConfig
     cohort_columns = ("epithelium_area_mm2", "stroma_area_mm2", "epithelium_fraction")
     report_columns = (("epithelium_fraction", "epithelium fraction"),)
-    model_kind = "classifier"  # what `train` makes for it
+    trainer = "classifier"  # what `train` makes for it
     point_table = None
 
     def default_config(self) -> TaskConfig:

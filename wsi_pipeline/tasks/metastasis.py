@@ -29,7 +29,7 @@ class MetastasisTask:
     config_model = MetastasisConfig
     cohort_columns = ("score", "regions", "tumor_area_mm2", "largest_lesion_diameter_um", "category")
     report_columns = (("category", "metastasis"), ("score", "tumour score"))
-    model_kind = "classifier"  # what `train` makes for it
+    trainer = "classifier"  # what `train` makes for it
     point_table = None
 
     def default_config(self) -> MetastasisConfig:

@@ -33,7 +33,7 @@ class MitosisTask:
     config_model = MitosisConfig
     cohort_columns = ("count", "per_mm2", "per_10_hpf")
     report_columns = (("count", "mitoses"), ("per_mm2", "mitoses / mm²"), ("per_10_hpf", "mitoses / 10 HPF"))
-    model_kind = "dense"  # what `train` makes for it
+    trainer = "point_detector"  # what `train` makes for it
     point_table = "mitoses.csv"
 
     def default_config(self) -> MitosisConfig:

@@ -34,8 +34,23 @@ _BUILTIN = (
 )
 
 
+TASK_ATTRIBUTES = ("name", "config_model", "cohort_columns", "report_columns", "point_table", "trainer")
+TASK_METHODS = ("default_config", "default_model", "postprocess")
+TRAINERS = ("classifier", "point_detector")
+
+
 def register_task(task: Task) -> Task:
-    """Add (or replace) a task; configuration and cohort columns follow at once."""
+    """Add (or replace) a task; configuration and cohort columns follow at once. A task that lacks part of the
+    `Task` protocol is refused here, naming what it lacks, rather than failing when a run first reads it."""
+    missing = [a for a in TASK_ATTRIBUTES if not hasattr(task, a)]
+    missing += [f"{m}()" for m in TASK_METHODS if not callable(getattr(task, m, None))]
+    label = getattr(task, "name", type(task).__name__)
+    if missing:
+        hint = " (model_kind is now trainer)" if "trainer" in missing and hasattr(task, "model_kind") else ""
+        lacks = ", ".join(missing)
+        raise ConfigError(f"task {label}: lacks {lacks} of the Task protocol{hint}; see docs/architecture.md")
+    if task.trainer not in TRAINERS:
+        raise ConfigError(f"task {label}: trainer {task.trainer!r} is not one of {', '.join(TRAINERS)}")
     _TASKS[task.name] = task
     _changed()
     return task

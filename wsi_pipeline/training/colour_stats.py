@@ -16,7 +16,7 @@ def measure(task: str, recipe: str, data: list[str], val_data: str | None = None
     s = load_train_settings(task, recipe, (), {"val_data": val_data} if val_data else {})
     items, _ = training_items(s.task, data, s.class_map(), s.group_pattern, s.mpp, s.tile_px)
     train_items = items if s.val_data else split_by_group(items, s.val_fraction, s.seed)[0]
-    if s.detector:
+    if s.point_detector:
         from wsi_pipeline.training.data.points import prepare
 
         tiles = (prepare(i, s.model_mpp, 1).rgb for i in train_items)

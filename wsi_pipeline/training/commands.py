@@ -8,7 +8,7 @@ from typing import Any
 from wsi_pipeline.core.errors import ConfigError
 from wsi_pipeline.engine import resolve_device
 from wsi_pipeline.models import load_model
-from wsi_pipeline.tasks import get_task
+from wsi_pipeline.tasks import get_task, load_plugins
 from wsi_pipeline.training.data.items import split_by_group
 from wsi_pipeline.training.data.sources import matching_groups, training_items
 from wsi_pipeline.training.loop import TrainConfig
@@ -58,15 +58,15 @@ def train_model(settings: TrainSettings, data: tuple[str, ...], out: Path) -> tu
     else:
         train_items, val_items = split_by_group(items, s.val_fraction, s.seed)
     device = resolve_device(s.device)
-    if s.detector:
-        from wsi_pipeline.training.detector.train import train_mitosis
+    if s.point_detector:
+        from wsi_pipeline.training.detector.train import train_point_detector
 
-        card = train_mitosis(train_items, val_items, cfg, out, device=device, augmentation=s.augmentation())
+        card = train_point_detector(train_items, val_items, cfg, out, device=device, augmentation=s.augmentation())
     else:
         from wsi_pipeline.training.classifier.class_maps import ClassMapTargets
         from wsi_pipeline.training.classifier.train import train_classifier
 
-        dense = ClassMapTargets() if s.dense else None
+        dense = ClassMapTargets() if s.kind == "class_map" else None
         card = train_classifier(
             train_items, val_items, cfg, out, device=device, augmentation=s.augmentation(), dense=dense
         )
@@ -90,6 +90,7 @@ def evaluate_model(
     groups: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a model on labelled data and write OUT/evaluation.json and a curve; returns the report."""
+    load_plugins()  # a plugin's task (WSI_PIPELINE_PLUGINS, entry points) is evaluated like a built-in one
     model = load_model(model_dir, task=task)
     items, classes = training_items(task, data, class_map, group_pattern, mpp or model.card.mpp, model.card.tile_px)
     items = matching_groups(items, groups, "evaluation data")
@@ -98,12 +99,12 @@ def evaluate_model(
         items = [i for i in items if i.group in held]
         if not items:
             raise ConfigError(f"--held-out: none of DATA is among {model_dir}'s validation sources")
-    if get_task(task).model_kind == "dense":  # a detector: points, not tiles
-        from wsi_pipeline.training.detector.evaluate import DetectionParams, evaluate_mitosis
+    if get_task(task).trainer == "point_detector":  # points, not tiles
+        from wsi_pipeline.training.detector.evaluate import DetectionParams, evaluate_detector
 
-        chosen = model.card.threshold("mitosis") if threshold is None else threshold
+        chosen = model.card.threshold(model.card.classes[0]) if threshold is None else threshold
         params = DetectionParams(threshold=chosen, radius_um=radius_um)
-        return evaluate_mitosis(model, items, out, resolve_device(device), params)
+        return evaluate_detector(model, items, out, resolve_device(device), params)
     from wsi_pipeline.training.classifier.evaluate import evaluate_classifier
 
     return evaluate_classifier(model, items, classes, out, resolve_device(device), positive, threshold)

@@ -10,18 +10,18 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import AliasChoices, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, ConfigDict, Field, field_validator, model_validator
 
 from wsi_pipeline.config import merged_settings, validated
 from wsi_pipeline.core.errors import ConfigError
 from wsi_pipeline.core.schema import StrictModel
-from wsi_pipeline.tasks import get_task
+from wsi_pipeline.tasks import get_task, load_plugins
 
 if TYPE_CHECKING:
     from wsi_pipeline.training.data.augment import AugmentConfig
 
 # Point-annotated mitosis data in ../shared/data (AMi-Br / TUPAC16 crops, MITOS-2012) is at 0.25 µm/px (40x), and the
-# dense network learns from 96 px windows of it: these are the defaults of a dense task, not of classifiers, whose
+# detector learns from 96 px windows of it: these are the defaults of a point detector, not of classifiers, whose
 # tile size and µm/px must come from the data.
 DENSE_DEFAULT_MPP = 0.25
 DENSE_DEFAULT_TILE_PX = 96
@@ -36,13 +36,14 @@ class TrainSettings(StrictModel):
         validation_alias=AliasChoices("classes", "class"),
         description="NAME=FOLDER[,FOLDER] per output class (default: one class per folder)",
     )
-    kind: Literal["classifier", "dense"] | None = Field(
+    kind: Literal["classifier", "class_map"] | None = Field(
         None,
-        description="what the model makes: one vector per tile (classifier) or a map per tile (dense); null = the "
-        "task's kind (a classifier task's dense model is a U-Net trained on the same tiles: classifier/class_maps.py)",
+        description="what a classifier task's model makes: one vector per tile (classifier) or a map of per-pixel "
+        "classes (class_map: a U-Net trained on the same tiles, classifier/class_maps.py); null = classifier. A "
+        "point-detector task (mitosis) always trains a point detector",
     )
     arch: str | None = Field(
-        None, description="architecture [small_cnn; small_unet for a dense classifier task; dense_fcn for mitosis]"
+        None, description="architecture [small_cnn; small_unet for a class map; dense_fcn for a point detector]"
     )
     arch_args: list[str] = Field(default_factory=list, validation_alias=AliasChoices("arch_args", "arch_arg"))
     tile_px: int | None = Field(None, ge=8, description="tile size of the data (px)")
@@ -90,22 +91,27 @@ class TrainSettings(StrictModel):
         default_factory=dict, description="augmentation settings by name (hed_sigma, brightness, ...; data/augment.py)"
     )
 
-    @property
-    def detector(self) -> bool:
-        """A point-detection task (mitosis): a dense model trained on point-annotated images."""
-        return get_task(self.task).model_kind == "dense"
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _kind_alias(cls, value: Any) -> Any:
+        return "class_map" if value == "dense" else value  # the name recipes used before class_map
 
     @property
-    def dense(self) -> bool:
-        """The model makes a map per tile (a detector, or a classifier task's U-Net)."""
-        return self.detector or self.kind == "dense"
+    def point_detector(self) -> bool:
+        """The task trains a point detector (mitosis): a probability map trained on point-annotated images."""
+        return get_task(self.task).trainer == "point_detector"
+
+    @property
+    def makes_maps(self) -> bool:
+        """The model makes a map per tile (a point detector, or a classifier task's class map)."""
+        return self.point_detector or self.kind == "class_map"
 
     @model_validator(mode="after")
     def _resolution(self) -> TrainSettings:
         get_task(self.task)
-        if self.detector:
-            if self.kind == "classifier":
-                raise ValueError(f"{self.task} is a detection task: its models are dense (kind: dense or null)")
+        if self.point_detector:
+            if self.kind is not None:
+                raise ValueError(f"{self.task} trains a point detector: kind ({self.kind}) is for classifier tasks")
             self.__dict__["arch"] = self.arch or "dense_fcn"
             if self.stain_normalisation is not None:
                 raise ValueError(f"stain_normalisation is for classifier tasks' models, not {self.task}'s")
@@ -115,7 +121,7 @@ class TrainSettings(StrictModel):
                     f"training a {self.task} model needs tile_px and mpp (--tile-px, --mpp: the data's tile "
                     "size and µm/px)"
                 )
-            self.__dict__["arch"] = self.arch or ("small_unet" if self.dense else "small_cnn")
+            self.__dict__["arch"] = self.arch or ("small_unet" if self.makes_maps else "small_cnn")
         return self
 
     @model_validator(mode="after")
@@ -144,13 +150,13 @@ class TrainSettings(StrictModel):
         itself, so flips, rotations and zoom are off in its colour augmentation)."""
         from wsi_pipeline.training.data.augment import AugmentConfig
 
-        base = AugmentConfig(flips=False, rotate90=False, scale=0.0) if self.dense else AugmentConfig()
-        geometric = {"flips", "rotate90", "scale"} if self.dense else set()
+        base = AugmentConfig(flips=False, rotate90=False, scale=0.0) if self.makes_maps else AugmentConfig()
+        geometric = {"flips", "rotate90", "scale"} if self.makes_maps else set()
         return replace(base, **{k: v for k, v in self.augment.items() if k not in geometric})
 
     @property
     def model_mpp(self) -> float:
-        """The µm/px the model is made for: the data's (a dense task's point data defaults to 0.25)."""
+        """The µm/px the model is made for: the data's (a point detector's data defaults to 0.25)."""
         return self.mpp if self.mpp is not None else DENSE_DEFAULT_MPP
 
     @property
@@ -187,7 +193,9 @@ def parse_class_map(specs: list[str] | tuple[str, ...]) -> dict[str, list[str]] 
 def load_train_settings(
     task: str, recipe: str | None, overrides: tuple[str, ...], given: dict[str, Any]
 ) -> TrainSettings:
-    """Defaults <- recipe <- `--set KEY=VALUE` <- options given on the command line, validated once."""
+    """Defaults <- recipe <- `--set KEY=VALUE` <- options given on the command line, validated once. Plugin tasks
+    (`WSI_PIPELINE_PLUGINS`, entry points) are loaded first: a task of a plugin is trained like a built-in one."""
+    load_plugins()
     data, origin = merged_settings({}, recipe, overrides, "training recipe")
     data = {key.replace("-", "_"): value for key, value in data.items()}
     aliases = {"class": "classes", "arch_arg": "arch_args"}

@@ -17,9 +17,10 @@ def training_items(
     mpp: float | None,
     tile_px: int | None = None,
 ) -> tuple[list[Any], list[str]]:
-    """Every folder's items and the class names (all folders must give the same classes). A dense task reads
-    point-annotated images; a classifier task folder-per-class tiles, or slides with QuPath GeoJSON exports."""
-    if get_task(task).model_kind == "dense":
+    """Every folder's items and the class names (all folders must give the same classes). A point-detector task
+    reads point-annotated images (one class, named after the task); a classifier task folder-per-class tiles, or
+    slides with QuPath GeoJSON exports."""
+    if get_task(task).trainer == "point_detector":
         from wsi_pipeline.training.data.points import point_images
 
         return [image for folder in folders for image in point_images(folder, mpp)], [task]

@@ -146,23 +146,24 @@ def operating_point(curve: list[dict[str, Any]]) -> dict[str, Any]:
     return {"criterion": "best F1 within the match radius over validation crops and figure-free fields", **best}
 
 
-def evaluate_mitosis(
+def evaluate_detector(
     model: LoadedModel, images: list[PointImage], out: Path, device: torch.device, params: DetectionParams
 ) -> dict[str, Any]:
-    """`wsi-pipeline evaluate mitosis`: detection metrics, OUT/evaluation.json and OUT/froc.png."""
+    """`wsi-pipeline evaluate` of a point-detector task (mitosis): detection metrics, OUT/evaluation.json and
+    OUT/froc.png."""
     card = model.card
     if card.kind != "dense":
-        raise DataError(f"{card.name} is a {card.kind} model; mitosis evaluation needs a dense one")
+        raise DataError(f"{card.name} is a {card.kind} model; evaluating a point detector needs a dense one")
     if model.module is None:  # whole-image maps run the torch module (safetensors or TorchScript), not a runtime
         raise ModelError(
-            f"{model.path}: mitosis evaluation cannot run {card.format} models yet; evaluate the safetensors or "
+            f"{model.path}: point-detector evaluation cannot run {card.format} models yet; evaluate the safetensors or "
             "TorchScript folder it was exported from (the same network)"
         )
     prepared = [prepare(i, card.mpp, card.tile_px) for i in images]
     crops = [p for p in prepared if len(p.points)]
     fields = [p for p in prepared if not len(p.points)]
     if not crops:
-        raise DataError("mitosis evaluation needs images with annotated figures")
+        raise DataError("point-detector evaluation needs images with annotated points")
     module = model.module.to(device)
     report = detection_metrics(module, card, crops, fields, device, params)
     report = {"model": card.name, **report, "bf16": bf16_difference(module, card, crops + fields, device)}

@@ -1,5 +1,5 @@
-"""Train the dense mitosis model: a probability map that is a Gaussian of `sigma_um` at every figure centre on a
-background of 0.
+"""Train a point detector (the mitosis model): a probability map that is a Gaussian of `sigma_um` at every figure
+centre on a background of 0.
 
 Each epoch draws one window per positive image, placed so that its figure lies anywhere in the window's inner part
 (a figure always in the middle would teach the network the position, not the figure), and negative windows from
@@ -157,7 +157,7 @@ def _window(rgb: np.ndarray, x0: int, y0: int, size: int) -> np.ndarray:
     return out
 
 
-def train_mitosis(
+def train_point_detector(
     train_images: list[PointImage],
     val_images: list[PointImage],
     cfg: TrainConfig,
@@ -168,7 +168,8 @@ def train_mitosis(
     augmentation: AugmentConfig | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train the dense model and write the model folder; the card carries held-out detection metrics."""
+    """Train a point detector for `cfg.task` (its one class, `cfg.classes`) and write the model folder; the card
+    carries held-out detection metrics."""
     targets = targets or DenseTargets()
     cfg.extra = {**cfg.extra, "targets": asdict(targets)}
     aug = augmentation or AugmentConfig(flips=False, rotate90=False, scale=0.0)
@@ -181,7 +182,7 @@ def train_mitosis(
     val_crops = [p for p in split["val"] if len(p.points)]
     val_fields = [p for p in split["val"] if not len(p.points)]
     if not positives or not val_crops:
-        raise DataError("mitosis training needs images with figures on both sides of the split")
+        raise DataError(f"{cfg.task} training needs images with figures on both sides of the split")
     model = build_model(cfg, 1, device)
     dataset = TrainingWindows(positives, negatives, targets, cfg.mpp, aug, cfg.seed)
 
@@ -195,7 +196,7 @@ def train_mitosis(
     def train_epoch(epoch: int, optimiser: torch.optim.Optimizer) -> float:
         return run_epoch(dataset, cfg, epoch, optimiser, batch_loss, device=device, progress=progress)
 
-    card = mitosis_card(cfg, targets, {})
+    card = detector_card(cfg, targets, {})
 
     reports: list[dict[str, Any]] = []  # full reports (with the curve) of the epochs validated in this process
 
@@ -214,7 +215,7 @@ def train_mitosis(
     selected_last = selected_last and not batchnorm
     report = reports[-1] if selected_last else detection_metrics(model, card, val_crops, val_fields, device)
     point = operating_point(report["curve"])
-    card = mitosis_card(
+    card = detector_card(
         cfg,
         targets,
         {
@@ -239,13 +240,13 @@ def train_mitosis(
             "description": cfg.extra.get("description", ""),
         },
         input_stats=training_stats(p.rgb for p in split["train"]),
-        thresholds={"mitosis": point["threshold"]},
+        thresholds={cfg.classes[0]: point["threshold"]},
     )
     save_model(out, model.cpu(), card)
     return card.model_dump(mode="json")
 
 
-def mitosis_card(
+def detector_card(
     cfg: TrainConfig,
     targets: DenseTargets,
     metrics: dict[str, Any],
@@ -254,8 +255,8 @@ def mitosis_card(
     thresholds: dict[str, float] | None = None,
 ) -> ModelCard:
     return ModelCard(
-        name=f"mitosis-{cfg.architecture}",
-        task="mitosis",
+        name=f"{cfg.task}-{cfg.architecture}",
+        task=cfg.task,
         kind="dense",
         architecture=cfg.architecture,
         architecture_args=cfg.architecture_args or {},
@@ -263,7 +264,7 @@ def mitosis_card(
         tile_px=cfg.tile_px,
         output_stride=targets.output_stride,
         halo_px=targets.halo_px,
-        classes=["mitosis"],
+        classes=list(cfg.classes),
         activation="sigmoid",
         normalisation=NORMALISATION,
         training=training or {},
