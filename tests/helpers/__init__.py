@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from wsi_pipeline.testing import damage_tile  # noqa: F401  (the suites' helper, for the other tests)
+
 ROOT = Path(__file__).resolve().parents[2]
 DATA = Path(os.environ.get("WSI_SHARED_DATA", ROOT.parent / "shared" / "data"))
 SLIDES = DATA / "slides"
@@ -57,24 +59,6 @@ def train_small_kather_model(kather: Path, out: Path, *options: str, epochs: int
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     return json.loads((out / "model_card.json").read_text())  # type: ignore[no-any-return]
-
-
-def damage_tile(source: Path, target: Path, level: int, index: int) -> tuple[int, int]:
-    """Copy a tiled TIFF slide and overwrite the first bytes of one stored tile (its JPEG header): the directories
-    stay intact, that tile no longer decodes. Returns the tile's (column, row)."""
-    import shutil
-
-    import tifffile
-
-    shutil.copy(source, target)
-    with tifffile.TiffFile(target) as tif:
-        page = tif.series[0].levels[level].pages[0]
-        offset = int(page.dataoffsets[index])
-        across = -(-page.imagewidth // page.tilewidth)
-    with target.open("r+b") as fh:
-        fh.seek(offset)
-        fh.write(b"\x00" * 64)
-    return index % across, index // across
 
 
 def stitched_and_whole_region(  # type: ignore[no-untyped-def]

@@ -71,6 +71,11 @@ def register_backend(
     _BACKENDS[name] = Backend(name, open_, accepts, priority, versions)
 
 
+def unregister_backend(name: str) -> None:
+    """Remove a registered backend (a test's own, when it ends)."""
+    _BACKENDS.pop(name, None)
+
+
 def _load_builtin() -> None:
     for module in _BUILTIN:
         importlib.import_module(module)
