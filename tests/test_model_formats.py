@@ -1,5 +1,6 @@
-"""The model-format seam: a format registered from this file alone runs through the engine and writes the same
-heatmap as the same network in the built-in format; the built-in timm, ONNX and TorchScript folders do too."""
+"""The model-format seam: a format registered from this file alone (card name, file, loader) loads a model folder
+and runs through `predict` to the same heatmap as the same network in the built-in format, with the engine's
+precision and BatchNorm folding; the built-in timm, ONNX and TorchScript folders do too."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from wsi_pipeline.models import (
     LoadedModel,
     ModelCard,
     ModelError,
+    ModelFormat,
+    PredictorOptions,
     load_card,
     load_model,
     make_predictor,
@@ -26,54 +29,77 @@ from wsi_pipeline.models import (
 )
 from wsi_pipeline.models.architectures import build, seeded
 from wsi_pipeline.models.export import export_model
-from wsi_pipeline.models.folders import FORMAT_FILES
+from wsi_pipeline.models.formats import model_format, unregister_format
 from wsi_pipeline.run.record import weights_digest
 from wsi_pipeline.slide import Slide
 from wsi_pipeline.slide.tiling import plan_tiles
 from wsi_pipeline.slide.tissue import detect_tissue
 from wsi_pipeline.slide.tissue_config import TissueConfig
 
-
-class ScriptedPredictor:
-    """An adapter: a TorchScript module, fed as the card says (mean/std, softmax), no Python class needed."""
-
-    def __init__(self, model: LoadedModel, device: torch.device) -> None:
-        self.card = model.card
-        self.scripted = torch.jit.script(model.module).to(device).eval()
-        self.mean = torch.tensor(self.card.normalisation.mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(self.card.normalisation.std, device=device).view(1, 3, 1, 1)
-
-    def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        probs = torch.softmax(self.scripted((batch.float() / 255 - self.mean) / self.std), dim=1).cpu()
-        return {name: probs[:, i] for i, name in enumerate(self.card.classes) if name in self.card.written_classes}
+FP32 = PredictorOptions(precision="fp32")
+NPZ = "npz_test"
 
 
-def test_a_registered_format_runs_through_the_engine(data_dir: Path, tmp_path: Path) -> None:
-    register_format("torchscript-test", ScriptedPredictor)
+def _npz_module(network: Path, card: ModelCard) -> torch.nn.Module:
+    """A format of this file's own: the card's architecture with weights from a NumPy .npz (no pickles)."""
+    module = build(card.architecture, len(card.classes), **card.architecture_args)
+    with np.load(network, allow_pickle=False) as arrays:
+        module.load_state_dict({k: torch.from_numpy(arrays[k]) for k in arrays.files}, strict=True)
+    return module
+
+
+def register() -> None:
+    """The plugin entry (`plugins: [this file:register]`)."""
+    register_format(ModelFormat(NPZ, "weights.npz", _npz_module))
+
+
+def _write_npz_folder(directory: Path, module: torch.nn.Module, card: ModelCard) -> Path:
+    directory.mkdir(parents=True)
+    np.savez(directory / "weights.npz", **{k: v.numpy() for k, v in module.state_dict().items()})
+    card = card.model_copy(update={"format": NPZ, "weights_sha256": file_sha256(directory / "weights.npz")})
+    (directory / "model_card.json").write_text(card.model_dump_json())
+    return directory
+
+
+def test_a_format_registered_from_this_file_loads_a_folder_and_runs_end_to_end(data_dir: Path, tmp_path: Path) -> None:
+    """One registration (card name, file, loader) and a folder of that format loads like a built-in one (sha256
+    checked), gets the engine's precision and BatchNorm folding, and `predict` (a subprocess that loads this file
+    as a plugin) writes the same heatmap as the same network in a safetensors folder. A card naming a format that
+    no one registered is refused with exit 10, naming the known formats."""
     card = ModelCard(
-        name="seeded-colour",
-        task="metastasis",
-        kind="classifier",
-        architecture="small_cnn",
-        architecture_args={"width": 4, "blocks": 2},
-        mpp=1.0,
-        tile_px=64,
-        classes=["normal", "tumour"],
-    )
+        name="seeded-cnn", task="metastasis", kind="classifier", architecture="small_cnn",
+        architecture_args={"width": 4, "blocks": 2}, mpp=2.0, tile_px=64, classes=["tumour", "normal"],
+    )  # fmt: skip
     module = seeded(build("small_cnn", 2, width=4, blocks=2), 3).eval()
-    slide = Slide(CMU)
-    plan = plan_tiles(slide, detect_tissue(slide, TissueConfig()), 1.0, 64, 0, 0.2)
+    save_model(tmp_path / "safetensors", module, card)
+    npz = _write_npz_folder(tmp_path / "npz", module, card)
+    with pytest.raises(ModelError, match=f"unknown model format '{NPZ}'; known: onnx, safetensors, torchscript"):
+        load_model(npz)
+    register()
+    try:
+        loaded = load_model(npz)
+        assert loaded.format == NPZ and isinstance(loaded.module, torch.nn.Module)
+        assert weights_digest(loaded) == file_sha256(npz / "weights.npz")[:16]
+        bf16 = make_predictor(loaded, torch.device("cpu"), PredictorOptions(precision="bf16"))
+        assert bf16.bf16 and not any(isinstance(m, torch.nn.BatchNorm2d) for m in bf16.run.modules())  # type: ignore[attr-defined]
+        as_written = make_predictor(loaded, torch.device("cpu"), PredictorOptions(fuse_batchnorm=False))
+        assert any(isinstance(m, torch.nn.BatchNorm2d) for m in as_written.run.modules())  # type: ignore[attr-defined]
+    finally:
+        unregister_format(NPZ)
+    plugin = tmp_path / "plugin.yaml"
+    plugin.write_text(f"plugins: ['{Path(__file__).resolve()}:register']\n")
     maps = {}
-    for fmt in ("torch", "torchscript-test"):
-        model = LoadedModel(card, module, None, format=fmt)
-        store = tmp_path / f"{fmt}.zarr"
-        request = TaskRequest("metastasis", model, plan, dtype="float32")
-        cpu = torch.device("cpu")
-        predict_slide(slide, [request], store, device=cpu, batch_size=8, workers=0, progress=False, precision="fp32")
-        maps[fmt] = open_heatmap(store / "tumour").channel("tumour")
-    covered = maps["torch"] > 0
-    assert covered.sum() == len(plan)  # one value per kept tile
-    assert np.abs(maps["torch"] - maps["torchscript-test"]).max() < 1e-5
+    for fmt in ("safetensors", "npz"):
+        out = tmp_path / f"out-{fmt}"
+        done = run_cli(
+            "predict", str(CMU), "--task", "metastasis", "--model", str(tmp_path / fmt), "-o", str(out),
+            "-c", str(plugin), "--device", "cpu", "--set", "engine.precision=fp32", "--no-progress",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        maps[fmt] = open_heatmap(out / CMU.stem / "heatmaps.zarr" / "tumour").channel("tumour")
+    covered = maps["safetensors"] > 0
+    assert covered.sum() > 20 and np.ptp(maps["safetensors"][covered]) > 1e-3
+    assert np.array_equal(maps["npz"], maps["safetensors"])
 
 
 def _engine_map(model: LoadedModel, slide: Slide, plan: list, store: Path, name: str) -> np.ndarray:
@@ -118,7 +144,7 @@ def test_timm_onnx_and_torchscript_folders_give_the_same_heatmap(data_dir: Path,
     for fmt in ("onnx", "torchscript"):
         assert np.abs(maps[fmt] - maps["timm"]).max() < 1e-5, fmt
         # the run key follows the network file of every format (a changed graph redoes the slides)
-        network = tmp_path / fmt / FORMAT_FILES[fmt]
+        network = tmp_path / fmt / model_format(fmt).file
         assert weights_digest(load_model(tmp_path / fmt)) == file_sha256(network)[:16]
     (tmp_path / "onnx" / "model.onnx").write_bytes(b"not a graph")
     stale = load_card(tmp_path / "onnx").model_copy(update={"weights_sha256": None})
@@ -148,8 +174,8 @@ def test_a_dense_onnx_model_runs_on_larger_tiles_than_it_was_exported_for(tmp_pa
     export_model(tmp_path / "torch", "onnx", tmp_path / "onnx")
     batch = torch.randint(0, 256, (2, 3, 256, 192), dtype=torch.uint8)
     cpu = torch.device("cpu")
-    expected = make_predictor(load_model(tmp_path / "torch"), cpu, "fp32")(batch)["mitosis"]
-    got = make_predictor(load_model(tmp_path / "onnx"), cpu, "fp32")(batch)["mitosis"]
+    expected = make_predictor(load_model(tmp_path / "torch"), cpu, FP32)(batch)["mitosis"]
+    got = make_predictor(load_model(tmp_path / "onnx"), cpu, FP32)(batch)["mitosis"]
     assert got.shape == expected.shape == (2, 64, 48)
     assert float((got - expected).abs().max()) < 1e-5
     # `evaluate mitosis` runs whole images through the torch module: an ONNX folder is refused in one message
@@ -168,7 +194,7 @@ def test_batchnorm_is_folded_into_convolutions_without_changing_outputs(data_dir
     model = load_model(Path("wsi_pipeline/models/defaults/mitosis"))
     tiles = np.stack([Slide(CMU).read_region(x, 400, 256, 256, 0.25) for x in (300, 700, 1100)])
     batch = torch.from_numpy(tiles).permute(0, 3, 1, 2).contiguous()
-    predictor = TorchModulePredictor(model, torch.device("cpu"), "fp32")
+    predictor = TorchModulePredictor(model, torch.device("cpu"), FP32)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in predictor.run.modules())
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.module.modules()) > 0
     with torch.inference_mode():
@@ -177,7 +203,9 @@ def test_batchnorm_is_folded_into_convolutions_without_changing_outputs(data_dir
         unfused = predictor.probabilities(batch)
     assert fused.shape == (3, 1, 64, 64) and float(unfused.max()) > 0.01
     assert float((fused - unfused).abs().max()) < 1e-5
-    as_written = make_predictor(model, torch.device("cpu"), "fp32", fuse=False)  # engine.fuse_batchnorm: false
+    as_written = make_predictor(
+        model, torch.device("cpu"), PredictorOptions("fp32", fuse_batchnorm=False)
+    )  # engine.fuse_batchnorm: false
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in as_written.run.modules())  # type: ignore[attr-defined]
 
     class Branchy(torch.nn.Module):  # data-dependent control flow: torch.fx cannot trace it

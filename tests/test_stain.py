@@ -11,11 +11,13 @@ import torch
 from PIL import Image
 
 from tests.helpers import KATHER_CLASSES, held_out_report, train_small_kather_model
-from wsi_pipeline.models import ModelCard, load_model, make_predictor, save_model
+from wsi_pipeline.models import ModelCard, PredictorOptions, load_model, make_predictor, save_model
 from wsi_pipeline.models.architectures import build, seeded
 from wsi_pipeline.models.stain import normalise_batch, normalise_tile
 
 KATHER = ("epithelium_stroma", "kather2016")
+
+FP32 = PredictorOptions(precision="fp32")
 
 
 def kather_tiles(data_dir: Path, per_class: int = 4) -> list[np.ndarray]:
@@ -72,9 +74,9 @@ def test_a_card_with_stain_normalisation_makes_the_predictor_normalise(data_dir:
         name="m", task="epithelium_stroma", kind="classifier", architecture="small_cnn",
         architecture_args={"width": 4, "blocks": 2}, mpp=0.495, tile_px=96, classes=["epithelium", "stroma"],
     )  # fmt: skip
-    plain = make_predictor(load_model(save_model(tmp_path / "plain", module, card)), torch.device("cpu"), "fp32")
+    plain = make_predictor(load_model(save_model(tmp_path / "plain", module, card)), torch.device("cpu"), FP32)
     normed_card = card.model_copy(update={"stain_normalisation": "macenko"})
-    normed = make_predictor(load_model(save_model(tmp_path / "n", module, normed_card)), torch.device("cpu"), "fp32")
+    normed = make_predictor(load_model(save_model(tmp_path / "n", module, normed_card)), torch.device("cpu"), FP32)
     expected = plain.probabilities(normalise_batch(batch, "macenko"))
     assert torch.equal(normed.probabilities(batch), expected)
     assert not torch.equal(plain.probabilities(batch), expected)

@@ -21,7 +21,7 @@ from wsi_pipeline.core.memory import HeapTrimmer
 from wsi_pipeline.core.progress import Progress
 from wsi_pipeline.engine.loader import DecodeKind, LoaderKind, make_loader, one_line_worker_errors
 from wsi_pipeline.engine.stitch import Stitcher, stitcher_class
-from wsi_pipeline.models import LoadedModel, Predictor, make_predictor
+from wsi_pipeline.models import LoadedModel, Predictor, PredictorOptions, make_predictor
 from wsi_pipeline.models.card import ModelCard
 from wsi_pipeline.slide import Slide
 from wsi_pipeline.slide.tiling import TilePlan, TileSpec
@@ -99,7 +99,7 @@ def predict_slide(
         try:
             predictors = []
             for request in group:
-                predictors.append(make_predictor(request.model, device, precision, compile_, fuse))
+                predictors.append(make_predictor(request.model, device, PredictorOptions(precision, compile_, fuse)))
                 timings["precision"][request.name] = "bf16" if getattr(predictors[-1], "bf16", False) else "fp32"
                 card = request.model.card
                 stitchers.append(stitcher_class(card)(request.name, card, request.plan, store, request.dtype))

@@ -20,7 +20,9 @@ _WHERE = {
     "save_model": "loading",
     "Predictor": "predictor",
     "make_predictor": "predictor",
-    "register_format": "predictor",
+    "register_format": "formats",
+    "ModelFormat": "formats",
+    "PredictorOptions": "formats",
 }
 __all__ = sorted(_WHERE)
 

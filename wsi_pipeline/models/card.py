@@ -39,10 +39,12 @@ class ModelCard(BaseModel):
     name: str
     task: str = Field(description="the registered task the model serves (e.g. mitosis)")
     kind: Literal["classifier", "dense"] = Field(description="one vector per tile, or a map per tile")
-    format: Literal["safetensors", "torchscript", "onnx"] = Field(
+    format: str = Field(
         "safetensors",
-        description="how the network is stored: weights.safetensors for `architecture`, a TorchScript file "
-        "(model.torchscript.pt) or an ONNX graph (model.onnx); see docs/models.md",
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="how the network is stored, a registered model format (models/formats.py): weights.safetensors "
+        "for `architecture`, a TorchScript file (model.torchscript.pt), an ONNX graph (model.onnx), or a plugin's "
+        "own; see docs/models.md",
     )
     architecture: str = Field(
         description="a name in wsi_pipeline.models.architectures, a torchvision model, timm:<name>, or (TorchScript "

@@ -14,7 +14,8 @@ import torch
 
 from wsi_pipeline.core.atomic import atomic_path, write_json
 from wsi_pipeline.core.inventory import file_sha256
-from wsi_pipeline.models.folders import CARD_FILE, FORMAT_FILES, ModelError
+from wsi_pipeline.models.folders import CARD_FILE, ModelError
+from wsi_pipeline.models.formats import model_format
 from wsi_pipeline.models.loading import load_model
 
 ONNX_OPSET = 17
@@ -31,7 +32,7 @@ def export_model(source: str | os.PathLike[str], target_format: str, out: str | 
     example = torch.zeros(2, 3, model.card.tile_px, model.card.tile_px)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    network = out / FORMAT_FILES[target_format]
+    network = out / model_format(target_format).file
     with atomic_path(network) as tmp, torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated in torch, still read everywhere
         if target_format == "torchscript":

@@ -12,9 +12,7 @@ from wsi_pipeline.core.errors import WsiError
 from wsi_pipeline.models.card import ModelCard
 
 CARD_FILE = "model_card.json"
-WEIGHTS_FILE = "weights.safetensors"
-# The file that holds the network, by the card's `format`.
-FORMAT_FILES = {"safetensors": WEIGHTS_FILE, "torchscript": "model.torchscript.pt", "onnx": "model.onnx"}
+WEIGHTS_FILE = "weights.safetensors"  # the network file of the safetensors format (models/formats.py has each)
 # The shipped defaults, one folder per task, written by `make models` (installed with the package).
 DEFAULTS_DIR = Path(__file__).resolve().parent / "defaults"
 

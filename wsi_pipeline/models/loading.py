@@ -18,13 +18,13 @@ from wsi_pipeline.models.card import ModelCard
 from wsi_pipeline.models.folders import (
     CARD_FILE,
     DEFAULTS_DIR,
-    FORMAT_FILES,
     WEIGHTS_FILE,
     ModelError,
     default_model_dir,
     load_card,
     shipped_tasks,
 )
+from wsi_pipeline.models.formats import model_format
 
 __all__ = [
     "CARD_FILE",
@@ -43,13 +43,14 @@ __all__ = [
 
 @dataclass
 class LoadedModel:
-    """A model ready for the engine: its card, the network, and the format whose predictor runs it."""
+    """A model ready for the engine: its card, the network, and the registered format that loaded it and runs it
+    (the card's `format`: safetensors, torchscript, onnx or a plugin's)."""
 
     card: ModelCard
     module: nn.Module | None
     path: Path | None = None
-    format: str = "torch"  # the predictor that runs it: torch, torchscript, onnx (or a registered one)
-    runtime: Any = None  # a format's own handle (an onnxruntime session)
+    format: str = "safetensors"
+    runtime: Any = None  # a format's own handle (an onnxruntime session) when it is not a torch module
 
 
 def save_model(directory: str | os.PathLike[str], module: nn.Module, card: ModelCard) -> Path:
@@ -93,7 +94,11 @@ def load_model(directory: str | os.PathLike[str], task: str | None = None, optio
         raise ModelError(
             f"{directory} is a {card.task} model (its card says so), not a {task} model; set {option} to a {task} model"
         )
-    network = directory / FORMAT_FILES[card.format]
+    try:
+        fmt = model_format(card.format)
+    except KeyError as exc:
+        raise ModelError(f"{directory / CARD_FILE}: {exc.args[0]} (a plugin registers its own formats)") from None
+    network = directory / fmt.file
     if not network.is_file():
         raise ModelError(f"{directory}: no {network.name} (its card's format is {card.format}); re-export the model")
     if card.weights_sha256 is not None and file_sha256(network) != card.weights_sha256:
@@ -101,10 +106,20 @@ def load_model(directory: str | os.PathLike[str], task: str | None = None, optio
             f"{network} is not the file its card was written for (sha256 differs from the card's weights_sha256): "
             "the file was changed or damaged; restore it, or re-export the model (make models)"
         )
-    if card.format == "torchscript":
-        return LoadedModel(card, _torchscript(network), directory, format="torchscript")
-    if card.format == "onnx":
-        return LoadedModel(card, None, directory, format="onnx", runtime=_onnx_session(network))
+    loaded = fmt.load(network, card)
+    if fmt.predictor is None:  # a torch module, run by the engine's module predictor
+        return LoadedModel(card, loaded.eval(), directory, format=fmt.name)
+    return LoadedModel(card, None, directory, format=fmt.name, runtime=loaded)
+
+
+def network_file(model: LoadedModel) -> Path | None:
+    """The file that holds a loaded model's network (None for a model made in memory)."""
+    return model.path / model_format(model.card.format).file if model.path else None
+
+
+def safetensors_module(network: Path, card: ModelCard) -> nn.Module:
+    """The card's architecture with the weights of a safetensors file (tensors only: nothing is unpickled)."""
+    directory = network.parent
     try:
         module = build(card.architecture, len(card.classes), **card.architecture_args)
     except (KeyError, TypeError) as exc:
@@ -121,11 +136,10 @@ def load_model(directory: str | os.PathLike[str], task: str | None = None, optio
             f"{network} does not match architecture {card.architecture!r} "
             f"({' '.join(line.strip() for line in first)}); check the card or re-train"
         ) from exc
-    module.eval()
-    return LoadedModel(card, module, directory)
+    return module.eval()
 
 
-def _torchscript(path: Path) -> nn.Module:
+def torchscript_module(path: Path, card: ModelCard) -> nn.Module:
     """A TorchScript archive holds its graph and tensors, no pickled Python objects; loaded on the CPU."""
     import torch
 
@@ -137,7 +151,7 @@ def _torchscript(path: Path) -> nn.Module:
         raise ModelError(f"{path} is not a TorchScript archive ({str(exc).splitlines()[0]}); re-export it") from exc
 
 
-def _onnx_session(path: Path) -> Any:
+def onnx_session(path: Path, card: ModelCard) -> Any:
     """An onnxruntime session (CPU; the predictor adds CUDA where onnxruntime has it), opened now so that a bad
     graph fails before the first tile."""
     try:

@@ -1,22 +1,26 @@
 """The seam between the engine and model formats: a `Predictor` maps a uint8 tile batch to named outputs.
 
-The engine only ever calls predictors; a new model format (TorchScript, ONNX, timm, ...) is an adapter that builds
-one, registered with `register_format`. Predictors know nothing of slides or heatmaps.
+The engine only ever calls `make_predictor`, one calling convention for every format (models/formats.py): a format
+whose loader gives a torch module runs in `TorchModulePredictor`, where precision, BatchNorm folding and compile are
+applied for all of them; a format with its own runtime (ONNX) brings its predictor. Predictors know nothing of
+slides or heatmaps. The built-in formats are registered at the end of this module.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Protocol
 
 import torch
 
 from wsi_pipeline.models.architectures import has_batchnorm
 from wsi_pipeline.models.card import ModelCard
-from wsi_pipeline.models.loading import LoadedModel
+from wsi_pipeline.models.folders import WEIGHTS_FILE, ModelError
+from wsi_pipeline.models.formats import ModelFormat, PredictorOptions, model_format, register_format
+from wsi_pipeline.models.loading import LoadedModel, onnx_session, safetensors_module, torchscript_module
 
 LOG = logging.getLogger("wsi_pipeline.models")
+DEFAULT_OPTIONS = PredictorOptions()
 
 
 class Predictor(Protocol):
@@ -63,18 +67,12 @@ class TorchModulePredictor:
     """A torch `nn.Module` with the card's normalisation and activation: channels_last, bf16 autocast where it
     pays (`use_bf16`), optionally `torch.compile`d (worth it for long slides: it costs 8-28 s per model first)."""
 
-    def __init__(
-        self,
-        model: LoadedModel,
-        device: torch.device,
-        precision: str = "auto",
-        compile_: bool = False,
-        fuse: bool = True,
-    ) -> None:
+    def __init__(self, model: LoadedModel, device: torch.device, options: PredictorOptions = DEFAULT_OPTIONS) -> None:
         if model.module is None:
             raise ValueError(f"{model.card.name} has no torch module to run")
         self.card = model.card
         self.device = device
+        precision = options.precision
         self.bf16 = use_bf16(device, precision, self.card)
         if precision == "auto" and not self.bf16 and use_bf16(device, precision):
             LOG.info(
@@ -86,8 +84,9 @@ class TorchModulePredictor:
         self.module = model.module.to(device).eval().to(memory_format=torch.channels_last)
         model.module = self.module
         # a TorchScript module is already a compiled graph: neither fusion nor torch.compile takes it
-        fused = conv_bn_fused(self.module) if fuse and model.format == "torch" else self.module
-        self.run = torch.compile(fused) if compile_ and model.format == "torch" else fused
+        optimisable = model_format(model.format).optimisable
+        fused = conv_bn_fused(self.module) if options.fuse_batchnorm and optimisable else self.module
+        self.run = torch.compile(fused) if options.compile and optimisable else fused
         norm = self.card.normalisation
         self.mean = torch.tensor(norm.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(norm.std, device=device).view(1, 3, 1, 1)
@@ -144,7 +143,7 @@ class OnnxPredictor:
     """An ONNX graph run by onnxruntime (CUDA where onnxruntime has it, else the CPU): input float32 NCHW,
     normalised as the card says; output the network's logits, activated as the card says."""
 
-    def __init__(self, model: LoadedModel, device: torch.device, *_: object) -> None:
+    def __init__(self, model: LoadedModel, device: torch.device, options: PredictorOptions = DEFAULT_OPTIONS) -> None:
         self.card = model.card
         self.session = model.runtime
         self.input = self.session.get_inputs()[0].name
@@ -163,26 +162,19 @@ class OnnxPredictor:
         return pick_written(self.probabilities(batch), self.card, self.indices)
 
 
-PredictorFactory = Callable[..., Predictor]  # (LoadedModel, device, precision, compile_, fuse) -> Predictor
-_FORMATS: dict[str, PredictorFactory] = {
-    "torch": TorchModulePredictor,
-    "torchscript": TorchModulePredictor,
-    "onnx": OnnxPredictor,
-}
-
-
-def register_format(name: str, factory: PredictorFactory) -> None:
-    """Make `LoadedModel(format=name)` runnable by the engine."""
-    _FORMATS[name] = factory
-
-
-def make_predictor(
-    model: LoadedModel, device: torch.device, precision: str = "auto", compile_: bool = False, fuse: bool = True
-) -> Predictor:
+def make_predictor(model: LoadedModel, device: torch.device, options: PredictorOptions = DEFAULT_OPTIONS) -> Predictor:
+    """The predictor of a loaded model, whatever its format: one place for precision, folding and compile."""
     try:
-        factory = _FORMATS[model.format]
-    except KeyError:
-        raise ValueError(f"no predictor for model format {model.format!r}; known: {sorted(_FORMATS)}") from None
-    if factory in (TorchModulePredictor, OnnxPredictor):
-        return factory(model, device, precision, compile_, fuse)
-    return factory(model, device)
+        fmt = model_format(model.format)
+    except KeyError as exc:
+        raise ModelError(f"{model.card.name}: {exc.args[0]}") from None
+    if model.module is not None:
+        return TorchModulePredictor(model, device, options)
+    if fmt.predictor is None:
+        raise ModelError(f"{model.card.name}: format {fmt.name} loaded no torch module and has no predictor")
+    return fmt.predictor(model, device, options)  # type: ignore[no-any-return]
+
+
+register_format(ModelFormat("safetensors", WEIGHTS_FILE, safetensors_module))
+register_format(ModelFormat("torchscript", "model.torchscript.pt", torchscript_module, optimisable=False))
+register_format(ModelFormat("onnx", "model.onnx", onnx_session, predictor=OnnxPredictor, optimisable=False))

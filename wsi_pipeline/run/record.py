@@ -17,7 +17,7 @@ from wsi_pipeline.config import Config
 from wsi_pipeline.core.inventory import file_sha256, first_problem
 from wsi_pipeline.core.layout import SlideLayout
 from wsi_pipeline.models import LoadedModel
-from wsi_pipeline.models.folders import FORMAT_FILES
+from wsi_pipeline.models.loading import network_file
 from wsi_pipeline.slide import backend_versions
 
 RUN_FORMAT = "wsi-pipeline/run@2"  # @2: with the outputs' inventory and the slide's fingerprint
@@ -26,7 +26,7 @@ _FINGERPRINT_BYTES = 1 << 20
 
 def weights_digest(model: LoadedModel) -> str:
     """The network file's digest, whichever format holds it (safetensors, TorchScript, ONNX)."""
-    path = model.path / FORMAT_FILES[model.card.format] if model.path else None
+    path = network_file(model)
     if path is None or not path.exists():
         return "in-memory"
     return file_sha256(path)[:16]

@@ -21,11 +21,11 @@ def predict_items_and_bf16_difference(
     """fp32 and bf16 scores per tile, through the same predictor `run` uses (any model format; a dense model's map
     scored on each tile's labelled area, as in its training: classifier/class_maps.py), and the largest |bf16 - fp32| of
     any output (at every pixel of a dense map): the figure `engine.precision: auto` reads from the card."""
-    from wsi_pipeline.models import make_predictor
+    from wsi_pipeline.models import PredictorOptions, make_predictor
     from wsi_pipeline.training.classifier.class_maps import item_scores, label_areas, scoring_radius_px
 
     card = model.card
-    predictors = [make_predictor(model, device, precision=p) for p in ("fp32", "bf16")]
+    predictors = [make_predictor(model, device, PredictorOptions(precision=p)) for p in ("fp32", "bf16")]
     radius = scoring_radius_px(card.training, card.mpp)  # used by dense models only
     scores: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
     largest = 0.0
