@@ -96,19 +96,16 @@ def end_to_end(
     decode: str = "cpu",
 ) -> dict[str, float]:
     """(c) `predict_slide` as `run` calls it: loader, model, stitching and zarr writing, start-up included."""
-    from wsi_pipeline.engine import TaskRequest, predict_slide
+    from wsi_pipeline.engine import EngineOptions, TaskRequest, predict_slide
 
     shutil.rmtree(store, ignore_errors=True)
     timing = predict_slide(
         slide,
         [TaskRequest("epithelium_stroma", model, plan)],
         store,
-        device=device,
-        batch_size=batch,
-        workers=workers,
-        progress=False,
-        precision=precision,
-        decode=decode,  # type: ignore[arg-type]
+        EngineOptions(
+            device=device, batch_size=batch, workers=workers, progress=False, precision=precision, decode=decode
+        ),  # type: ignore[arg-type]
     )["reads"][0]
     return {
         "tiles_per_s": len(plan) / timing["seconds"],
@@ -187,6 +184,7 @@ def memory_one(path: Path, tmp: Path) -> dict[str, object]:
     from wsi_pipeline.models import ModelCard, save_model
     from wsi_pipeline.models.architectures import build, seeded
     from wsi_pipeline.slide import Slide
+    from wsi_pipeline.run.settings import engine_options
     from wsi_pipeline.run.stages import predict_stage
 
     card = ModelCard(
@@ -206,17 +204,8 @@ def memory_one(path: Path, tmp: Path) -> dict[str, object]:
     cfg = load_config(None, ["tasks.mitosis.tile_px=256", "tasks.mitosis.overlap_px=32"])
     base = peak_rss_mb()
     t0 = time.perf_counter()
-    result = predict_stage(
-        Slide(path),
-        cfg,
-        "mitosis",
-        tmp / "out",
-        model_path=str(tmp / "tiny"),
-        device="cpu",
-        batch_size=16,
-        workers=1,
-        progress=False,
-    )
+    engine = engine_options(cfg, device="cpu", workers=1, batch_size=16, progress=False)
+    result = predict_stage(Slide(path), cfg, "mitosis", tmp / "out", engine, model_path=str(tmp / "tiny"))
     slide = Slide(path)
     return {
         "width": slide.dimensions[0],

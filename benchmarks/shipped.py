@@ -29,6 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     from wsi_pipeline.config import load_config
     from wsi_pipeline.slide import Slide
+    from wsi_pipeline.run.settings import engine_options
     from wsi_pipeline.run.stages import predict_stage
     from wsi_pipeline.slide.synth import default_layout, write_synthetic_slide
 
@@ -48,16 +49,14 @@ def main() -> None:
                     out = tmp / "out"
                     shutil.rmtree(out, ignore_errors=True)
                     with Slide(path, backend=backend) as slide:
-                        result = predict_stage(
-                            slide,
+                        engine = engine_options(
                             config,
-                            task,
-                            out,
-                            model_path=None,
                             device=args.device,
                             workers=args.workers,
+                            batch_size=config.task(task).batch_size,
                             progress=False,
                         )
+                        result = predict_stage(slide, config, task, out, engine, model_path=None)
                     read = result["timings"]["reads"][0]
                     tiles = result["tiles"]
                     rates[name].append(read["tiles_per_s"])

@@ -121,14 +121,16 @@ def test_nvjpeg_reads_match_the_cpu_loader(data_dir: Path, synthetic: Path) -> N
 def test_predict_with_device_decode_writes_the_same_heatmap(data_dir: Path, tmp_path: Path) -> None:
     from wsi_pipeline.config import load_config
     from wsi_pipeline.heatmap import open_heatmap
+    from wsi_pipeline.run.settings import engine_options
     from wsi_pipeline.run.stages import predict_stage
 
     maps = []
     for decode in ("cpu", "device"):
         config = load_config(None, [f"engine.decode={decode}", "engine.precision=fp32"])
         with Slide(CMU) as slide:
-            result = predict_stage(slide, config, "metastasis", tmp_path / decode, model_path=None, workers=1,
-                                   progress=False)  # fmt: skip
+            batch = config.task("metastasis").batch_size
+            engine = engine_options(config, device="auto", workers=1, batch_size=batch, progress=False)
+            result = predict_stage(slide, config, "metastasis", tmp_path / decode, engine, model_path=None)
         maps.append(open_heatmap(result["store"] / "tumour").channel("tumour"))
     assert result["tiles"] > 50 and maps[0].shape == maps[1].shape and float(maps[0].max()) > 0.1
     assert float(np.abs(maps[0] - maps[1]).max()) < 0.01  # a few pixels 1 grey level off move no tile further

@@ -13,7 +13,7 @@ import zarr
 from tests.helpers import CMU, run_cli, stitched_and_whole_region
 from wsi_pipeline.config import TissueConfig
 from wsi_pipeline.core.errors import ConfigError
-from wsi_pipeline.engine import TaskRequest, predict_slide, resolve_device
+from wsi_pipeline.engine import EngineOptions, TaskRequest, predict_slide, resolve_device
 from wsi_pipeline.heatmap import HeatmapGeometry, HeatmapWriter, open_heatmap
 from wsi_pipeline.models import ModelCard, load_model, save_model
 from wsi_pipeline.models.architectures import build, seeded
@@ -85,11 +85,9 @@ def test_classifier_heatmap_is_one_value_per_tile(cmu, tmp_path: Path) -> None:
         slide,
         [TaskRequest("epithelium_stroma", model, plan, dtype="float32")],
         store,
-        device=CPU,
-        batch_size=64,
-        workers=0,
-        progress=False,
-        precision="fp32",  # compared with the network run directly in fp32
+        EngineOptions(
+            device=CPU, batch_size=64, workers=0, progress=False, precision="fp32"
+        ),  # compared with the network run directly in fp32
     )
     epi = open_heatmap(store / "epithelium").channel("epithelium")
     stroma = open_heatmap(store / "stroma").channel("stroma")
@@ -137,7 +135,9 @@ def test_ome_zarr_readers_open_it(cmu, tmp_path: Path) -> None:
     model = load_model(dense_model(tmp_path, stride=2, halo=4))
     plan = plan_tiles(slide, tissue, 0.499, 64, overlap_px=16, min_tissue=0.2)
     store = tmp_path / "heatmaps.zarr"
-    predict_slide(slide, [TaskRequest("mitosis", model, plan)], store, device=CPU, workers=0, progress=False)
+    predict_slide(
+        slide, [TaskRequest("mitosis", model, plan)], store, EngineOptions(device=CPU, workers=0, progress=False)
+    )
     nodes = list(Reader(parse_url(str(store / "mitosis")))())
     image = nodes[0]
     assert len(image.data) >= 3
@@ -173,7 +173,10 @@ def test_bad_models_fail_before_reading(cmu, tmp_path: Path) -> None:
     plan = plan_tiles(slide, tissue, 0.499, 64, overlap_px=16)
     with pytest.raises(ConfigError, match="needs at least 24"):
         predict_slide(
-            slide, [TaskRequest("mitosis", model, plan)], tmp_path / "s.zarr", device=CPU, workers=0, progress=False
+            slide,
+            [TaskRequest("mitosis", model, plan)],
+            tmp_path / "s.zarr",
+            EngineOptions(device=CPU, workers=0, progress=False),
         )
     assert not (tmp_path / "s.zarr").exists()
 
@@ -269,14 +272,15 @@ def test_tasks_sharing_a_resolution_share_one_read(cmu, tmp_path: Path) -> None:
         slide,
         [TaskRequest("mitosis", dense, plan, "float32"), TaskRequest("metastasis", other, plan, "float32")],
         together,
-        device=CPU,
-        workers=1,
-        progress=False,
+        EngineOptions(device=CPU, workers=1, progress=False),
     )
     assert len(timings["reads"]) == 1 and timings["reads"][0]["tasks"] == ["mitosis", "metastasis"]
     alone = tmp_path / "alone.zarr"
     predict_slide(
-        slide, [TaskRequest("metastasis", other, plan, "float32")], alone, device=CPU, workers=0, progress=False
+        slide,
+        [TaskRequest("metastasis", other, plan, "float32")],
+        alone,
+        EngineOptions(device=CPU, workers=0, progress=False),
     )
     assert np.array_equal(
         open_heatmap(together / "metastasis").channel("metastasis"),
@@ -308,18 +312,14 @@ def test_cuda_bf16_matches_cpu_fp32(cmu, tmp_path: Path) -> None:
         slide,
         [TaskRequest("mitosis", model, plan, "float32")],
         tmp_path / "gpu.zarr",
-        device=torch.device("cuda"),
-        workers=2,
-        progress=False,
+        EngineOptions(device=torch.device("cuda"), workers=2, progress=False),
     )
     model = load_model(dense_model(tmp_path / "c", stride=2, halo=4))
     predict_slide(
         slide,
         [TaskRequest("mitosis", model, plan, "float32")],
         tmp_path / "cpu.zarr",
-        device=CPU,
-        workers=2,
-        progress=False,
+        EngineOptions(device=CPU, workers=2, progress=False),
     )
     gpu = open_heatmap(tmp_path / "gpu.zarr" / "mitosis").channel("mitosis")
     cpu = open_heatmap(tmp_path / "cpu.zarr" / "mitosis").channel("mitosis")
@@ -348,7 +348,9 @@ def test_cpu_bf16_by_default_where_native_and_within_the_tolerance(
         plan = plan_tiles(slide, detect_tissue(slide, TissueConfig()), model.card.mpp, model.card.tile_px, 48, 0.25)
         store = tmp_path / f"{precision}.zarr"
         request = TaskRequest(task, model, plan, dtype="float32")
-        ran = predict_slide(slide, [request], store, device=CPU, workers=0, progress=False, precision=precision)
+        ran = predict_slide(
+            slide, [request], store, EngineOptions(device=CPU, workers=0, progress=False, precision=precision)
+        )
         maps[precision] = open_heatmap(store / written).channel(written)
         ran_in[precision] = ran["precision"][task]
     assert ran_in["fp32"] == "fp32" and ran_in["bf16"] == "bf16"

@@ -13,7 +13,7 @@ import torch
 
 from tests.helpers import CMU, run_cli
 from wsi_pipeline.core.inventory import file_sha256
-from wsi_pipeline.engine import TaskRequest, predict_slide
+from wsi_pipeline.engine import EngineOptions, TaskRequest, predict_slide
 from wsi_pipeline.heatmap import open_heatmap
 from wsi_pipeline.models import (
     LoadedModel,
@@ -105,7 +105,10 @@ def test_a_format_registered_from_this_file_loads_a_folder_and_runs_end_to_end(d
 def _engine_map(model: LoadedModel, slide: Slide, plan: list, store: Path, name: str) -> np.ndarray:
     request = TaskRequest(model.card.task, model, plan, dtype="float32")
     predict_slide(
-        slide, [request], store, device=torch.device("cpu"), batch_size=8, workers=0, progress=False, precision="fp32"
+        slide,
+        [request],
+        store,
+        EngineOptions(device=torch.device("cpu"), batch_size=8, workers=0, progress=False, precision="fp32"),
     )
     return open_heatmap(store / name).channel(name)
 

@@ -159,7 +159,7 @@ def test_what_train_makes_is_named_by_the_task_and_the_kind_option() -> None:
 
 def test_a_registered_task_joins_the_configuration_and_the_cohort_columns() -> None:
     from wsi_pipeline.config import Config, load_config
-    from wsi_pipeline.run.batch import cohort_columns
+    from wsi_pipeline.run.cohort import cohort_columns
     from wsi_pipeline.run.inputs import select_tasks
 
     assert NAME not in Config().model_dump()["tasks"]

@@ -68,14 +68,17 @@ def stitched_and_whole_region(  # type: ignore[no-untyped-def]
     grid region (what stitching must reproduce), both as float32 arrays."""
     import torch
 
-    from wsi_pipeline.engine import TaskRequest, predict_slide
+    from wsi_pipeline.engine import EngineOptions, TaskRequest, predict_slide
     from wsi_pipeline.heatmap import open_heatmap
     from wsi_pipeline.models.predictor import activate
 
     device = torch.device("cpu")
     request = TaskRequest(task, model, plan, dtype="float32")
     predict_slide(
-        slide, [request], store, device=device, batch_size=16, workers=workers, progress=False, precision="fp32"
+        slide,
+        [request],
+        store,
+        EngineOptions(device=device, batch_size=16, workers=workers, progress=False, precision="fp32"),
     )
     stitched = open_heatmap(store / cls).channel(cls)
     tile, overlap = plan.spec.tile_px, plan.spec.overlap_px

@@ -54,9 +54,10 @@ def submit(
     overrides: tuple[str, ...],
 ) -> None:
     """Run SLIDES on a SLURM cluster: one array task per --slides-per-job slides, then a gather job."""
-    from wsi_pipeline.run.batch import read_manifest_outcomes, summary_table
+    from wsi_pipeline.run.batch import summary_table
     from wsi_pipeline.run.cluster import JobResources, RunOptions, plan_submission
     from wsi_pipeline.run.cluster import submit as submit_jobs
+    from wsi_pipeline.run.cohort import read_manifest_outcomes
 
     run_config(config_path, overrides)  # validate here, before anything is submitted
     options = RunOptions(config_path, overrides, tasks, device, default_mpp, mpp_file, overwrite)
@@ -81,7 +82,7 @@ def submit(
 @click.argument("out_dir", metavar="OUT", type=click.Path(file_okay=False, exists=True))
 def gather(out_dir: str) -> None:
     """Merge the manifests of `run --shard` jobs into OUT/manifest.csv and OUT/cohort_summary.csv."""
-    from wsi_pipeline.run.batch import gather as gather_outputs
+    from wsi_pipeline.run.cohort import gather as gather_outputs
 
     manifest, cohort, failed = gather_outputs(Path(out_dir))
     click.echo(f"wrote {manifest} and {cohort}" + (f"; {failed} slide(s) failed" if failed else ""))

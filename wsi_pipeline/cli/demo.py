@@ -17,6 +17,7 @@ import numpy as np
 from wsi_pipeline.config import load_config
 from wsi_pipeline.models.demo import write_figure_detector
 from wsi_pipeline.run.batch import run_batch, summary_table
+from wsi_pipeline.run.settings import RunSettings
 from wsi_pipeline.slide.synth import default_layout, read_truth, write_synthetic_slide
 from wsi_pipeline.training.metrics import match_detections
 
@@ -33,7 +34,7 @@ def run_demo(out: Path) -> None:
     config = load_config(None, [f"tasks.mitosis.model={model_dir}", "tasks.mitosis.smooth_sigma_um=3"])
     results = out / "results"
     tasks = ["mitosis", "epithelium_stroma", "metastasis"]
-    batch = run_batch([str(slide_path)], results, config, tasks, device="auto", workers=1, progress=True)
+    batch = run_batch([str(slide_path)], results, RunSettings.of(config, tasks, device="auto", workers=1))
     print(summary_table(batch))
     slide_dir = results / "demo-synthetic"
     spec = read_truth(slide_path)

@@ -66,23 +66,22 @@ def predict(
 ) -> None:
     """Run one task over SLIDE's tiles: OUT/<slide_id>/heatmaps.zarr/<class> (OME-Zarr) and tissue."""
     from wsi_pipeline.engine import default_workers
+    from wsi_pipeline.run.settings import engine_options
     from wsi_pipeline.run.stages import predict_stage
     from wsi_pipeline.tasks import get_task
 
     cfg = run_config(config_path, overrides, backend)
     get_task(task, "--task")
+    engine = engine_options(
+        cfg,
+        device=device,
+        workers=default_workers() if workers is None else workers,
+        batch_size=batch_size or cfg.task(task).batch_size,
+        progress=progress,
+    )
     with Slide(slide_path, mpp=slide_mpp, backend=cfg.slide.backend) as slide:
-        result = predict_stage(
-            slide,
-            cfg,
-            task,
-            RunLayout(Path(out_dir)).slide(slide.slide_id),
-            model_path=model_path,
-            device=device,
-            batch_size=batch_size,
-            workers=default_workers() if workers is None else workers,
-            progress=progress,
-        )
+        layout = RunLayout(Path(out_dir)).slide(slide.slide_id)
+        result = predict_stage(slide, cfg, task, layout, engine, model_path=model_path)
     read = result["timings"]["reads"][0]
     click.echo(
         f"{slide.slide_id}: {result['tiles']} tiles with {result['model']} on {read['device']} in "
@@ -167,27 +166,26 @@ def run(
 
     from wsi_pipeline.engine import default_workers
     from wsi_pipeline.run.batch import run_batch, summary_table
+    from wsi_pipeline.run.settings import RunSettings
 
     def report(outcome: SlideOutcome) -> None:
         text = f"{outcome.slide_id}: {outcome.status} ({outcome.seconds:.1f} s)"
         detail = outcome.error or outcome.note
         click.echo(text + (f" — {detail}" if detail else ""), err=outcome.status == "failed")
 
-    result = run_batch(
-        inputs,
-        Path(out_dir),
+    settings = RunSettings.of(
         cfg,
         task_list,
         device=device,
         workers=default_workers() if workers is None else workers,
+        progress=progress,
         overwrite=overwrite,
         default_mpp=default_mpp,
-        mpp_file=mpp_file,
-        progress=progress,
-        shard=shard_spec,
-        dask_scheduler=dask_scheduler,
-        on_slide=report,
     )
+    result = run_batch(
+        inputs, Path(out_dir), settings, mpp_file=mpp_file, shard=shard_spec, dask_scheduler=dask_scheduler,
+        on_slide=report,
+    )  # fmt: skip
     click.echo(summary_table(result))
     listing = "shards/manifest-*.csv; merge with `wsi-pipeline gather`" if shard else "manifest.csv, cohort_summary.csv"
     click.echo(f"outputs in {Path(out_dir).resolve()} ({listing}, <slide_id>/)")

@@ -6,6 +6,7 @@ Knows nothing of OpenSlide (an import contract checks it): it reads tiles throug
 
 from wsi_pipeline.engine.device import resolve_device
 from wsi_pipeline.engine.loader import TileDataset, default_workers, make_loader
+from wsi_pipeline.engine.options import EngineOptions
 from wsi_pipeline.engine.predict import TaskRequest, check_request, check_spec, predict_slide, read_groups
 from wsi_pipeline.engine.stitch import (
     STITCHERS,
@@ -22,6 +23,7 @@ __all__ = [
     "ClassifierStitcher",
     "DenseCrop",
     "DenseStitcher",
+    "EngineOptions",
     "Stitcher",
     "TaskRequest",
     "TileDataset",

@@ -19,12 +19,15 @@ import torch
 from wsi_pipeline.core.errors import ConfigError
 from wsi_pipeline.core.memory import HeapTrimmer
 from wsi_pipeline.core.progress import Progress
-from wsi_pipeline.engine.loader import DecodeKind, LoaderKind, make_loader, one_line_worker_errors
+from wsi_pipeline.engine.loader import make_loader, one_line_worker_errors
+from wsi_pipeline.engine.options import EngineOptions
 from wsi_pipeline.engine.stitch import Stitcher, stitcher_class
-from wsi_pipeline.models import LoadedModel, Predictor, PredictorOptions, make_predictor
+from wsi_pipeline.models import LoadedModel, Predictor, make_predictor
 from wsi_pipeline.models.card import ModelCard
 from wsi_pipeline.slide import Slide
 from wsi_pipeline.slide.tiling import TilePlan, TileSpec
+
+DEFAULT_OPTIONS = EngineOptions()
 
 
 @dataclass
@@ -60,25 +63,11 @@ def read_groups(requests: Sequence[TaskRequest]) -> list[list[TaskRequest]]:
 
 
 def predict_slide(
-    slide: Slide,
-    requests: Sequence[TaskRequest],
-    store: Path,
-    *,
-    device: torch.device,
-    batch_size: int = 32,
-    workers: int = 2,
-    progress: bool = True,
-    precision: str = "auto",
-    compile_: bool = False,
-    loader: LoaderKind = "threads",
-    fuse: bool = True,
-    decode: DecodeKind = "cpu",
+    slide: Slide, requests: Sequence[TaskRequest], store: Path, options: EngineOptions = DEFAULT_OPTIONS
 ) -> dict[str, Any]:
-    """Run every request over its plan and write its heatmaps into `store`; returns timings. `precision` (auto,
-    fp32, bf16), `compile_` and `fuse` (BatchNorm folded into convolutions) go to each model's predictor (see
-    `models.predictor`); `loader` says whether `workers` are threads or processes, `decode="device"` decodes stored
-    JPEG tiles on `device` (`engine.loader`, `engine.decode`). The timings name the precision each task ran in
-    (`auto` decides per device and model card).
+    """Run every request over its plan and write its heatmaps into `store`; returns timings. `options` says how
+    (engine/options.py): the predictor options go to each model's predictor (`models.predictor`), the rest to the
+    loader. The timings name the precision each task ran in (`auto` decides per device and model card).
 
     Raises before reading when a model cannot serve its plan; on any failure, partial heatmaps are discarded.
     """
@@ -95,19 +84,20 @@ def predict_slide(
         started = time.perf_counter()
         # The workers start (a spawned process re-imports torch: seconds on a GPU machine) and read ahead while the
         # models move to the device and the heatmaps are created.
-        tiles = iter(make_loader(slide, plan, batch_size, workers, device, loader, decode))
+        device = options.device
+        tiles = iter(
+            make_loader(slide, plan, options.batch_size, options.workers, device, options.loader, options.decode)
+        )
         try:
             predictors = []
             for request in group:
-                predictors.append(make_predictor(request.model, device, PredictorOptions(precision, compile_, fuse)))
+                predictors.append(make_predictor(request.model, device, options.predictor))
                 timings["precision"][request.name] = "bf16" if getattr(predictors[-1], "bf16", False) else "fp32"
                 card = request.model.card
                 stitchers.append(stitcher_class(card)(request.name, card, request.plan, store, request.dtype))
             names = [r.name for r in group]
             timings["reads"].append(
-                _run_group(
-                    slide, plan, names, list(zip(predictors, stitchers, strict=True)), tiles, device, progress, started
-                )
+                _run_group(slide, plan, names, list(zip(predictors, stitchers, strict=True)), tiles, options, started)
             )
             for stitcher in stitchers:
                 stitcher.finalize()
@@ -129,13 +119,13 @@ def _run_group(
     names: list[str],
     pairs: list[tuple[Predictor, Stitcher]],
     tiles: Iterator[tuple[torch.Tensor, torch.Tensor]],
-    device: torch.device,
-    progress: bool,
+    options: EngineOptions,
     started: float,
 ) -> dict[str, Any]:
     """Feed every batch of `tiles` to each predictor and its stitcher; `started` is when the group's setup began, so
     the reported seconds include the loader's start-up."""
-    bar = Progress(len(plan), f"{slide.slide_id} {'+'.join(names)}", enabled=progress)
+    device = options.device
+    bar = Progress(len(plan), f"{slide.slide_id} {'+'.join(names)}", enabled=options.progress)
     wait_s = compute_s = 0.0
     heap = HeapTrimmer()  # untrimmed, the freed heap kept a large slide's peak RSS 1007-1199 MB instead of ~803 MB
     tick = time.perf_counter()

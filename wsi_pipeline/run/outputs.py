@@ -1,27 +1,131 @@
-"""A slide's exports assembled from finished artefacts and the tasks' results: QuPath objects, point tables and
-the overview picture. The exporters themselves (`export/`) know nothing of tasks."""
+"""Everything written into a slide's folder, assembled in one place from finished artefacts and the tasks' results:
+tissue and tile files, summary.json, QuPath objects, point tables, the overview and the overlays. The exporters
+themselves (`export/`) know nothing of tasks; the cohort files (manifest, cohort table, report) are `run.cohort`'s."""
 
 from __future__ import annotations
 
 import csv
 import io
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import shapely
 
-from wsi_pipeline.core.atomic import write_text
+from wsi_pipeline.config import ExportConfig, TissueConfig
+from wsi_pipeline.core.atomic import write_json, write_text
 from wsi_pipeline.core.layout import SlideLayout
 from wsi_pipeline.engine import TaskRequest, tile_measurements
 from wsi_pipeline.export.figures import MIN_LONG_SIDE_PX, Marks, Outline, OverlayFigure, save_overlay
-from wsi_pipeline.export.overlay import Overview, draw_points, heat_overlay, sample_on_grid
-from wsi_pipeline.export.qupath import TISSUE_COLOR, feature, object_id, tile_features, tissue_features
+from wsi_pipeline.export.overlay import Overview, draw_points, heat_overlay, sample_on_grid, save_mask_png
+from wsi_pipeline.export.qupath import (
+    TISSUE_COLOR,
+    feature,
+    object_id,
+    tile_features,
+    tissue_features,
+    write_feature_collection,
+)
 from wsi_pipeline.heatmap import open_heatmap
 from wsi_pipeline.slide import Slide
+from wsi_pipeline.slide.tiling import TilePlan
 from wsi_pipeline.slide.tissue import TissueMask
 from wsi_pipeline.tasks import TaskResult, get_task
 from wsi_pipeline.tasks.common import region_level
+
+TILE_COLOR = (30, 90, 220)
+
+
+def qupath_offset(slide: Slide) -> tuple[float, float]:
+    """OpenSlide coordinates minus this are QuPath's (the bounds corner is QuPath's origin)."""
+    return (slide.bounds.x, slide.bounds.y)
+
+
+def plan_tile_features(
+    slide_id: str, name: str, plan: TilePlan, offset: tuple[float, float]
+) -> Iterator[dict[str, Any]]:
+    """QuPath tile objects of a plan with their tissue fraction."""
+    rows = zip(
+        plan.cols.tolist(),
+        plan.rows.tolist(),
+        plan.x.tolist(),
+        plan.y.tolist(),
+        plan.tissue_fraction.tolist(),
+        strict=True,
+    )
+    tiles = ((c, r, float(x), float(y), {"Tissue fraction": float(f)}) for c, r, x, y, f in rows)
+    return tile_features(slide_id, name, tiles, plan.tile_size_level0, offset)
+
+
+def write_tissue_files(
+    out: SlideLayout, slide: Slide, tissue: TissueMask, params: TissueConfig, *, overview: bool = True
+) -> tuple[dict[str, Path], dict[str, Any]]:
+    """tissue.geojson, tissue_mask.png, tissue.json and (with `overview`) overview.png; their paths and the summary."""
+    mpp = slide.mpp
+    files = {"geojson": out.tissue_geojson, "mask": out.tissue_mask, "summary": out.tissue_summary}
+    write_feature_collection(
+        files["geojson"], tissue_features(slide.slide_id, tissue.polygons, (mpp.x, mpp.y), qupath_offset(slide))
+    )
+    save_mask_png(tissue.mask, files["mask"])
+    if overview:
+        files["overview"] = out.overview
+        picture = Overview(tissue.thumbnail, tissue.origin, tissue.scale)
+        picture.outline(tissue.geometry, TISSUE_COLOR)
+        picture.save(files["overview"])
+    summary = {
+        "slide": str(slide.path),
+        "slide_id": slide.slide_id,
+        "slide_mpp": [mpp.x, mpp.y],
+        "mpp_source": mpp.source,
+        **tissue.summary(),
+        "params": params.model_dump(mode="json"),
+    }
+    write_json(files["summary"], summary)
+    return files, summary
+
+
+def write_tile_files(out: SlideLayout, slide: Slide, tissue: TissueMask, name: str, plan: TilePlan) -> dict[str, Path]:
+    """tiles-<name>.json (the plan), .geojson (QuPath tile objects) and .png (overview); their paths."""
+    out.root.mkdir(parents=True, exist_ok=True)
+    files = {kind: out.tiles(name, kind) for kind in ("json", "geojson", "png")}
+    plan.save(files["json"])
+    write_feature_collection(files["geojson"], plan_tile_features(slide.slide_id, name, plan, qupath_offset(slide)))
+    picture = Overview(tissue.thumbnail, tissue.origin, tissue.scale)
+    picture.outline(tissue.geometry, TISSUE_COLOR)
+    picture.boxes(plan.x, plan.y, *plan.tile_size_level0, (*TILE_COLOR, 160))
+    picture.save(files["png"])
+    return files
+
+
+def write_task_outputs(
+    out: SlideLayout,
+    slide: Slide,
+    tissue: TissueMask,
+    requests: list[TaskRequest],
+    results: dict[str, TaskResult],
+    guard: dict[str, dict[str, Any]],
+    export: ExportConfig,
+) -> None:
+    """What `run` writes of a slide's task results: summary.json, the point tables, qupath.geojson (and .gz), the
+    overview and each task's overlay."""
+    slide_id, mpp = slide.slide_id, slide.mpp
+    summary = {
+        "slide_id": slide_id,
+        "slide": str(slide.path),
+        "mpp": mpp.mean,
+        "mpp_source": mpp.source,
+        "tissue_area_mm2": round(tissue.area_mm2, 6),
+        **{t: r.summary | ({"warnings": r.warnings} if r.warnings else {}) for t, r in results.items()},
+        **({"input_guard": guard} if guard else {}),
+    }
+    write_json(out.summary, summary)
+    offset = qupath_offset(slide)
+    write_point_tables(out, results, offset)
+    for target in [out.qupath, *([out.qupath_gz] if export.geojson_gzip else [])]:
+        write_feature_collection(target, qupath_features(slide_id, tissue, results, requests, out, offset))
+    write_overview(out, tissue, results)
+    write_task_overlays(out, slide, slide_id, tissue, results)
 
 
 def qupath_features(

@@ -23,12 +23,11 @@ from wsi_pipeline.core.atomic import write_json
 from wsi_pipeline.core.errors import MissingMppError, OutputWriteError, WsiError, raise_if_signalled, write_failure
 from wsi_pipeline.core.inventory import take_inventory
 from wsi_pipeline.core.layout import RunLayout, SlideLayout
-from wsi_pipeline.engine import TaskRequest, predict_slide, resolve_device
-from wsi_pipeline.export.qupath import write_feature_collection
+from wsi_pipeline.engine import TaskRequest, predict_slide
 from wsi_pipeline.heatmap import begin_store, finish_store, settle_pending_writes
 from wsi_pipeline.models import LoadedModel
 from wsi_pipeline.models.input_guard import outside_reason, slide_colour
-from wsi_pipeline.run.outputs import qupath_features, write_overview, write_point_tables, write_task_overlays
+from wsi_pipeline.run.outputs import write_task_outputs
 from wsi_pipeline.run.record import (
     RUN_FORMAT,
     compatibility_key,
@@ -37,7 +36,8 @@ from wsi_pipeline.run.record import (
     slide_fingerprint,
     versions,
 )
-from wsi_pipeline.run.stages import qupath_offset, task_plan, tissue_stage, write_tissue_heatmap
+from wsi_pipeline.run.settings import RunSettings
+from wsi_pipeline.run.stages import task_plan, tissue_stage, write_tissue_heatmap
 from wsi_pipeline.slide import Slide
 from wsi_pipeline.slide.tissue import TissueMask
 from wsi_pipeline.tasks import TaskContext, TaskResult, get_task
@@ -74,21 +74,15 @@ def process_slide(
     path: Path,
     slide_id: str,
     out_root: Path,
-    config: Config,
-    tasks: list[str],
+    settings: RunSettings,
     models: dict[str, LoadedModel],
-    *,
-    device: str = "auto",
-    workers: int = 1,
     mpp: float | None = None,
-    default_mpp: float | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
 ) -> SlideOutcome:
     """Run `tasks` on one slide into OUT/<slide_id>/; never raises for bad input (the outcome says what failed).
     A failed write (full disk, read-only folder) raises OutputWriteError: every later slide would fail the same way.
     """
     started = time.perf_counter()
+    config, tasks, overwrite = settings.config, list(settings.tasks), settings.overwrite
     run = RunLayout(out_root)
     final = run.slide(slide_id)
     tmp = run.slide_temporary(slide_id)
@@ -97,7 +91,7 @@ def process_slide(
         return SlideOutcome(path, slide_id, status, error, time.perf_counter() - started, **extra)
 
     try:
-        slide = open_slide(path, config, mpp, default_mpp)
+        slide = open_slide(path, config, mpp, settings.default_mpp)
         key = compatibility_key(config, tasks, models, slide.mpp.mean, slide.backend)
         fingerprint = slide_fingerprint(path)
         decision = resume_decision(final, key, fingerprint, path, check_outputs=not overwrite)
@@ -112,7 +106,7 @@ def process_slide(
             return outcome("skipped", tiles=decision.tiles, summary=json.loads(final.summary.read_text()), note=note)
         note = "redone (--overwrite)" if overwrite and final.root.exists() else decision.note
         tmp.root.mkdir(parents=True)
-        record = _run(slide, slide_id, tmp, config, tasks, models, device, workers, progress)
+        record = _run(slide, slide_id, tmp, settings, models)
         raise_if_signalled()  # an interrupt some library swallowed still discards this slide
         record.update(
             {
@@ -190,16 +184,9 @@ def guard_note(findings: dict[str, dict[str, Any]]) -> str:
 
 
 def _run(
-    slide: Slide,
-    slide_id: str,
-    out: SlideLayout,
-    config: Config,
-    tasks: list[str],
-    models: dict[str, LoadedModel],
-    device: str,
-    workers: int,
-    progress: bool,
+    slide: Slide, slide_id: str, out: SlideLayout, settings: RunSettings, models: dict[str, LoadedModel]
 ) -> dict[str, Any]:
+    config, tasks = settings.config, list(settings.tasks)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     tissue = tissue_stage(slide, config.tissue, out, overview=False).tissue
@@ -212,24 +199,7 @@ def _run(
     requests = [TaskRequest(t, models[t], task_plan(slide, tissue, t, config.task(t), models[t].card)) for t in chosen]
     timings["tiling_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    inference = (
-        predict_slide(
-            slide,
-            requests,
-            out.heatmaps,
-            device=resolve_device(device),
-            batch_size=max(config.task(t).batch_size for t in tasks),
-            workers=workers,
-            progress=progress,
-            precision=config.engine.precision,
-            compile_=config.engine.compile,
-            loader=config.engine.loader,
-            fuse=config.engine.fuse_batchnorm,
-            decode=config.engine.decode,
-        )
-        if requests
-        else {"reads": []}
-    )
+    inference = predict_slide(slide, requests, out.heatmaps, settings.engine) if requests else {"reads": []}
     write_tissue_heatmap(out.heatmaps, tissue)
     finish_store(out.heatmaps)
     timings["inference_s"] = time.perf_counter() - t0
@@ -254,23 +224,7 @@ def _run(
     timings["postprocess_s"] = time.perf_counter() - t0
     raise_if_signalled()
     t0 = time.perf_counter()
-    summary = {
-        "slide_id": slide_id,
-        "slide": str(slide.path),
-        "mpp": mpp.mean,
-        "mpp_source": mpp.source,
-        "tissue_area_mm2": round(tissue.area_mm2, 6),
-        **{t: r.summary | ({"warnings": r.warnings} if r.warnings else {}) for t, r in results.items()},
-        **({"input_guard": guard} if guard else {}),
-    }
-    write_json(out.summary, summary)
-    offset = qupath_offset(slide)
-    write_point_tables(out, results, offset)
-    targets = [out.qupath, *([out.qupath_gz] if config.export.geojson_gzip else [])]
-    for target in targets:
-        write_feature_collection(target, qupath_features(slide_id, tissue, results, requests, out, offset))
-    write_overview(out, tissue, results)
-    write_task_overlays(out, slide, slide_id, tissue, results)
+    write_task_outputs(out, slide, tissue, requests, results, guard, config.export)
     timings["export_s"] = time.perf_counter() - t0
     return {
         "slide": str(slide.path),

@@ -1,12 +1,9 @@
-"""Per-slide stages that write files: tissue detection, tile planning, one task's prediction (the CLI delegates here).
-
-Every path comes from `layout.SlideLayout`; every QuPath tissue or tile object from `export.qupath`.
-"""
+"""Per-slide stages: tissue detection, tile planning, one task's prediction (the single-slide commands delegate
+here, and `run` uses the same stages). What they write into a slide's folder is made by `run.outputs`."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,24 +11,21 @@ from typing import Any
 import numpy as np
 
 from wsi_pipeline.config import Config, TaskConfig, TissueConfig
-from wsi_pipeline.core.atomic import write_json
 from wsi_pipeline.core.errors import ConfigError, write_failure
 from wsi_pipeline.core.inventory import invalidate
 from wsi_pipeline.core.layout import SlideLayout
-from wsi_pipeline.engine import TaskRequest, check_request, check_spec, predict_slide, resolve_device
-from wsi_pipeline.export.overlay import Overview, save_mask_png
-from wsi_pipeline.export.qupath import TISSUE_COLOR, tile_features, tissue_features, write_feature_collection
+from wsi_pipeline.engine import EngineOptions, TaskRequest, check_request, check_spec, predict_slide
 from wsi_pipeline.heatmap import CHUNK, HeatmapGeometry, HeatmapWriter, begin_store, finish_store
 from wsi_pipeline.models import LoadedModel
 from wsi_pipeline.models.card import ModelCard
 from wsi_pipeline.models.input_guard import outside_reason
 from wsi_pipeline.models.loading import load_card
+from wsi_pipeline.run.outputs import write_tile_files, write_tissue_files
 from wsi_pipeline.slide import Slide
 from wsi_pipeline.slide.tiling import TilePlan, TileSpec, plan_tiles
 from wsi_pipeline.slide.tissue import TissueMask, detect_tissue, require_tissue
 from wsi_pipeline.tasks import get_task, task_model
 
-TILE_COLOR = (30, 90, 220)
 log = logging.getLogger(__name__)
 
 
@@ -47,11 +41,6 @@ def _layout(out: SlideLayout | Path) -> SlideLayout:
     return out if isinstance(out, SlideLayout) else SlideLayout(Path(out))
 
 
-def qupath_offset(slide: Slide) -> tuple[float, float]:
-    """OpenSlide coordinates minus this are QuPath's (the bounds corner is QuPath's origin)."""
-    return (slide.bounds.x, slide.bounds.y)
-
-
 def tissue_stage(
     slide: Slide, params: TissueConfig, out: SlideLayout | Path, *, require: bool = True, overview: bool = True
 ) -> TissueOutputs:
@@ -65,43 +54,8 @@ def tissue_stage(
         log.info(
             "%s: removed (tissue rewrites this slide's tissue files; the next run redoes the slide)", out.run_record
         )
-    mpp = slide.mpp
-    files = {"geojson": out.tissue_geojson, "mask": out.tissue_mask, "summary": out.tissue_summary}
-    write_feature_collection(
-        files["geojson"], tissue_features(slide.slide_id, tissue.polygons, (mpp.x, mpp.y), qupath_offset(slide))
-    )
-    save_mask_png(tissue.mask, files["mask"])
-    if overview:
-        files["overview"] = out.overview
-        picture = Overview(tissue.thumbnail, tissue.origin, tissue.scale)
-        picture.outline(tissue.geometry, TISSUE_COLOR)
-        picture.save(files["overview"])
-    summary = {
-        "slide": str(slide.path),
-        "slide_id": slide.slide_id,
-        "slide_mpp": [mpp.x, mpp.y],
-        "mpp_source": mpp.source,
-        **tissue.summary(),
-        "params": params.model_dump(mode="json"),
-    }
-    write_json(files["summary"], summary)
+    files, summary = write_tissue_files(out, slide, tissue, params, overview=overview)
     return TissueOutputs(tissue, files, summary)
-
-
-def plan_tile_features(
-    slide_id: str, name: str, plan: TilePlan, offset: tuple[float, float]
-) -> Iterator[dict[str, Any]]:
-    """QuPath tile objects of a plan with their tissue fraction."""
-    rows = zip(
-        plan.cols.tolist(),
-        plan.rows.tolist(),
-        plan.x.tolist(),
-        plan.y.tolist(),
-        plan.tissue_fraction.tolist(),
-        strict=True,
-    )
-    tiles = ((c, r, float(x), float(y), {"Tissue fraction": float(f)}) for c, r, x, y, f in rows)
-    return tile_features(slide_id, name, tiles, plan.tile_size_level0, offset)
 
 
 def tiles_stage(
@@ -120,15 +74,7 @@ def tiles_stage(
     out = _layout(out)
     plan = plan_tiles(slide, tissue, mpp, tile_px, overlap_px, min_tissue)
     plan.tissue_params = tissue_params.model_dump(mode="json")
-    out.root.mkdir(parents=True, exist_ok=True)
-    files = {kind: out.tiles(name, kind) for kind in ("json", "geojson", "png")}
-    plan.save(files["json"])
-    write_feature_collection(files["geojson"], plan_tile_features(slide.slide_id, name, plan, qupath_offset(slide)))
-    overview = Overview(tissue.thumbnail, tissue.origin, tissue.scale)
-    overview.outline(tissue.geometry, TISSUE_COLOR)
-    overview.boxes(plan.x, plan.y, *plan.tile_size_level0, (*TILE_COLOR, 160))
-    overview.save(files["png"])
-    return plan, files
+    return plan, write_tile_files(out, slide, tissue, name, plan)
 
 
 def task_tiling(task: str, task_cfg: TaskConfig, card: ModelCard) -> tuple[float, int, int]:
@@ -225,19 +171,16 @@ def predict_stage(
     config: Config,
     task: str,
     out: SlideLayout | Path,
+    engine: EngineOptions,
     *,
     model_path: str | None,
-    device: str = "auto",
-    batch_size: int | None = None,
-    workers: int = 2,
-    progress: bool = True,
 ) -> dict[str, Any]:
-    """Run one task over the slide and write its heatmaps (and `tissue`) into the slide's heatmaps.zarr."""
+    """Run one task over the slide with `engine` (settings.engine_options) and write its heatmaps (and `tissue`)
+    into the slide's heatmaps.zarr."""
     out = _layout(out)
     task_cfg = config.task(task)
     # before any tile is read; errors name the option the model came from
     model: LoadedModel = task_model(task, model_path or task_cfg.model, "--model" if model_path else None)
-    torch_device = resolve_device(device)
     tissue = detect_tissue(slide, config.tissue)
     require_tissue(tissue, slide)
     card = model.card
@@ -250,20 +193,7 @@ def predict_stage(
         log.info("%s: removed (predict changes this slide's heatmaps; the next run redoes the slide)", out.run_record)
     try:
         begin_store(out.heatmaps)  # incomplete until this task's heatmaps and `tissue` are all in place
-        timings = predict_slide(
-            slide,
-            [TaskRequest(task, model, plan)],
-            out.heatmaps,
-            device=torch_device,
-            batch_size=batch_size or task_cfg.batch_size,
-            workers=workers,
-            progress=progress,
-            precision=config.engine.precision,
-            compile_=config.engine.compile,
-            loader=config.engine.loader,
-            fuse=config.engine.fuse_batchnorm,
-            decode=config.engine.decode,
-        )
+        timings = predict_slide(slide, [TaskRequest(task, model, plan)], out.heatmaps, engine)
         write_tissue_heatmap(out.heatmaps, tissue)
         finish_store(out.heatmaps)
     except OSError as exc:

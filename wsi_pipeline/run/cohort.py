@@ -1,0 +1,174 @@
+"""The cohort's files, assembled in one place from the slides' outcomes and summaries: manifest.csv, cohort_summary.csv
+(columns from the registered tasks), report.html, and `gather`, which merges the shards' manifests into them."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from wsi_pipeline.core.atomic import write_text
+from wsi_pipeline.core.errors import ConfigError
+from wsi_pipeline.core.layout import RunLayout
+from wsi_pipeline.export.report import Column, write_report
+from wsi_pipeline.run.inputs import assign_ids, discover, read_slide_list
+from wsi_pipeline.run.lock import output_lock
+from wsi_pipeline.run.pipeline import SlideOutcome
+from wsi_pipeline.tasks import task_names
+from wsi_pipeline.tasks import tasks as registered_tasks
+
+MANIFEST_COLUMNS = ["slide", "slide_id", "status", "error", "seconds", "tiles", "note"]
+SLIDE_COLUMNS = ["slide_id", "slide", "mpp", "mpp_source", "tissue_area_mm2"]
+
+
+def cohort_columns() -> list[str]:
+    """The slide's own figures, then each registered task's (`<task>_<key>`), in registration order."""
+    return [
+        *SLIDE_COLUMNS,
+        *(f"{t.name}_{key}" for t in registered_tasks() for key in t.cohort_columns),
+        "warnings",  # last, so that the figures' columns keep their places
+    ]
+
+
+@dataclass
+class BatchResult:
+    outcomes: list[SlideOutcome]
+
+    @property
+    def failed(self) -> list[SlideOutcome]:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+
+def _csv(columns: list[str], rows: Iterable[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(row)
+    return buffer.getvalue()
+
+
+def manifest_row(o: SlideOutcome) -> dict[str, str]:
+    return {
+        "slide": str(o.slide),
+        "slide_id": o.slide_id,
+        "status": o.status,
+        "error": o.error,
+        "seconds": f"{o.seconds:.2f}",
+        "tiles": str(o.tiles),
+        "note": o.note,
+    }
+
+
+def write_manifest(path: Path, outcomes: Sequence[SlideOutcome]) -> None:
+    write_text(path, _csv(MANIFEST_COLUMNS, [manifest_row(o) for o in outcomes]))
+
+
+def cohort_row(summary: dict[str, Any]) -> dict[str, Any]:
+    row = {k: summary.get(k) for k in SLIDE_COLUMNS}
+    for task in task_names():
+        for key, value in (summary.get(task) or {}).items():
+            row[f"{task}_{key}"] = value
+    # figures a task found implausible: whoever reads only this table must see that they are not to be used
+    row["warnings"] = "; ".join(w for t in task_names() for w in (summary.get(t) or {}).get("warnings", []))
+    return row
+
+
+def write_cohort(path: Path, summaries: Iterable[dict[str, Any]]) -> None:
+    write_text(path, _csv(cohort_columns(), [cohort_row(s) for s in summaries]))
+
+
+def report_columns() -> list[Column]:
+    """report.html's table: the slide, its status and tissue, each registered task's chosen figures, the time."""
+    return [
+        Column(None, "slide_id", "slide"),
+        Column(None, "status", "status"),
+        Column(None, "error", "error"),
+        Column(None, "note", "note"),
+        Column(None, "tissue_area_mm2", "tissue mm²"),
+        *(Column(t.name, key, header) for t in registered_tasks() for key, header in t.report_columns),
+        Column(None, "seconds", "seconds"),
+    ]
+
+
+def write_batch_report(out: Path, outcomes: Sequence[SlideOutcome]) -> Path:
+    return write_report(out, [manifest_row(o) for o in outcomes], report_columns())
+
+
+def gather(out: Path) -> tuple[Path, Path, int]:
+    """Merge the shards' manifests into OUT/manifest.csv and OUT/cohort_summary.csv; returns them and the number
+    of failed slides. Newer shard manifests win; slides of a submitted list with no row at all (their job was
+    killed, timed out or lost its node) are recorded as failed. It holds OUT's lock whole, so it is refused (exit
+    11) while a shard still runs: those slides would otherwise be written down as failed."""
+    with output_lock(out):
+        return _gather(RunLayout(out))
+
+
+def _gather(layout: RunLayout) -> tuple[Path, Path, int]:
+    rows: dict[str, dict[str, str]] = {}
+    for path in sorted(layout.shard_manifests(), key=lambda p: p.stat().st_mtime_ns):
+        with path.open(newline="", encoding="utf-8") as fh:
+            for row in csv.DictReader(fh):
+                rows[row["slide_id"]] = row
+    submitted = layout.submitted_list
+    if submitted.exists():
+        paths = discover(read_slide_list(submitted))
+        for path, slide_id in assign_ids(paths).items():
+            rows.setdefault(
+                slide_id,
+                {
+                    "slide": str(path),
+                    "slide_id": slide_id,
+                    "status": "failed",
+                    "seconds": "0",
+                    "tiles": "0",
+                    "error": "no result: its job did not finish (cancelled, timed "
+                    "out or its node was lost); submit again to redo the missing slides",
+                },
+            )
+    if not rows:
+        raise ConfigError(f"no shard manifests in {layout.shards}; run `wsi-pipeline run --shard I/N` first")
+    ordered = [rows[k] for k in sorted(rows)]
+    write_text(layout.manifest, _csv(MANIFEST_COLUMNS, ordered))
+    summaries = []
+    for row in ordered:
+        summary = layout.slide(row["slide_id"]).summary
+        if row["status"] in ("done", "skipped") and summary.is_file():
+            with contextlib.suppress(ValueError):  # a damaged summary: the row stays, the cohort line is left out
+                summaries.append(json.loads(summary.read_text()))
+    write_cohort(layout.cohort, summaries)
+    write_report(layout.root, ordered, report_columns())
+    return layout.manifest, layout.cohort, sum(r["status"] == "failed" for r in ordered)
+
+
+def read_manifest_outcomes(out: Path) -> BatchResult:
+    """OUT/manifest.csv read back as outcomes (for the table `submit` prints at the end)."""
+    layout = RunLayout(out)
+    path = layout.manifest
+    if not path.exists():
+        raise ConfigError(f"{path} does not exist: the gather job did not run; see {layout.logs}")
+    with path.open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    return BatchResult(
+        [
+            SlideOutcome(
+                Path(r["slide"]),
+                r["slide_id"],
+                r["status"],
+                r["error"],
+                float(r["seconds"]),
+                int(r["tiles"]),
+                note=r.get("note") or "",
+            )
+            for r in rows
+        ]
+    )
