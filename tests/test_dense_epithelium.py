@@ -18,11 +18,11 @@ from wsi_pipeline.heatmap import open_heatmap
 from wsi_pipeline.models import ModelCard, load_model, save_model
 from wsi_pipeline.models.architectures import build, seeded
 from wsi_pipeline.postprocess.regions import Region, clipped_to
-from wsi_pipeline.run.stages import task_tiling
 from wsi_pipeline.slide import Slide
 from wsi_pipeline.slide.tiling import plan_tiles
 from wsi_pipeline.slide.tissue import detect_tissue
 from wsi_pipeline.slide.tissue_config import TissueConfig
+from wsi_pipeline.tasks.reading import ReadSpec, read_spec
 from wsi_pipeline.training.classifier.class_maps import ClassMapTargets, item_scores, label_areas
 from wsi_pipeline.training.data.items import TileItem
 
@@ -100,13 +100,17 @@ def test_dense_class_maps_stitch_like_one_pass_over_the_whole_region(data_dir: P
     assert reference.std() > 1e-3  # a map that varies, not a constant that would match anyway
 
 
+def _geometry(spec: ReadSpec) -> tuple[float, int, int]:
+    return spec.mpp, spec.tile_px, spec.overlap_px
+
+
 def test_a_dense_card_sets_its_own_tile_and_an_overlap_of_twice_its_halo() -> None:
     config = load_config(None).task("epithelium_stroma")  # the shipped defaults: overlap 48 for the classifier
-    assert task_tiling("epithelium_stroma", config, unet_card()) == (0.998, 256, 128)
+    assert _geometry(read_spec("epithelium_stroma", config, unet_card())) == (0.998, 256, 128)
     classifier = unet_card(kind="classifier", architecture="small_cnn", run_tile_px=None, halo_px=0)
-    assert task_tiling("epithelium_stroma", config, classifier) == (0.998, 96, 48)
+    assert _geometry(read_spec("epithelium_stroma", config, classifier)) == (0.998, 96, 48)
     bigger = config.model_copy(update={"tile_px": 512, "overlap_px": 192})
-    assert task_tiling("epithelium_stroma", bigger, unet_card()) == (0.998, 512, 192)
+    assert _geometry(read_spec("epithelium_stroma", bigger, unet_card())) == (0.998, 512, 192)
     with pytest.raises(ValueError, match="run_tile_px"):
         unet_card(kind="classifier", architecture="small_cnn")
 

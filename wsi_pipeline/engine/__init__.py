@@ -7,7 +7,7 @@ Knows nothing of OpenSlide (an import contract checks it): it reads tiles throug
 from wsi_pipeline.engine.device import resolve_device
 from wsi_pipeline.engine.loader import TileDataset, default_workers, make_loader
 from wsi_pipeline.engine.options import EngineOptions
-from wsi_pipeline.engine.predict import TaskRequest, check_request, check_spec, predict_slide, read_groups
+from wsi_pipeline.engine.predict import TaskRequest, check_geometry, check_request, predict_slide, read_groups
 from wsi_pipeline.engine.stitch import (
     STITCHERS,
     ClassifierStitcher,
@@ -27,8 +27,8 @@ __all__ = [
     "Stitcher",
     "TaskRequest",
     "TileDataset",
+    "check_geometry",
     "check_request",
-    "check_spec",
     "default_workers",
     "dense_crop",
     "make_loader",

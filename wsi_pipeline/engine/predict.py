@@ -41,17 +41,18 @@ class TaskRequest:
 
 
 def check_request(request: TaskRequest) -> None:
-    """Refuse a plan the model cannot be run on, before any tile is read."""
-    check_spec(request.name, request.model.card, request.plan.spec)
+    """Refuse a plan the model cannot be run on, before any tile is read (the engine's own guard for every caller;
+    `run` and `predict` have checked the same geometry once already, as a task's `ReadSpec`)."""
+    spec = request.plan.spec
+    check_geometry(request.name, request.model.card, spec.mpp, spec.tile_px, spec.overlap_px)
 
 
-def check_spec(task: str, card: ModelCard, spec: TileSpec) -> None:
-    """What `check_request` checks; only the spec's µm/px, tile size and overlap take part (so a batch can check
-    its tasks before the first slide is opened)."""
+def check_geometry(task: str, card: ModelCard, mpp: float, tile_px: int, overlap_px: int) -> None:
+    """Whether `card`'s model can be run on tiles of this µm/px, size and overlap (no slide needed)."""
     key = f"tasks.{task}"
-    if abs(spec.mpp - card.mpp) > 1e-6 * card.mpp:
-        raise ConfigError(f"{key}.mpp is {spec.mpp} but model {card.name} expects {card.mpp} µm/px")
-    stitcher_class(card).check(card, spec, key)
+    if abs(mpp - card.mpp) > 1e-6 * card.mpp:
+        raise ConfigError(f"{key}.mpp is {mpp} but model {card.name} expects {card.mpp} µm/px")
+    stitcher_class(card).check(card, tile_px, overlap_px, key)
 
 
 def read_groups(requests: Sequence[TaskRequest]) -> list[list[TaskRequest]]:

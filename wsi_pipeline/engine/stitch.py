@@ -97,11 +97,9 @@ class ClassifierStitcher(_WritingStitcher):
     """One heatmap pixel per tile."""
 
     @staticmethod
-    def check(card: ModelCard, spec: TileSpec, key: str) -> None:
-        if spec.tile_px != card.tile_px:
-            raise ConfigError(
-                f"{key}.tile_px is {spec.tile_px} but classifier {card.name} expects {card.tile_px} px tiles"
-            )
+    def check(card: ModelCard, tile_px: int, overlap_px: int, key: str) -> None:
+        if tile_px != card.tile_px:
+            raise ConfigError(f"{key}.tile_px is {tile_px} but classifier {card.name} expects {card.tile_px} px tiles")
 
     def geometry(self) -> HeatmapGeometry:
         spec = self.plan.spec
@@ -128,16 +126,16 @@ class DenseStitcher(_WritingStitcher):
     """The halo-free centre of every tile's map."""
 
     @staticmethod
-    def check(card: ModelCard, spec: TileSpec, key: str) -> None:
+    def check(card: ModelCard, tile_px: int, overlap_px: int, key: str) -> None:
         stride = card.output_stride
-        if spec.tile_px % stride or spec.overlap_px % (2 * stride):
+        if tile_px % stride or overlap_px % (2 * stride):
             raise ConfigError(
-                f"{key}: tile_px ({spec.tile_px}) must be a multiple of the output stride {stride} and "
-                f"overlap_px ({spec.overlap_px}) a multiple of {2 * stride}"
+                f"{key}: tile_px ({tile_px}) must be a multiple of the output stride {stride} and "
+                f"overlap_px ({overlap_px}) a multiple of {2 * stride}"
             )
-        if spec.overlap_px // 2 < card.halo_px:
+        if overlap_px // 2 < card.halo_px:
             raise ConfigError(
-                f"{key}.overlap_px is {spec.overlap_px} but model {card.name} needs at least "
+                f"{key}.overlap_px is {overlap_px} but model {card.name} needs at least "
                 f"{2 * card.halo_px} (twice its halo of {card.halo_px} px) to stitch without seams"
             )
 

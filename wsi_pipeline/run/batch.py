@@ -24,8 +24,8 @@ from wsi_pipeline.run.inputs import (
 from wsi_pipeline.run.lock import output_lock
 from wsi_pipeline.run.pipeline import SlideOutcome, process_slide
 from wsi_pipeline.run.settings import RunSettings
-from wsi_pipeline.run.stages import check_task_settings
 from wsi_pipeline.tasks import task_model
+from wsi_pipeline.tasks.reading import ReadSpec, read_spec
 
 
 def load_task_models(config: Config, names: Sequence[str]) -> dict[str, LoadedModel]:
@@ -33,10 +33,10 @@ def load_task_models(config: Config, names: Sequence[str]) -> dict[str, LoadedMo
     return {t: task_model(t, config.task(t).model) for t in names}
 
 
-def check_task_requests(config: Config, names: Sequence[str], models: dict[str, LoadedModel]) -> None:
-    """Settings a task's model cannot take fail the whole batch before the first slide (exit 7), not each slide."""
-    for name in names:
-        check_task_settings(name, config.task(name), models[name].card)
+def read_specs(config: Config, names: Sequence[str], models: dict[str, LoadedModel]) -> dict[str, ReadSpec]:
+    """Each task's read geometry, resolved once: settings a task's model cannot take fail the whole batch before
+    the first slide (exit 7), not each slide."""
+    return {name: read_spec(name, config.task(name), models[name].card) for name in names}
 
 
 @contextlib.contextmanager
@@ -83,7 +83,7 @@ def run_batch(
     if mpp_file:
         warn_unmatched_overrides(overrides, ids, mpp_file)
     models = load_task_models(config, tasks)
-    check_task_requests(config, tasks, models)
+    specs = read_specs(config, tasks, models)
     manifest_path, cohort_path = RunLayout(out).batch_files(shard)
     outcomes: list[SlideOutcome] = []
     todo = shard_paths(paths, shard)
@@ -93,7 +93,9 @@ def run_batch(
         for path in todo:
             slide_id = ids[path]
             try:
-                outcome = process_slide(path, slide_id, out, settings, models, override_for(path, slide_id, overrides))
+                outcome = process_slide(
+                    path, slide_id, out, settings, models, specs, override_for(path, slide_id, overrides)
+                )
             except OutputWriteError as exc:  # the next slides would fail alike: record this one and stop (exit 9)
                 outcomes.append(SlideOutcome(path, slide_id, "failed", str(exc)))
                 with contextlib.suppress(OSError, WsiError):

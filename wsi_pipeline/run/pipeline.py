@@ -37,10 +37,11 @@ from wsi_pipeline.run.record import (
     versions,
 )
 from wsi_pipeline.run.settings import RunSettings
-from wsi_pipeline.run.stages import task_plan, tissue_stage, write_tissue_heatmap
+from wsi_pipeline.run.stages import tissue_stage, write_tissue_heatmap
 from wsi_pipeline.slide import Slide
 from wsi_pipeline.slide.tissue import TissueMask
 from wsi_pipeline.tasks import TaskContext, TaskResult, get_task
+from wsi_pipeline.tasks.reading import ReadSpec
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ def process_slide(
     out_root: Path,
     settings: RunSettings,
     models: dict[str, LoadedModel],
+    specs: dict[str, ReadSpec],
     mpp: float | None = None,
 ) -> SlideOutcome:
     """Run `tasks` on one slide into OUT/<slide_id>/; never raises for bad input (the outcome says what failed).
@@ -106,7 +108,7 @@ def process_slide(
             return outcome("skipped", tiles=decision.tiles, summary=json.loads(final.summary.read_text()), note=note)
         note = "redone (--overwrite)" if overwrite and final.root.exists() else decision.note
         tmp.root.mkdir(parents=True)
-        record = _run(slide, slide_id, tmp, settings, models)
+        record = _run(slide, slide_id, tmp, settings, models, specs)
         raise_if_signalled()  # an interrupt some library swallowed still discards this slide
         record.update(
             {
@@ -184,7 +186,12 @@ def guard_note(findings: dict[str, dict[str, Any]]) -> str:
 
 
 def _run(
-    slide: Slide, slide_id: str, out: SlideLayout, settings: RunSettings, models: dict[str, LoadedModel]
+    slide: Slide,
+    slide_id: str,
+    out: SlideLayout,
+    settings: RunSettings,
+    models: dict[str, LoadedModel],
+    specs: dict[str, ReadSpec],
 ) -> dict[str, Any]:
     config, tasks = settings.config, list(settings.tasks)
     timings: dict[str, float] = {}
@@ -196,7 +203,7 @@ def _run(
     t0 = time.perf_counter()
     guard = input_guard_findings(slide_id, tissue, config, tasks, models)
     chosen = [t for t in tasks if not guard.get(t, {}).get("skipped")]
-    requests = [TaskRequest(t, models[t], task_plan(slide, tissue, t, config.task(t), models[t].card)) for t in chosen]
+    requests = [TaskRequest(t, models[t], specs[t].plan(slide, tissue)) for t in chosen]
     timings["tiling_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     inference = predict_slide(slide, requests, out.heatmaps, settings.engine) if requests else {"reads": []}

@@ -10,21 +10,21 @@ from typing import Any
 
 import numpy as np
 
-from wsi_pipeline.config import Config, TaskConfig, TissueConfig
+from wsi_pipeline.config import Config, TissueConfig
 from wsi_pipeline.core.errors import ConfigError, write_failure
 from wsi_pipeline.core.inventory import invalidate
 from wsi_pipeline.core.layout import SlideLayout
-from wsi_pipeline.engine import EngineOptions, TaskRequest, check_request, check_spec, predict_slide
+from wsi_pipeline.engine import EngineOptions, TaskRequest, predict_slide
 from wsi_pipeline.heatmap import CHUNK, HeatmapGeometry, HeatmapWriter, begin_store, finish_store
 from wsi_pipeline.models import LoadedModel
-from wsi_pipeline.models.card import ModelCard
 from wsi_pipeline.models.input_guard import outside_reason
 from wsi_pipeline.models.loading import load_card
 from wsi_pipeline.run.outputs import write_tile_files, write_tissue_files
 from wsi_pipeline.slide import Slide
-from wsi_pipeline.slide.tiling import TilePlan, TileSpec, plan_tiles
+from wsi_pipeline.slide.tiling import TilePlan, plan_tiles
 from wsi_pipeline.slide.tissue import TissueMask, detect_tissue, require_tissue
 from wsi_pipeline.tasks import get_task, task_model
+from wsi_pipeline.tasks.reading import read_spec
 
 log = logging.getLogger(__name__)
 
@@ -77,33 +77,6 @@ def tiles_stage(
     return plan, write_tile_files(out, slide, tissue, name, plan)
 
 
-def task_tiling(task: str, task_cfg: TaskConfig, card: ModelCard) -> tuple[float, int, int]:
-    """A task's (µm/px, tile px, overlap px): the configured ones, the model card's where none is configured (a
-    dense model's `run_tile_px`). A dense model's overlap is at least twice its halo: with that, its stitched map
-    equals one pass over the whole region whatever the overlap, so a smaller one (a classifier's default, e.g.) would
-    only add seams. A value the model cannot serve is refused by `engine.check_request` before any tile is read."""
-    mpp = card.mpp if task_cfg.mpp is None else task_cfg.mpp
-    default_tile = card.run_tile_px or card.tile_px
-    tile_px = default_tile if task_cfg.tile_px is None else task_cfg.tile_px
-    overlap_px = max(task_cfg.overlap_px, 2 * card.halo_px) if card.kind == "dense" else task_cfg.overlap_px
-    if overlap_px >= tile_px:
-        raise ConfigError(
-            f"tasks.{task}.overlap_px ({overlap_px}) must be smaller than the tile size ({tile_px} px, "
-            f"{'configured' if task_cfg.tile_px is not None else f'from model {card.name}'})"
-        )
-    return mpp, tile_px, overlap_px
-
-
-def check_task_settings(task: str, task_cfg: TaskConfig, card: ModelCard) -> None:
-    """Refuse, before any slide is opened, a µm/px, tile size or overlap the task's model cannot take (exit 7)."""
-    mpp, tile_px, overlap_px = task_tiling(task, task_cfg, card)
-    check_spec(
-        task,
-        card,
-        TileSpec(mpp, tile_px, overlap_px, task_cfg.min_tissue, (mpp, mpp), (1.0, 1.0), (0, 0, tile_px, tile_px)),
-    )
-
-
 @dataclass(frozen=True)
 class TileRequest:
     """What `tiles` plans: a name and the grid's µm/px, size, overlap and minimum tissue."""
@@ -130,12 +103,11 @@ def tile_request(
         default = get_task(task, "--task").default_model()
         if t.model is None and default is None:
             raise ConfigError(f"--task {task}: the task ships no model; set tasks.{task}.model")
-        card = load_card(Path(t.model) if t.model is not None else default)  # type: ignore[arg-type]
-        task_mpp, task_tile_px, task_overlap_px = task_tiling(task, t, card)
-        mpp = task_mpp if mpp is None else mpp
-        tile_px = task_tile_px if tile_px is None else tile_px
-        overlap_px = task_overlap_px if overlap_px is None else overlap_px
-        min_tissue = t.min_tissue if min_tissue is None else min_tissue
+        spec = read_spec(task, t, load_card(Path(t.model) if t.model is not None else default))  # type: ignore[arg-type]
+        mpp = spec.mpp if mpp is None else mpp
+        tile_px = spec.tile_px if tile_px is None else tile_px
+        overlap_px = spec.overlap_px if overlap_px is None else overlap_px
+        min_tissue = spec.min_tissue if min_tissue is None else min_tissue
     if mpp is None or tile_px is None:
         raise ConfigError("give --mpp and --tile-px (e.g. --mpp 0.5 --tile-px 224), or --task NAME")
     if mpp <= 0:
@@ -143,12 +115,6 @@ def tile_request(
     overlap_px = 0 if overlap_px is None else overlap_px
     min_tissue = 0.1 if min_tissue is None else min_tissue
     return TileRequest(task or f"{mpp:g}um-{tile_px}px", mpp, tile_px, overlap_px, min_tissue)
-
-
-def task_plan(slide: Slide, tissue: TissueMask, task: str, task_cfg: TaskConfig, card: ModelCard) -> TilePlan:
-    """A task's tiles over the slide's tissue (see `task_tiling`)."""
-    mpp, tile_px, overlap_px = task_tiling(task, task_cfg, card)
-    return plan_tiles(slide, tissue, mpp, tile_px, overlap_px, task_cfg.min_tissue)
 
 
 def write_tissue_heatmap(store: Path, tissue: TissueMask) -> Path:
@@ -181,11 +147,11 @@ def predict_stage(
     task_cfg = config.task(task)
     # before any tile is read; errors name the option the model came from
     model: LoadedModel = task_model(task, model_path or task_cfg.model, "--model" if model_path else None)
+    card = model.card
+    spec = read_spec(task, task_cfg, card)  # a geometry the model cannot take: refused before the slide is read
     tissue = detect_tissue(slide, config.tissue)
     require_tissue(tissue, slide)
-    card = model.card
-    plan = task_plan(slide, tissue, task, task_cfg, card)
-    check_request(TaskRequest(task, model, plan))  # refused before the folder is touched
+    plan = spec.plan(slide, tissue)
     reason = outside_reason(tissue, card.input_stats)
     if reason is not None:  # predict runs the one task it was asked for; `run` skips it unless forced
         log.warning("warning: %s: the %s model is not to be trusted here: %s", slide.slide_id, task, reason)
