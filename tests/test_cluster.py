@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import run_cli
+from tests.helpers import mitosis_options, run_cli, run_outputs
+from tests.helpers.docs import example
 from tests.helpers.slurm import LocalSlurm, unavailable_reason
-from tests.test_run import _outputs, mitosis_options
 from wsi_pipeline.models.demo import write_figure_detector
 from wsi_pipeline.run.cluster import wait
 from wsi_pipeline.slide.synth import default_layout, write_synthetic_slide
@@ -124,7 +124,7 @@ def test_three_slides_as_two_jobs_equal_a_local_run(slurm: LocalSlurm, three_sli
     assert "(2 task(s) for 3 slide(s))" in result.stdout
     assert "3 slides: 3 done, 0 skipped, 0 failed" in result.stdout
     assert (out / "cohort_summary.csv").read_text() == (local / "cohort_summary.csv").read_text()
-    assert _outputs(out) == _outputs(local)
+    assert run_outputs(out) == run_outputs(local)
 
 
 def test_cancelled_job_is_reported_and_resubmit_completes(slurm: LocalSlurm, three_slides, tmp_path: Path) -> None:
@@ -194,7 +194,7 @@ def test_snakefile_with_the_local_executor_equals_a_local_run(three_slides, tmp_
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "wf"
     assert (out / "cohort_summary.csv").read_text() == (local / "cohort_summary.csv").read_text()
-    assert _outputs(out) == _outputs(local)
+    assert run_outputs(out) == run_outputs(local)
     assert sorted(p.name for p in (out / "shards").glob("manifest-*.csv")) == [
         "manifest-0-of-2.csv",
         "manifest-1-of-2.csv",
@@ -267,3 +267,43 @@ def test_a_running_job_the_scheduler_terminates_is_redone_by_the_next_submission
     again = _submit(slides, model, out)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "1 slides: 1 done, 0 skipped, 0 failed" in again.stdout
+
+
+DOCS_CLUSTER_LINES = """
+import sys
+
+{example}
+sys.stdout.flush()
+sys.stdin.readline()  # the test's run is done
+cluster.close()
+"""
+
+
+def test_the_cluster_docs_dask_jobqueue_lines_run(slurm: LocalSlurm, three_slides, tmp_path: Path) -> None:
+    """docs/cluster.md's dask-jobqueue lines as written, but for the 2 cores this one-node SLURM has (cores=8 would
+    never be scheduled): a SLURM job starts a dask worker, and `run --dask-scheduler` with the address they print
+    gives the same outputs as a run without it."""
+    from distributed import Client
+
+    code = example("cluster.md", "SLURMCluster(")
+    assert "cores=8" in code
+    script = tmp_path / "dask_slurm.py"
+    script.write_text(DOCS_CLUSTER_LINES.format(example=code.replace("cores=8", "cores=2")))
+    started = subprocess.Popen(
+        [sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=tmp_path
+    )
+    try:
+        address = started.stdout.readline().strip()  # type: ignore[union-attr]
+        assert address.startswith("tcp://"), address
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(1, timeout=HARD_TIMEOUT)  # the worker runs as a SLURM job
+        slides, model = three_slides
+        one = [str(next(iter(sorted(slides.glob("*.svs")))))]
+        args = [*_common(model), "--workers", "1", "--no-progress"]
+        via_slurm = run_cli("run", *one, "-o", str(tmp_path / "dask"), *args, "--dask-scheduler", address)
+        assert via_slurm.returncode == 0, via_slurm.stderr
+        local = run_cli("run", *one, "-o", str(tmp_path / "local"), *args)
+        assert local.returncode == 0, local.stderr
+        assert run_outputs(tmp_path / "dask") == run_outputs(tmp_path / "local")
+    finally:
+        started.communicate("done\n", timeout=120)

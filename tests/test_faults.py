@@ -393,7 +393,7 @@ def test_full_disk_is_exit_9_and_leaves_nothing_complete(case, tmp_path: Path) -
         assert root["complete"] is False  # the store says it is unfinished
         assert_nothing_looks_complete_but_is_not(out)
     finally:
-        subprocess.run(["umount", str(small)], check=False)
+        subprocess.run(["umount", "--lazy", str(small)], check=False)  # detached even while a handle is open
 
 
 def test_a_library_that_hides_the_errno_is_still_a_write_failure(tmp_path: Path) -> None:
@@ -412,7 +412,7 @@ def test_a_library_that_hides_the_errno_is_still_a_write_failure(tmp_path: Path)
         assert err.value.exit_code == 9 and isinstance(err.value.__cause__, RuntimeError)
         assert list(full.iterdir()) == []  # neither the temporary nor the probe is left
     finally:
-        subprocess.run(["umount", str(full)], check=False)
+        subprocess.run(["umount", "--lazy", str(full)], check=False)  # detached even while a handle is open
 
 
 def test_read_only_and_forbidden_folders_are_exit_9(case, tmp_path: Path) -> None:
@@ -435,7 +435,7 @@ def test_read_only_and_forbidden_folders_are_exit_9(case, tmp_path: Path) -> Non
         result = run_cli(*_run(slide, model, read_only / "out"))
         assert result.returncode == 9 and "the file system is read-only" in _error_line(result.stderr)
     finally:
-        subprocess.run(["umount", str(read_only)], check=False)
+        subprocess.run(["umount", "--lazy", str(read_only)], check=False)  # detached even while a handle is open
 
 
 def test_submit_without_a_scheduler_is_exit_12(case, tmp_path: Path) -> None:

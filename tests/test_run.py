@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from shapely.geometry import shape
 
-from tests.helpers import CMU, DICOM, NDPI, TCGA, run_cli
+from tests.helpers import CMU, DICOM, NDPI, TCGA, mitosis_options, run_cli, run_outputs
 from wsi_pipeline.heatmap import open_heatmap
 from wsi_pipeline.models.demo import write_figure_detector
 from wsi_pipeline.run.lock import output_lock
@@ -46,20 +46,6 @@ def cohort_run(cohort: tuple[Path, Path], tmp_path_factory: pytest.TempPathFacto
     result = run_cli(*_args(slides, model, out))
     assert result.returncode == 0, result.stderr
     return out, result.stdout
-
-
-def mitosis_options(model: Path) -> list[str]:
-    """`run` options for the mitosis task with the hand-set figure detector."""
-    return [
-        "--tasks",
-        "mitosis",
-        "--set",
-        f"tasks.mitosis.model={model}",
-        "--set",
-        "tasks.mitosis.smooth_sigma_um=3",
-        "--device",
-        "cpu",
-    ]
 
 
 def _args(slides: Path, model: Path, out: Path, *extra: str) -> list[str]:
@@ -134,16 +120,6 @@ def test_rerun_skips_and_overwrite_or_new_config_redoes(cohort: tuple[Path, Path
     assert "2 done" in forced.stdout and (out / "case-3" / "qupath.geojson").read_bytes() == before
     changed = run_cli(*_args(slides, model, out, "--set", "tasks.mitosis.threshold=0.6"))
     assert "2 slides: 2 done" in changed.stdout
-
-
-def _outputs(out: Path) -> dict[str, bytes]:
-    files = {}
-    for slide_dir in sorted(p.parent for p in out.glob("*/run.json")):
-        for name in ("summary.json", "mitoses.csv", "qupath.geojson", "tissue.geojson"):
-            files[f"{slide_dir.name}/{name}"] = (slide_dir / name).read_bytes()
-        heat = open_heatmap(slide_dir / "heatmaps.zarr" / "mitosis")
-        files[f"{slide_dir.name}/mitosis"] = np.asarray(heat.levels[0]).tobytes()
-    return files
 
 
 def test_run_on_the_real_slide_folder(data_dir: Path, tmp_path: Path) -> None:
@@ -251,7 +227,7 @@ def test_sharded_runs_then_gather_equal_one_run(
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader((whole / "manifest.csv").open())]
     merged = [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader((sharded / "manifest.csv").open())]
     assert merged == strip
-    assert _outputs(sharded) == _outputs(whole)
+    assert run_outputs(sharded) == run_outputs(whole)
 
 
 def test_postprocessing_on_an_existing_dask_scheduler(
@@ -265,7 +241,7 @@ def test_postprocessing_on_an_existing_dask_scheduler(
         out = tmp_path / "dask"
         result = run_cli(*_args(slides, model, out, "--dask-scheduler", cluster.scheduler_address))
         assert result.returncode == 0, result.stderr
-        assert _outputs(out) == _outputs(plain)
+        assert run_outputs(out) == run_outputs(plain)
     patience = {"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "2s"}  # dask's connect timeout, 30 s by default
     bad = run_cli(*_args(slides, model, tmp_path / "bad", "--dask-scheduler", "tcp://127.0.0.1:9"), env=patience)
     assert bad.returncode == 7 and "cannot connect" in bad.stderr, bad.stderr

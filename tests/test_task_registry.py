@@ -12,13 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from pydantic import Field
 
-from tests.helpers import run_cli
+from tests.helpers import run_cli, write_density_model
 from wsi_pipeline.heatmap import open_heatmap
-from wsi_pipeline.models import ModelCard, save_model
-from wsi_pipeline.models.architectures import build
 from wsi_pipeline.slide.synth import SynthSpec
 from wsi_pipeline.tasks import Overlay, TaskConfig, TaskContext, TaskResult, register_task, registered
 from wsi_pipeline.tasks.common import region_level, region_objects, regions_of
@@ -90,32 +87,6 @@ class AtypicalFigureTask:
 
 def register_detector() -> None:
     register_task(AtypicalFigureTask())
-
-
-def write_density_model(directory: Path) -> Path:
-    """A hand-set dense network that marks dark (haematoxylin-dense) pixels: sigmoid(40 (0.5 - mean3x3) - 6)."""
-    card = ModelCard(
-        name="hand-set-haematoxylin-density",
-        task=NAME,
-        kind="dense",
-        architecture="tiny_fcn",
-        architecture_args={"width": 1, "depth": 1, "stride": 1},
-        mpp=0.5,
-        tile_px=256,
-        output_stride=1,
-        halo_px=1,
-        classes=[CHANNEL],
-        activation="sigmoid",
-        normalisation={"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]},
-        training={"data": "none: weights are set by hand", "purpose": "the task-registry test"},
-    )
-    module = build(card.architecture, 1, **card.architecture_args)
-    with torch.no_grad():
-        module[0].weight.fill_(-1.0 / 27.0)
-        module[0].bias.fill_(0.5)
-        module[2].weight.fill_(40.0)
-        module[2].bias.fill_(-6.0)
-    return save_model(directory, module, card)
 
 
 def test_a_task_that_lacks_part_of_the_protocol_is_refused_when_registered() -> None:

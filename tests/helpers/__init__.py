@@ -91,3 +91,64 @@ def stitched_and_whole_region(  # type: ignore[no-untyped-def]
     with torch.inference_mode():
         reference = activate(model.module(x), model.card)[0, model.card.classes.index(cls)].numpy()
     return stitched, reference
+
+
+def mitosis_options(model: Path) -> list[str]:
+    """`run` options for the mitosis task with the hand-set figure detector."""
+    return [
+        "--tasks",
+        "mitosis",
+        "--set",
+        f"tasks.mitosis.model={model}",
+        "--set",
+        "tasks.mitosis.smooth_sigma_um=3",
+        "--device",
+        "cpu",
+    ]
+
+
+def run_outputs(out: Path) -> dict[str, bytes]:
+    """The files and the mitosis heatmap of every finished slide of a `run` folder, for comparing two runs."""
+    import numpy as np
+
+    from wsi_pipeline.heatmap import open_heatmap
+
+    files = {}
+    for slide_dir in sorted(p.parent for p in out.glob("*/run.json")):
+        for name in ("summary.json", "mitoses.csv", "qupath.geojson", "tissue.geojson"):
+            files[f"{slide_dir.name}/{name}"] = (slide_dir / name).read_bytes()
+        heat = open_heatmap(slide_dir / "heatmaps.zarr" / "mitosis")
+        files[f"{slide_dir.name}/mitosis"] = np.asarray(heat.levels[0]).tobytes()
+    return files
+
+
+def write_density_model(directory: Path, task: str = "haematoxylin_density", channel: str = "haematoxylin") -> Path:
+    """A hand-set dense network that marks dark (haematoxylin-dense) pixels: sigmoid(40 (0.5 - mean3x3) - 6), for
+    the plugin tasks of tests/test_task_registry.py and docs/architecture.md."""
+    import torch
+
+    from wsi_pipeline.models import ModelCard, save_model
+    from wsi_pipeline.models.architectures import build
+
+    card = ModelCard(
+        name="hand-set-haematoxylin-density",
+        task=task,
+        kind="dense",
+        architecture="tiny_fcn",
+        architecture_args={"width": 1, "depth": 1, "stride": 1},
+        mpp=0.5,
+        tile_px=256,
+        output_stride=1,
+        halo_px=1,
+        classes=[channel],
+        activation="sigmoid",
+        normalisation={"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]},
+        training={"data": "none: weights are set by hand", "purpose": "the plugin-task tests"},
+    )
+    module = build(card.architecture, 1, **card.architecture_args)
+    with torch.no_grad():
+        module[0].weight.fill_(-1.0 / 27.0)
+        module[0].bias.fill_(0.5)
+        module[2].weight.fill_(40.0)
+        module[2].bias.fill_(-6.0)
+    return save_model(directory, module, card)

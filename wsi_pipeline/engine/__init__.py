@@ -1,4 +1,5 @@
-"""The engine: tile loading (`loader`), batched inference (`run`), stitching into heatmaps (`stitch`), devices.
+"""The engine: tile loading (`loader`), batched inference (`predict`), stitching into heatmaps (`stitch`), devices,
+and its options bound once per run (`options`).
 
 Knows nothing of OpenSlide (an import contract checks it): it reads tiles through `Slide` and runs models through
 `Predictor`s, so a new reader backend or model format needs no change here.

@@ -1,8 +1,10 @@
-"""Slide reading: a `SlideReader` protocol with registered backends, and the `Slide` facade the pipeline uses.
+"""Slide geometry: a `SlideReader` protocol with registered backends, the `Slide` facade the pipeline uses, and
+what is computed from a slide without a model: tissue masks, tile plans, polygons, synthetic slides.
 
 Knows nothing of torch (an import contract checks it). Modules: `reader` (protocol + registry), `backends/`
 (one module per library), `mpp` (µm/px and its source), `resample` (regions at any µm/px), `integrity`
-(truncation checks), `facade` (`Slide`).
+(truncation checks), `facade` (`Slide`), `tissue` and `tissue_config`, `tiling` (`TilePlan`), `polygons`,
+`synth` (the test and demo slides).
 """
 
 from wsi_pipeline.core.layout import SLIDE_EXTENSIONS, slide_id_for
