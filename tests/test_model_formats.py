@@ -28,8 +28,8 @@ from wsi_pipeline.models import (
     save_model,
 )
 from wsi_pipeline.models.architectures import build, seeded
-from wsi_pipeline.models.export import export_model
 from wsi_pipeline.models.formats import model_format, unregister_format
+from wsi_pipeline.models.portable import export_model
 from wsi_pipeline.run.record import weights_digest
 from wsi_pipeline.slide import Slide
 from wsi_pipeline.slide.tiling import plan_tiles

@@ -311,7 +311,7 @@ def _report_line(report: dict[str, Any], threshold: float | None, out_dir: str) 
 def export_model_cmd(model_dir: str, out_dir: str, target_format: str) -> None:
     """Export MODEL (a safetensors model folder) as ONNX or TorchScript with the same card; `run` and `predict`
     take the new folder like any other (tasks.<task>.model, --model)."""
-    from wsi_pipeline.models.export import export_model
+    from wsi_pipeline.models.portable import export_model
 
     out = export_model(model_dir, target_format, out_dir)
     click.echo(f"{target_format} model in {out}")
