@@ -188,6 +188,39 @@ def test_two_runs_on_one_folder(case, tmp_path: Path) -> None:
     assert result.returncode == 11 and "another run is writing" in _error_line(result.stderr)
 
 
+def test_the_runs_own_files_are_never_lost_to_a_slide_or_a_link(case, tmp_path: Path) -> None:
+    """A slide named like one of the run's own files (manifest.csv.svs -> OUT/manifest.csv/) is refused before any
+    slide (exit 2) instead of having its folder removed by the manifest's write; a file is never written over a
+    folder it did not make; a lock file planted as a symbolic link is refused (exit 9) and its target left whole."""
+    from wsi_pipeline.core.atomic import write_text
+    from wsi_pipeline.core.errors import OutputError
+
+    slide, model, _ = case
+    for name in ("manifest.csv", "report.html", "Shards", "cohort_summary.csv"):
+        named = tmp_path / "named" / name
+        named.mkdir(parents=True)
+        shutil.copy(slide, named / f"{name}.svs")
+        out = tmp_path / f"out-{name}"
+        result = run_cli(*_run(named, model, out))
+        assert result.returncode == 2, result.stderr
+        assert f"its output folder would be {name}/, a name the run's own files use" in _error_line(result.stderr)
+        assert not out.exists()
+    folder = tmp_path / "in-the-way" / "manifest.csv"
+    (folder / "inside").mkdir(parents=True)
+    with pytest.raises(OutputError, match="a folder of that name is in the way"):
+        write_text(folder, "slide,slide_id\n")
+    assert (folder / "inside").is_dir() and list(folder.parent.iterdir()) == [folder]  # nor a temporary left
+    target = tmp_path / "keep.txt"
+    target.write_text("keep\n")
+    out = tmp_path / "linked"
+    out.mkdir()
+    (out / ".lock").symlink_to(target)
+    result = run_cli(*_run(slide, model, out))
+    assert result.returncode == 9, result.stderr
+    assert "is a symbolic link; a run never follows a link it did not create" in _error_line(result.stderr)
+    assert target.read_text() == "keep\n" and sorted(p.name for p in out.iterdir()) == [".lock"]
+
+
 # --- models ----------------------------------------------------------------------------------------------------
 def test_changed_weights_and_pickled_checkpoints_are_refused(case, tmp_path: Path) -> None:
     slide, model, _ = case

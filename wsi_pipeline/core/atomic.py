@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from wsi_pipeline.core.errors import OutputWriteError, write_failure
+from wsi_pipeline.core.errors import OutputError, OutputWriteError, write_failure
 from wsi_pipeline.core.layout import TEMPORARY_MARK, temporary_sibling
 
 
@@ -29,7 +29,11 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         if final.is_dir() and not final.is_symlink():
-            shutil.rmtree(final)
+            if not tmp.is_dir():  # a folder where this file goes was not written by this writer: never removed
+                raise OutputError(
+                    f"cannot write {final}: a folder of that name is in the way; move it, or write to another -o folder"
+                )
+            shutil.rmtree(final)  # a folder (a zarr store) replaced by its new version
         os.replace(tmp, final)
     except OSError as exc:
         _remove(tmp)

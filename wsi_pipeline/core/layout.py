@@ -113,6 +113,15 @@ class RunLayout:
 
     root: Path
 
+    # names of OUT/ that are the run's own: no slide's folder may take one (`reserved_slide_id`)
+    OWN_NAMES = ("manifest.csv", "cohort_summary.csv", "report.html", "shards")
+
+    @classmethod
+    def reserved_slide_id(cls, slide_id: str) -> bool:
+        """Whether a slide with this id would have its folder where one of the run's own files goes (case-blind, as
+        on a macOS or Windows disk). Ids never start with '.', so the locks and temporaries are out of reach."""
+        return slide_id.casefold() in {name.casefold() for name in cls.OWN_NAMES}
+
     @property
     def manifest(self) -> Path:
         return self.root / "manifest.csv"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from wsi_pipeline.config import Config
 from wsi_pipeline.core.errors import ConfigError, UsageError
-from wsi_pipeline.core.layout import SLIDE_EXTENSIONS, slide_id_for
+from wsi_pipeline.core.layout import SLIDE_EXTENSIONS, RunLayout, slide_id_for
 from wsi_pipeline.tasks import parse_task_list, task_names
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,12 @@ def assign_ids(paths: Sequence[Path]) -> dict[Path, str]:
     slides of the batch. Two slides whose ids are equal, or differ only in case (one folder on a macOS or Windows
     disk), would share an output folder: the batch is refused before any slide runs."""
     ids = {p: slide_id_for(p) for p in paths}
+    reserved = [p for p, slide_id in ids.items() if RunLayout.reserved_slide_id(slide_id)]
+    if reserved:
+        raise UsageError(
+            f"{reserved[0]}: its output folder would be {ids[reserved[0]]}/, a name the run's own files use "
+            f"({', '.join(RunLayout.OWN_NAMES)}); rename the slide file"
+        )
     groups: dict[str, list[Path]] = {}
     for path, slide_id in ids.items():
         groups.setdefault(slide_id.casefold(), []).append(path)

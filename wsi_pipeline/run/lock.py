@@ -9,13 +9,14 @@ The kernel drops the locks when the process ends, however it ends (SIGKILL inclu
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-from wsi_pipeline.core.errors import WsiError
+from wsi_pipeline.core.errors import OutputError, WsiError
 from wsi_pipeline.core.layout import RunLayout
 
 
@@ -48,7 +49,14 @@ def _running_shards(root: Path) -> list[str]:
 
 
 def _take(path: Path, shared: bool) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:  # O_NOFOLLOW: a lock file planted as a link would have this run truncate whatever it points to
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise OutputError(
+            f"{path} is a symbolic link; a run never follows a link it did not create: remove it and run again"
+        ) from None
     try:
         fcntl.lockf(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except OSError:
