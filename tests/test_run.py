@@ -212,11 +212,19 @@ def test_sharded_runs_then_gather_equal_one_run(
 ) -> None:
     slides, model = cohort
     whole, sharded = cohort_run[0], tmp_path / "sharded"
-    for index in (0, 1):
-        result = run_cli(*_args(slides, model, sharded, "--shard", f"{index}/2"))
-        assert result.returncode == 0, result.stderr
-        assert "1 slides: 1 done" in result.stdout
-    assert not (sharded / "manifest.csv").exists()
+    first = run_cli(*_args(slides, model, sharded, "--shard", "0/2"))
+    assert first.returncode == 0 and "1 slides: 1 done" in first.stdout, first.stderr
+    # the other shard never ran: gather knows the folder's slides (OUT/shards/plan.json) and lists it as failed
+    partial = run_cli("gather", str(sharded))
+    assert partial.returncode == 1, partial.stderr
+    rows = list(csv.DictReader((sharded / "manifest.csv").open()))
+    assert [r["status"] for r in rows] == ["done", "failed"] and "no result" in rows[1]["error"], rows
+    # a shard cut another way (0/3 beside 0/2) would skip or double slides: refused before any slide
+    other = run_cli(*_args(slides, model, sharded, "--shard", "0/3"))
+    assert other.returncode == 2 and "was started as 2 shards" in other.stderr, other.stderr
+    second = run_cli(*_args(slides, model, sharded, "--shard", "1/2"))
+    assert second.returncode == 0 and "1 slides: 1 done" in second.stdout, second.stderr
+    (sharded / "manifest.csv").unlink()
     with output_lock(sharded, (1, 2)):  # shard 1 still running: its slide would be written down as failed
         early = run_cli("gather", str(sharded))
     assert early.returncode == 11 and f"(shard 1-of-2: pid {os.getpid()} on " in early.stderr, early.stderr

@@ -147,6 +147,11 @@ class RunLayout:
         return self.root / "shards"
 
     @property
+    def shard_plan(self) -> Path:
+        """How the folder's slides are cut into shards (`--shard I/N`): recorded by the first shard that runs."""
+        return self.shards / "plan.json"
+
+    @property
     def submitted_list(self) -> Path:
         """The slide list a `submit` sharded (fixed at submission)."""
         return self.shards / "slides.txt"

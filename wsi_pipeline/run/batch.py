@@ -18,6 +18,7 @@ from wsi_pipeline.run.inputs import (
     discover,
     override_for,
     read_mpp_file,
+    record_shard_plan,
     shard_paths,
     warn_unmatched_overrides,
 )
@@ -89,6 +90,8 @@ def run_batch(
     todo = shard_paths(paths, shard)
     batch_bar = BatchProgress(len(todo))  # one line per slide in logs, also with --no-progress (tile bars only)
     with output_lock(out, shard), dask_client(dask_scheduler):
+        if shard is not None:
+            record_shard_plan(out, paths, shard)
         remove_stale_temporaries(out)
         for path in todo:
             slide_id = ids[path]

@@ -223,6 +223,7 @@ def submit(
     array_path, gather_path = folder / "array.sbatch", folder / "gather.sbatch"
     try:
         write_text(plan.list_file, "".join(f"{p}\n" for p in plan.slides))
+        layout.shard_plan.unlink(missing_ok=True)  # a new submission cuts the (new) list anew
         write_text(array_path, plan.array_script)
         write_text(gather_path, plan.gather_script)
         array_id = _sbatch(array_path)

@@ -16,7 +16,7 @@ from wsi_pipeline.core.atomic import write_text
 from wsi_pipeline.core.errors import ConfigError
 from wsi_pipeline.core.layout import RunLayout
 from wsi_pipeline.export.report import Column, write_report
-from wsi_pipeline.run.inputs import assign_ids, discover, read_slide_list
+from wsi_pipeline.run.inputs import assign_ids, discover, read_shard_plan, read_slide_list
 from wsi_pipeline.run.lock import output_lock
 from wsi_pipeline.run.pipeline import SlideOutcome
 from wsi_pipeline.tasks import task_names
@@ -119,9 +119,13 @@ def _gather(layout: RunLayout) -> tuple[Path, Path, int]:
         with path.open(newline="", encoding="utf-8") as fh:
             for row in csv.DictReader(fh):
                 rows[row["slide_id"]] = row
-    submitted = layout.submitted_list
-    if submitted.exists():
-        paths = discover(read_slide_list(submitted))
+    if layout.shard_plan.exists():  # every slide the shards were started with
+        paths = [Path(p) for p in read_shard_plan(layout.root)["slides"]]
+    elif layout.submitted_list.exists():
+        paths = discover(read_slide_list(layout.submitted_list))
+    else:
+        paths = []
+    if paths:
         for path, slide_id in assign_ids(paths).items():
             rows.setdefault(
                 slide_id,
@@ -131,8 +135,8 @@ def _gather(layout: RunLayout) -> tuple[Path, Path, int]:
                     "status": "failed",
                     "seconds": "0",
                     "tiles": "0",
-                    "error": "no result: its job did not finish (cancelled, timed "
-                    "out or its node was lost); submit again to redo the missing slides",
+                    "error": "no result: its shard did not run or did not finish (cancelled, timed out or its "
+                    "node was lost); run the missing shard again, or submit again, to redo the missing slides",
                 },
             )
     if not rows:

@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import csv
 import glob
+import json
 import logging
 import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from wsi_pipeline.config import Config
 from wsi_pipeline.core.errors import ConfigError, UsageError
-from wsi_pipeline.core.layout import SLIDE_EXTENSIONS, RunLayout, slide_id_for
+from wsi_pipeline.core.layout import SLIDE_EXTENSIONS, RunLayout, slide_id_for, temporary_sibling
 from wsi_pipeline.tasks import parse_task_list, task_names
 
 log = logging.getLogger(__name__)
@@ -148,6 +150,40 @@ def parse_shard(text: str) -> tuple[int, int]:
     if count < 1 or not 0 <= index < count:
         raise UsageError(f"--shard {text!r}: need 0 <= I < N")
     return index, count
+
+
+def record_shard_plan(out: Path, paths: Sequence[Path], shard: tuple[int, int]) -> None:
+    """The first shard of a folder records its slides and shard count (OUT/shards/plan.json, created only if absent,
+    so two shards starting at once agree on one); every later shard must match it, so that `gather` knows which
+    slides no shard finished, and shards cut another way (0/2 beside 0/3) never skip or double a slide."""
+    layout = RunLayout(out)
+    plan = {"shards": shard[1], "slides": [str(p) for p in paths]}
+    layout.shards.mkdir(parents=True, exist_ok=True)
+    draft = temporary_sibling(layout.shard_plan)
+    draft.write_text(json.dumps(plan, indent=1) + "\n")
+    try:
+        os.link(draft, layout.shard_plan)  # fails if a plan is there: never replaced
+    except FileExistsError:
+        pass
+    finally:
+        draft.unlink()
+    recorded = read_shard_plan(out)
+    where = f"{out} was started as {recorded['shards']} shards ({layout.shard_plan})"
+    if recorded["shards"] != shard[1]:
+        raise UsageError(
+            f"--shard {shard[0]}/{shard[1]}: {where}; use --shard I/{recorded['shards']}, or another -o folder"
+        )
+    if recorded["slides"] != plan["slides"]:
+        differing = sorted(set(recorded["slides"]) ^ set(plan["slides"]))
+        example = differing[0] if differing else "their order"
+        raise UsageError(
+            f"--shard {shard[0]}/{shard[1]}: the slides differ from those {where} (e.g. {example}); give every "
+            "shard the same slides (--slide-list), or another -o folder"
+        )
+
+
+def read_shard_plan(out: Path) -> dict[str, Any]:
+    return json.loads(RunLayout(out).shard_plan.read_text())  # type: ignore[no-any-return]
 
 
 def shard_paths(paths: Sequence[Path], shard: tuple[int, int] | None) -> list[Path]:
