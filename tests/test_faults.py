@@ -188,6 +188,26 @@ def test_two_runs_on_one_folder(case, tmp_path: Path) -> None:
     assert result.returncode == 11 and "another run is writing" in _error_line(result.stderr)
 
 
+def test_every_command_that_writes_a_run_folder_takes_its_lock(case, tmp_path: Path) -> None:
+    """predict, tissue and tiles write into OUT/<slide_id>/ as run does: while another process writes OUT they are
+    refused (exit 11) and write nothing (before: predict died with KeyError or mixed heatmaps with the run's)."""
+    slide, model, _ = case
+    out = tmp_path / "out"
+    commands = [
+        ["predict", str(slide), "-o", str(out), "--task", "mitosis", "--model", str(model), "--device", "cpu"],
+        ["tissue", str(slide), "-o", str(out)],
+        ["tiles", str(slide), "-o", str(out), "--mpp", "1", "--tile-px", "128"],
+    ]
+    with output_lock(out):
+        for command in commands:
+            result = run_cli(*command)
+            assert result.returncode == 11, (command[0], result.stderr)
+            assert "another run is writing" in _error_line(result.stderr), command[0]
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    missing = run_cli("tissue", str(tmp_path / "absent.svs"), "-o", str(tmp_path / "never"))
+    assert missing.returncode == 3 and not (tmp_path / "never").exists(), missing.stderr
+
+
 def test_the_runs_own_files_are_never_lost_to_a_slide_or_a_link(case, tmp_path: Path) -> None:
     """A slide named like one of the run's own files (manifest.csv.svs -> OUT/manifest.csv/) is refused before any
     slide (exit 2) instead of having its folder removed by the manifest's write; a file is never written over a
