@@ -16,7 +16,7 @@ help:
 	@echo "make install  create $(VENV) and install wsi-pipeline with its dependencies"
 	@echo "make test     run the test suite (installs first when needed)"
 	@echo "make demo     run the pipeline on a built-in synthetic slide and say where the outputs are"
-	@echo "make lint     ruff check + format check + import contracts (lint-imports)"
+	@echo "make lint     ruff check + format check + import contracts (lint-imports) + type check (mypy)"
 	@echo "make bench    benchmarks (JSON in benchmarks/results/)"
 	@echo "make bench-peers  TIAToolbox 1.3.2 beside wsi-pipeline predict (builds build/peers-venv first)"
 	@echo "make device-kit  wheels (.whl) and a slide (.device-data) for benchmarks/device/check.sh on a GPU machine"
@@ -40,6 +40,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check wsi_pipeline tests benchmarks
 	$(BIN)/ruff format --check wsi_pipeline tests benchmarks
 	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 demo: $(STAMP)
 	$(BIN)/wsi-pipeline demo --out $(DEMO_OUT)

@@ -13,7 +13,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import dask.array as da
 import numpy as np
@@ -232,7 +232,7 @@ def build_pyramid(group: zarr.Group, chunk: int) -> int:
     """Levels 1.. by 2x2 mean (dask, chunk-aligned writes) until the level fits in one chunk; at least 3 levels."""
     level = 0
     while True:
-        src = group[str(level)]
+        src = cast(zarr.Array, group[str(level)])  # the levels are arrays (zarr types an item Array | Group)
         _, h, w = src.shape
         if level + 1 >= MIN_LEVELS and max(h, w) <= chunk:
             break
@@ -251,7 +251,9 @@ def build_pyramid(group: zarr.Group, chunk: int) -> int:
             fill_value=0,
             dimension_names=AXES,
         )
-        da.store(coarse, dst, lock=False)
+        # dask types `targets` as numpy's ArrayLike, which zarr.Array (its __array__ gives NDArrayLike) is not by
+        # type; dask only needs a target's __setitem__, which zarr.Array has
+        da.store(coarse, dst, lock=False)  # type: ignore[arg-type]
         level += 1
     return level + 1
 
@@ -275,11 +277,13 @@ class Heatmap:
 def open_heatmap(path: str | os.PathLike[str]) -> Heatmap:
     path = Path(path)
     group = zarr.open_group(str(path), mode="r")
-    attrs = dict(group.attrs).get("wsi_pipeline")
+    meta: dict[str, Any] = dict(group.attrs)  # JSON values, read by key below
+    attrs = meta.get("wsi_pipeline")
     if not attrs or not attrs.get("complete"):
         raise OutputError(f"{path} is not a complete wsi-pipeline heatmap; re-run predict")
-    count = len(dict(group.attrs)["ome"]["multiscales"][0]["datasets"])
-    return Heatmap(path, attrs["channels"], [group[str(i)] for i in range(count)], attrs)
+    count = len(meta["ome"]["multiscales"][0]["datasets"])
+    # the levels are arrays, as `build_pyramid` wrote them (zarr types an item Array | Group)
+    return Heatmap(path, attrs["channels"], [cast(zarr.Array, group[str(i)]) for i in range(count)], attrs)
 
 
 def settle_pending_writes(timeout_s: float = 30.0) -> None:

@@ -134,7 +134,8 @@ def install_signal_handlers() -> None:
             return
         signal.signal(signum, _handler)
         with contextlib.suppress(RuntimeError):  # no new threads at interpreter shutdown: the safe points remain
-            _thread.start_new_thread(_thread.interrupt_main, (signum,))
+            # typeshed types interrupt_main's signum as signal.Signals; it takes any signal number, as here an int
+            _thread.start_new_thread(_thread.interrupt_main, (signum,))  # type: ignore[arg-type]
 
     sys.unraisablehook = _quiet_interrupts
 

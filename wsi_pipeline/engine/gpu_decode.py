@@ -14,7 +14,7 @@ import torchvision
 try:
     from torchvision.io import ImageReadMode, decode_jpeg
 except ImportError:  # torchvision deprecated its image decoders in 0.29 (for TorchCodec) and will remove them
-    decode_jpeg = None  # type: ignore[assignment]
+    decode_jpeg = None
 
 
 def missing_decoder() -> str | None:

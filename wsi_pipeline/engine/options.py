@@ -7,6 +7,7 @@ options by hand."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -30,9 +31,9 @@ class EngineOptions:
     decode: DecodeKind = "cpu"  # "device": stored JPEG tiles decoded on the model's device
 
     @classmethod
-    def resolved(cls, device: str, **options: object) -> EngineOptions:
+    def resolved(cls, device: str, **options: Any) -> EngineOptions:
         """Options with `device` (auto, cpu, cuda, cuda:N) resolved now: a device that is not here is refused."""
-        return cls(device=resolve_device(device), **options)  # type: ignore[arg-type]
+        return cls(device=resolve_device(device), **options)
 
     @property
     def predictor(self) -> PredictorOptions:

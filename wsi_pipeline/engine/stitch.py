@@ -73,6 +73,14 @@ class _WritingStitcher:
     def first_row(self, tile_row: int) -> int:
         raise NotImplementedError
 
+    @staticmethod
+    def check(card: ModelCard, tile_px: int, overlap_px: int, key: str) -> None:
+        """Refuse tiles of this size and overlap that `card`'s model cannot be stitched from (ConfigError)."""
+        raise NotImplementedError
+
+    def aggregate(self, indices: np.ndarray, outputs: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
     def _put(self, y: int, x: int, blocks: dict[str, np.ndarray]) -> None:
         for name, writer in self.writers.items():
             writer.write(y, x, blocks[name][None])
@@ -190,12 +198,15 @@ def tile_measurements(
     or a dense map's mean and max. Reads one tile row of the heatmaps at a time."""
     crop = dense_crop(plan.spec, card.output_stride) if card.kind == "dense" else None
     for row in np.unique(plan.rows):
+        stored: dict[str, Any]  # what zarr reads back (typed as any of its element and array types)
         if crop is None:
-            band = {c: heat.levels[0][0, int(row)] for c, heat in heats.items()}
+            stored = {c: heat.levels[0][0, int(row)] for c, heat in heats.items()}
         else:
             y0 = int(row) * crop.step + crop.margin
-            band = {c: heat.levels[0][0, y0 : y0 + crop.step] for c, heat in heats.items()}
-        band = {c: np.asarray(v, np.float32) * heats[c].attrs["value_scale"] for c, v in band.items()}
+            stored = {c: heat.levels[0][0, y0 : y0 + crop.step] for c, heat in heats.items()}
+        band: dict[str, np.ndarray] = {
+            c: np.asarray(v, np.float32) * heats[c].attrs["value_scale"] for c, v in stored.items()
+        }
         for i in np.flatnonzero(plan.rows == row).tolist():
             col = int(plan.cols[i])
             measurements: dict[str, float] = {"Tissue fraction": float(plan.tissue_fraction[i])}

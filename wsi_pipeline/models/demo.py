@@ -4,6 +4,7 @@ figures the synthetic-slide generator plants, so a run on a synthetic slide has 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -37,8 +38,10 @@ def figure_detector_card(mpp: float) -> ModelCard:
 
 def write_figure_detector(directory: str | Path, mpp: float) -> Path:
     card = figure_detector_card(mpp)
-    module = build(card.architecture, 1, **card.architecture_args)
-    first, last = module[0], module[2]
+    # tiny_fcn of depth 1: 3x3 conv, ReLU, 1x1 conv head, in an nn.Sequential (`build` types any model nn.Module)
+    module = cast(torch.nn.Sequential, build(card.architecture, 1, **card.architecture_args))
+    first, last = cast(torch.nn.Conv2d, module[0]), cast(torch.nn.Conv2d, module[2])
+    assert first.bias is not None and last.bias is not None  # both are built with a bias
     with torch.no_grad():
         first.weight.fill_(-1.0 / 27.0)  # minus the mean of a 3x3x3 neighbourhood in [0, 1]
         first.bias.fill_(0.5)  # positive where the neighbourhood is darker than mid-grey
@@ -62,8 +65,9 @@ def write_tissue_classifier(directory: str | Path, task: str, classes: list[str]
         normalisation={"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]},
         training={"data": "none: weights are set by hand", "purpose": "tests and demonstrations only"},
     )
-    module = build("colour_logistic", len(classes))
-    linear = module[2]
+    # pool, flatten, linear, in an nn.Sequential (`build` types any model nn.Module)
+    module = cast(torch.nn.Sequential, build("colour_logistic", len(classes)))
+    linear = cast(torch.nn.Linear, module[2])
     with torch.no_grad():
         linear.weight.zero_()
         linear.bias.zero_()

@@ -54,8 +54,8 @@ def training_stats(tiles: Iterable[np.ndarray]) -> ColourStats | None:
     # floors: a very uniform training set must not refuse every other scanner's shade of H&E
     std = np.maximum(table.std(axis=0), [0.03, 0.03, 0.03, 0.05])
     return ColourStats(
-        od_direction_mean=tuple(round(float(v), 5) for v in mean[:3]),  # type: ignore[arg-type]
-        od_direction_std=tuple(round(float(v), 5) for v in std[:3]),  # type: ignore[arg-type]
+        od_direction_mean=tuple(round(float(v), 5) for v in mean[:3]),
+        od_direction_std=tuple(round(float(v), 5) for v in std[:3]),
         od_length_mean=round(float(mean[3]), 5),
         od_length_std=round(float(std[3]), 5),
         tiles=len(values),

@@ -172,7 +172,7 @@ def make_predictor(model: LoadedModel, device: torch.device, options: PredictorO
         return TorchModulePredictor(model, device, options)
     if fmt.predictor is None:
         raise ModelError(f"{model.card.name}: format {fmt.name} loaded no torch module and has no predictor")
-    return fmt.predictor(model, device, options)  # type: ignore[no-any-return]
+    return fmt.predictor(model, device, options)
 
 
 register_format(ModelFormat("safetensors", WEIGHTS_FILE, safetensors_module))

@@ -157,7 +157,7 @@ def record_shard_plan(out: Path, paths: Sequence[Path], shard: tuple[int, int]) 
     so two shards starting at once agree on one); every later shard must match it, so that `gather` knows which
     slides no shard finished, and shards cut another way (0/2 beside 0/3) never skip or double a slide."""
     layout = RunLayout(out)
-    plan = {"shards": shard[1], "slides": [str(p) for p in paths]}
+    plan: dict[str, Any] = {"shards": shard[1], "slides": [str(p) for p in paths]}
     layout.shards.mkdir(parents=True, exist_ok=True)
     draft = temporary_sibling(layout.shard_plan)
     draft.write_text(json.dumps(plan, indent=1) + "\n")
@@ -183,7 +183,8 @@ def record_shard_plan(out: Path, paths: Sequence[Path], shard: tuple[int, int]) 
 
 
 def read_shard_plan(out: Path) -> dict[str, Any]:
-    return json.loads(RunLayout(out).shard_plan.read_text())  # type: ignore[no-any-return]
+    plan: dict[str, Any] = json.loads(RunLayout(out).shard_plan.read_text())
+    return plan
 
 
 def shard_paths(paths: Sequence[Path], shard: tuple[int, int] | None) -> list[Path]:

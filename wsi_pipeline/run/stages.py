@@ -101,9 +101,10 @@ def tile_request(
     if task is not None:
         t = config.task(task)
         default = get_task(task, "--task").default_model()
-        if t.model is None and default is None:
+        model_dir = Path(t.model) if t.model is not None else default
+        if model_dir is None:  # no model configured and none shipped
             raise ConfigError(f"--task {task}: the task ships no model; set tasks.{task}.model")
-        spec = read_spec(task, t, load_card(Path(t.model) if t.model is not None else default))  # type: ignore[arg-type]
+        spec = read_spec(task, t, load_card(model_dir))
         mpp = spec.mpp if mpp is None else mpp
         tile_px = spec.tile_px if tile_px is None else tile_px
         overlap_px = spec.overlap_px if overlap_px is None else overlap_px

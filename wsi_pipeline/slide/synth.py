@@ -16,6 +16,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import imagecodecs
 import numpy as np
@@ -24,6 +25,26 @@ import tifffile
 from shapely.geometry import LineString, Point, Polygon, mapping
 
 from wsi_pipeline.core.atomic import atomic_path
+
+if TYPE_CHECKING:
+    from typing import TypedDict
+
+    class _LevelOptions(TypedDict):
+        """The keyword arguments of `TiffWriter.write` every pyramid level is written with."""
+
+        dtype: str
+        tile: tuple[int, int]
+        photometric: str
+        subsampling: tuple[int, int]
+        compression: str
+        metadata: None
+
+    class _Resolution(TypedDict, total=False):
+        """TIFF resolution tags, when the slide records its µm/px in them."""
+
+        resolution: tuple[float, float]
+        resolutionunit: str
+
 
 BACKGROUND = (255, 255, 255)
 EOSIN = np.array([232, 160, 200], dtype=np.float32)
@@ -274,7 +295,7 @@ def write_synthetic_slide(
         + f"|Synthetic seed = {spec.seed}"
     )
     bigtiff = spec.width * spec.height * 3 > 2**31
-    common = dict(
+    common: _LevelOptions = dict(
         dtype="uint8",
         tile=(tile, tile),
         photometric="ycbcr",
@@ -286,7 +307,7 @@ def write_synthetic_slide(
         for index, ds in enumerate(downsamples):
             shape = (math.ceil(spec.height / ds), math.ceil(spec.width / ds), 3)
             desc = description if index == 0 else f"{description} -> {shape[1]}x{shape[0]}"
-            resolution = (
+            resolution: _Resolution = (
                 {"resolution": (1e4 / (spec.mpp * ds),) * 2, "resolutionunit": "CENTIMETER"}
                 if record_mpp == "tiff-tags"
                 else {}

@@ -14,7 +14,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -68,7 +68,7 @@ class TileSpec:
             min_tissue=float(data["min_tissue"]),
             slide_mpp=(float(data["slide_mpp"][0]), float(data["slide_mpp"][1])),
             downsample=(float(data["downsample"][0]), float(data["downsample"][1])),
-            bounds=tuple(int(v) for v in data["bounds"]),  # type: ignore[arg-type]
+            bounds=cast(tuple[int, int, int, int], tuple(int(v) for v in data["bounds"])),  # x, y, width, height
         )
 
 
@@ -139,7 +139,7 @@ class TilePlan:
         table = np.asarray(data["tiles"], dtype=np.float64).reshape(-1, 5)
         return cls(
             spec=TileSpec.from_json(data["params"]),
-            grid=tuple(data["grid"]),  # type: ignore[arg-type]
+            grid=tuple(data["grid"]),
             cols=table[:, 0].astype(np.int32),
             rows=table[:, 1].astype(np.int32),
             x=table[:, 2].copy(),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import shapely
@@ -120,17 +120,39 @@ class TaskContext:
 
 
 class Task(Protocol):
-    """A registered analysis task (see docs/architecture.md, "Adding a task")."""
+    """A registered analysis task (see docs/architecture.md, "Adding a task").
 
-    name: str
-    config_model: ClassVar[type[TaskConfig]] | type[TaskConfig]
-    cohort_columns: tuple[str, ...]  # summary keys written to cohort_summary.csv as <name>_<key>
-    report_columns: tuple[tuple[str, str], ...]  # (summary key, header) shown in report.html's table
-    point_table: str | None  # file name of a CSV of its first point set (e.g. mitoses.csv), or None
-    # what `train` makes for the task: "classifier" (labelled tiles; with `--kind class_map` a U-Net of per-pixel
-    # classes) or "point_detector" (a probability map trained on point-annotated images, as for mitosis). How a
-    # model's outputs are stitched is its card's `kind` (one vector or one map per tile), not this.
-    trainer: str
+    Its attributes are only read, so they are read-only members here: a plain class attribute (`config_model =
+    MyConfig`, `cohort_columns = ("count",)`) satisfies each, with its own narrower type."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def config_model(self) -> type[TaskConfig]: ...
+
+    @property
+    def cohort_columns(self) -> tuple[str, ...]:
+        """Summary keys written to cohort_summary.csv as <name>_<key>."""
+        ...
+
+    @property
+    def report_columns(self) -> tuple[tuple[str, str], ...]:
+        """(summary key, header) shown in report.html's table."""
+        ...
+
+    @property
+    def point_table(self) -> str | None:
+        """File name of a CSV of its first point set (e.g. mitoses.csv), or None."""
+        ...
+
+    @property
+    def trainer(self) -> str:
+        """What `train` makes for the task: "classifier" (labelled tiles; with `--kind class_map` a U-Net of
+        per-pixel classes) or "point_detector" (a probability map trained on point-annotated images, as for
+        mitosis). How a model's outputs are stitched is its card's `kind` (one vector or one map per tile), not
+        this."""
+        ...
 
     def default_config(self) -> TaskConfig: ...
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import cast
 
 import tifffile
 
@@ -13,7 +14,8 @@ def damage_tile(source: Path, target: Path, level: int, index: int) -> tuple[int
     stay intact, that tile no longer decodes. Returns the tile's (column, row)."""
     shutil.copy(source, target)
     with tifffile.TiffFile(target) as tif:
-        page = tif.series[0].levels[level].pages[0]
+        # a series' first page is its keyframe: a TiffPage (tifffile types it TiffPage | TiffFrame | None)
+        page = cast(tifffile.TiffPage, tif.series[0].levels[level].pages[0])
         offset = int(page.dataoffsets[index])
         across = -(-page.imagewidth // page.tilewidth)
     with target.open("r+b") as fh:

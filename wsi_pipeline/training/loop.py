@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, SupportsFloat
 
 import torch
 from torch import nn
@@ -377,6 +377,6 @@ def _save(
         torch.save(payload, tmp)
 
 
-def _plain(value: object) -> float | None:
+def _plain(value: SupportsFloat | None) -> float | None:
     """A figure as a Python float (None stays: a metric that could not be measured)."""
-    return None if value is None else float(value)  # type: ignore[arg-type]
+    return None if value is None else float(value)

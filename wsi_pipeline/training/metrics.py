@@ -32,7 +32,7 @@ def bootstrap_auc(
     """AUC and its percentile bootstrap interval (resamples with one class only are drawn again)."""
     y, s = np.asarray(labels), np.asarray(scores)
     rng = np.random.default_rng(seed)
-    values = []
+    values: list[float] = []
     while len(values) < n:
         idx = rng.integers(0, len(y), len(y))
         if y[idx].min() != y[idx].max():

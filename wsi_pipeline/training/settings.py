@@ -152,7 +152,9 @@ class TrainSettings(StrictModel):
 
         base = AugmentConfig(flips=False, rotate90=False, scale=0.0) if self.makes_maps else AugmentConfig()
         geometric = {"flips", "rotate90", "scale"} if self.makes_maps else set()
-        return replace(base, **{k: v for k, v in self.augment.items() if k not in geometric})
+        # by name: `_augment_known` has checked the names, pydantic each value as a float or a bool
+        overrides: dict[str, Any] = {k: v for k, v in self.augment.items() if k not in geometric}
+        return replace(base, **overrides)
 
     @property
     def model_mpp(self) -> float:

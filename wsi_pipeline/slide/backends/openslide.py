@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import openslide
@@ -13,6 +13,9 @@ from PIL import Image
 from wsi_pipeline.core.errors import SlideTruncatedError, SlideUnreadableError
 from wsi_pipeline.slide.integrity import check_tiff_complete, is_tiff
 from wsi_pipeline.slide.reader import register_backend
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 
 class OpenSlideReader:
@@ -27,7 +30,7 @@ class OpenSlideReader:
         osr = self._osr  # opens, mapping OpenSlide's errors to ours
         self.level_dimensions: tuple[tuple[int, int], ...] = tuple(osr.level_dimensions)
         self.level_downsamples: tuple[float, ...] = tuple(float(d) for d in osr.level_downsamples)
-        self.properties: dict[str, str] = dict(osr.properties)
+        self.properties: Mapping[str, str] = dict(osr.properties)
         self.associated_images: tuple[str, ...] = tuple(sorted(osr.associated_images.keys()))
 
     @property

@@ -16,7 +16,7 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import tifffile
@@ -24,6 +24,9 @@ import tifffile
 from wsi_pipeline.core.errors import SlideTruncatedError, SlideUnreadableError
 from wsi_pipeline.slide.integrity import check_tiff_complete, is_tiff
 from wsi_pipeline.slide.reader import register_backend
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 LOG = logging.getLogger("wsi_pipeline.slide")
 # JPEG, JPEG 2000 (Aperio YCbCr / RGB, generic), deflate, Adobe deflate, LZW, none
@@ -61,7 +64,8 @@ class TiffDirectReader:
         if flags:
             raise _unsupported(self.path, f"{flags[0][3:].upper()} layout")
         try:
-            pages = [level.pages[0] for level in tif.series[0].levels]
+            # a series' first page is its keyframe: a TiffPage (tifffile types it TiffPage | TiffFrame | None)
+            pages = [cast(tifffile.TiffPage, level.pages[0]) for level in tif.series[0].levels]
         except (IndexError, ValueError, KeyError, AttributeError) as exc:  # no readable pyramid
             check_tiff_complete(self.path)
             raise _unsupported(self.path, f"no readable image series ({type(exc).__name__})") from exc
@@ -78,7 +82,7 @@ class TiffDirectReader:
         w0, h0 = self.level_dimensions[0]
         # OpenSlide's rule: a level's downsample is the mean of its two axes' ratios
         self.level_downsamples = tuple((w0 / w + h0 / h) / 2 for w, h in self.level_dimensions)
-        self.properties = _properties(tif, pages[0])
+        self.properties: Mapping[str, str] = _properties(tif, pages[0])
         self._associated = {s.name.lower(): i for i, s in enumerate(tif.series[1:], 1) if s.name}
         self.associated_images = tuple(sorted(self._associated))
 

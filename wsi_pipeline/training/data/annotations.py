@@ -13,7 +13,7 @@ import gzip
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import shapely
@@ -88,7 +88,8 @@ def annotated_items(
         raise DataError(f"{root}: no slide with a <slide stem>.geojson beside it")
     per_slide = {}
     for path in slides:
-        polygons = read_classified_polygons(annotation_file(path))  # type: ignore[arg-type]
+        # not None: `slides` holds only slides that have an annotation file
+        polygons = read_classified_polygons(cast(Path, annotation_file(path)))
         per_slide[path] = polygons
     names = sorted({name for polygons in per_slide.values() for name, _ in polygons})
     mapping = dict(class_map) if class_map else {n: [n] for n in names}
