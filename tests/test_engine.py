@@ -12,7 +12,7 @@ import zarr
 
 from tests.helpers import CMU, run_cli, stitched_and_whole_region
 from wsi_pipeline.config import TissueConfig
-from wsi_pipeline.core.errors import ConfigError
+from wsi_pipeline.core.errors import ConfigError, UsageError
 from wsi_pipeline.engine import EngineOptions, TaskRequest, predict_slide, resolve_device
 from wsi_pipeline.heatmap import HeatmapGeometry, HeatmapWriter, open_heatmap
 from wsi_pipeline.models import ModelCard, load_model, save_model
@@ -184,10 +184,10 @@ def test_bad_models_fail_before_reading(cmu, tmp_path: Path) -> None:
 def test_device_resolution() -> None:
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(ConfigError, match="no CUDA GPU"):
+    if not torch.cuda.is_available():  # a device that is not here: a usage mistake (exit 2, the README's table)
+        with pytest.raises(UsageError, match="no CUDA GPU"):
             resolve_device("cuda:0")
-    with pytest.raises(ConfigError):
+    with pytest.raises(UsageError, match="'tpu' is not a device"):
         resolve_device("tpu")
 
 
@@ -326,6 +326,7 @@ def test_cuda_bf16_matches_cpu_fp32(cmu, tmp_path: Path) -> None:
     assert np.abs(gpu - cpu).max() < 0.02  # bf16 autocast keeps ~3 significant digits
 
 
+@pytest.mark.e2e  # the CLI in a subprocess, training or whole-slide inference
 @pytest.mark.parametrize(("task", "written"), [("metastasis", "tumour"), ("epithelium_stroma", "epithelium")])
 def test_cpu_bf16_by_default_where_native_and_within_the_tolerance(
     data_dir: Path, tmp_path: Path, task: str, written: str

@@ -61,6 +61,7 @@ def _write_npz_folder(directory: Path, module: torch.nn.Module, card: ModelCard)
     return directory
 
 
+@pytest.mark.e2e  # the CLI in a subprocess, training or whole-slide inference
 def test_a_format_registered_from_this_file_loads_a_folder_and_runs_end_to_end(data_dir: Path, tmp_path: Path) -> None:
     """One registration (card name, file, loader) and a folder of that format loads like a built-in one (sha256
     checked), gets the engine's precision and BatchNorm folding, and `predict` (a subprocess that loads this file
@@ -113,6 +114,7 @@ def _engine_map(model: LoadedModel, slide: Slide, plan: list, store: Path, name:
     return open_heatmap(store / name).channel(name)
 
 
+@pytest.mark.e2e  # the CLI in a subprocess, training or whole-slide inference
 def test_timm_onnx_and_torchscript_folders_give_the_same_heatmap(data_dir: Path, tmp_path: Path) -> None:
     """Bring your own model: a timm architecture saved as a safetensors folder, exported with `wsi-pipeline
     export-model` to ONNX and TorchScript (real CLI), each loaded from its folder and run by the engine on a real

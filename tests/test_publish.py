@@ -8,10 +8,13 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import run_cli
 from wsi_pipeline.models.demo import write_tissue_classifier
 
 
+@pytest.mark.e2e  # the CLI in a subprocess, training or whole-slide inference
 def test_only_task_folders_are_published_with_their_evaluation(data_dir: Path, tmp_path: Path) -> None:
     work, defaults = tmp_path / "work", tmp_path / "defaults"
     defaults.mkdir()

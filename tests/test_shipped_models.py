@@ -162,6 +162,7 @@ def test_run_uses_the_shipped_models_unless_configured(synthetic_slide, tmp_path
     assert result.returncode == ModelError.exit_code and f"model folder {missing} not found" in result.stderr
 
 
+@pytest.mark.e2e  # the CLI in a subprocess, training or whole-slide inference
 def test_an_implausible_mitosis_count_is_flagged_wherever_the_count_is_read(data_dir: Path, tmp_path: Path) -> None:
     """The shipped mitosis model (breast cancer at 40x) on skin at 20x takes nearly every nucleus for a mitosis: the
     count is kept, and flagged in the log, summary.json, the manifest, cohort_summary.csv and report.html."""

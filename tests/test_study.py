@@ -26,6 +26,7 @@ from wsi_pipeline.training.study import (
 CLASSES = ["epithelium=01_TUMOR,06_MUCOSA", "stroma=02_STROMA"]
 
 
+@pytest.mark.e2e  # the CLI in a subprocess, training or whole-slide inference
 def test_a_study_measures_each_variant_across_sources_and_trains_the_best(data_dir: Path, tmp_path: Path) -> None:
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
@@ -202,6 +203,7 @@ def _shipped_recipe_study(folder: Path, sources: dict, **more: object) -> Path:
     return study
 
 
+@pytest.mark.e2e  # the CLI in a subprocess, training or whole-slide inference
 def test_a_study_of_missing_data_stops_with_one_line_and_the_data_exit_status(tmp_path: Path) -> None:
     missing = {"a": {"data": ["no_such_folder"]}, "b": {"data": ["no_such_folder_either"]}}
     study = _shipped_recipe_study(tmp_path, missing)

@@ -85,5 +85,6 @@ def gather(out_dir: str) -> None:
     from wsi_pipeline.run.cohort import gather as gather_outputs
 
     manifest, cohort, failed = gather_outputs(Path(out_dir))
-    click.echo(f"wrote {manifest} and {cohort}" + (f"; {failed} slide(s) failed" if failed else ""))
+    report = Path(out_dir) / "report.html"
+    click.echo(f"wrote {manifest}, {cohort} and {report}" + (f"; {failed} slide(s) failed" if failed else ""))
     sys.exit(1 if failed else 0)

@@ -147,6 +147,7 @@ _WRITE_FAILURES = {
     errno.EROFS: ("the file system is read-only", "write to a writable file system (another -o)"),
     errno.EACCES: ("permission denied", "fix the folder's permissions, or write elsewhere (another -o)"),
     errno.EPERM: ("operation not permitted", "fix the folder's permissions, or write elsewhere (another -o)"),
+    errno.ENOTDIR: ("a part of the path is a file, not a folder", "give -o a folder (or a path that does not exist)"),
 }
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from wsi_pipeline.config import Config
 from wsi_pipeline.core.atomic import remove_stale_temporaries
-from wsi_pipeline.core.errors import ConfigError, OutputWriteError, UsageError, WsiError
+from wsi_pipeline.core.errors import ConfigError, OutputWriteError, SlideNotFoundError, UsageError, WsiError
 from wsi_pipeline.core.layout import SLIDE_EXTENSIONS, RunLayout
 from wsi_pipeline.core.progress import BatchProgress
 from wsi_pipeline.models import LoadedModel
@@ -79,6 +79,8 @@ def run_batch(
     paths = discover(inputs)
     if not paths:
         raise UsageError(f"no slides found in {', '.join(inputs)} (extensions: {', '.join(SLIDE_EXTENSIONS)})")
+    if not any(p.exists() for p in paths):  # one missing among others fails alone; none at all is a typo
+        raise SlideNotFoundError(f"{paths[0]}: no such file{' (nor any other slide given)' if len(paths) > 1 else ''}")
     ids = assign_ids(paths)
     overrides = read_mpp_file(mpp_file) if mpp_file else {}
     if mpp_file:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from wsi_pipeline.core.atomic import write_text
-from wsi_pipeline.core.errors import ConfigError
+from wsi_pipeline.core.errors import ConfigError, UsageError
 from wsi_pipeline.core.layout import RunLayout
 from wsi_pipeline.export.report import Column, write_report
 from wsi_pipeline.run.inputs import assign_ids, discover, read_shard_plan, read_slide_list
@@ -109,8 +109,11 @@ def gather(out: Path) -> tuple[Path, Path, int]:
     of failed slides. Newer shard manifests win; slides of a submitted list with no row at all (their job was
     killed, timed out or lost its node) are recorded as failed. It holds OUT's lock whole, so it is refused (exit
     11) while a shard still runs: those slides would otherwise be written down as failed."""
+    layout = RunLayout(out)
+    if not layout.shard_manifests() and not layout.shard_plan.exists():  # before the lock: nothing written in OUT
+        raise UsageError(f"no shard manifests in {layout.shards}; run `wsi-pipeline run --shard I/N` first")
     with output_lock(out):
-        return _gather(RunLayout(out))
+        return _gather(layout)
 
 
 def _gather(layout: RunLayout) -> tuple[Path, Path, int]:
@@ -140,7 +143,7 @@ def _gather(layout: RunLayout) -> tuple[Path, Path, int]:
                 },
             )
     if not rows:
-        raise ConfigError(f"no shard manifests in {layout.shards}; run `wsi-pipeline run --shard I/N` first")
+        raise UsageError(f"no shard manifests in {layout.shards}; run `wsi-pipeline run --shard I/N` first")
     ordered = [rows[k] for k in sorted(rows)]
     write_text(layout.manifest, _csv(MANIFEST_COLUMNS, ordered))
     summaries = []

@@ -95,10 +95,11 @@ def task_names() -> list[str]:
 
 
 def get_task(name: str, option: str = "task") -> Task:
+    """The registered task `name`; an unknown name is a usage mistake (exit 2), as for `--tasks`."""
     try:
         return _TASKS[name]
     except KeyError:
-        raise ConfigError(f"{option}: unknown task {name!r}; choose from {', '.join(_TASKS)}") from None
+        raise UsageError(f"{option}: unknown task {name!r}; choose from {', '.join(_TASKS)}") from None
 
 
 def task_model(name: str, configured: str | None, option: str | None = None) -> LoadedModel:
