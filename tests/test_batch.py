@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,22 @@ def test_output_lock(tmp_path: Path) -> None:
         assert whole.startswith("locked:") and f"(shard 0-of-2: pid {os.getpid()} on " in whole, whole
     assert other("None").stdout.strip() == "got it"  # released
     assert OutputLockedError.exit_code == 11
+
+
+def test_cells_a_spreadsheet_would_run_are_written_as_text(tmp_path: Path) -> None:
+    """A slide named `=HYPERLINK(...)`, `+1`, `-x` or `@SUM(...)` reaches manifest.csv and cohort_summary.csv with
+    a leading `'` (OWASP's rule: shown as text, never run); numbers stay numbers; reading the manifest back (gather,
+    submit's table) gives the ids unchanged."""
+    from wsi_pipeline.run.cohort import read_manifest_outcomes, write_cohort, write_manifest
+    from wsi_pipeline.run.pipeline import SlideOutcome
+
+    names = ['=HYPERLINK("http://x")', "+1+1", "-x", "@SUM(A1)", "plain"]
+    outcomes = [SlideOutcome(tmp_path / f"{n}.svs", n, "failed", f"{n}: unreadable", 1.5) for n in names]
+    write_manifest(tmp_path / "manifest.csv", outcomes)
+    rows = list(csv.DictReader((tmp_path / "manifest.csv").open()))
+    assert [r["slide_id"] for r in rows] == ['\'=HYPERLINK("http://x")', "'+1+1", "'-x", "'@SUM(A1)", "plain"]
+    assert all(r["error"].startswith("'") for r in rows[:4]) and rows[4]["error"] == "plain: unreadable"
+    assert [o.slide_id for o in read_manifest_outcomes(tmp_path).outcomes] == names
+    write_cohort(tmp_path / "cohort.csv", [{"slide_id": "=1+1", "mpp": -0.5, "tissue_area_mm2": "-2"}])
+    row = next(csv.DictReader((tmp_path / "cohort.csv").open()))
+    assert (row["slide_id"], row["mpp"], row["tissue_area_mm2"]) == ("'=1+1", "-0.5", "-2")

@@ -144,6 +144,10 @@ def test_usage_mistakes_are_refused_before_any_slide(case, tmp_path: Path) -> No
     malformed.write_text("name;mpp\ncase;0.25\n")
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("tissue: [unclosed\n")
+    twice = tmp_path / "twice.csv"
+    twice.write_text("slide,mpp\ncase.svs,0.25\ncase.svs,0.5\n")
+    two_ways = tmp_path / "two-ways.csv"
+    two_ways.write_text("slide,mpp\ncase.svs,0.25\ncase,0.5\n")
     cases: list[tuple[list[str], int, str]] = [
         (_run(slide, model, out, "--tasks", ","), 2, "--tasks ',' names no task"),
         (_run(slide, model, out, "--tasks", "mitosis,nosuch"), 2, "unknown task(s) nosuch"),
@@ -151,6 +155,8 @@ def test_usage_mistakes_are_refused_before_any_slide(case, tmp_path: Path) -> No
         (_run(empty, model, out), 2, "no slides found"),
         (_run(slide, model, out, "--default-mpp", "-3"), 2, "'--default-mpp'"),
         (_run(slide, model, out, "--mpp-file", str(malformed)), 7, "columns slide,mpp"),
+        (_run(slide, model, out, "--mpp-file", str(twice)), 7, "lines 2 and 3 both name 'case.svs'"),
+        (_run(slide, model, out, "--mpp-file", str(two_ways)), 7, "all name"),
         (_run(slide, model, out, "--set", "tasks.mitosis.tile_px=abc"), 7, "tasks.mitosis.tile_px"),
         (_run(slide, model, out, "-c", str(bad_yaml)), 7, "is not valid YAML"),
         (_run(slide, model, out, "--set", "tasks.mitosis.model=/no/such/model"), 10, "set tasks.mitosis.model"),

@@ -4,7 +4,9 @@ precision and BatchNorm folding; the built-in timm, ONNX and TorchScript folders
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -223,3 +225,21 @@ def test_batchnorm_is_folded_into_convolutions_without_changing_outputs(data_dir
 
     branchy = Branchy().eval()
     assert conv_bn_fused(branchy) is branchy
+
+
+def test_a_card_whose_class_cannot_name_a_heatmap_is_refused_at_load(tmp_path: Path) -> None:
+    """A class names a heatmap folder beside the slide's `tissue` image: `../x`, `a/b` or `tissue` would write
+    outside the store or over the tissue mask. Refused when the model is loaded (exit 10), naming the class."""
+    card = ModelCard(
+        name="ok", task="metastasis", kind="classifier", architecture="small_cnn",
+        architecture_args={"width": 4, "blocks": 2}, mpp=2.0, tile_px=64, classes=["tumour", "normal"],
+    )  # fmt: skip
+    folder = save_model(tmp_path / "model", seeded(build("small_cnn", 2, width=4, blocks=2), 3), card)
+    written = (folder / "model_card.json").read_text()
+    for bad in ("../x", "a/b", "tissue"):
+        (folder / "model_card.json").write_text(written.replace('"tumour"', json.dumps(bad)))
+        with pytest.raises(
+            ModelError, match=f"class name {re.escape(repr(bad))}: a class names a heatmap folder"
+        ) as err:
+            load_model(folder)
+        assert err.value.exit_code == 10

@@ -32,7 +32,7 @@ def test_bad_training_data(tmp_path: Path, data_dir: Path) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     Image.new("RGB", (32, 32)).save(tmp_path / "a" / "x_CRC-Prim-HE-01_1.png")
-    with pytest.raises(DataError, match="at least two classes"):
+    with pytest.raises(DataError, match=r"no tiles for class\(es\) \[.b.\]; every class needs tiles"):
         folder_items(tmp_path)  # b is empty
     noise = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
     Image.fromarray(noise).save(tmp_path / "b" / "y_CRC-Prim-HE-01_2.png")
@@ -288,8 +288,16 @@ def test_one_class_map_across_sources_of_different_layouts(data_dir: Path) -> No
     assert classes == ["epithelium", "stroma"]
     assert (sum(i.label == 0 for i in kather), sum(i.label == 1 for i in kather)) == (66, 33)
     assert {i.label for i in items if i.crop is not None} == {0, 1}
-    with pytest.raises(DataError, match="none for"):
+    with pytest.raises(DataError, match=r"no tiles for class\(es\) \['lympho'\]"):
         training_items("epithelium_stroma", folders, {**mapping, "lympho": ["nowhere"]}, "", 0.495, 96)
+    # one class with tiles: named as the one found (it named it as "empty" before)
+    with pytest.raises(DataError, match=r"only one class \(epithelium\) has tiles; a model needs at least two"):
+        training_items("epithelium_stroma", folders[:1], {"epithelium": ["01_TUMOR"]}, "", 0.495, 96)
+    # a class name the card would refuse at the end of training is refused before it starts
+    for bad in ("tissue", "../up", "two words"):
+        with pytest.raises(DataError, match="cannot name a heatmap"):
+            training_items("epithelium_stroma", folders, {bad: mapping["epithelium"], "stroma": mapping["stroma"]},
+                           "", 0.495, 96)  # fmt: skip
 
 
 def test_a_checkpoint_with_numpy_figures_in_its_history_still_resumes(tmp_path: Path) -> None:

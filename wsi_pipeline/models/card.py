@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -31,6 +32,10 @@ class ColourStats(BaseModel):
     od_length_std: float
     tiles: int = Field(ge=1, description="training tiles measured")
     max_z: float = Field(4.0, gt=0, description="a slide further than this many standard deviations is outside")
+
+
+CLASS_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+RESERVED_HEATMAP = "tissue"  # the heatmap every slide gets (the tissue mask)
 
 
 class ModelCard(BaseModel):
@@ -97,6 +102,12 @@ class ModelCard(BaseModel):
                 raise ValueError(f"{name} {size} is not a multiple of output_stride {self.output_stride}")
         if self.kind == "classifier" and self.run_tile_px not in (None, self.tile_px):
             raise ValueError(f"a classifier runs on its tile_px ({self.tile_px}), not run_tile_px {self.run_tile_px}")
+        for cls in self.classes:  # each becomes a heatmap's folder name beside the slide's `tissue` image
+            if not CLASS_NAME.fullmatch(cls) or cls == RESERVED_HEATMAP:
+                raise ValueError(
+                    f"class name {cls!r}: a class names a heatmap folder, so it must be letters, digits, '_', '.' or "
+                    f"'-' (not starting with '.' or '-') and not {RESERVED_HEATMAP!r}, the slide's own tissue image"
+                )
         unknown = set(self.heatmap_classes or []) - set(self.classes)
         if unknown:
             raise ValueError(f"heatmap_classes {sorted(unknown)} are not in classes {self.classes}")

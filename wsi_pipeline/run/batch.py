@@ -15,12 +15,12 @@ from wsi_pipeline.models import LoadedModel
 from wsi_pipeline.run.cohort import BatchResult, write_batch_report, write_cohort, write_manifest
 from wsi_pipeline.run.inputs import (
     assign_ids,
+    check_overrides,
     discover,
     override_for,
     read_mpp_file,
     record_shard_plan,
     shard_paths,
-    warn_unmatched_overrides,
 )
 from wsi_pipeline.run.lock import output_lock
 from wsi_pipeline.run.pipeline import SlideOutcome, process_slide
@@ -84,7 +84,7 @@ def run_batch(
     ids = assign_ids(paths)
     overrides = read_mpp_file(mpp_file) if mpp_file else {}
     if mpp_file:
-        warn_unmatched_overrides(overrides, ids, mpp_file)
+        check_overrides(overrides, ids, mpp_file)
     models = load_task_models(config, tasks)
     specs = read_specs(config, tasks, models)
     manifest_path, cohort_path = RunLayout(out).batch_files(shard)

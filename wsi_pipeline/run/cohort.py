@@ -48,13 +48,35 @@ class BatchResult:
         return 1 if self.failed else 0
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet evaluates as a formula (OWASP CSV injection)
+
+
+def _neutral(value: Any) -> Any:
+    """A text cell a spreadsheet would run as a formula (a slide named `=HYPERLINK(...)`), prefixed with `'` so it
+    is shown as text; numbers (-0.5) are left alone. Slide ids themselves are unchanged; `_read_rows` undoes it."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        try:
+            float(value)
+        except ValueError:
+            return "'" + value
+    return value
+
+
 def _csv(columns: list[str], rows: Iterable[dict[str, Any]]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow(row)
+        writer.writerow({key: _neutral(value) for key, value in row.items()})
     return buffer.getvalue()
+
+
+def _read_rows(path: Path) -> list[dict[str, str]]:
+    """A manifest's rows as they were before `_neutral`."""
+    with path.open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    quoted = tuple("'" + start for start in FORMULA_STARTS)
+    return [{k: v[1:] if isinstance(v, str) and v.startswith(quoted) else v for k, v in r.items()} for r in rows]
 
 
 def manifest_row(o: SlideOutcome) -> dict[str, str]:
@@ -119,9 +141,8 @@ def gather(out: Path) -> tuple[Path, Path, int]:
 def _gather(layout: RunLayout) -> tuple[Path, Path, int]:
     rows: dict[str, dict[str, str]] = {}
     for path in sorted(layout.shard_manifests(), key=lambda p: p.stat().st_mtime_ns):
-        with path.open(newline="", encoding="utf-8") as fh:
-            for row in csv.DictReader(fh):
-                rows[row["slide_id"]] = row
+        for row in _read_rows(path):
+            rows[row["slide_id"]] = row
     if layout.shard_plan.exists():  # every slide the shards were started with
         paths = [Path(p) for p in read_shard_plan(layout.root)["slides"]]
     elif layout.submitted_list.exists():
@@ -163,8 +184,7 @@ def read_manifest_outcomes(out: Path) -> BatchResult:
     path = layout.manifest
     if not path.exists():
         raise ConfigError(f"{path} does not exist: the gather job did not run; see {layout.logs}")
-    with path.open(newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = _read_rows(path)
     return BatchResult(
         [
             SlideOutcome(

@@ -79,6 +79,7 @@ def assign_ids(paths: Sequence[Path]) -> dict[Path, str]:
 def read_mpp_file(path: str | os.PathLike[str]) -> dict[str, float]:
     """CSV with columns `slide,mpp`: slide may be a file name, a path, or a slide_id; every mpp positive."""
     table: dict[str, float] = {}
+    lines: dict[str, int] = {}
     try:
         with open(path, newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh)
@@ -95,7 +96,12 @@ def read_mpp_file(path: str | os.PathLike[str]) -> dict[str, float]:
                     raise ConfigError(f"--mpp-file {path} line {line}: mpp {row['mpp']!r} is not a number") from None
                 if not (value > 0 and math.isfinite(value)):
                     raise ConfigError(f"--mpp-file {path} line {line}: mpp must be positive, got {value}")
-                table[(row["slide"] or "").strip()] = value
+                key = (row["slide"] or "").strip()
+                if key in lines:  # the last row would win without a word
+                    raise ConfigError(
+                        f"--mpp-file {path} lines {lines[key]} and {line} both name {key!r}; keep one row per slide"
+                    )
+                table[key], lines[key] = value, line
     except FileNotFoundError as exc:
         raise ConfigError(f"--mpp-file {path} not found") from exc
     except UnicodeDecodeError as exc:
@@ -110,14 +116,18 @@ def _override_keys(path: Path, slide_id: str) -> tuple[str, ...]:
 
 
 def override_for(path: Path, slide_id: str, table: dict[str, float]) -> float | None:
-    for key in _override_keys(path, slide_id):
-        if key in table:
-            return table[key]
-    return None
+    """The row for this slide (by path, file name, id or stem); rows naming it two ways must agree."""
+    values = {key: table[key] for key in _override_keys(path, slide_id) if key in table}
+    if len(set(values.values())) > 1:
+        raise ConfigError(f"--mpp-file: rows {', '.join(repr(k) for k in values)} all name {path} with different µm/px")
+    return next(iter(values.values()), None)
 
 
-def warn_unmatched_overrides(table: dict[str, float], ids: dict[Path, str], source: str) -> None:
-    """Rows of --mpp-file that name no slide of the batch are most often a typo: say so."""
+def check_overrides(table: dict[str, float], ids: dict[Path, str], source: str) -> None:
+    """Before any slide: rows that name one slide two ways with different µm/px are refused; rows of --mpp-file that
+    name no slide of the batch are most often a typo: say so."""
+    for path, slide_id in ids.items():
+        override_for(path, slide_id, table)
     known = {key for path, slide_id in ids.items() for key in _override_keys(path, slide_id)}
     unmatched = [name for name in table if name not in known]
     if len(unmatched) == len(table):

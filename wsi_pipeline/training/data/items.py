@@ -87,8 +87,10 @@ def folder_items(
                     items.append(TileItem(path, label, match.group(1) if match else f"tile:{path}"))
     counts = np.bincount([i.label for i in items], minlength=len(classes))
     empty = [c for c, n in zip(classes, counts, strict=True) if n == 0]
-    if strict and (not items or len(classes) < 2 or empty):
-        raise DataError(f"{root}: need at least two classes with tiles; empty: {empty or classes}")
+    if strict and empty:
+        raise DataError(f"{root}: no tiles for class(es) {empty}; every class needs tiles")
+    if strict and len(classes) < 2:
+        raise DataError(f"{root}: only one class ({classes[0]}) has tiles; a model needs at least two")
     return items, classes
 
 

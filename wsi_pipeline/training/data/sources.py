@@ -7,6 +7,7 @@ from typing import Any
 
 from wsi_pipeline.core.errors import ConfigError
 from wsi_pipeline.tasks import get_task
+from wsi_pipeline.training.data.items import DataError
 
 
 def training_items(
@@ -25,7 +26,7 @@ def training_items(
 
         return [image for folder in folders for image in point_images(folder, mpp)], [task]
     from wsi_pipeline.training.data.annotations import annotated_items, is_annotated_folder
-    from wsi_pipeline.training.data.items import DataError, folder_items
+    from wsi_pipeline.training.data.items import folder_items
     from wsi_pipeline.training.data.nuclei import is_nuclei_folder, nucleus_items
 
     items: list[Any] = []
@@ -50,9 +51,24 @@ def training_items(
     assert classes is not None
     counts = [sum(1 for i in items if i.label == label) for label in range(len(classes))]
     empty = [cls for cls, n in zip(classes, counts, strict=True) if n == 0]
-    if len(classes) < 2 or empty:
-        raise DataError(f"{', '.join(folders)}: need at least two classes with tiles; none for {empty or classes}")
+    if len(classes) < 2:
+        raise DataError(f"{', '.join(folders)}: only one class ({classes[0]}) has tiles; a model needs at least two")
+    if empty:
+        raise DataError(f"{', '.join(folders)}: no tiles for class(es) {empty}; every class needs tiles")
+    check_class_names(classes)
     return items, classes
+
+
+def check_class_names(classes: Sequence[str]) -> None:
+    """Refuse, before any training, a class name the model card would refuse at the end (a heatmap's folder name)."""
+    from wsi_pipeline.models.card import CLASS_NAME, RESERVED_HEATMAP
+
+    for cls in classes:
+        if not CLASS_NAME.fullmatch(cls) or cls == RESERVED_HEATMAP:
+            raise DataError(
+                f"class name {cls!r} cannot name a heatmap (letters, digits, '_', '.', '-'; not {RESERVED_HEATMAP!r}); "
+                "give it another with --class NAME=FOLDER"
+            )
 
 
 def matching_groups(items: list[Any], pattern: str | None, what: str) -> list[Any]:
@@ -60,8 +76,6 @@ def matching_groups(items: list[Any], pattern: str | None, what: str) -> list[An
     if pattern is None:
         return items
     import re
-
-    from wsi_pipeline.training.data.items import DataError
 
     regex = re.compile(pattern)
     kept = [item for item in items if regex.search(item.group)]
