@@ -25,7 +25,7 @@ from tests.helpers import TCGA, run_cli
 from wsi_pipeline.core.inventory import first_problem
 from wsi_pipeline.heatmap import open_heatmap
 from wsi_pipeline.models.demo import write_figure_detector
-from wsi_pipeline.run.lock import output_lock
+from wsi_pipeline.run.lock import output_lock, single_slide_lock
 from wsi_pipeline.slide.synth import SynthSpec, default_layout, write_synthetic_slide
 
 pytestmark = pytest.mark.e2e
@@ -195,8 +195,9 @@ def test_two_runs_on_one_folder(case, tmp_path: Path) -> None:
 
 
 def test_every_command_that_writes_a_run_folder_takes_its_lock(case, tmp_path: Path) -> None:
-    """predict, tissue and tiles write into OUT/<slide_id>/ as run does: while another process writes OUT they are
-    refused (exit 11) and write nothing (before: predict died with KeyError or mixed heatmaps with the run's)."""
+    """predict, tissue and tiles write into OUT/<slide_id>/ as run does: while a run writes OUT they are refused
+    (exit 11) and write nothing (before: predict died with KeyError or mixed heatmaps with the run's); they hold
+    OUT's lock shared and their slide's own, so two of them on different slides run side by side."""
     slide, model, _ = case
     out = tmp_path / "out"
     commands = [
@@ -210,6 +211,13 @@ def test_every_command_that_writes_a_run_folder_takes_its_lock(case, tmp_path: P
             assert result.returncode == 11, (command[0], result.stderr)
             assert "another run is writing" in _error_line(result.stderr), command[0]
     assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    # single-slide commands on different slides of one folder run side by side; on the same slide they do not
+    with single_slide_lock(out, "another-slide"):
+        beside = run_cli(*commands[1])
+    assert beside.returncode == 0, beside.stderr
+    with single_slide_lock(out, slide.stem):
+        same = run_cli(*commands[1])
+    assert same.returncode == 11 and f"another run is writing {out / slide.stem}" in _error_line(same.stderr)
     missing = run_cli("tissue", str(tmp_path / "absent.svs"), "-o", str(tmp_path / "never"))
     assert missing.returncode == 3 and not (tmp_path / "never").exists(), missing.stderr
 
@@ -231,6 +239,9 @@ def test_the_runs_own_files_are_never_lost_to_a_slide_or_a_link(case, tmp_path: 
         assert result.returncode == 2, result.stderr
         assert f"its output folder would be {name}/, a name the run's own files use" in _error_line(result.stderr)
         assert not out.exists()
+    single = run_cli("tissue", str(tmp_path / "named" / "report.html" / "report.html.svs"), "-o", str(tmp_path / "t"))
+    assert single.returncode == 2 and "a name the run's own files use" in _error_line(single.stderr)
+    assert not (tmp_path / "t").exists()
     folder = tmp_path / "in-the-way" / "manifest.csv"
     (folder / "inside").mkdir(parents=True)
     with pytest.raises(OutputError, match="a folder of that name is in the way"):

@@ -219,9 +219,12 @@ def test_sharded_runs_then_gather_equal_one_run(
     assert partial.returncode == 1, partial.stderr
     rows = list(csv.DictReader((sharded / "manifest.csv").open()))
     assert [r["status"] for r in rows] == ["done", "failed"] and "no result" in rows[1]["error"], rows
-    # a shard cut another way (0/3 beside 0/2) would skip or double slides: refused before any slide
-    other = run_cli(*_args(slides, model, sharded, "--shard", "0/3"))
-    assert other.returncode == 2 and "was started as 2 shards" in other.stderr, other.stderr
+    # a shard cut another way (0/3) while a shard of the recorded cut (1/2) runs would skip or double slides:
+    # refused before any slide; with no shard running it would start a new cut (a workflow re-run)
+    with output_lock(sharded, (1, 2)):
+        other = run_cli(*_args(slides, model, sharded, "--shard", "0/3"))
+    assert other.returncode == 2 and "it is being run as 2 shards" in other.stderr, other.stderr
+    assert "running: shard 1-of-2: pid" in other.stderr, other.stderr
     second = run_cli(*_args(slides, model, sharded, "--shard", "1/2"))
     assert second.returncode == 0 and "1 slides: 1 done" in second.stdout, second.stderr
     (sharded / "manifest.csv").unlink()

@@ -121,8 +121,10 @@ def test_what_train_makes_is_named_by_the_task_and_the_kind_option() -> None:
         maps = load_train_settings("epithelium_stroma", None, (), {**tiles, "kind": name})
         assert (maps.kind, maps.point_detector, maps.makes_maps, maps.arch) == ("class_map", False, True, "small_unet")
     points = load_train_settings("mitosis", None, (), {})
-    assert (points.point_detector, points.makes_maps, points.arch) == (True, True, "dense_fcn")
-    with pytest.raises(ConfigError, match="mitosis trains a point detector: kind"):
+    assert (points.point_detector, points.makes_maps, points.arch, points.kind) == (True, True, "dense_fcn", None)
+    for name in ("dense", "class_map"):  # what recipes said of the mitosis model before: still accepted
+        assert load_train_settings("mitosis", None, (), {"kind": name}).kind is None
+    with pytest.raises(ConfigError, match="mitosis trains a point detector: its models are dense"):
         load_train_settings("mitosis", None, (), {"kind": "classifier"})
     with registered(AtypicalFigureTask()):
         assert load_train_settings(DETECTOR, None, (), {}).point_detector

@@ -66,7 +66,7 @@ def predict(
 ) -> None:
     """Run one task over SLIDE's tiles: OUT/<slide_id>/heatmaps.zarr/<class> (OME-Zarr) and tissue."""
     from wsi_pipeline.engine import default_workers
-    from wsi_pipeline.run.lock import output_lock
+    from wsi_pipeline.run.lock import single_slide_lock
     from wsi_pipeline.run.settings import engine_options
     from wsi_pipeline.run.stages import predict_stage
     from wsi_pipeline.tasks import get_task
@@ -80,8 +80,11 @@ def predict(
         batch_size=batch_size or cfg.task(task).batch_size,
         progress=progress,
     )
-    # the slide opens first (a missing or unreadable file leaves no OUT), then the folder's lock, as a run takes it
-    with Slide(slide_path, mpp=slide_mpp, backend=cfg.slide.backend) as slide, output_lock(Path(out_dir)):
+    # the slide opens first (a missing or unreadable file leaves no OUT), then its lock beside OUT's (shared)
+    with (
+        Slide(slide_path, mpp=slide_mpp, backend=cfg.slide.backend) as slide,
+        single_slide_lock(Path(out_dir), slide.slide_id),
+    ):
         layout = RunLayout(Path(out_dir)).slide(slide.slide_id)
         result = predict_stage(slide, cfg, task, layout, engine, model_path=model_path)
     read = result["timings"]["reads"][0]

@@ -109,12 +109,15 @@ def tissue(
     overrides: tuple[str, ...],
 ) -> None:
     """Detect tissue: OUT/<slide_id>/tissue.geojson, tissue_mask.png, overview.png, tissue.json."""
-    from wsi_pipeline.run.lock import output_lock
+    from wsi_pipeline.run.lock import single_slide_lock
     from wsi_pipeline.run.stages import tissue_stage
 
     cfg = run_config(config_path, overrides, backend)
-    # the slide opens first (a missing or unreadable file leaves no OUT), then the folder's lock, as a run takes it
-    with Slide(slide_path, mpp=slide_mpp, backend=cfg.slide.backend) as slide, output_lock(Path(out_dir)):
+    # the slide opens first (a missing or unreadable file leaves no OUT), then its lock beside OUT's (shared)
+    with (
+        Slide(slide_path, mpp=slide_mpp, backend=cfg.slide.backend) as slide,
+        single_slide_lock(Path(out_dir), slide.slide_id),
+    ):
         result = tissue_stage(slide, cfg.tissue, RunLayout(Path(out_dir)).slide(slide.slide_id))
     s = result.summary
     click.echo(
@@ -152,13 +155,16 @@ def tiles(
     overrides: tuple[str, ...],
 ) -> None:
     """Plan tiles at a target µm/px: OUT/<slide_id>/tiles-<name>.json (+ .geojson for QuPath, .png)."""
-    from wsi_pipeline.run.lock import output_lock
+    from wsi_pipeline.run.lock import single_slide_lock
     from wsi_pipeline.run.stages import tile_request, tiles_stage
     from wsi_pipeline.slide.tissue import detect_tissue
 
     cfg = run_config(config_path, overrides, backend)
     want = tile_request(cfg, task, mpp, tile_px, overlap_px, min_tissue)
-    with Slide(slide_path, mpp=slide_mpp, backend=cfg.slide.backend) as slide, output_lock(Path(out_dir)):
+    with (
+        Slide(slide_path, mpp=slide_mpp, backend=cfg.slide.backend) as slide,
+        single_slide_lock(Path(out_dir), slide.slide_id),
+    ):
         plan, files = tiles_stage(
             slide,
             detect_tissue(slide, cfg.tissue),

@@ -22,7 +22,7 @@ def slide_id_for(path: str | os.PathLike[str]) -> str:
     """A slide's id, the name of its output folder, from its file name alone (so a batch, a shard, a later run and
     QuPath's import script all name it the same): the name NFC-normalised, the slide extension removed, every run
     of characters other than letters (any script), decimal digits, '.', '_' and '-' replaced by '_', leading and
-    trailing '.' and '_' stripped. Two slides of one batch with the same id are refused (`batch.assign_ids`)."""
+    trailing '.' and '_' stripped. Two slides of one batch with the same id are refused (`run.inputs.assign_ids`)."""
     stem = unicodedata.normalize("NFC", Path(path).name)
     for ext in SLIDE_EXTENSIONS:
         if stem.lower().endswith(ext):
@@ -141,6 +141,14 @@ class RunLayout:
 
     def shard_lock(self, shard: tuple[int, int]) -> Path:
         return self.root / f".lock-shard-{shard[0]}-of-{shard[1]}"
+
+    @property
+    def slide_locks(self) -> Path:
+        return self.root / ".locks"
+
+    def slide_lock(self, slide_id: str) -> Path:
+        """Held while a slide's folder is written (`run.lock.slide_lock`)."""
+        return self.slide_locks / slide_id
 
     @property
     def shards(self) -> Path:

@@ -128,11 +128,13 @@ def write_batch_report(out: Path, outcomes: Sequence[SlideOutcome]) -> Path:
 
 def gather(out: Path) -> tuple[Path, Path, int]:
     """Merge the shards' manifests into OUT/manifest.csv and OUT/cohort_summary.csv; returns them and the number
-    of failed slides. Newer shard manifests win; slides of a submitted list with no row at all (their job was
-    killed, timed out or lost its node) are recorded as failed. It holds OUT's lock whole, so it is refused (exit
-    11) while a shard still runs: those slides would otherwise be written down as failed."""
+    of failed slides. Newer shard manifests win; slides of the shards' plan (or a submitted list) with no row at all
+    (their shard never ran, was killed, timed out or lost its node) are recorded as failed. It holds OUT's lock
+    whole, so it is refused (exit 11) while a shard still runs: those slides would otherwise be written down as
+    failed."""
     layout = RunLayout(out)
-    if not layout.shard_manifests() and not layout.shard_plan.exists():  # before the lock: nothing written in OUT
+    known = layout.shard_manifests() or layout.shard_plan.exists() or layout.submitted_list.exists()
+    if not known:  # before the lock: nothing is written into a folder no shard or submission wrote
         raise UsageError(f"no shard manifests in {layout.shards}; run `wsi-pipeline run --shard I/N` first")
     with output_lock(out):
         return _gather(layout)

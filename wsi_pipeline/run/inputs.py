@@ -10,13 +10,16 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from wsi_pipeline.config import Config
+from wsi_pipeline.core.atomic import write_text
 from wsi_pipeline.core.errors import ConfigError, UsageError
 from wsi_pipeline.core.layout import SLIDE_EXTENSIONS, RunLayout, slide_id_for, temporary_sibling
+from wsi_pipeline.run.lock import running_shards
 from wsi_pipeline.tasks import parse_task_list, task_names
 
 log = logging.getLogger(__name__)
@@ -163,37 +166,69 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def record_shard_plan(out: Path, paths: Sequence[Path], shard: tuple[int, int]) -> None:
-    """The first shard of a folder records its slides and shard count (OUT/shards/plan.json, created only if absent,
-    so two shards starting at once agree on one); every later shard must match it, so that `gather` knows which
-    slides no shard finished, and shards cut another way (0/2 beside 0/3) never skip or double a slide."""
+    """Record the folder's slides and shard count (OUT/shards/plan.json) for `gather`, which lists every slide no
+    shard finished. The first shard of a cut creates it (only if absent: shards starting at once agree on one);
+    a shard whose count or slides differ is refused while a shard of the recorded cut still runs (0/3 beside 0/2
+    would skip or double slides), and replaces the plan when none does (a new cut: a workflow re-run with more
+    slides, say)."""
     layout = RunLayout(out)
-    plan: dict[str, Any] = {"shards": shard[1], "slides": [str(p) for p in paths]}
+    plan: dict[str, Any] = {"shards": shard[1], "slides": [str(p.resolve()) for p in paths]}
     layout.shards.mkdir(parents=True, exist_ok=True)
-    draft = temporary_sibling(layout.shard_plan)
-    draft.write_text(json.dumps(plan, indent=1) + "\n")
+    if _create_once(layout.shard_plan, plan):
+        return
+    recorded = read_shard_plan(out)
+    if recorded == plan:
+        return
+    mine = f"shard {shard[0]}-of-{shard[1]}:"
+    running = [s for s in running_shards(out) if not s.startswith(mine)]
+    if not running:
+        write_text(layout.shard_plan, json.dumps(plan, indent=1) + "\n")
+        log.info("%s: a new cut into %d shards (the recorded one's shards have all ended)", layout.shard_plan, shard[1])
+        return
+    if recorded["shards"] != shard[1]:
+        why = f"it is being run as {recorded['shards']} shards"
+        fix = f"use --shard I/{recorded['shards']}"
+    else:
+        differing = sorted(set(recorded["slides"]) ^ set(plan["slides"]))
+        why = f"its shards were given other slides (e.g. {differing[0] if differing else 'in another order'})"
+        fix = "give every shard the same slides (--slide-list)"
+    raise UsageError(
+        f"--shard {shard[0]}/{shard[1]}: {why} ({layout.shard_plan}; running: {', '.join(running)}); {fix}, "
+        "or another -o folder"
+    )
+
+
+def _create_once(path: Path, content: dict[str, Any]) -> bool:
+    """Write `path` whole only if it does not exist; False if it did. A hard link of a finished file makes it
+    appear complete; on a file system without hard links, an exclusive create (readers may then briefly see it
+    empty: `read_shard_plan` waits for it)."""
+    text = json.dumps(content, indent=1) + "\n"
+    draft = temporary_sibling(path)
+    draft.write_text(text)
     try:
-        os.link(draft, layout.shard_plan)  # fails if a plan is there: never replaced
+        os.link(draft, path)
+        return True
     except FileExistsError:
-        pass
+        return False
+    except OSError:  # no hard links here (some FUSE or SMB mounts)
+        try:
+            with open(path, "x", encoding="utf-8") as fh:
+                fh.write(text)
+            return True
+        except FileExistsError:
+            return False
     finally:
         draft.unlink()
-    recorded = read_shard_plan(out)
-    where = f"{out} was started as {recorded['shards']} shards ({layout.shard_plan})"
-    if recorded["shards"] != shard[1]:
-        raise UsageError(
-            f"--shard {shard[0]}/{shard[1]}: {where}; use --shard I/{recorded['shards']}, or another -o folder"
-        )
-    if recorded["slides"] != plan["slides"]:
-        differing = sorted(set(recorded["slides"]) ^ set(plan["slides"]))
-        example = differing[0] if differing else "their order"
-        raise UsageError(
-            f"--shard {shard[0]}/{shard[1]}: the slides differ from those {where} (e.g. {example}); give every "
-            "shard the same slides (--slide-list), or another -o folder"
-        )
 
 
 def read_shard_plan(out: Path) -> dict[str, Any]:
-    plan: dict[str, Any] = json.loads(RunLayout(out).shard_plan.read_text())
+    path = RunLayout(out).shard_plan
+    for _ in range(50):  # an exclusive create (no hard links) may be seen before its text is written
+        text = path.read_text(encoding="utf-8")
+        if text.endswith("\n"):
+            break
+        time.sleep(0.1)
+    plan: dict[str, Any] = json.loads(text)
     return plan
 
 

@@ -16,7 +16,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-from wsi_pipeline.core.errors import OutputError, WsiError
+from wsi_pipeline.core.errors import OutputError, UsageError, WsiError
 from wsi_pipeline.core.layout import RunLayout
 
 
@@ -31,7 +31,7 @@ def _holder(fd: int) -> str:
     return ""
 
 
-def _running_shards(root: Path) -> list[str]:
+def running_shards(root: Path) -> list[str]:
     """The shards that hold their lock now, as `I-of-N: pid … on host`: while shards run, `OUT/.lock` is held
     shared, and only each shard's own file names its process. Asked only when a lock was refused; the probe holds a
     shared lock for an instant (Python has no portable F_GETLK), in which that shard itself could not start."""
@@ -48,7 +48,7 @@ def _running_shards(root: Path) -> list[str]:
     return held
 
 
-def _take(path: Path, shared: bool) -> int:
+def _take(path: Path, shared: bool, what: Path | None = None) -> int:
     try:  # O_NOFOLLOW: a lock file planted as a link would have this run truncate whatever it points to
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as exc:
@@ -61,11 +61,11 @@ def _take(path: Path, shared: bool) -> int:
         fcntl.lockf(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except OSError:
         # running shards exclude an exclusive holder; the file's text may be a SIGKILLed holder's, so they go first
-        holder = ", ".join(_running_shards(path.parent)) or _holder(fd)
+        holder = (", ".join(running_shards(path.parent)) if what is None else "") or _holder(fd)
         os.close(fd)
         raise OutputLockedError(
-            f"another run is writing {path.parent} ({holder or 'holder unknown'}); wait for it to finish, or give "
-            "this run another -o folder (shards of one job use --shard I/N)"
+            f"another run is writing {what or path.parent} ({holder or 'holder unknown'}); wait for it to finish, "
+            "or give this run another -o folder (shards of one job use --shard I/N)"
         ) from None
     if not shared:
         os.ftruncate(fd, 0)
@@ -78,6 +78,39 @@ def _release(fd: int, exclusive: bool) -> None:
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
     os.close(fd)
+
+
+@contextlib.contextmanager
+def slide_lock(out: Path, slide_id: str) -> Iterator[None]:
+    """OUT/<slide_id>/ alone: its lock file (OUT/.locks/<slide_id>) held exclusively. A run takes it for each slide
+    it builds (beside OUT's own lock), so that a single-slide command and a shard never write one slide at once.
+    Never take OUT's lock again inside a run: POSIX locks are per process, a second one would change the first."""
+    layout = RunLayout(out)
+    layout.slide_locks.mkdir(parents=True, exist_ok=True)
+    fd = _take(layout.slide_lock(slide_id), shared=False, what=layout.slide(slide_id).root)
+    try:
+        yield
+    finally:
+        _release(fd, True)
+
+
+@contextlib.contextmanager
+def single_slide_lock(out: Path, slide_id: str) -> Iterator[None]:
+    """What `predict`, `tissue` and `tiles` hold: OUT's lock shared (so a whole run, which holds it exclusively,
+    refuses them and they it) and the slide's own lock; commands on different slides of one folder run side by
+    side. A slide named like one of the run's own files is refused (exit 2) before anything is made."""
+    if RunLayout.reserved_slide_id(slide_id):
+        raise UsageError(
+            f"slide {slide_id}: its output folder would be {slide_id}/, a name the run's own files use "
+            f"({', '.join(RunLayout.OWN_NAMES)}); rename the slide file"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    fd = _take(RunLayout(out).lock, shared=True)
+    try:
+        with slide_lock(out, slide_id):
+            yield
+    finally:
+        _release(fd, False)
 
 
 @contextlib.contextmanager

@@ -27,6 +27,7 @@ from wsi_pipeline.engine import TaskRequest, predict_slide
 from wsi_pipeline.heatmap import begin_store, finish_store, settle_pending_writes
 from wsi_pipeline.models import LoadedModel
 from wsi_pipeline.models.input_guard import outside_reason, slide_colour
+from wsi_pipeline.run.lock import OutputLockedError, slide_lock
 from wsi_pipeline.run.outputs import write_task_outputs
 from wsi_pipeline.run.record import (
     RUN_FORMAT,
@@ -82,8 +83,26 @@ def process_slide(
 ) -> SlideOutcome:
     """Run `tasks` on one slide into OUT/<slide_id>/; never raises for bad input (the outcome says what failed).
     A failed write (full disk, read-only folder) raises OutputWriteError: every later slide would fail the same way.
-    """
+    The slide's own lock is held throughout: a `predict` or `tissue` of this slide (or another shard) is not
+    writing it at the same time, and if one is, this slide fails alone."""
     started = time.perf_counter()
+    try:
+        with slide_lock(out_root, slide_id):
+            return _process_slide(path, slide_id, out_root, settings, models, specs, mpp, started)
+    except OutputLockedError as exc:
+        return SlideOutcome(path, slide_id, "failed", str(exc), time.perf_counter() - started)
+
+
+def _process_slide(
+    path: Path,
+    slide_id: str,
+    out_root: Path,
+    settings: RunSettings,
+    models: dict[str, LoadedModel],
+    specs: dict[str, ReadSpec],
+    mpp: float | None,
+    started: float,
+) -> SlideOutcome:
     config, tasks, overwrite = settings.config, list(settings.tasks), settings.overwrite
     run = RunLayout(out_root)
     final = run.slide(slide_id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from wsi_pipeline.models.loading import CARD_FILE, WEIGHTS_FILE, load_model
@@ -66,17 +67,19 @@ def _headline(report: dict) -> dict:
     }
 
 
-def publish_all(work: Path, defaults: Path) -> list[str]:
-    """Publish every WORK/<task> that holds a card; one line per folder published or skipped."""
+def publish_all(work: Path, defaults: Path) -> Iterator[str]:
+    """Publish every WORK/<task> that holds a card, saying each folder published or skipped as it goes (a failure
+    of a later task leaves the earlier ones' lines said)."""
     from wsi_pipeline.tasks import task_names
 
     tasks = task_names()
     with_card = sorted(p.name for p in work.iterdir() if (p / CARD_FILE).is_file())
     # only WORK/<task>: a backup or experiment folder beside them (WORK/mitosis.old) is never shipped
     trained = [name for name in with_card if name in tasks]
-    lines = [
-        f"skipped {work / name}: not named after a task ({', '.join(tasks)})" for name in with_card if name not in tasks
-    ]
+    for name in with_card:
+        if name not in tasks:
+            yield f"skipped {work / name}: not named after a task ({', '.join(tasks)})"
     if not trained:
         raise DataError(f"no trained model folders (WORK/<task> with {CARD_FILE}) in {work}")
-    return lines + [f"published {publish(work, defaults, task)}" for task in trained]
+    for task in trained:
+        yield f"published {publish(work, defaults, task)}"

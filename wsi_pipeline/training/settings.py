@@ -110,8 +110,9 @@ class TrainSettings(StrictModel):
     def _resolution(self) -> TrainSettings:
         get_task(self.task)
         if self.point_detector:
-            if self.kind is not None:
-                raise ValueError(f"{self.task} trains a point detector: kind ({self.kind}) is for classifier tasks")
+            if self.kind == "classifier":  # class_map (or its former name, dense) is what a detector is anyway
+                raise ValueError(f"{self.task} trains a point detector: its models are dense (kind: null)")
+            self.__dict__["kind"] = None
             self.__dict__["arch"] = self.arch or "dense_fcn"
             if self.stain_normalisation is not None:
                 raise ValueError(f"stain_normalisation is for classifier tasks' models, not {self.task}'s")
