@@ -11,7 +11,7 @@ from wsi_pipeline.core.errors import ConfigError, UsageError
 from wsi_pipeline.run.inputs import assign_ids, discover, read_mpp_file
 
 
-def test_discover_files_folders_and_globs(tmp_path: Path) -> None:
+def test_discover_files_folders_and_globs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     for name in ("a/x.svs", "a/deep/y.NDPI", "a/notes.txt", "a/.hidden.svs", "b/x.svs", "c/z.tif"):
         path = tmp_path / name
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -27,6 +27,15 @@ def test_discover_files_folders_and_globs(tmp_path: Path) -> None:
     )
     names = [p.relative_to(tmp_path).as_posix() for p in found]
     assert names == ["a/deep/y.NDPI", "a/x.svs", "b/x.svs", "c/z.tif", "missing.svs"]  # sorted per input, unique
+    # what is left out is said: the hidden file here, other names of one file below
+    said = [r.getMessage() for r in caplog.records]
+    assert any("skipped 1 hidden file(s)" in m and ".hidden.svs" in m for m in said), said
+    caplog.clear()
+    for i in range(64):  # 64 links to one file: one slide, and a word about the other 63
+        (tmp_path / "links" / f"l{i:02d}.svs").parent.mkdir(exist_ok=True)
+        (tmp_path / "links" / f"l{i:02d}.svs").symlink_to(tmp_path / "c" / "z.tif")
+    assert len(discover([str(tmp_path / "links")])) == 1
+    assert any("63 path(s) name a slide already given" in r.getMessage() for r in caplog.records)
 
 
 def test_ids_come_from_the_file_name_alone_and_clashes_are_refused(tmp_path: Path) -> None:

@@ -154,6 +154,7 @@ def test_usage_mistakes_are_refused_before_any_slide(case, tmp_path: Path) -> No
         (_run(slide, model, out, "--shard", "3/3"), 2, "--shard '3/3'"),
         (_run(empty, model, out), 2, "no slides found"),
         (_run(slide, model, out, "--default-mpp", "-3"), 2, "'--default-mpp'"),
+        (_run(slide, model, out, "--backend", "nosuch"), 2, "--backend: unknown reader backend 'nosuch'"),
         (_run(slide, model, out, "--mpp-file", str(malformed)), 7, "columns slide,mpp"),
         (_run(slide, model, out, "--mpp-file", str(twice)), 7, "lines 2 and 3 both name 'case.svs'"),
         (_run(slide, model, out, "--mpp-file", str(two_ways)), 7, "all name"),
@@ -247,6 +248,17 @@ def test_the_runs_own_files_are_never_lost_to_a_slide_or_a_link(case, tmp_path: 
     with pytest.raises(OutputError, match="a folder of that name is in the way"):
         write_text(folder, "slide,slide_id\n")
     assert (folder / "inside").is_dir() and list(folder.parent.iterdir()) == [folder]  # nor a temporary left
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "inside").mkdir(parents=True)
+    linked_slide = tmp_path / "linked-slide"
+    linked_slide.mkdir()
+    (linked_slide / slide.stem).symlink_to(elsewhere)
+    result = run_cli(*_run(slide, model, linked_slide))
+    assert (
+        result.returncode == 1
+        and "is a symbolic link; a run never follows a link" in _rows(linked_slide)[slide.stem]["error"]
+    )
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["inside"]  # nothing computed, nothing written there
     target = tmp_path / "keep.txt"
     target.write_text("keep\n")
     out = tmp_path / "linked"

@@ -10,7 +10,14 @@ from typing import Any
 import click
 
 from wsi_pipeline.config import Config, load_config
-from wsi_pipeline.core.errors import OutputWriteError, Terminated, WsiError, install_signal_handlers, write_failure
+from wsi_pipeline.core.errors import (
+    OutputWriteError,
+    Terminated,
+    UsageError,
+    WsiError,
+    install_signal_handlers,
+    write_failure,
+)
 
 
 class WsiGroup(click.Group):
@@ -86,6 +93,12 @@ device_option = click.option("--device", default="auto", show_default=True, help
 
 
 def run_config(config_path: str | None, overrides: tuple[str, ...], backend: str | None = None) -> Config:
-    """The validated configuration; `--backend` is `--set slide.backend=...`."""
+    """The validated configuration; `--backend` is `--set slide.backend=...`, checked first so that a wrong name is
+    told as the option the user typed."""
+    if backend is not None:
+        from wsi_pipeline.slide.reader import backend_names
+
+        if backend != "auto" and backend not in backend_names():
+            raise UsageError(f"--backend: unknown reader backend {backend!r}; choose auto or one of {backend_names()}")
     extra = (f"slide.backend={backend}",) if backend is not None else ()
     return load_config(config_path, (*overrides, *extra))

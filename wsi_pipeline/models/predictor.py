@@ -21,6 +21,7 @@ from wsi_pipeline.models.loading import LoadedModel, onnx_session, safetensors_m
 
 LOG = logging.getLogger("wsi_pipeline.models")
 DEFAULT_OPTIONS = PredictorOptions()
+_SAID_FP32: set[str] = set()
 
 
 class Predictor(Protocol):
@@ -74,7 +75,8 @@ class TorchModulePredictor:
         self.device = device
         precision = options.precision
         self.bf16 = use_bf16(device, precision, self.card)
-        if precision == "auto" and not self.bf16 and use_bf16(device, precision):
+        if precision == "auto" and not self.bf16 and use_bf16(device, precision) and self.card.name not in _SAID_FP32:
+            _SAID_FP32.add(self.card.name)  # once per model and process, not once per slide
             LOG.info(
                 "%s runs in fp32: its card measured bf16 outputs up to %.3f from fp32 (limit %.2f)",
                 self.card.name,

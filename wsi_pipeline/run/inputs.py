@@ -29,17 +29,16 @@ def discover(inputs: Sequence[str]) -> list[Path]:
     """Files as given; folders searched recursively for slide extensions; glob patterns expanded. Sorted, unique
     (one entry per file, however it was named). A folder or pattern that yields no slide is a warning."""
     found: dict[Path, Path] = {}
+    repeated: list[tuple[Path, Path]] = []
     for item in inputs:
         path = Path(item)
         matched: list[Path] = []
         if path.is_dir():
-            matched = [
-                candidate
-                for candidate in sorted(path.rglob("*"))
-                if candidate.is_file()
-                and candidate.name.lower().endswith(SLIDE_EXTENSIONS)
-                and not candidate.name.startswith(".")
-            ]
+            slides = [c for c in sorted(path.rglob("*")) if c.is_file() and c.name.lower().endswith(SLIDE_EXTENSIONS)]
+            hidden = [c for c in slides if c.name.startswith(".")]
+            matched = [c for c in slides if not c.name.startswith(".")]
+            if hidden:  # macOS's ._ files and the like: skipped, but said
+                log.warning("warning: skipped %d hidden file(s) in %s (e.g. %s)", len(hidden), item, hidden[0].name)
             if not matched:
                 log.warning("warning: folder %s holds no slide (%s)", item, ", ".join(SLIDE_EXTENSIONS))
         elif any(ch in item for ch in "*?["):
@@ -49,7 +48,15 @@ def discover(inputs: Sequence[str]) -> list[Path]:
         else:
             matched = [path]  # a missing file is reported as a failed slide, not dropped
         for candidate in matched:
-            found.setdefault(candidate.resolve(), candidate)
+            first = found.setdefault(candidate.resolve(), candidate)
+            if first != candidate:
+                repeated.append((candidate, first))
+    if repeated:  # links or two spellings of one file: one slide, said once
+        log.warning(
+            "warning: %d path(s) name a slide already given (the same file): %s is %s; it runs once",
+            len(repeated),
+            *repeated[0],
+        )
     return list(found.values())
 
 

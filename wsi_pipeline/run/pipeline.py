@@ -111,6 +111,12 @@ def _process_slide(
     def outcome(status: str, error: str = "", **extra: Any) -> SlideOutcome:
         return SlideOutcome(path, slide_id, status, error, time.perf_counter() - started, **extra)
 
+    if final.root.is_symlink():  # its outputs would be written wherever the link points, and replaced there
+        return outcome(
+            "failed",
+            f"{final.root} is a symbolic link; a run never follows a link it did not create: remove it (or give this "
+            "run another -o folder)",
+        )
     try:
         slide = open_slide(path, config, mpp, settings.default_mpp)
         key = compatibility_key(config, tasks, models, slide.mpp.mean, slide.backend)
@@ -154,6 +160,8 @@ def _process_slide(
         failure = write_failure(exc, final.root)
         if failure is not None:
             raise failure from exc
+        if not path.exists():  # deleted or unmounted while it was read: the slide's own problem, not a bug
+            return outcome("failed", f"{path}: the slide file went away while it was read ({exc}); run it again")
         return outcome("failed", f"internal error {type(exc).__name__}: {exc} (please report)")
     finally:
         if tmp.root.exists():  # the slide failed or was interrupted

@@ -265,7 +265,8 @@ def _properties(tif: tifffile.TiffFile, page: Any) -> dict[str, str]:
 
 
 def _accepts(path: Path) -> bool:
-    return path.suffix.lower() in (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif")
+    # NDPI, SCN and BIF have layouts this reader always refuses: `auto` sends them to OpenSlide without a word
+    return path.suffix.lower() in (".svs", ".tif", ".tiff")
 
 
 def _versions() -> dict[str, str]:
