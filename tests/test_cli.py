@@ -138,3 +138,16 @@ def test_no_tissue_exit_code(tmp_path: Path) -> None:
     empty = write_synthetic_slide(tmp_path / "empty.svs", SynthSpec(2000, 1500, 0.5))
     result = run_cli("tissue", str(empty), "-o", str(tmp_path / "o"))
     assert result.returncode == 8 and "no tissue" in result.stderr
+
+
+def test_help_lists_every_command_with_its_whole_first_sentence() -> None:
+    """`wsi-pipeline --help` cut each description to one line with '...' (the probe's 'rough edge')."""
+    from wsi_pipeline.cli import main
+
+    text = run_cli("--help").stdout
+    listing = text[text.index("Commands:") :]
+    assert "..." not in listing and "…" not in listing
+    flat = " ".join(text.split())
+    for name, command in main.commands.items():
+        first = " ".join(command.get_short_help_str(limit=1000).split())
+        assert f"{name} {first}" in flat, name

@@ -24,6 +24,14 @@ class WsiGroup(click.Group):
     """Turns WsiError into `error: ...` on stderr with the error's exit status, a failed write (full disk,
     read-only or forbidden folder) into exit 9, Ctrl-C into exit 130 and SIGTERM into exit 143."""
 
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """Each command's whole first sentence, wrapped (click cuts it to one line with '...')."""
+        found = ((name, self.get_command(ctx, name)) for name in self.list_commands(ctx))
+        commands = [(name, command) for name, command in found if command is not None and not command.hidden]
+        if commands:
+            with formatter.section("Commands"):
+                formatter.write_dl([(name, command.get_short_help_str(limit=1000)) for name, command in commands])
+
     def invoke(self, ctx: click.Context) -> Any:
         install_signal_handlers()
         try:
