@@ -403,12 +403,15 @@ def test_predict_into_a_finished_run_invalidates_it(case, tmp_path: Path) -> Non
         for parameter in loaded.module.parameters():
             parameter.mul_(0.9)  # another model: other heatmaps
     other = save_model(tmp_path / "other", loaded.module, loaded.card.model_copy(update={"name": "other"}))
+    stale = out / "case" / ".heatmaps.zarr.mitosis.tmp-999999999-0a1b2c3d"  # a killed predict's half-built image
+    stale.mkdir()
     predicted = run_cli(
         "predict", str(slide), "-o", str(out), "--task", "mitosis", "--model", str(other), "--device", "cpu",
         "--workers", "0", "--no-progress",
     )  # fmt: skip
     assert predicted.returncode == 0, predicted.stderr
     assert "run.json: removed" in predicted.stderr and not (out / "case" / "run.json").exists()
+    assert not stale.exists()  # removed by the next predict (its process is gone)
     result = run_cli(*_run(slide, model, out))
     assert _rows(out)["case"]["status"] == "done" and "no run record" in _rows(out)["case"]["note"], result.stdout
     assert _outputs(out / "case") == _outputs(reference / "case")  # the run's model again, not predict's

@@ -152,8 +152,8 @@ def _process_slide(
         summary = json.loads(final.summary.read_text())
         note = "; ".join(n for n in (note, record_note(record)) if n)
         return outcome("done", tiles=record["tiles"], summary=summary, note=note)
-    except OutputWriteError:
-        raise
+    except OutputWriteError as exc:  # named as the user's folder, not the hidden one it was being built in
+        raise OutputWriteError(str(exc).replace(str(tmp.root), str(final.root))) from exc
     except WsiError as exc:
         return outcome("failed", str(exc))
     except Exception as exc:  # an unexpected bug must not stop the other slides either

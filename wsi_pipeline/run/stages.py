@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from wsi_pipeline.config import Config, TissueConfig
+from wsi_pipeline.core.atomic import remove_stale_temporaries
 from wsi_pipeline.core.errors import ConfigError, write_failure
 from wsi_pipeline.core.inventory import invalidate
 from wsi_pipeline.core.layout import SlideLayout
@@ -158,6 +159,8 @@ def predict_stage(
         log.warning("warning: %s: the %s model is not to be trusted here: %s", slide.slide_id, task, reason)
     if invalidate(out.run_record):
         log.info("%s: removed (predict changes this slide's heatmaps; the next run redoes the slide)", out.run_record)
+    if out.root.is_dir():  # images an earlier predict left half-built (a full disk, a kill) beside the store
+        remove_stale_temporaries(out.root)
     try:
         begin_store(out.heatmaps)  # incomplete until this task's heatmaps and `tissue` are all in place
         timings = predict_slide(slide, [TaskRequest(task, model, plan)], out.heatmaps, engine)
