@@ -228,6 +228,12 @@ def test_training_recipe_values_apply_and_unknown_keys_are_refused(data_dir: Pat
     recipe.write_text("epoch: 3\n")
     result = run_cli("train", "epithelium_stroma", kather, "-o", str(tmp_path / "n"), "-c", str(recipe))
     assert result.returncode == 7 and "unknown option(s) ['epoch']" in result.stderr
+    bare = run_cli("train", "epithelium_stroma", kather, "-o", str(tmp_path / "n"))  # the README's first try
+    assert bare.returncode == 7 and bare.stderr.strip() == (
+        "error: invalid configuration in the options of train: epithelium_stroma models learn from tiles of a known "
+        "size and µm/px: give --tile-px and --mpp (the data's tile size and µm/px, e.g. --tile-px 224 --mpp 0.5), or "
+        "tile_px and mpp in the recipe"
+    )
 
 
 CRC = ("epithelium_stroma", "crchistophenotypes")

@@ -125,6 +125,9 @@ def _lookup(data: dict[str, Any], dotted: str) -> Any:
 def _format_errors(exc: ValidationError, origin: str) -> str:
     lines = []
     for err in exc.errors():
+        if not err["loc"] and err["type"] == "value_error":  # a check across keys: its own sentence says it all
+            lines.append(str(err["msg"]).removeprefix("Value error, "))
+            continue
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
         message = "unknown key (check its spelling)" if err["type"] == "extra_forbidden" else err["msg"]
         value = "" if err["type"] == "extra_forbidden" else f" (got {err.get('input')!r})"

@@ -274,7 +274,8 @@ def _bf16_line(difference: float) -> str:
     verdict, runs = ("within", "bf16 where the device has it") if within else ("over", "fp32")
     return (
         f"bf16 autocast: outputs up to {difference:.4f} from fp32, {verdict} the engine's limit {BF16_CARD_LIMIT} "
-        f"(published in the card, `engine.precision: auto` runs it in {runs})"
+        f"(in evaluation.json; `publish` copies it into the card, where `engine.precision: auto` reads it and runs "
+        f"the model in {runs})"
     )
 
 

@@ -119,8 +119,8 @@ class TrainSettings(StrictModel):
         else:
             if self.tile_px is None or self.mpp is None:
                 raise ValueError(
-                    f"training a {self.task} model needs tile_px and mpp (--tile-px, --mpp: the data's tile "
-                    "size and µm/px)"
+                    f"{self.task} models learn from tiles of a known size and µm/px: give --tile-px and --mpp (the "
+                    "data's tile size and µm/px, e.g. --tile-px 224 --mpp 0.5), or tile_px and mpp in the recipe"
                 )
             self.__dict__["arch"] = self.arch or ("small_unet" if self.makes_maps else "small_cnn")
         return self
@@ -210,4 +210,4 @@ def load_train_settings(
     for key, value in given.items():
         data[aliases.get(key, key)] = value
     data["task"] = task
-    return validated(TrainSettings, data, origin)
+    return validated(TrainSettings, data, origin if recipe or overrides else "the options of train")
