@@ -243,3 +243,53 @@ def test_a_card_whose_class_cannot_name_a_heatmap_is_refused_at_load(tmp_path: P
         ) as err:
             load_model(folder)
         assert err.value.exit_code == 10
+
+
+class ScriptedPredictor:
+    """An adapter: a TorchScript module, fed as the card says (mean/std, softmax), no Python class needed."""
+
+    def __init__(self, model: LoadedModel, device: torch.device) -> None:
+        self.card = model.card
+        self.scripted = torch.jit.script(model.module).to(device).eval()
+        self.mean = torch.tensor(self.card.normalisation.mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(self.card.normalisation.std, device=device).view(1, 3, 1, 1)
+
+    def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        probs = torch.softmax(self.scripted((batch.float() / 255 - self.mean) / self.std), dim=1).cpu()
+        return {name: probs[:, i] for i, name in enumerate(self.card.classes) if name in self.card.written_classes}
+
+
+def test_the_earlier_in_memory_form_of_register_format_still_runs(data_dir: Path, tmp_path: Path) -> None:
+    """`register_format(name, Factory)`, the entry point before formats loaded folders, still registers a format
+    for models made in memory: the same heatmap as the built-in format."""
+    register_format("torchscript-test", ScriptedPredictor)
+    card = ModelCard(
+        name="seeded-colour",
+        task="metastasis",
+        kind="classifier",
+        architecture="small_cnn",
+        architecture_args={"width": 4, "blocks": 2},
+        mpp=1.0,
+        tile_px=64,
+        classes=["normal", "tumour"],
+    )
+    module = seeded(build("small_cnn", 2, width=4, blocks=2), 3).eval()
+    slide = Slide(CMU)
+    plan = plan_tiles(slide, detect_tissue(slide, TissueConfig()), 1.0, 64, 0, 0.2)
+    maps = {}
+    for fmt in ("safetensors", "torchscript-test"):
+        model = LoadedModel(card, module, None, format=fmt)
+        store = tmp_path / f"{fmt}.zarr"
+        request = TaskRequest("metastasis", model, plan, dtype="float32")
+        cpu = torch.device("cpu")
+        predict_slide(
+            slide,
+            [request],
+            store,
+            EngineOptions(device=cpu, batch_size=8, workers=0, progress=False, precision="fp32"),
+        )
+        maps[fmt] = open_heatmap(store / "tumour").channel("tumour")
+    unregister_format("torchscript-test")
+    covered = maps["safetensors"] > 0
+    assert covered.sum() == len(plan)  # one value per kept tile
+    assert np.abs(maps["safetensors"] - maps["torchscript-test"]).max() < 1e-5

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from wsi_pipeline.models.folders import ModelError
+
 if TYPE_CHECKING:
     from wsi_pipeline.models.card import ModelCard
 
@@ -45,10 +47,25 @@ class ModelFormat:
     optimisable: bool = True  # a module that BatchNorm folding and torch.compile may rewrite
 
 
-def register_format(model_format: ModelFormat) -> ModelFormat:
-    """Make model folders whose card says `format: <name>` loadable and runnable (or replace a format)."""
+def register_format(model_format: ModelFormat | str, factory: Callable[..., Any] | None = None) -> ModelFormat:
+    """Make model folders whose card says `format: <name>` loadable and runnable (or replace a format).
+
+    The earlier form, `register_format("name", Factory)` with a `(LoadedModel, device) -> Predictor` factory, still
+    registers an in-memory format (a `LoadedModel(format="name")` runs through the engine; no folder loads)."""
+    if isinstance(model_format, str):
+        if factory is None:
+            raise TypeError("register_format(name, factory): the factory is missing")
+        name, make = model_format, factory
+        model_format = ModelFormat(name, "", _no_folder(name), lambda model, device, _options: make(model, device))
     _FORMATS[model_format.name] = model_format
     return model_format
+
+
+def _no_folder(name: str) -> Callable[[Path, ModelCard], Any]:
+    def load(network: Path, card: ModelCard) -> Any:
+        raise ModelError(f"{network.parent}: format {name!r} was registered for models in memory only; no folder loads")
+
+    return load
 
 
 def unregister_format(name: str) -> None:

@@ -170,11 +170,11 @@ def make_predictor(model: LoadedModel, device: torch.device, options: PredictorO
         fmt = model_format(model.format)
     except KeyError as exc:
         raise ModelError(f"{model.card.name}: {exc.args[0]}") from None
-    if model.module is not None:
-        return TorchModulePredictor(model, device, options)
-    if fmt.predictor is None:
+    if fmt.predictor is not None:  # a runtime of its own (ONNX), or an in-memory format's factory
+        return fmt.predictor(model, device, options)
+    if model.module is None:
         raise ModelError(f"{model.card.name}: format {fmt.name} loaded no torch module and has no predictor")
-    return fmt.predictor(model, device, options)
+    return TorchModulePredictor(model, device, options)
 
 
 register_format(ModelFormat("safetensors", WEIGHTS_FILE, safetensors_module))
