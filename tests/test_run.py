@@ -241,6 +241,28 @@ def test_sharded_runs_then_gather_equal_one_run(
     assert run_outputs(sharded) == run_outputs(whole)
 
 
+def test_a_subset_run_keeps_the_folders_other_slides_in_its_cohort_files(
+    cohort: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Running one slide into a folder that holds others (a new slide added to a cohort, a failed one redone)
+    rewrote manifest.csv, cohort_summary.csv and report.html with that one slide: the others vanished from the
+    cohort. Now the files list every slide the folder holds; the earlier ones' note says where they come from, and
+    only this run's slides decide its exit status."""
+    slides, model = cohort
+    first, second = sorted(slides.glob("*.svs"))
+    out = tmp_path / "out"
+    for slide in (first, second, first):
+        done = run_cli(*_args(slide, model, out))
+        assert done.returncode == 0, done.stderr
+    assert "also list 1 slide(s) of earlier runs" in done.stdout
+    rows = {r["slide_id"]: r for r in csv.DictReader((out / "manifest.csv").open())}
+    assert sorted(rows) == [first.stem, second.stem]
+    assert rows[second.stem]["note"] == "from an earlier run of this folder" and rows[first.stem]["status"] == "skipped"
+    cohort_rows = list(csv.DictReader((out / "cohort_summary.csv").open()))
+    assert sorted(r["slide_id"] for r in cohort_rows) == [first.stem, second.stem]
+    assert second.stem in (out / "report.html").read_text()
+
+
 def test_postprocessing_on_an_existing_dask_scheduler(
     cohort: tuple[Path, Path], cohort_run: tuple[Path, str], tmp_path: Path
 ) -> None:

@@ -12,7 +12,7 @@ from wsi_pipeline.core.errors import ConfigError, OutputWriteError, SlideNotFoun
 from wsi_pipeline.core.layout import SLIDE_EXTENSIONS, RunLayout
 from wsi_pipeline.core.progress import BatchProgress
 from wsi_pipeline.models import LoadedModel
-from wsi_pipeline.run.cohort import BatchResult, write_batch_report, write_cohort, write_manifest
+from wsi_pipeline.run.cohort import BatchResult, earlier_outcomes, write_batch_report, write_cohort, write_manifest
 from wsi_pipeline.run.inputs import (
     assign_ids,
     check_overrides,
@@ -95,6 +95,8 @@ def run_batch(
         if shard is not None:
             record_shard_plan(out, paths, shard)
         remove_stale_temporaries(out)
+        # an unsharded run's files list every slide the folder holds (gather does so for shards)
+        earlier = earlier_outcomes(out, set(ids.values())) if shard is None else []
         for path in todo:
             slide_id = ids[path]
             try:
@@ -104,18 +106,19 @@ def run_batch(
             except OutputWriteError as exc:  # the next slides would fail alike: record this one and stop (exit 9)
                 outcomes.append(SlideOutcome(path, slide_id, "failed", str(exc)))
                 with contextlib.suppress(OSError, WsiError):
-                    write_manifest(manifest_path, outcomes)
+                    write_manifest(manifest_path, outcomes + earlier)
                 raise
             outcomes.append(outcome)
-            write_manifest(manifest_path, outcomes)
+            write_manifest(manifest_path, outcomes + earlier)
             if on_slide is not None:
                 on_slide(outcome)
             batch_bar.update(failed=outcome.status == "failed")
         batch_bar.close()
-        write_cohort(cohort_path, (o.summary for o in outcomes if o.summary is not None))
+        every = outcomes + earlier
+        write_cohort(cohort_path, (o.summary for o in every if o.summary is not None))
         if shard is None:  # shards' pages would each show part of the cohort: `gather` writes the whole one
-            write_batch_report(out, outcomes)
-    return BatchResult(outcomes)
+            write_batch_report(out, every)
+    return BatchResult(outcomes, earlier)
 
 
 def summary_table(result: BatchResult) -> str:
@@ -126,4 +129,8 @@ def summary_table(result: BatchResult) -> str:
     lines.append(
         f"{len(result.outcomes)} slides: {counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed"
     )
+    if result.earlier:
+        lines.append(
+            f"(the folder's manifest and cohort files also list {len(result.earlier)} slide(s) of earlier runs)"
+        )
     return "\n".join(lines)

@@ -8,7 +8,7 @@ import csv
 import io
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,8 @@ def cohort_columns() -> list[str]:
 
 @dataclass
 class BatchResult:
-    outcomes: list[SlideOutcome]
+    outcomes: list[SlideOutcome]  # this run's slides: its exit status
+    earlier: list[SlideOutcome] = field(default_factory=list)  # slides of earlier runs the folder's files also list
 
     @property
     def failed(self) -> list[SlideOutcome]:
@@ -178,6 +179,43 @@ def _gather(layout: RunLayout) -> tuple[Path, Path, int]:
     write_cohort(layout.cohort, summaries)
     write_report(layout.root, ordered, report_columns())
     return layout.manifest, layout.cohort, sum(r["status"] == "failed" for r in ordered)
+
+
+EARLIER_NOTE = "from an earlier run of this folder"
+
+
+def earlier_outcomes(out: Path, current: set[str]) -> list[SlideOutcome]:
+    """The slides an earlier run of OUT recorded that this run does not process and whose folder is still there:
+    the cohort files list every slide the folder holds, not only the subset run last (their note says so)."""
+    layout = RunLayout(out)
+    if not layout.manifest.is_file():
+        return []
+    kept = []
+    for row in _read_rows(layout.manifest):
+        folder = layout.slide(row["slide_id"])
+        failed_still_there = row["status"] == "failed" and Path(row["slide"]).exists()
+        if row["slide_id"] in current or not (folder.run_record.is_file() or failed_still_there):
+            continue
+        summary = None
+        if row["status"] in ("done", "skipped") and folder.summary.is_file():
+            with contextlib.suppress(ValueError):  # a damaged summary: the row stays, the cohort line is left out
+                summary = json.loads(folder.summary.read_text())
+        earlier_note = row.get("note", "")
+        if not earlier_note.startswith(EARLIER_NOTE):  # said once, however many runs ago
+            earlier_note = "; ".join(n for n in (EARLIER_NOTE, earlier_note) if n)
+        kept.append(
+            SlideOutcome(
+                slide=Path(row["slide"]),
+                slide_id=row["slide_id"],
+                status=row["status"],
+                error=row["error"],
+                seconds=float(row["seconds"]),
+                tiles=int(row["tiles"]),
+                summary=summary,
+                note=earlier_note,
+            )
+        )
+    return kept
 
 
 def read_manifest_outcomes(out: Path) -> BatchResult:
