@@ -11,9 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from shapely.geometry import shape
 
 from tests.helpers import CMU, DICOM, NDPI, TCGA, mitosis_options, run_cli, run_outputs
+from wsi_pipeline.export.qupath import TISSUE_COLOR
 from wsi_pipeline.heatmap import open_heatmap
 from wsi_pipeline.models.demo import write_figure_detector
 from wsi_pipeline.run.lock import output_lock
@@ -105,7 +107,12 @@ def test_run_finds_the_planted_figures(cohort: tuple[Path, Path], cohort_run: tu
         assert run_record["complete"] and run_record["models"]["mitosis"]["card"]["name"].startswith("demo-")
         assert set(run_record["timings"]) == {"tissue_s", "tiling_s", "inference_s", "postprocess_s", "export_s"}
         assert open_heatmap(slide_dir / "heatmaps.zarr" / "mitosis").levels[0].shape[0] == 1
-        assert (slide_dir / "overview.png").stat().st_size > 0
+        overview = Image.open(slide_dir / "overview.png")  # read from the slide, 1000 px long, with a legend
+        assert max(overview.size) == 1000 and overview.size[0] * spec.height == pytest.approx(
+            overview.size[1] * spec.width, rel=0.01
+        )
+        legend = np.asarray(overview.convert("RGB"))[10:17, 9:17]  # the first swatch: the tissue outline's colour
+        assert (np.abs(legend.astype(int) - TISSUE_COLOR).max(axis=-1) < 8).all()
 
 
 def test_rerun_skips_and_overwrite_or_new_config_redoes(cohort: tuple[Path, Path], tmp_path: Path) -> None:

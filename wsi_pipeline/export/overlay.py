@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 import numpy as np
 import shapely
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from wsi_pipeline.core.atomic import atomic_path
 
@@ -37,6 +37,19 @@ class Overview:
         for x0, y0 in zip(x.tolist(), y.tolist(), strict=True):
             (a, b), (c, d) = self._to_px([(x0, y0), (x0 + w, y0 + h)])
             self.draw.rectangle([a, b, c, d], outline=color)
+
+    def legend(self, entries: list[tuple[str, tuple[int, int, int]]]) -> None:
+        """A box in the top-left corner: a colour swatch and a name per entry (Pillow's own font, no system fonts)."""
+        if not entries:
+            return
+        font = ImageFont.load_default()
+        line = 14
+        width = 24 + max(int(self.draw.textlength(name, font=font)) for name, _ in entries)
+        self.draw.rectangle([4, 4, 8 + width, 8 + line * len(entries)], fill=(255, 255, 255, 210))
+        for i, (name, colour) in enumerate(entries):
+            y = 7 + i * line
+            self.draw.rectangle([8, y + 2, 18, y + 11], fill=(*colour, 255))
+            self.draw.text((24, y), name, fill=(0, 0, 0, 255), font=font)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         with atomic_path(path) as tmp:

@@ -124,7 +124,7 @@ def write_task_outputs(
     write_point_tables(out, results, offset)
     for target in [out.qupath, *([out.qupath_gz] if export.geojson_gzip else [])]:
         write_feature_collection(target, qupath_features(slide_id, tissue, results, requests, out, offset))
-    write_overview(out, tissue, results)
+    write_overview(out, slide, tissue, results)
     write_task_overlays(out, slide, slide_id, tissue, results)
 
 
@@ -186,9 +186,16 @@ def write_point_tables(out: SlideLayout, results: dict[str, TaskResult], offset:
         write_text(out.table(table), buffer.getvalue())
 
 
-def write_overview(out: SlideLayout, tissue: TissueMask, results: dict[str, TaskResult]) -> None:
-    """The thumbnail with every task's heatmap overlay, the tissue outline, regions and (drawn) points."""
-    overview = Overview(tissue.thumbnail, tissue.origin, tissue.scale)
+OVERVIEW_LONG_SIDE_PX = 1000  # the report shows it beside overlays of 600 px and more
+
+
+def write_overview(out: SlideLayout, slide: Slide, tissue: TissueMask, results: dict[str, TaskResult]) -> None:
+    """The slide (read anew, 1000 px on its long side or its own resolution: the tissue mask's thumbnail is ~150 px
+    for a small slide) with every task's heatmap overlay, the tissue outline, regions, (drawn) points and a legend."""
+    b, mpp = slide.bounds, slide.mpp
+    target = max(mpp.x, mpp.y, max(b.width * mpp.x, b.height * mpp.y) / OVERVIEW_LONG_SIDE_PX)
+    picture = slide.thumbnail(target)
+    overview = Overview(picture, (b.x, b.y), (target / mpp.x, target / mpp.y))
     for result in results.values():
         if result.overlay is not None:
             name = result.overlay.heatmap
@@ -203,6 +210,12 @@ def write_overview(out: SlideLayout, tissue: TissueMask, results: dict[str, Task
             if points.drawn and len(points.xyp):
                 xyp = np.asarray(points.xyp)
                 draw_points(overview, xyp[:, 0], xyp[:, 1], points.colour)
+    entries = [("tissue outline", TISSUE_COLOR)]
+    for task, result in results.items():
+        if result.overlay is not None:
+            entries.append((f"{task}: {result.overlay.heatmap}", result.overlay.colour))
+        entries += [(f"{task}: {p.cls}", p.colour) for p in result.points if p.drawn and len(p.xyp)]
+    overview.legend(entries)
     overview.save(out.overview)
 
 
