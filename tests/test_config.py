@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, run_cli
 from wsi_pipeline.config import Config, load_config
 from wsi_pipeline.core.errors import ConfigError
 
@@ -65,3 +65,53 @@ def test_fingerprint_tracks_changes() -> None:
     a, b = load_config(), load_config(None, ["tasks.mitosis.threshold=0.6"])
     assert a.fingerprint("tissue") == b.fingerprint("tissue")
     assert a.fingerprint("tasks.mitosis") != b.fingerprint("tasks.mitosis")
+
+
+PLUGIN = """
+from pathlib import Path
+
+Path(__file__).with_suffix(".ran").write_text("ran")  # proof that this code ran
+
+from wsi_pipeline.tasks import TaskConfig, TaskResult, register_task
+
+
+class Marker:
+    name = "marker_task"
+    config_model = TaskConfig
+    cohort_columns = ()
+    report_columns = ()
+    point_table = None
+    trainer = "classifier"
+
+    def default_config(self):
+        return TaskConfig(enabled=False)
+
+    def default_model(self):
+        return None
+
+    def postprocess(self, context):
+        return TaskResult({})
+
+
+def register():
+    register_task(Marker())
+"""
+
+
+def test_config_validates_without_running_the_plugins_it_names(tmp_path: Path) -> None:
+    """A configuration's plugins run code; `wsi-pipeline config` (validate and print) does not run them unless
+    asked, and says which task sections it could not validate without them."""
+    plugin = tmp_path / "marker.py"
+    plugin.write_text(PLUGIN)
+    config = tmp_path / "config.yaml"
+    config.write_text(f"plugins: ['{plugin}:register']\ntasks:\n  marker_task:\n    min_tissue: 0.3\n")
+    quiet = run_cli("config", "-c", str(config))
+    assert quiet.returncode == 0, quiet.stderr
+    assert not plugin.with_suffix(".ran").exists()
+    assert (
+        "note: plugins not loaded (they run code; --load-plugins loads them); tasks.marker_task not validated"
+        in quiet.stderr
+    )
+    loaded = run_cli("config", "-c", str(config), "--load-plugins")
+    assert loaded.returncode == 0 and plugin.with_suffix(".ran").exists(), loaded.stderr
+    assert "marker_task:" in loaded.stdout and "min_tissue: 0.3" in loaded.stdout

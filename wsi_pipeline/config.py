@@ -204,15 +204,34 @@ def validated(model: type[StrictModel], data: dict[str, Any], origin: str) -> An
 
 def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults <- YAML file <- `--set` overrides, validated once at the end. The plugins it names are loaded
-    first, so that their task sections get their defaults and validate with their own models."""
+    first (their code runs), so that their task sections get their defaults and validate with their own models."""
+    return _load(path, overrides, run_plugins=True)[0]
+
+
+def load_config_without_plugins(
+    path: str | os.PathLike[str] | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> tuple[Config, list[str]]:
+    """The configuration validated without running the plugins it names (`wsi-pipeline config`), and the task
+    sections left unvalidated because only those plugins would register their tasks."""
+    return _load(path, overrides, run_plugins=False)
+
+
+def _load(
+    path: str | os.PathLike[str] | None, overrides: list[str] | tuple[str, ...], *, run_plugins: bool
+) -> tuple[Config, list[str]]:
     given, origin = merged_settings({}, path, overrides, "config file")
     plugins = given.get("plugins") or []
     if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
         raise ConfigError(f"invalid configuration in {origin}: plugins: expected a list of module names or files")
-    load_plugins(plugins)
+    load_plugins(plugins if run_plugins else [])
+    unvalidated: list[str] = []
+    sections = given.get("tasks")
+    if not run_plugins and plugins and isinstance(sections, dict):
+        unvalidated = sorted(name for name in sections if name not in {t.name for t in tasks()})
+        given["tasks"] = {name: value for name, value in sections.items() if name not in unvalidated}
     data = Config().model_dump(mode="python")
     _merge(data, given)
-    return validated(Config, data, origin)
+    return validated(Config, data, origin), unvalidated
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> None:
