@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from wsi_pipeline.cli.common import config_option, positive_mpp, run_config, set_option
+from wsi_pipeline.cli.common import config_option, positive_mpp, run_config, set_option, work_done
 
 
 @click.command()
@@ -85,6 +85,7 @@ def gather(out_dir: str) -> None:
     from wsi_pipeline.run.cohort import gather as gather_outputs
 
     manifest, cohort, failed = gather_outputs(Path(out_dir))
+    work_done()
     report = Path(out_dir) / "report.html"
     click.echo(f"wrote {manifest}, {cohort} and {report}" + (f"; {failed} slide(s) failed" if failed else ""))
     sys.exit(1 if failed else 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from typing import Any
 
@@ -35,7 +36,12 @@ class WsiGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         install_signal_handlers()
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            work_done()
+            return result
+        except SystemExit:  # the command ended with its status (run, gather): its work is done
+            work_done()
+            raise
         except WsiError as exc:
             _fail(exc)
         except OSError as exc:
@@ -54,6 +60,14 @@ class WsiGroup(click.Group):
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(Terminated.exit_code if terminated else 130)
+
+
+def work_done() -> None:
+    """A command's outputs are complete: SIGINT or SIGTERM from now on (its last lines, the interpreter's shutdown,
+    ~0.6 s after `gather` or `run`) would only turn a finished command's status into 130/143, or say that outputs
+    were discarded when none were. Commands call it before their final lines; the group, when they return."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _quiet_background_writes() -> None:

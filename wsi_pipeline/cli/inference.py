@@ -23,6 +23,7 @@ from wsi_pipeline.cli.common import (
     run_config,
     set_option,
     slide_mpp_option,
+    work_done,
 )
 
 
@@ -191,6 +192,7 @@ def run(
         inputs, Path(out_dir), settings, mpp_file=mpp_file, shard=shard_spec, dask_scheduler=dask_scheduler,
         on_slide=report,
     )  # fmt: skip
+    work_done()
     click.echo(summary_table(result))
     listing = "shards/manifest-*.csv; merge with `wsi-pipeline gather`" if shard else "manifest.csv, cohort_summary.csv"
     click.echo(f"outputs in {Path(out_dir).resolve()} ({listing}, <slide_id>/)")
