@@ -29,6 +29,8 @@ def test_kather_epithelium_vs_stroma_split_by_source(data_dir: Path) -> None:
 
 
 def test_bad_training_data(tmp_path: Path, data_dir: Path) -> None:
+    with pytest.raises(DataError, match=r"no class folders \(a folder of tiles per class"):
+        folder_items(tmp_path)  # nothing in it yet
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     Image.new("RGB", (32, 32)).save(tmp_path / "a" / "x_CRC-Prim-HE-01_1.png")

@@ -87,6 +87,8 @@ def folder_items(
                     items.append(TileItem(path, label, match.group(1) if match else f"tile:{path}"))
     counts = np.bincount([i.label for i in items], minlength=len(classes))
     empty = [c for c, n in zip(classes, counts, strict=True) if n == 0]
+    if strict and not classes:
+        raise DataError(f"{root}: no class folders (a folder of tiles per class, or --class NAME=FOLDER)")
     if strict and empty:
         raise DataError(f"{root}: no tiles for class(es) {empty}; every class needs tiles")
     if strict and len(classes) < 2:

@@ -51,6 +51,8 @@ def training_items(
     assert classes is not None
     counts = [sum(1 for i in items if i.label == label) for label in range(len(classes))]
     empty = [cls for cls, n in zip(classes, counts, strict=True) if n == 0]
+    if not classes:
+        raise DataError(f"{', '.join(folders)}: no class folders (a folder of tiles per class, or --class NAME=FOLDER)")
     if len(classes) < 2:
         raise DataError(f"{', '.join(folders)}: only one class ({classes[0]}) has tiles; a model needs at least two")
     if empty:
