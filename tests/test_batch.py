@@ -132,3 +132,23 @@ def test_cells_a_spreadsheet_would_run_are_written_as_text(tmp_path: Path) -> No
     write_cohort(tmp_path / "cohort.csv", [{"slide_id": "=1+1", "mpp": -0.5, "tissue_area_mm2": "-2"}])
     row = next(csv.DictReader((tmp_path / "cohort.csv").open()))
     assert (row["slide_id"], row["mpp"], row["tissue_area_mm2"]) == ("'=1+1", "-0.5", "-2")
+
+
+def test_stale_temporaries_of_this_host_go_and_another_hosts_stay(tmp_path: Path) -> None:
+    """A killed run's temporaries are removed by the next run, judged by their pid; a pid names a process only on
+    its own host, so the temporaries of another node sharing OUT (a shard still building a slide) are left alone."""
+    from wsi_pipeline.core.atomic import remove_stale_temporaries
+    from wsi_pipeline.core.layout import HOST_TAG, temporary_sibling
+
+    mine = temporary_sibling(tmp_path / "case")
+    assert HOST_TAG in mine.name and mine.name.startswith(".case.tmp-")
+    dead = 999_999_999  # above any pid_max: no such process
+    here = tmp_path / f".a.tmp-{dead}-{HOST_TAG}-0a1b2c3d"
+    older = tmp_path / f".b.tmp-{dead}-0a1b2c3d"  # made before hosts were recorded: judged as this host's
+    elsewhere = tmp_path / f".c.tmp-{dead}-h00000000-0a1b2c3d"
+    alive = tmp_path / f".d.tmp-1-{HOST_TAG}-0a1b2c3d"  # pid 1 runs
+    for path in (mine, here, older, elsewhere, alive):
+        path.mkdir()
+    removed = remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in removed) == sorted([here.name, older.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, elsewhere.name, alive.name])

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from wsi_pipeline.core.errors import OutputError, OutputWriteError, write_failure
-from wsi_pipeline.core.layout import TEMPORARY_MARK, temporary_sibling
+from wsi_pipeline.core.layout import HOST_TAG, TEMPORARY_MARK, temporary_sibling
 
 
 @contextlib.contextmanager
@@ -86,14 +86,18 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Delete temporary outputs left in `folder` by processes that no longer run (a killed run); returns them."""
+    """Delete temporary outputs left in `folder` by processes of this host that no longer run (a killed run);
+    returns them. Another host's temporaries are left alone: whether its process runs cannot be told from here
+    (a shard on another node of a cluster may be building one right now)."""
     removed = []
     for entry in folder.glob(f".*{TEMPORARY_MARK}*"):
+        parts = entry.name.rsplit(TEMPORARY_MARK, 1)[1].split("-")
         try:
-            pid = int(entry.name.rsplit(TEMPORARY_MARK, 1)[1].split("-", 1)[0])
-        except (IndexError, ValueError):
+            pid = int(parts[0])
+        except ValueError:
             continue
-        if pid == os.getpid() or _alive(pid):
+        host = parts[1] if len(parts) == 3 else HOST_TAG  # names made before hosts were recorded: this host's
+        if host != HOST_TAG or pid == os.getpid() or _alive(pid):
             continue
         _remove(entry)
         removed.append(entry)

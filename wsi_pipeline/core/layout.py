@@ -6,8 +6,10 @@ see docs/outputs.md for what each file contains.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import socket
 import unicodedata
 import uuid
 from dataclasses import dataclass
@@ -40,8 +42,17 @@ def _safe_character(ch: str) -> bool:
 
 
 def temporary_sibling(path: Path, tag: str = "") -> Path:
-    """A hidden name beside `path` for building it; `remove_stale_temporaries` recognises it by the pid in it."""
-    return path.with_name(f".{path.name}{tag}{TEMPORARY_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    """A hidden name beside `path` for building it; `remove_stale_temporaries` recognises it by the pid and the host
+    in it (`.name.tmp-<pid>-<host>-<random>`: a pid means nothing on another node of a cluster sharing OUT)."""
+    return path.with_name(f".{path.name}{tag}{TEMPORARY_MARK}{os.getpid()}-{HOST_TAG}-{uuid.uuid4().hex[:8]}")
+
+
+def _host_tag() -> str:
+    # a short digest: host names can hold characters a file name should not, and two hosts must differ
+    return "h" + hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+HOST_TAG = _host_tag()
 
 
 @dataclass(frozen=True)
