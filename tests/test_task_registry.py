@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from pydantic import Field
 
-from tests.helpers import run_cli, write_density_model
+from tests.helpers import amibr_subset, run_cli, write_density_model
 from wsi_pipeline.heatmap import open_heatmap
 from wsi_pipeline.slide.synth import SynthSpec
 from wsi_pipeline.tasks import Overlay, TaskConfig, TaskContext, TaskResult, register_task, registered
@@ -188,17 +188,7 @@ def test_run_writes_the_plugin_tasks_heatmap_summary_cohort_and_qupath_objects(
 def test_a_plugin_point_detector_task_trains_and_evaluates_its_own_class(data_dir: Path, tmp_path: Path) -> None:
     """`train` and `evaluate` of a point-detector task that only this file defines: the card is the plugin's (task,
     class, threshold and name), not a mitosis model's, and `evaluate --held-out` reads its threshold by that class."""
-    from wsi_pipeline.training.data.points import amibr_images
-
-    crops = amibr_images(data_dir / "mitosis" / "amibr_tupac16")
-    slides = sorted({i.group for i in crops})[:6]
-    subset = tmp_path / "subset"
-    subset.mkdir()
-    rows = ["image,x,y,group"]
-    for image in (i for i in crops if i.group in slides):
-        (subset / image.path.name).symlink_to(image.path)
-        rows += [f"{image.path.name},{x},{y},{image.group}" for x, y in image.points]
-    (subset / "points.csv").write_text("\n".join(rows) + "\n")
+    subset = amibr_subset(data_dir, tmp_path / "subset", slides=6)
     plugin = {"WSI_PIPELINE_PLUGINS": f"{Path(__file__).resolve()}:register_detector"}
     out = tmp_path / "model"
     common = ["--device", "cpu"]

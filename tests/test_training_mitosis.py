@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import run_cli
+from tests.helpers import amibr_subset, run_cli
 from wsi_pipeline.models.architectures import build
 from wsi_pipeline.training.data.augment import AugmentConfig
 from wsi_pipeline.training.data.items import DataError, split_by_group
@@ -82,16 +82,7 @@ def test_dense_fcn_depends_on_no_pixel_beyond_its_declared_halo() -> None:
 def test_train_and_evaluate_mitosis_commands(data_dir: Path, tmp_path: Path) -> None:
     """A small, fast run through the CLI: the card is a dense model with held-out metrics, and `evaluate
     --held-out` on the same sources reproduces them exactly, BatchNorm recomputed after training included."""
-    mitosis = data_dir / "mitosis"
-    crops = [i for i in amibr_images(mitosis / "amibr_tupac16")]
-    slides = sorted({i.group for i in crops})[:8]
-    subset = tmp_path / "subset"
-    subset.mkdir()
-    rows = ["image,x,y,group"]
-    for image in (i for i in crops if i.group in slides):
-        (subset / image.path.name).symlink_to(image.path)
-        rows += [f"{image.path.name},{x},{y},{image.group}" for x, y in image.points]
-    (subset / "points.csv").write_text("\n".join(rows) + "\n")
+    subset = amibr_subset(data_dir, tmp_path / "subset", slides=8)
     out = tmp_path / "model"
     common = ["--device", "cpu", "--workers", "0"]
     result = run_cli(

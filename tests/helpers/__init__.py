@@ -152,3 +152,19 @@ def write_density_model(directory: Path, task: str = "haematoxylin_density", cha
         module[2].weight.fill_(40.0)
         module[2].bias.fill_(-6.0)
     return save_model(directory, module, card)
+
+
+def amibr_subset(data: Path, folder: Path, slides: int) -> Path:
+    """The AMi-Br crops of the first `slides` source slides as a points.csv folder (links to the images), for quick
+    point-detector trainings."""
+    from wsi_pipeline.training.data.points import amibr_images
+
+    crops = amibr_images(data / "mitosis" / "amibr_tupac16")
+    chosen = sorted({i.group for i in crops})[:slides]
+    folder.mkdir()
+    rows = ["image,x,y,group"]
+    for image in (i for i in crops if i.group in chosen):
+        (folder / image.path.name).symlink_to(image.path)
+        rows += [f"{image.path.name},{x},{y},{image.group}" for x, y in image.points]
+    (folder / "points.csv").write_text("\n".join(rows) + "\n")
+    return folder
