@@ -1,4 +1,5 @@
-"""Commands that make the shipped models (`make models`) and the demo: study, publish, colour-stats, demo.
+"""Commands that make the shipped models (`make models`) and the demo: study, publish, colour-stats,
+calibrate-domain, demo.
 
 They only parse and delegate; the work is in `training/study.py`, `training/publish.py`, `training/colour_stats.py`
 and `cli/demo.py`. Errors become one line and their exit status through the group, as for every command."""
@@ -61,6 +62,80 @@ def colour_stats(task: str, model_dir: Path, data: tuple[str, ...], recipe: str,
     card["input_stats"] = measure(task, recipe, list(data), val_data)
     path.write_text(json.dumps(card, indent=2) + "\n")
     click.echo(f"{path}: input_stats {card['input_stats']}")
+
+
+SOURCE_HELP = "[NAME=]PATH[@MPP]: a folder of image tiles or a slide, at MPP µm/px (images: the model's by default)"
+
+
+@click.command("calibrate-domain")
+@click.argument("model_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.argument("data", nargs=-1)
+@click.option("--val-data", "validation", multiple=True, help=f"In-domain validation tiles. {SOURCE_HELP}")
+@click.option(
+    "--domain",
+    "domain_file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="A YAML file of the model's domain (organs, specimen, stain, magnification, sources, excludes) to write "
+    "into its card; alone (no DATA), only that is written.",
+)
+@click.option("--held-out", multiple=True, help="Further in-domain tiles to measure the flagged share on.")
+@click.option("--outside", multiple=True, help="Tissue the model must not answer on, to measure (AUROC, flagged).")
+@click.option(
+    "--quantile",
+    type=click.FloatRange(0.5, 0.9999),
+    default=0.975,
+    show_default=True,
+    help="Of validation scores, where the threshold sits.",
+)
+@click.option("--per-image", type=click.IntRange(min=1), default=4, show_default=True, help="Tiles cut per image.")
+@click.option("--max-tiles", type=click.IntRange(min=1), default=4000, show_default=True, help="Per source.")
+@click.option("--layer", "layers", multiple=True, help="A named module to read (default: each block's output).")
+def calibrate_domain(
+    model_dir: Path,
+    data: tuple[str, ...],
+    validation: tuple[str, ...],
+    held_out: tuple[str, ...],
+    outside: tuple[str, ...],
+    quantile: float,
+    per_image: int,
+    max_tiles: int,
+    layers: tuple[str, ...],
+    domain_file: Path | None,
+) -> None:
+    """Fit MODEL_DIR's domain guard on DATA: tiles like its training data, each [NAME=]PATH[@MPP], a folder of
+    image tiles or a slide, at MPP µm/px (images: the model's by default).
+
+    Writes domain_guard.safetensors and names it in the model card; `run` then flags tiles unlike them and withholds
+    a task's answer on a slide with too little tissue in domain (docs/models.md, "Domain guard")."""
+    from wsi_pipeline.models import load_model
+    from wsi_pipeline.training.domain import TileSource, calibrate, write_domain
+
+    if domain_file is not None:
+        click.echo(f"{model_dir}: domain {write_domain(model_dir, domain_file)}")
+    if not data:
+        if not validation and domain_file is not None:
+            return
+        raise click.UsageError("give DATA (tiles like the model's training data) and --val-data")
+    if not validation:
+        raise click.UsageError("give --val-data: in-domain tiles the threshold is calibrated on")
+    entry = calibrate(
+        load_model(model_dir),
+        [TileSource.parse(d) for d in data],
+        [TileSource.parse(v) for v in validation],
+        [TileSource.parse(h) for h in held_out],
+        [TileSource.parse(o) for o in outside],
+        quantile=quantile,
+        per_image=per_image,
+        max_tiles=max_tiles,
+        layers=list(layers) or None,
+    )
+    click.echo(f"{model_dir / entry.file}: {entry.fit_tiles} tiles fitted, layers {', '.join(entry.layers)}")
+    for name, figure in entry.figures.items():
+        auroc = (
+            f", AUROC {figure['auroc_vs_validation']:.3f} against validation" if "auroc_vs_validation" in figure else ""
+        )
+        click.echo(f"  {name}: {figure['tiles']} tiles, {100 * figure['flagged']:.1f} % flagged{auroc}")
 
 
 @click.command()

@@ -21,9 +21,10 @@ from wsi_pipeline.core.memory import HeapTrimmer
 from wsi_pipeline.core.progress import Progress
 from wsi_pipeline.engine.loader import make_loader, one_line_worker_errors
 from wsi_pipeline.engine.options import EngineOptions
-from wsi_pipeline.engine.stitch import Stitcher, stitcher_class
+from wsi_pipeline.engine.stitch import DomainStitcher, Stitcher, stitcher_class
 from wsi_pipeline.models import LoadedModel, Predictor, make_predictor
 from wsi_pipeline.models.card import ModelCard
+from wsi_pipeline.models.domain import DOMAIN_KEY
 from wsi_pipeline.slide import Slide
 from wsi_pipeline.slide.tiling import TilePlan, TileSpec
 
@@ -90,16 +91,18 @@ def predict_slide(
             make_loader(slide, plan, options.batch_size, options.workers, device, options.loader, options.decode)
         )
         try:
-            predictors = []
+            pairs: list[tuple[Predictor, list[Stitcher]]] = []
             for request in group:
-                predictors.append(make_predictor(request.model, device, options.predictor))
-                timings["precision"][request.name] = "bf16" if getattr(predictors[-1], "bf16", False) else "fp32"
+                predictor = make_predictor(request.model, device, options.predictor)
+                timings["precision"][request.name] = "bf16" if getattr(predictor, "bf16", False) else "fp32"
                 card = request.model.card
-                stitchers.append(stitcher_class(card)(request.name, card, request.plan, store, request.dtype))
+                fed = [stitcher_class(card)(request.name, card, request.plan, store, request.dtype)]
+                if getattr(predictor, "guarded", False):  # its tiles' domain values: an image of their own
+                    fed.append(DomainStitcher(request.name, card, request.plan, store))
+                stitchers += fed
+                pairs.append((predictor, fed))
             names = [r.name for r in group]
-            timings["reads"].append(
-                _run_group(slide, plan, names, list(zip(predictors, stitchers, strict=True)), tiles, options, started)
-            )
+            timings["reads"].append(_run_group(slide, plan, names, pairs, tiles, options, started))
             for stitcher in stitchers:
                 stitcher.finalize()
         except BaseException:
@@ -118,7 +121,7 @@ def _run_group(
     slide: Slide,
     plan: TilePlan,
     names: list[str],
-    pairs: list[tuple[Predictor, Stitcher]],
+    pairs: list[tuple[Predictor, list[Stitcher]]],
     tiles: Iterator[tuple[torch.Tensor, torch.Tensor]],
     options: EngineOptions,
     started: float,
@@ -139,9 +142,12 @@ def _run_group(
             idx: np.ndarray = indices.numpy()
             last = int(idx[-1])
             following = last + 1 if last + 1 < len(plan) else None
-            for predictor, stitcher in pairs:
-                stitcher.aggregate(idx, predictor(on_device))
-                stitcher.advance(following)
+            for predictor, fed in pairs:
+                outputs = predictor(on_device)
+                maps = {k: v for k, v in outputs.items() if k != DOMAIN_KEY}
+                for stitcher in fed:
+                    stitcher.aggregate(idx, outputs if isinstance(stitcher, DomainStitcher) else maps)
+                    stitcher.advance(following)
             bar.update(len(idx))
             heap.after_batch()
             tick = time.perf_counter()

@@ -18,7 +18,8 @@ import torch
 
 from wsi_pipeline.core.errors import ConfigError
 from wsi_pipeline.heatmap import Heatmap, HeatmapGeometry, HeatmapWriter
-from wsi_pipeline.models.card import ModelCard
+from wsi_pipeline.models.card import DOMAIN_HEATMAP_PREFIX, ModelCard
+from wsi_pipeline.models.domain import DOMAIN_KEY
 from wsi_pipeline.slide.tiling import TilePlan, TileSpec
 
 
@@ -179,6 +180,25 @@ class DenseStitcher(_WritingStitcher):
             y0 = 0 if row == 0 else margin
             y1 = out_tile if row == n_rows - 1 else margin + step
             self._put(row * step + y0, col * step + x0, {n: v[j, y0:y1, x0:x1] for n, v in values.items()})
+
+
+class DomainStitcher(ClassifierStitcher):
+    """The domain guard's value per tile, one px per tile whatever the model's kind (a dense model's tile is scored
+    as a whole): score / threshold, above 1 out of the model's domain (models/domain.py). Written as the image
+    `domain-<task>` beside the task's own heatmaps."""
+
+    def __init__(self, task: str, card: ModelCard, plan: TilePlan, store: Path, dtype: str = "float32") -> None:
+        self.card, self.plan = card, plan
+        name = domain_heatmap(task)
+        attrs = {"task": task, "kind": "domain", "plan": plan.saved_params}
+        self.writers = {DOMAIN_KEY: HeatmapWriter(store, name, [name], self.geometry(), "float32", attrs=attrs)}
+
+    def aggregate(self, indices: np.ndarray, outputs: dict[str, torch.Tensor]) -> None:
+        super().aggregate(indices, {DOMAIN_KEY: outputs[DOMAIN_KEY]})
+
+
+def domain_heatmap(task: str) -> str:
+    return f"{DOMAIN_HEATMAP_PREFIX}{task}"
 
 
 STITCHERS: dict[str, type[_WritingStitcher]] = {"classifier": ClassifierStitcher, "dense": DenseStitcher}

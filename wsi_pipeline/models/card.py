@@ -34,8 +34,42 @@ class ColourStats(BaseModel):
     max_z: float = Field(4.0, gt=0, description="a slide further than this many standard deviations is outside")
 
 
+class ModelDomain(BaseModel):
+    """What tissue a model answers for, shown beside every answer it gives (summary.json, report, overlay title)."""
+
+    model_config = ConfigDict(extra="forbid")
+    organs: list[str] = Field(min_length=1, description="e.g. lymph node, colon, breast")
+    specimen: list[str] = Field(default_factory=lambda: ["FFPE"], description="FFPE and / or frozen")
+    stain: str = "H&E"
+    magnification: str = Field(description="the range it was trained over, e.g. 20x (0.5 µm/px)")
+    sources: list[str] = Field(default_factory=list, description="datasets, centres and scanners of its training data")
+    excludes: list[str] = Field(default_factory=list, description="tissue it must not be asked about")
+
+    def line(self) -> str:
+        """One line for logs and titles: "lymph node, FFPE, H&E, 10x (0.97 µm/px)"."""
+        return ", ".join([" / ".join(self.organs), " / ".join(self.specimen), self.stain, self.magnification])
+
+
+class DomainGuardCard(BaseModel):
+    """The domain guard fitted to the model's own features (models/domain.py): where its file is, the layers it reads,
+    its calibrated threshold and what it measured."""
+
+    model_config = ConfigDict(extra="forbid")
+    file: str = Field("domain_guard.safetensors", pattern=r"^[A-Za-z0-9_.-]+$")
+    sha256: str = Field(description="of the guard file, checked on every load")
+    architecture: str = Field(description="the card's architecture it was fitted for")
+    layers: list[str] = Field(min_length=1, description="named modules whose activations it summarises")
+    window_px: int = Field(gt=0, description="input px per feature window (the training tile)")
+    quantile: float = Field(gt=0, lt=1, description="of in-domain validation scores the threshold sits at")
+    fit_tiles: int = Field(ge=1, description="windows of the training tile size it was fitted on")
+    validation_tiles: int = Field(ge=1)
+    data: list[str] = Field(default_factory=list, description="where the tiles came from")
+    figures: dict[str, Any] = Field(default_factory=dict, description="measured: flagged fractions, AUROC per set")
+
+
 CLASS_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 RESERVED_HEATMAP = "tissue"  # the heatmap every slide gets (the tissue mask)
+DOMAIN_HEATMAP_PREFIX = "domain-"  # each guarded task's domain image is domain-<task>
 
 
 class ModelCard(BaseModel):
@@ -94,6 +128,10 @@ class ModelCard(BaseModel):
     weights_sha256: str | None = Field(
         None, description="sha256 of the weights file, written on export and checked on every load"
     )
+    domain: ModelDomain | None = Field(None, description="the tissue the model answers for")
+    domain_guard: DomainGuardCard | None = Field(
+        None, description="a guard fitted to the model's features (`calibrate-domain`); None: no tile-level guard"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelCard:
@@ -103,10 +141,11 @@ class ModelCard(BaseModel):
         if self.kind == "classifier" and self.run_tile_px not in (None, self.tile_px):
             raise ValueError(f"a classifier runs on its tile_px ({self.tile_px}), not run_tile_px {self.run_tile_px}")
         for cls in self.classes:  # each becomes a heatmap's folder name beside the slide's `tissue` image
-            if not CLASS_NAME.fullmatch(cls) or cls == RESERVED_HEATMAP:
+            if not CLASS_NAME.fullmatch(cls) or cls == RESERVED_HEATMAP or cls.startswith(DOMAIN_HEATMAP_PREFIX):
                 raise ValueError(
                     f"class name {cls!r}: a class names a heatmap folder, so it must be letters, digits, '_', '.' or "
-                    f"'-' (not starting with '.' or '-') and not {RESERVED_HEATMAP!r}, the slide's own tissue image"
+                    f"'-' (not starting with '.' or '-'), not {RESERVED_HEATMAP!r} (the slide's own tissue image) "
+                    f"nor {DOMAIN_HEATMAP_PREFIX}… (a task's domain image)"
                 )
         unknown = set(self.heatmap_classes or []) - set(self.classes)
         if unknown:

@@ -51,6 +51,7 @@ class LoadedModel:
     path: Path | None = None
     format: str = "safetensors"
     runtime: Any = None  # a format's own handle (an onnxruntime session) when it is not a torch module
+    guard: Any = None  # its fitted domain guard (models/domain.DomainGuard), when the card names one
 
 
 def save_model(directory: str | os.PathLike[str], module: nn.Module, card: ModelCard) -> Path:
@@ -107,9 +108,12 @@ def load_model(directory: str | os.PathLike[str], task: str | None = None, optio
             "the file was changed or damaged; restore it, or re-export the model (make models)"
         )
     loaded = fmt.load(network, card)
+    from wsi_pipeline.models.domain import load_guard  # imports torch, as the formats do
+
+    guard = load_guard(directory, card)
     if fmt.predictor is None:  # a torch module, run by the engine's module predictor
-        return LoadedModel(card, loaded.eval(), directory, format=fmt.name)
-    return LoadedModel(card, None, directory, format=fmt.name, runtime=loaded)
+        return LoadedModel(card, loaded.eval(), directory, format=fmt.name, guard=guard)
+    return LoadedModel(card, None, directory, format=fmt.name, runtime=loaded, guard=guard)
 
 
 def network_file(model: LoadedModel) -> Path | None:

@@ -9,7 +9,7 @@ slides or heatmaps. The built-in formats are registered at the end of this modul
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -22,6 +22,7 @@ from wsi_pipeline.models.loading import LoadedModel, onnx_session, safetensors_m
 LOG = logging.getLogger("wsi_pipeline.models")
 DEFAULT_OPTIONS = PredictorOptions()
 _SAID_FP32: set[str] = set()
+_SAID_UNGUARDED: set[str] = set()
 
 
 class Predictor(Protocol):
@@ -88,11 +89,32 @@ class TorchModulePredictor:
         # a TorchScript module is already a compiled graph: neither fusion nor torch.compile takes it
         optimisable = model_format(model.format).optimisable
         fused = conv_bn_fused(self.module) if options.fuse_batchnorm and optimisable else self.module
+        self.tap, self.guard = self._guard(model, fused, device, optimisable)
+        self.guarded = self.tap is not None
         self.run = torch.compile(fused) if options.compile and optimisable else fused
         norm = self.card.normalisation
         self.mean = torch.tensor(norm.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(norm.std, device=device).view(1, 3, 1, 1)
         self.indices = [self.card.classes.index(c) for c in self.card.written_classes]
+
+    def _guard(
+        self, model: LoadedModel, network: torch.nn.Module, device: torch.device, optimisable: bool
+    ) -> tuple[Any, Any]:
+        """The domain guard's hooks on the network that runs (folding keeps the layer names); a model without a
+        guard, or a format whose layers cannot be hooked (TorchScript), runs unguarded, said once per model."""
+        if model.guard is None or not optimisable:
+            if self.card.name not in _SAID_UNGUARDED:
+                _SAID_UNGUARDED.add(self.card.name)
+                why = "its card has no domain guard" if model.guard is None else "TorchScript layers cannot be hooked"
+                LOG.info(
+                    "%s runs without a domain guard (%s): tiles unlike its training data are not flagged",
+                    self.card.name,
+                    why,
+                )
+            return None, None
+        from wsi_pipeline.models.domain import attach
+
+        return attach(network, self.card, model.guard, device)
 
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
         """Every class: (B, C) or (B, C, h, w) float32 on the CPU."""
@@ -104,7 +126,12 @@ class TorchModulePredictor:
         return activate(out.float(), self.card).cpu()
 
     def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        return pick_written(self.probabilities(batch), self.card, self.indices)
+        outputs = pick_written(self.probabilities(batch), self.card, self.indices)
+        if self.tap is not None:
+            from wsi_pipeline.models.domain import DOMAIN_KEY
+
+            outputs[DOMAIN_KEY] = self.guard.tile_scores(self.tap.windows(batch.shape[-1]))
+        return outputs
 
 
 def conv_bn_fused(module: torch.nn.Module) -> torch.nn.Module:

@@ -27,6 +27,7 @@ from wsi_pipeline.engine import TaskRequest, predict_slide
 from wsi_pipeline.heatmap import begin_store, finish_store, settle_pending_writes
 from wsi_pipeline.models import LoadedModel
 from wsi_pipeline.models.input_guard import outside_reason, slide_colour
+from wsi_pipeline.run.domain import apply_domain, domain_finding
 from wsi_pipeline.run.lock import OutputLockedError, slide_lock
 from wsi_pipeline.run.outputs import write_task_outputs
 from wsi_pipeline.run.record import (
@@ -242,6 +243,8 @@ def _run(
     mpp = slide.mpp
     results: dict[str, TaskResult] = {}
     for request in requests:
+        finding = domain_finding(out.heatmaps, request.name, request.model.card, request.plan, tissue.geometry)
+        task_config = config.task(request.name)
         context = TaskContext(
             request.name,
             slide_id,
@@ -251,8 +254,12 @@ def _run(
             (mpp.x, mpp.y),
             tissue.area_mm2,
             tissue.geometry,
+            finding.area,
         )
-        results[request.name] = get_task(request.name).postprocess(context)
+        result = get_task(request.name).postprocess(context)
+        results[request.name] = apply_domain(
+            result, finding, task_config.min_in_domain, task_config.force, request.name
+        )
         for warning in results[request.name].warnings:
             log.warning("warning: %s: %s", slide_id, warning)
     timings["postprocess_s"] = time.perf_counter() - t0

@@ -41,7 +41,16 @@ class TaskConfig(StrictModel):
         None, ge=0, le=1, description="probability above which a pixel/tile is positive; null = the model card's"
     )
     force: bool = Field(
-        False, description="run even on slides the input guard finds unlike the model's training tissue"
+        False,
+        description="run even on slides the input guard finds unlike the model's training tissue, and keep (flagged) "
+        "an answer the domain guard withholds",
+    )
+    min_in_domain: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="the share of a slide's analysed tissue the model's domain guard must accept for the task to "
+        "give its slide-level answer; under it the answer is 'not applicable' (docs/models.md, Domain guard)",
     )
 
     @model_validator(mode="after")
@@ -92,6 +101,7 @@ class TaskResult:
     # them in summary.json as `<task>.warnings`): the input guard judges a slide's colour before the model runs,
     # these judge what the model made of it
     warnings: list[str] = field(default_factory=list)
+    flagged: list[str] = field(default_factory=list)  # summary keys the warnings are about (highlighted in the report)
 
 
 @dataclass(frozen=True)
@@ -106,6 +116,28 @@ class TaskContext:
     slide_mpp: tuple[float, float]  # (x, y) µm per level-0 px
     tissue_mm2: float
     tissue: shapely.Geometry | None = None  # the tissue polygons, level-0 px (None: not known)
+    # the tissue the model's domain guard finds in domain, level-0 px (None: the model has no guard, all tissue counts)
+    domain: shapely.Geometry | None = None
+
+    @property
+    def counted_area(self) -> shapely.Geometry | None:
+        """Where figures count (docs/outputs.md): tissue the model's domain guard accepts, or all tissue without a
+        guard; a detection or region outside it is kept, marked, and not counted."""
+        return self.domain if self.domain is not None else self.tissue
+
+    @property
+    def counted_mm2(self) -> float:
+        """The area figures are given per (mm²)."""
+        if self.domain is None:
+            return self.tissue_mm2
+        return float(self.domain.area) * self.slide_mpp[0] * self.slide_mpp[1] / 1e6
+
+    def inside(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Which level-0 points lie in the counted area (all of them when it is not known)."""
+        area = self.counted_area
+        if area is None:
+            return np.ones(len(x), bool)
+        return np.asarray(shapely.contains_xy(area, x, y), bool) if not area.is_empty else np.zeros(len(x), bool)
 
     def heatmap_path(self, name: str) -> Path:
         return self.heatmaps / name

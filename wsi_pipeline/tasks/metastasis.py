@@ -22,6 +22,12 @@ class MetastasisConfig(TaskConfig):
     candidate_distance_um: float = Field(
         75.0, gt=0, description="minimum distance between two tumour candidates (local maxima of the smoothed map)"
     )
+    plausible_max_regions_per_mm2: float = Field(
+        2.0,
+        gt=0,
+        description="more separate tumour regions than this per mm² of tissue is flagged: metastases are one or a "
+        "few foci; positives scattered over the tissue are the model answering on tissue it does not know",
+    )
 
 
 class MetastasisTask:
@@ -45,7 +51,7 @@ class MetastasisTask:
 
         from wsi_pipeline.heatmap import open_heatmap
         from wsi_pipeline.postprocess.maxima import find_peaks
-        from wsi_pipeline.postprocess.regions import lesion_category
+        from wsi_pipeline.postprocess.regions import clipped_to, lesion_category
         from wsi_pipeline.tasks.common import positive_class, region_level, region_objects, regions_of
 
         cfg = context.config
@@ -54,17 +60,22 @@ class MetastasisTask:
         px_um = scale[0] * context.slide_mpp[0]
         threshold = context.threshold(name)
         smoothed = ndimage.gaussian_filter(values, cfg.smooth_sigma_um / px_um) if cfg.smooth_sigma_um else values
-        regions = [
-            r
-            for r in regions_of(values, origin, scale, threshold, context.slide_mpp)
-            if r.longest_diameter_um >= cfg.min_lesion_um
-        ]
+        found = regions_of(values, origin, scale, threshold, context.slide_mpp)
+        if context.counted_area is not None:  # lesions are tissue the model may judge: not glass, not another organ
+            found = clipped_to(found, context.counted_area, context.slide_mpp)
+        regions = [r for r in found if r.longest_diameter_um >= cfg.min_lesion_um]
         candidates = find_peaks(
             smoothed, min_distance=max(1, round(cfg.candidate_distance_um / px_um)), threshold=threshold / 2
         )
+        rows, cols = np.indices(smoothed.shape)
+        counted = context.inside(
+            origin[0] + (cols.ravel() + 0.5) * scale[0], origin[1] + (rows.ravel() + 0.5) * scale[1]
+        )
         largest = max((r.longest_diameter_um for r in regions), default=0.0)
+        area = context.counted_mm2
+        per_mm2 = len(regions) / area if area > 0 else 0.0
         summary = {
-            "score": round(float(smoothed.max(initial=0.0)), 6),
+            "score": round(float(smoothed.ravel()[counted].max(initial=0.0)), 6),
             "threshold": threshold,
             "threshold_source": context.threshold_source(),
             "regions": len(regions),
@@ -72,7 +83,18 @@ class MetastasisTask:
             "largest_lesion_diameter_um": round(largest, 2),
             "category": lesion_category(largest) if regions else "negative",
             "candidates": len(candidates),
+            "regions_per_mm2": round(per_mm2, 6),
+            "counted_area_mm2": round(area, 6),
         }
+        warnings, flagged = [], []
+        if per_mm2 > cfg.plausible_max_regions_per_mm2:
+            warnings.append(
+                f"metastasis: {len(regions)} separate tumour regions, {per_mm2:.1f} per mm² of tissue, is implausible "
+                f"(over tasks.metastasis.plausible_max_regions_per_mm2 = {cfg.plausible_max_regions_per_mm2:g}): "
+                "scattered positives are the model answering on tissue it does not know; check the overlay"
+            )
+            flagged += ["regions", "category", "score"]
+        label = "Tumor (implausible)" if flagged else "Tumor"
         xyp = np.c_[
             origin[0] + (candidates.cols + 0.5) * scale[0],
             origin[1] + (candidates.rows + 0.5) * scale[1],
@@ -80,9 +102,11 @@ class MetastasisTask:
         ]
         return TaskResult(
             summary,
-            region_objects(context.slide_id, "Tumor", TUMOUR, regions),
+            region_objects(context.slide_id, label, TUMOUR, regions),
             points=[PointObjects("candidate", "Tumor candidate", CANDIDATE, "Tumor probability", xyp, drawn=False)],
             overlay=Overlay(name, TUMOUR),
+            warnings=warnings,
+            flagged=flagged,
         )
 
 

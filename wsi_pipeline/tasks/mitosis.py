@@ -12,6 +12,9 @@ from wsi_pipeline.tasks.base import Overlay, PointObjects, TaskConfig, TaskConte
 from wsi_pipeline.tasks.registry import register_task
 
 COLOUR = (0, 90, 255)
+GREY = (150, 150, 150)
+IMPLAUSIBLE = "Mitosis (implausible count)"  # every detection of a slide whose count is flagged
+NOT_COUNTED = "Mitosis (not counted)"  # outside the tissue, or where the model's domain guard rejects the tissue
 
 
 class MitosisConfig(TaskConfig):
@@ -67,18 +70,23 @@ class MitosisTask:
         )
         x = origin[0] + (peaks.cols + 0.5) * scale[0]
         y = origin[1] + (peaks.rows + 0.5) * scale[1]
-        count = len(peaks)
-        per_mm2 = count / context.tissue_mm2 if context.tissue_mm2 > 0 else 0.0
+        counted = context.inside(x, y)  # in tissue (and in the model's domain): the rest is kept, marked, not counted
+        count = int(counted.sum())
+        area = context.counted_mm2
+        per_mm2 = count / area if area > 0 else 0.0
         summary = {
             "count": count,
             "per_mm2": round(per_mm2, 6),
             "per_10_hpf": round(per_mm2 * 10 * cfg.hpf_area_mm2, 6),
+            "not_counted": int((~counted).sum()),
+            "counted_area_mm2": round(area, 6),
             "hpf_area_mm2": cfg.hpf_area_mm2,
             "threshold": context.threshold(name),
             "threshold_source": context.threshold_source(),
             "min_distance_um": cfg.min_distance_um,
         }
-        warnings = []
+        warnings, flagged = [], []
+        label = "Mitosis"
         if per_mm2 > cfg.plausible_max_per_mm2:
             warnings.append(
                 f"mitosis: {per_mm2:.0f} per mm² of tissue is implausible (over tasks.mitosis.plausible_max_per_mm2 = "
@@ -86,8 +94,13 @@ class MitosisTask:
                 "organ, stain or scanner than its training data?); do not use the count before checking some fields "
                 "(wsi-pipeline evaluate)"
             )
-        points = PointObjects("mitosis", "Mitosis", COLOUR, "Mitosis probability", np.c_[x, y, peaks.values])
-        return TaskResult(summary, points=[points], overlay=Overlay(name, COLOUR), warnings=warnings)
+            flagged += ["count", "per_mm2", "per_10_hpf"]
+            label = IMPLAUSIBLE  # QuPath filters detections by classification
+        xyp = np.c_[x, y, peaks.values]
+        points = [PointObjects("mitosis", label, COLOUR, "Mitosis probability", xyp[counted])]
+        if not counted.all():
+            points.append(PointObjects("mitosis-not-counted", NOT_COUNTED, GREY, "Mitosis probability", xyp[~counted]))
+        return TaskResult(summary, points=points, overlay=Overlay(name, COLOUR), warnings=warnings, flagged=flagged)
 
 
 register_task(MitosisTask())
