@@ -178,7 +178,15 @@ def test_an_implausible_mitosis_count_is_flagged_wherever_the_count_is_read(data
     assert f"warning: {CMU.stem}: {flag}" in result.stderr
     assert next(csv.DictReader((out / "manifest.csv").open()))["note"].startswith(flag)
     assert next(csv.DictReader((out / "cohort_summary.csv").open()))["warnings"].startswith(flag)
-    assert flag in (out / "report.html").read_text()
+    report = (out / "report.html").read_text()
+    assert flag in report and '<td class="num flagged"' in report  # the cell itself is marked
+    # in qupath.geojson every detection of the flagged count is classed so QuPath can filter them; detections
+    # outside the tissue outline are kept, classed apart, and not counted per mm² of tissue
+    features = json.loads((out / CMU.stem / "qupath.geojson").read_text())["features"]
+    classes = [f["properties"].get("classification", {}).get("name") for f in features]
+    assert classes.count("Mitosis (implausible count)") == mitosis["count"] and "Mitosis" not in classes
+    assert mitosis["not_counted"] > 0 and classes.count("Mitosis (not counted)") == mitosis["not_counted"]
+    assert mitosis["per_mm2"] == pytest.approx(mitosis["count"] / mitosis["counted_area_mm2"], rel=1e-4)
     rerun = run_cli("run", str(CMU), "-o", str(out), "--tasks", "mitosis", "--device", "cpu", "--no-progress")
     row = next(csv.DictReader((out / "manifest.csv").open()))
     assert row["status"] == "skipped" and row["note"].startswith(flag), rerun.stdout  # said again when kept

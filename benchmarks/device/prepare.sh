@@ -15,7 +15,8 @@ DATA=${WSI_SHARED_DATA:-../shared/data}
 # check.sh prints the version it finds there. tests/test_device_kit.py keeps both lists in step with pyproject.toml.
 ON_DEVICE="torch torchvision numpy pillow scikit-image click pyyaml tqdm safetensors matplotlib"
 PACKAGES="openslide-python openslide-bin zarr numcodecs donfig google-crc32c dask distributed partd locket tblib
-tornado zict shapely imagecodecs tifffile pydantic pydantic-core annotated-types typing-inspection typing-extensions"
+tornado zict shapely imagecodecs tifffile pydantic pydantic-core annotated-types typing-inspection typing-extensions
+scikit-learn joblib threadpoolctl"
 [ "$PY_VERSION" = 3.12 ] || PACKAGES="$PACKAGES importlib-metadata zipp lazy-importer"  # dask needs them before 3.12
 [ -x .venv/bin/python ] || make install
 rm -rf "$WHEELS" && mkdir -p "$WHEELS"

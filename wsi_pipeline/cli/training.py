@@ -298,10 +298,12 @@ def _report_line(report: dict[str, Any], threshold: float | None, out_dir: str) 
             f"{report['params']['threshold']}: {figures}; report in {out_dir}"
         )
     auc, point = report["roc_auc"], report["at_operating_point"]
+    flagged = report.get("domain_flagged_fraction")
+    domain = "no domain guard" if flagged is None else f"domain guard flags {100 * flagged:.1f} % of the tiles"
     return (
         f"{report['tiles']} tiles: balanced accuracy {report['balanced_accuracy']:.3f}; ROC AUC "
         f"({auc['positive']}) {auc['value']:.3f} [95 % CI {auc['ci95'][0]:.3f}, {auc['ci95'][1]:.3f}]; at threshold "
-        f"{point['threshold']}: balanced accuracy {point['balanced_accuracy']:.3f}; report in {out_dir}"
+        f"{point['threshold']}: balanced accuracy {point['balanced_accuracy']:.3f}; {domain}; report in {out_dir}"
     )
 
 

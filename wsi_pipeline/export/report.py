@@ -75,7 +75,28 @@ def _value(row: SlideRow, column: Column) -> Any:
             except ValueError:
                 return raw
         return (row.summary or {}).get(column.key)
-    return ((row.summary or {}).get(column.task) or {}).get(column.key)
+    figures = (row.summary or {}).get(column.task) or {}
+    if "not_applicable" in figures:  # withheld by the domain guard: said in the cell, not left blank
+        return "not applicable"
+    return figures.get(column.key)
+
+
+def _cell_class(row: SlideRow, column: Column) -> str:
+    """A task's figure it found implausible (`flagged`) or withheld is marked, not only noted."""
+    figures = ((row.summary or {}).get(column.task) or {}) if column.task else {}
+    if "not_applicable" in figures:
+        return " withheld"
+    return " flagged" if column.key in figures.get("flagged", []) else ""
+
+
+def _domain_tooltip(row: SlideRow, column: Column) -> str:
+    figures = ((row.summary or {}).get(column.task) or {}) if column.task else {}
+    domain = figures.get("domain") or {}
+    parts = [f"model domain: {domain['model_domain']}"] if "model_domain" in domain else []
+    if domain.get("in_domain_fraction") is not None:
+        parts.append(f"in domain {100 * domain['in_domain_fraction']:.0f} % of tissue")
+    parts += figures.get("warnings", [])
+    return "; ".join(parts)
 
 
 _STYLE = """
@@ -83,6 +104,7 @@ body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:1.5rem;col
 table{border-collapse:collapse;font-size:.9rem}th,td{border:1px solid #ccc;padding:.3rem .5rem;text-align:right}
 th{background:#f0f0f0;cursor:pointer;user-select:none}th[aria-sort=ascending]::after{content:" ▲"}
 th[aria-sort=descending]::after{content:" ▼"}td.text{text-align:left}tr.failed{background:#fde8e8}
+td.flagged{background:#fff0b3;font-weight:bold}td.withheld{color:#777;font-style:italic}
 .slide{margin:2rem 0;border-top:1px solid #ccc;padding-top:1rem}.slide img{max-width:48%;margin:.3rem;
 border:1px solid #ddd;vertical-align:top}pre{background:#f7f7f7;padding:.6rem;overflow:auto;max-height:30rem}
 """
@@ -120,7 +142,10 @@ def render_report(out: Path, rows: Sequence[SlideRow], columns: Sequence[Column]
                 text_html = f'<a href="#slide-{e(text)}">{e(text)}</a>'
             else:
                 text_html = e(text)
-            cells.append(f'<td class="{kind}" data-sort="{e(key)}">{text_html}</td>')
+            css_class = kind + _cell_class(row, column)
+            tip = _domain_tooltip(row, column)
+            title = f' title="{e(tip)}"' if tip else ""
+            cells.append(f'<td class="{css_class}" data-sort="{e(key)}"{title}>{text_html}</td>')
         css = ' class="failed"' if row.manifest["status"] == "failed" else ""
         body.append(f"<tr{css}>{''.join(cells)}</tr>")
     sections = [_slide_section(out, row) for row in rows if row.summary is not None]

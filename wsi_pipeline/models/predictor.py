@@ -106,7 +106,7 @@ class TorchModulePredictor:
             if self.card.name not in _SAID_UNGUARDED:
                 _SAID_UNGUARDED.add(self.card.name)
                 why = "its card has no domain guard" if model.guard is None else "TorchScript layers cannot be hooked"
-                LOG.info(
+                LOG.debug(  # `run` names each model's domain and guard once (run/batch.py)
                     "%s runs without a domain guard (%s): tiles unlike its training data are not flagged",
                     self.card.name,
                     why,

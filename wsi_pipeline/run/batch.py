@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -28,10 +29,18 @@ from wsi_pipeline.run.settings import RunSettings
 from wsi_pipeline.tasks import task_model
 from wsi_pipeline.tasks.reading import ReadSpec, read_spec
 
+log = logging.getLogger(__name__)
+
 
 def load_task_models(config: Config, names: Sequence[str]) -> dict[str, LoadedModel]:
-    """Every task's model (configured, else the task's default), loaded and checked before the first slide."""
-    return {t: task_model(t, config.task(t).model) for t in names}
+    """Every task's model (configured, else the task's default), loaded and checked before the first slide; the log
+    says once which tissue each answers for (its card's domain) and whether a domain guard checks it."""
+    models = {t: task_model(t, config.task(t).model) for t in names}
+    for task, model in models.items():
+        domain = model.card.domain.line() if model.card.domain is not None else "not stated in its model card"
+        guard = "domain guard fitted" if model.guard is not None else "no domain guard"
+        log.info("%s: %s answers for %s (%s)", task, model.card.name, domain, guard)
+    return models
 
 
 def read_specs(config: Config, names: Sequence[str], models: dict[str, LoadedModel]) -> dict[str, ReadSpec]:

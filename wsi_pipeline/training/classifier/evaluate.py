@@ -17,10 +17,11 @@ from wsi_pipeline.training.metrics import balanced_accuracy, bootstrap_auc, roc_
 
 def predict_items_and_bf16_difference(
     model: LoadedModel, items: list[TileItem], device: torch.device, batch: int = 64
-) -> tuple[np.ndarray, np.ndarray, float]:
+) -> tuple[np.ndarray, np.ndarray, float, np.ndarray | None]:
     """fp32 and bf16 scores per tile, through the same predictor `run` uses (any model format; a dense model's map
     scored on each tile's labelled area, as in its training: classifier/class_maps.py), and the largest |bf16 - fp32| of
-    any output (at every pixel of a dense map): the figure `engine.precision: auto` reads from the card."""
+    any output (at every pixel of a dense map): the figure `engine.precision: auto` reads from the card; and each
+    tile's domain value (models/domain.py; None without a guard), read from the same fp32 forward pass."""
     from wsi_pipeline.models import PredictorOptions, make_predictor
     from wsi_pipeline.training.classifier.class_maps import item_scores, label_areas, scoring_radius_px
 
@@ -28,19 +29,25 @@ def predict_items_and_bf16_difference(
     predictors = [make_predictor(model, device, PredictorOptions(precision=p)) for p in ("fp32", "bf16")]
     radius = scoring_radius_px(card.training, card.mpp)  # used by dense models only
     scores: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
+    domain: list[np.ndarray] = []
     largest = 0.0
     with torch.inference_mode():
         for start in range(0, len(items), batch):
             chunk = items[start : start + batch]
             tiles = torch.from_numpy(np.stack([load_tile(i, card.tile_px) for i in chunk])).permute(0, 3, 1, 2)
             tiles = tiles.to(device)
-            fp32, bf16 = (p.probabilities(tiles).numpy() for p in predictors)
+            fp32 = predictors[0].probabilities(tiles).numpy()
+            tap, guard = getattr(predictors[0], "tap", None), getattr(predictors[0], "guard", None)
+            if tap is not None and guard is not None:
+                domain.append(guard.tile_scores(tap.windows(tiles.shape[-1])).numpy())
+            bf16 = predictors[1].probabilities(tiles).numpy()
             largest = max(largest, float(np.abs(bf16 - fp32).max()))
             for out, probs in zip(scores, (fp32, bf16), strict=True):
                 if probs.ndim == 4:
                     probs = item_scores(probs, label_areas(chunk, card.tile_px, card.output_stride, radius))
                 out.append(probs)
-    return np.concatenate(scores[0]), np.concatenate(scores[1]), largest
+    values = np.concatenate(domain) if domain else None
+    return np.concatenate(scores[0]), np.concatenate(scores[1]), largest, values
 
 
 def roc_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -109,7 +116,7 @@ def evaluate_classifier(
 
         raise DataError(f"data classes {unknown} are not among the model's classes {names}")
     labels = np.array([names.index(classes[i.label]) for i in items])
-    probs, probs_bf16, bf16_difference = predict_items_and_bf16_difference(model, items, device)
+    probs, probs_bf16, bf16_difference, domain = predict_items_and_bf16_difference(model, items, device)
     positive = positive or names[0]
     pos = names.index(positive)
     auc, low, high = bootstrap_auc(labels == pos, probs[:, pos], n=1000, seed=0)
@@ -127,6 +134,8 @@ def evaluate_classifier(
             "roc_auc": roc_auc(labels == pos, probs_bf16[:, pos]),
             "note": "the same tiles run under bf16 autocast; the figures above are fp32",
         },
+        # tiles the model's domain guard finds unlike its training data (None: the model has no guard)
+        "domain_flagged_fraction": None if domain is None else round(float(np.mean(domain > 1.0)), 4),
         "confusion": {
             names[t]: {names[p]: int(((labels == t) & (probs.argmax(1) == p)).sum()) for p in range(len(names))}
             for t in sorted(set(labels.tolist()))

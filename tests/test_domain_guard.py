@@ -1,0 +1,110 @@
+"""The domain guard (models/domain.py, training/domain.py, run/domain.py): each model's own features judge whether a
+tile is like its training tiles; on tissue it does not know, `run` says "not applicable" instead of a figure."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import CMU, DATA, run_cli
+from wsi_pipeline.models import PredictorOptions, default_model_dir, load_model, make_predictor
+from wsi_pipeline.models.domain import DOMAIN_KEY, default_layers
+from wsi_pipeline.models.folders import CARD_FILE, ModelError
+from wsi_pipeline.training.data.items import DataError
+from wsi_pipeline.training.domain import TileSource, calibrate, source_tiles
+
+PCAM_VALID = DATA / "metastasis" / "pcam" / "valid"
+
+
+def _values(model_dir: Path, tiles: np.ndarray) -> np.ndarray:
+    """The domain values `run` writes for these tiles (score / threshold; above 1 out of domain)."""
+    predictor = make_predictor(load_model(model_dir), torch.device("cpu"), PredictorOptions(precision="fp32"))
+    with torch.inference_mode():
+        out = predictor(torch.from_numpy(tiles).permute(0, 3, 1, 2).contiguous())
+    return out[DOMAIN_KEY].numpy()
+
+
+def test_the_shipped_metastasis_guard_keeps_lymph_node_and_flags_skin_at_run_time(data_dir: Path) -> None:
+    """Through the predictor `run` uses (BatchNorm folded): PCam validation tiles (lymph node, the model's domain;
+    its threshold sat at their 97.5th percentile) are kept, tiles of normal skin are not."""
+    model = default_model_dir("metastasis")
+    lymph = source_tiles(TileSource(PCAM_VALID), 0.972, 96, per_image=1, limit=600, seed=3)
+    skin = source_tiles(TileSource(CMU), 0.972, 96, per_image=1, limit=600, seed=3)
+    lymph_in = float(np.mean(_values(model, lymph) <= 1))
+    skin_in = float(np.mean(_values(model, skin) <= 1))
+    assert lymph_in >= 0.95, lymph_in  # 0.975 when measured
+    assert skin_in <= 0.25, skin_in  # 0.085 when measured (91.5 % of 59 skin tiles flagged)
+
+
+def test_default_layers_are_each_blocks_output() -> None:
+    model = load_model(default_model_dir("metastasis"))
+    assert model.module is not None
+    assert default_layers(model.module, 96) == ["2", "6", "10", "14", "18"]  # the ReLU of each of the 5 blocks
+
+
+@pytest.fixture()
+def guarded_copy(tmp_path: Path) -> Path:
+    target = tmp_path / "metastasis"
+    shutil.copytree(default_model_dir("metastasis"), target)
+    return target
+
+
+def test_a_missing_damaged_or_foreign_guard_file_is_refused_naming_it(guarded_copy: Path, data_dir: Path) -> None:
+    guard = guarded_copy / "domain_guard.safetensors"
+    data = guard.read_bytes()
+    guard.write_bytes(data[:-8] + b"\0" * 8)
+    with pytest.raises(ModelError, match=r"domain_guard.safetensors is not the file its card was written for"):
+        load_model(guarded_copy)
+    guard.unlink()
+    with pytest.raises(ModelError, match=r"domain_guard.safetensors is missing"):
+        load_model(guarded_copy)
+    guard.write_bytes(data)
+    card = json.loads((guarded_copy / CARD_FILE).read_text())
+    card["domain_guard"]["architecture"] = "resnet18"
+    (guarded_copy / CARD_FILE).write_text(json.dumps(card))
+    with pytest.raises(ModelError, match=r"fitted for architecture resnet18, not this model's small_cnn"):
+        load_model(guarded_copy)
+    result = run_cli("run", str(CMU), "-o", str(guarded_copy.parent / "out"), "--tasks", "metastasis",
+                     "--set", f"tasks.metastasis.model={guarded_copy}", "--no-progress")  # fmt: skip
+    assert result.returncode == ModelError.exit_code and "domain_guard.safetensors" in result.stderr, result.stderr
+
+
+def test_a_guard_from_too_few_tiles_is_refused_naming_the_minimum(guarded_copy: Path, data_dir: Path) -> None:
+    few = TileSource(PCAM_VALID / "0")
+    with pytest.raises(DataError, match=r"at least 200 fitting windows of 96 px and 50 validation tiles"):
+        calibrate(load_model(guarded_copy), [few], [few], max_tiles=40)
+
+
+@pytest.mark.e2e  # the CLI in a subprocess, whole-slide inference
+def test_metastasis_on_skin_is_not_applicable_everywhere_the_answer_is_read(tmp_path: Path, data_dir: Path) -> None:
+    """CMU-1-Small-Region is normal skin: the lymph-node metastasis model once called it "micro-metastasis" (score
+    0.988). Now its answer is withheld in summary.json, the manifest, cohort_summary.csv and report.html; the maps
+    and the domain image are written; `force` keeps the figures, flagged."""
+    out = tmp_path / "out"
+    result = run_cli("run", str(CMU), "-o", str(out), "--tasks", "metastasis", "--device", "cpu", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    folder = out / CMU.stem
+    summary = json.loads((folder / "summary.json").read_text())["metastasis"]
+    assert "category" not in summary and "score" not in summary, summary
+    assert summary["not_applicable"].startswith("not applicable: tissue unlike this model's training data (lymph node")
+    assert summary["domain"]["in_domain_fraction"] < 0.5, summary  # 0.15 when measured
+    assert (folder / "heatmaps.zarr" / "domain-metastasis").is_dir() and (folder / "heatmaps.zarr" / "tumour").is_dir()
+    line = "metastasis: not applicable"
+    assert next(csv.DictReader((out / "manifest.csv").open()))["note"].startswith(line)
+    row = next(csv.DictReader((out / "cohort_summary.csv").open()))
+    assert row["metastasis_category"] == "" and row["warnings"].startswith(line)
+    assert "not applicable" in (out / "report.html").read_text()
+    geojson = json.loads((folder / "qupath.geojson").read_text())
+    assert not [f for f in geojson["features"] if f["properties"].get("classification", {}).get("name") == "Tumor"]
+    forced = tmp_path / "forced"
+    again = run_cli("run", str(CMU), "-o", str(forced), "--tasks", "metastasis", "--set",
+                    "tasks.metastasis.force=true", "--no-progress")  # fmt: skip
+    kept = json.loads((forced / CMU.stem / "summary.json").read_text())["metastasis"]
+    assert again.returncode == 0 and "category" in kept and "not_applicable" not in kept, again.stderr
+    assert any("kept because tasks.metastasis.force is set" in w for w in kept["warnings"]), kept
