@@ -96,7 +96,7 @@ def predict_slide(
                 predictor = make_predictor(request.model, device, options.predictor)
                 timings["precision"][request.name] = "bf16" if getattr(predictor, "bf16", False) else "fp32"
                 card = request.model.card
-                fed = [stitcher_class(card)(request.name, card, request.plan, store, request.dtype)]
+                fed: list[Stitcher] = [stitcher_class(card)(request.name, card, request.plan, store, request.dtype)]
                 if getattr(predictor, "guarded", False):  # its tiles' domain values: an image of their own
                     fed.append(DomainStitcher(request.name, card, request.plan, store))
                 stitchers += fed

@@ -47,7 +47,7 @@ class FeatureTap:
         self.seen: dict[str, torch.Tensor] = {}
         self.handles = [named[name].register_forward_hook(self._hook(name)) for name in layers]
 
-    def _hook(self, name: str):  # type: ignore[no-untyped-def]
+    def _hook(self, name: str):
         def keep(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
             self.seen[name] = output.detach()
 
