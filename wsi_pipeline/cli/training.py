@@ -41,6 +41,7 @@ SETTING_OPTIONS = (
     "arch_args",
     "tile_px",
     "mpp",
+    "default_mpp",
     "epochs",
     "lr",
     "batch_size",
@@ -107,6 +108,12 @@ def given_options(ctx: click.Context, values: dict[str, Any]) -> dict[str, Any]:
 )
 @click.option("--tile-px", type=int, default=None, help="Tile size of the data (px) [dense tasks: 96].")
 @click.option("--mpp", type=float, default=None, help="µm/px of the data [dense tasks: 0.25].")
+@click.option(
+    "--default-mpp",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="µm/px of annotated slides whose file has none (as run --default-mpp).",
+)
 @click.option("--epochs", type=int, default=None, help="[20]")
 @click.option("--lr", type=float, default=None, help="[0.001]")
 @click.option("--batch-size", type=int, default=None, help="[32]")
@@ -218,6 +225,12 @@ def train(
 @groups_option
 @click.option("--mpp", type=float, default=None, help="µm/px of a points.csv folder's images (mitosis).")
 @click.option(
+    "--default-mpp",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="µm/px of annotated slides whose file has none (as run --default-mpp).",
+)
+@click.option(
     "--threshold",
     type=click.FloatRange(0, 1),
     default=None,
@@ -236,6 +249,7 @@ def evaluate(
     group_pattern: str | None,
     groups: str | None,
     mpp: float | None,
+    default_mpp: float | None,
     threshold: float | None,
     radius_um: float,
     device: str,
@@ -259,6 +273,7 @@ def evaluate(
         group_pattern=GROUP_PATTERN if group_pattern is None else group_pattern,
         groups=groups,
         mpp=mpp,
+        default_mpp=default_mpp,
         threshold=threshold,
         radius_um=radius_um,
         device=device,

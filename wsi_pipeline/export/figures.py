@@ -46,6 +46,7 @@ class OverlayFigure:
     um_per_px: float
     outlines: list[Outline] = field(default_factory=list)
     marks: list[Marks] = field(default_factory=list)
+    outside: np.ndarray | None = None  # bool (H, W): tissue outside the model's domain, greyed and hatched
 
 
 def scale_bar_um(width_px: int, um_per_px: float) -> int:
@@ -56,6 +57,16 @@ def scale_bar_um(width_px: int, um_per_px: float) -> int:
 
 def _rgb(colour: tuple[int, int, int]) -> tuple[float, float, float]:
     return colour[0] / 255, colour[1] / 255, colour[2] / 255
+
+
+def _hatched(blended: np.ndarray, image: np.ndarray, outside: np.ndarray) -> np.ndarray:
+    """Out-of-domain tissue: the slide in grey with diagonal stripes instead of the heatmap's colours (its values
+    are not answers)."""
+    grey = image.mean(axis=-1, keepdims=True) * 0.5 + 110
+    rows, cols = np.indices(outside.shape)
+    stripes = ((rows + cols) % 10 < 2)[..., None]
+    shade = np.where(stripes, grey - 70, grey)
+    return np.where(outside[..., None], shade, blended)
 
 
 def save_overlay(path: str | os.PathLike[str], fig_spec: OverlayFigure, alpha: float = 0.6) -> None:
@@ -71,7 +82,8 @@ def save_overlay(path: str | os.PathLike[str], fig_spec: OverlayFigure, alpha: f
 
     h, w = fig_spec.image.shape[:2]
     dpi = 100
-    margin_right, margin_top, margin_bottom = 1.6, 0.5, 0.2  # inches: colour bar, title, breathing room
+    lines = fig_spec.title.count("\n") + 1
+    margin_right, margin_top, margin_bottom = 1.6, 0.3 + 0.25 * lines, 0.2  # inches: colour bar, title, breathing room
     fig_w, fig_h = w / dpi + margin_right + 0.2, h / dpi + margin_top + margin_bottom
     fig = plt.figure(figsize=(fig_w, fig_h), dpi=dpi)
     try:
@@ -82,6 +94,8 @@ def save_overlay(path: str | os.PathLike[str], fig_spec: OverlayFigure, alpha: f
         shown = fig_spec.tissue & np.isfinite(fig_spec.values)
         colours = colour_map(np.clip(np.nan_to_num(fig_spec.values), 0.0, 1.0))[..., :3] * 255.0
         blended = np.where(shown[..., None], (1 - alpha) * fig_spec.image + alpha * colours, fig_spec.image)
+        if fig_spec.outside is not None and fig_spec.outside.any():
+            blended = _hatched(blended, fig_spec.image, fig_spec.outside)
         ax.imshow(np.clip(blended + 0.5, 0, 255).astype(np.uint8), interpolation="nearest")
         heat = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=colour_map)
         handles = []
@@ -103,6 +117,10 @@ def save_overlay(path: str | os.PathLike[str], fig_spec: OverlayFigure, alpha: f
                     label=f"{marks.label} ({len(marks.xy)})",
                 )
             )
+        if fig_spec.outside is not None and fig_spec.outside.any():
+            from matplotlib.patches import Patch
+
+            handles.append(Patch(facecolor=(0.6, 0.6, 0.6), hatch="//", label="outside the model's domain"))
         if handles:
             ax.legend(handles=handles, loc="upper right", framealpha=0.85, fontsize=11)
         bar_um = scale_bar_um(w, fig_spec.um_per_px)

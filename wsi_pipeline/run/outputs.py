@@ -17,6 +17,7 @@ from wsi_pipeline.config import ExportConfig, TissueConfig
 from wsi_pipeline.core.atomic import write_json, write_text
 from wsi_pipeline.core.layout import SlideLayout
 from wsi_pipeline.engine import TaskRequest, tile_measurements
+from wsi_pipeline.engine.stitch import domain_heatmap
 from wsi_pipeline.export.figures import MIN_LONG_SIDE_PX, Marks, Outline, OverlayFigure, save_overlay
 from wsi_pipeline.export.overlay import Overview, draw_points, heat_overlay, sample_on_grid, save_mask_png
 from wsi_pipeline.export.qupath import (
@@ -116,7 +117,7 @@ def write_task_outputs(
         "mpp": mpp.mean,
         "mpp_source": mpp.source,
         "tissue_area_mm2": round(tissue.area_mm2, 6),
-        **{t: r.summary | ({"warnings": r.warnings} if r.warnings else {}) for t, r in results.items()},
+        **{t: _task_summary(r) for t, r in results.items()},
         **({"input_guard": guard} if guard else {}),
     }
     write_json(out.summary, summary)
@@ -126,6 +127,12 @@ def write_task_outputs(
         write_feature_collection(target, qupath_features(slide_id, tissue, results, requests, out, offset))
     write_overview(out, slide, tissue, results)
     write_task_overlays(out, slide, slide_id, tissue, results)
+
+
+def _task_summary(result: TaskResult) -> dict[str, Any]:
+    """A task's figures with its warnings and the keys they flag (report.html marks those cells)."""
+    extra = {"warnings": result.warnings} if result.warnings else {}
+    return result.summary | extra | ({"flagged": result.flagged} if result.flagged else {})
 
 
 def qupath_features(
@@ -231,6 +238,19 @@ def _rings(geometry: shapely.Geometry, origin: tuple[float, float], scale: tuple
     return rings
 
 
+def _outside_domain(
+    out: SlideLayout, task: str, origin: tuple[float, float], scale: tuple[float, float], on_tissue: np.ndarray
+) -> np.ndarray | None:
+    """Tissue px of the picture whose tile the task's domain guard rejected (None: the model has no guard)."""
+    path = out.heatmap(domain_heatmap(task))
+    if not path.exists():
+        return None
+    heat = open_heatmap(path)
+    values, v_origin, v_scale = region_level(heat, heat.channels[0])
+    sampled = sample_on_grid(values, v_origin, v_scale, origin, scale, on_tissue.shape, fill=np.nan)
+    return on_tissue & (np.nan_to_num(sampled, nan=0.0) > 1.0)
+
+
 def write_task_overlays(
     out: SlideLayout, slide: Slide, slide_id: str, tissue: TissueMask, results: dict[str, TaskResult]
 ) -> list[str]:
@@ -261,8 +281,16 @@ def write_task_overlays(
             for p in result.points
             if p.drawn
         ]
+        domain = result.summary.get("domain") or {}
+        title = f"{slide_id} — {name}: {overlay.heatmap} probability"
+        if "not_applicable" in result.summary:
+            title += " — not applicable here"
+        if "model_domain" in domain:
+            title += f"\nmodel domain: {domain['model_domain']}"
+            if domain.get("in_domain_fraction") is not None:
+                title += f"; in domain {100 * domain['in_domain_fraction']:.0f} % of tissue"
         figure = OverlayFigure(
-            title=f"{slide_id} — {name}: {overlay.heatmap} probability",
+            title=title,
             image=image,
             values=sample_on_grid(values, v_origin, v_scale, origin, scale, (h, w), fill=np.nan),
             tissue=on_tissue,
@@ -270,6 +298,7 @@ def write_task_overlays(
             um_per_px=picture_mpp,
             outlines=[tissue_outline, *outlines.values()],
             marks=marks,
+            outside=_outside_domain(out, name, origin, scale, on_tissue),
         )
         save_overlay(out.overlay(name), figure)
     return drawn

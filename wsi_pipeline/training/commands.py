@@ -19,7 +19,7 @@ def train_model(settings: TrainSettings, data: tuple[str, ...], out: Path) -> tu
     """Train a model for `settings.task` into `out`; returns its card and the train / validation item counts."""
     s = settings
     class_map = s.class_map()
-    items, classes = training_items(s.task, data, class_map, s.group_pattern, s.mpp, s.tile_px)
+    items, classes = training_items(s.task, data, class_map, s.group_pattern, s.mpp, s.tile_px, s.default_mpp)
     items = matching_groups(items, s.groups, "training data")
     cfg = TrainConfig(
         task=s.task,
@@ -51,7 +51,9 @@ def train_model(settings: TrainSettings, data: tuple[str, ...], out: Path) -> tu
     )
     if s.val_data:
         train_items = items
-        val_items, val_classes = training_items(s.task, (s.val_data,), class_map, s.group_pattern, s.mpp, s.tile_px)
+        val_items, val_classes = training_items(
+            s.task, (s.val_data,), class_map, s.group_pattern, s.mpp, s.tile_px, s.default_mpp
+        )
         val_items = matching_groups(val_items, s.groups, "--val-data")
         if val_classes != cfg.classes:
             raise ConfigError(f"--val-data classes {val_classes} differ from the training classes {cfg.classes}")
@@ -88,11 +90,14 @@ def evaluate_model(
     radius_um: float,
     device: str,
     groups: str | None = None,
+    default_mpp: float | None = None,
 ) -> dict[str, Any]:
     """Evaluate a model on labelled data and write OUT/evaluation.json and a curve; returns the report."""
     load_plugins()  # a plugin's task (WSI_PIPELINE_PLUGINS, entry points) is evaluated like a built-in one
     model = load_model(model_dir, task=task)
-    items, classes = training_items(task, data, class_map, group_pattern, mpp or model.card.mpp, model.card.tile_px)
+    items, classes = training_items(
+        task, data, class_map, group_pattern, mpp or model.card.mpp, model.card.tile_px, default_mpp
+    )
     items = matching_groups(items, groups, "evaluation data")
     if held_out:
         held = set(model.card.training.get("val_groups", []))

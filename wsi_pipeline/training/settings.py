@@ -48,6 +48,9 @@ class TrainSettings(StrictModel):
     arch_args: list[str] = Field(default_factory=list, validation_alias=AliasChoices("arch_args", "arch_arg"))
     tile_px: int | None = Field(None, ge=8, description="tile size of the data (px)")
     mpp: float | None = Field(None, gt=0, description="µm/px of the data")
+    default_mpp: float | None = Field(
+        None, gt=0, description="µm/px of annotated slides whose file has none (as `run --default-mpp`)"
+    )
     epochs: int = Field(20, ge=1)
     lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(32, ge=1)

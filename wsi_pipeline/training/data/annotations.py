@@ -79,9 +79,13 @@ def annotated_items(
     min_coverage: float = 0.75,
     max_tiles_per_class: int | None = 2000,
     seed: int = 0,
+    strict: bool = True,
+    default_mpp: float | None = None,
 ) -> tuple[list[TileItem], list[str]]:
     """Tiles from every annotated slide in `root`; `class_map` maps output classes to QuPath class names (default:
-    one output class per QuPath class)."""
+    one output class per QuPath class). Not `strict` (one class map over data folders of several layouts), a mapped
+    name no annotation uses is no error, as long as every class has tiles. A slide without µm/px in its file is read
+    at `default_mpp`."""
     root = Path(root)
     slides = sorted(p for p in root.iterdir() if p.suffix.lower() in SLIDE_EXTENSIONS and annotation_file(p))
     if not slides:
@@ -94,7 +98,7 @@ def annotated_items(
     names = sorted({name for polygons in per_slide.values() for name, _ in polygons})
     mapping = dict(class_map) if class_map else {n: [n] for n in names}
     missing = sorted({n for ns in mapping.values() for n in ns} - set(names))
-    if missing:
+    if missing and (strict or len(missing) == sum(len(ns) for ns in mapping.values())):
         raise DataError(f"{root}: no annotation is classified {missing} (classes found: {names})")
     label_of = {qupath: label for label, cls in enumerate(mapping) for qupath in mapping[cls]}
     rng = np.random.default_rng(seed)
@@ -102,6 +106,8 @@ def annotated_items(
     for path, polygons in per_slide.items():
         try:
             slide = Slide(path)
+            if default_mpp and slide.mpp_or_none is None:
+                slide = slide.with_mpp(default_mpp)
             offset, slide_mpp = (slide.bounds.x, slide.bounds.y), slide.mpp
         except WsiError as exc:
             raise DataError(f"annotated slide {path}: {exc}") from exc
@@ -117,7 +123,8 @@ def annotated_items(
             origins = np.concatenate([_tile_origins(part, width, height, min_coverage) for part in parts])
             if max_tiles_per_class and len(origins) > max_tiles_per_class:
                 origins = origins[np.sort(rng.choice(len(origins), max_tiles_per_class, replace=False))]
-            items += [TileItem(path, label, f"slide:{path.name}", SlideRegion(int(x), int(y), mpp)) for x, y in origins]
+            region_of = [SlideRegion(int(x), int(y), mpp, default_mpp) for x, y in origins]
+            items += [TileItem(path, label, f"slide:{path.name}", region) for region in region_of]
     counts = np.bincount([i.label for i in items], minlength=len(mapping))
     empty = [c for c, n in zip(mapping, counts, strict=True) if n == 0]
     if len(mapping) < 2 or empty:

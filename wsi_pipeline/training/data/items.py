@@ -28,11 +28,13 @@ class DataError(WsiError):
 
 @dataclass(frozen=True)
 class SlideRegion:
-    """A tile read from a slide: top-left level-0 px (x, y), at `mpp` µm/px."""
+    """A tile read from a slide: top-left level-0 px (x, y), at `mpp` µm/px; `slide_mpp`: the slide's own µm/px
+    where its file has none (`--default-mpp`)."""
 
     x: int
     y: int
     mpp: float
+    slide_mpp: float | None = None
 
 
 @dataclass(frozen=True)
@@ -163,7 +165,8 @@ def _load_tile(item: TileItem, size: int | None, offset: tuple[float, float] | N
     if item.region is not None:
         if size is None:
             raise DataError(f"{item.path}: a tile read from a slide needs a tile size")
-        return _slide(item.path).read_region(item.region.x, item.region.y, size, size, item.region.mpp)
+        slide = _slide(item.path, item.region.slide_mpp)
+        return slide.read_region(item.region.x, item.region.y, size, size, item.region.mpp)
     if item.crop is not None:
         box = (item.crop.left, item.crop.top, item.crop.left + item.crop.size, item.crop.top + item.crop.size)
         side = size or round(item.crop.size)
@@ -196,11 +199,14 @@ def _field(path: Path) -> Image.Image:
         raise DataError(f"cannot read training image {path}: {exc}") from exc
 
 
-_SLIDES: dict[Path, Slide] = {}
+_SLIDES: dict[tuple[Path, float | None], Slide] = {}
 
 
-def _slide(path: Path) -> Slide:
-    """One handle per slide and process (a Slide opens OpenSlide lazily in each worker process)."""
-    if path not in _SLIDES:
-        _SLIDES[path] = Slide(path)
-    return _SLIDES[path]
+def _slide(path: Path, default_mpp: float | None = None) -> Slide:
+    """One handle per slide and process (a Slide opens OpenSlide lazily in each worker process); `default_mpp`
+    stands in for a µm/px the file does not have."""
+    key = (path, default_mpp)
+    if key not in _SLIDES:
+        slide = Slide(path)
+        _SLIDES[key] = slide.with_mpp(default_mpp) if default_mpp and slide.mpp_or_none is None else slide
+    return _SLIDES[key]

@@ -17,10 +17,11 @@ def training_items(
     group_pattern: str,
     mpp: float | None,
     tile_px: int | None = None,
+    default_mpp: float | None = None,
 ) -> tuple[list[Any], list[str]]:
     """Every folder's items and the class names (all folders must give the same classes). A point-detector task
     reads point-annotated images (one class, named after the task); a classifier task folder-per-class tiles, or
-    slides with QuPath GeoJSON exports."""
+    slides with QuPath GeoJSON exports (read at `default_mpp` where a slide's file has no µm/px)."""
     if get_task(task).trainer == "point_detector":
         from wsi_pipeline.training.data.points import point_images
 
@@ -37,7 +38,9 @@ def training_items(
         if is_annotated_folder(folder):  # slides + QuPath GeoJSON exports
             if mpp is None or tile_px is None:
                 raise ConfigError(f"{folder}: tiles from annotated slides need --mpp and --tile-px")
-            found, names = annotated_items(folder, mapping, mpp=mpp, tile_px=tile_px)
+            found, names = annotated_items(
+                folder, mapping, mpp=mpp, tile_px=tile_px, strict=not several, default_mpp=default_mpp
+            )
         elif is_nuclei_folder(folder):  # fields with labelled nucleus centres
             if mpp is None or tile_px is None:
                 raise ConfigError(f"{folder}: tiles around labelled nuclei need --mpp and --tile-px")
