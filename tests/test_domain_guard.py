@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import CMU, DATA, run_cli
+from tests.helpers import CMU, DATA, TCGA, run_cli
 from wsi_pipeline.models import PredictorOptions, default_model_dir, load_model, make_predictor
 from wsi_pipeline.models.domain import DOMAIN_KEY, default_layers
 from wsi_pipeline.models.folders import CARD_FILE, ModelError
@@ -20,6 +20,7 @@ from wsi_pipeline.training.data.items import DataError
 from wsi_pipeline.training.domain import TileSource, calibrate, source_tiles
 
 PCAM_VALID = DATA / "metastasis" / "pcam" / "valid"
+ANNOTATIONS = Path(__file__).parent / "annotations"  # regions drawn from the images (docs/models.md)
 
 
 def _values(model_dir: Path, tiles: np.ndarray) -> np.ndarray:
@@ -108,3 +109,25 @@ def test_metastasis_on_skin_is_not_applicable_everywhere_the_answer_is_read(tmp_
     kept = json.loads((forced / CMU.stem / "summary.json").read_text())["metastasis"]
     assert again.returncode == 0 and "category" in kept and "not_applicable" not in kept, again.stderr
     assert any("kept because tasks.metastasis.force is set" in w for w in kept["warnings"]), kept
+
+
+@pytest.mark.e2e  # the CLI in a subprocess
+def test_evaluate_reads_a_slide_without_mpp_and_reports_the_guards_share(data_dir: Path, tmp_path: Path) -> None:
+    """TCGA-CR-7395 (squamous carcinoma, frozen; no µm/px in the file) with regions drawn from the image
+    (tests/annotations/): `--default-mpp` reads it at 1.0 µm/px; the colon model's guard flags nearly all its tiles,
+    and `evaluate` says how many (JSON and terminal line)."""
+    folder = tmp_path / "tcga"
+    folder.mkdir()
+    (folder / TCGA.name).symlink_to(TCGA)
+    (folder / f"{TCGA.stem}.geojson").symlink_to(ANNOTATIONS / f"{TCGA.stem}.geojson")
+    classes = ["--class", "epithelium=Epithelium", "--class", "stroma=Stroma", "--positive", "epithelium"]
+    model = str(default_model_dir("epithelium_stroma"))
+    without = run_cli("evaluate", "epithelium_stroma", model, str(folder), *classes, "-o", str(tmp_path / "a"))
+    assert without.returncode == DataError.exit_code and "µm/px" in without.stderr, without.stderr
+    result = run_cli("evaluate", "epithelium_stroma", model, str(folder), *classes, "--default-mpp", "1.0",
+                     "-o", str(tmp_path / "e"))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "e" / "evaluation.json").read_text())
+    assert {name: sum(row.values()) for name, row in report["confusion"].items()} == {"epithelium": 284, "stroma": 81}
+    assert report["domain_flagged_fraction"] > 0.9  # 0.995 when measured
+    assert f"domain guard flags {100 * report['domain_flagged_fraction']:.1f} % of the tiles" in result.stdout
