@@ -18,6 +18,30 @@ from pathlib import Path
 # File suffixes of slides: folders are searched for them, and a slide's id is its file name without one.
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm")
 TEMPORARY_MARK = ".tmp-"
+DICOM_SUFFIX = ".dcm"
+
+
+def is_dicom_series(folder: Path) -> bool:
+    """A folder that is one DICOM WSI slide: two or more `.dcm` instances (its pyramid levels, label, overview) and
+    no other slide file. A lone `.dcm` beside other slides is a slide file of its own."""
+    if not folder.is_dir():
+        return False
+    slides = [p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(SLIDE_EXTENSIONS)]
+    return len(slides) >= 2 and all(p.suffix.lower() == DICOM_SUFFIX for p in slides)
+
+
+def dicom_series_file(folder: Path) -> Path:
+    """The instance a reader opens for a series folder (OpenSlide finds the series' other instances beside it): the
+    largest, its full-resolution level."""
+    instances = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == DICOM_SUFFIX]
+    return max(instances, key=lambda p: (p.stat().st_size, p.name))
+
+
+def slide_files(path: Path) -> list[Path]:
+    """The files a slide is made of: the file itself, or a DICOM series folder's instances (sorted)."""
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == DICOM_SUFFIX)
+    return [path]
 
 
 def slide_id_for(path: str | os.PathLike[str]) -> str:

@@ -18,7 +18,13 @@ from typing import Any
 from wsi_pipeline.config import Config
 from wsi_pipeline.core.atomic import write_text
 from wsi_pipeline.core.errors import ConfigError, UsageError
-from wsi_pipeline.core.layout import SLIDE_EXTENSIONS, RunLayout, slide_id_for, temporary_sibling
+from wsi_pipeline.core.layout import (
+    SLIDE_EXTENSIONS,
+    RunLayout,
+    is_dicom_series,
+    slide_id_for,
+    temporary_sibling,
+)
 from wsi_pipeline.run.lock import running_shards
 from wsi_pipeline.tasks import parse_task_list, task_names
 
@@ -33,8 +39,12 @@ def discover(inputs: Sequence[str]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         matched: list[Path] = []
-        if path.is_dir():
+        if is_dicom_series(path):  # a DICOM WSI series given as its folder: one slide
+            matched = [path]
+        elif path.is_dir():
             slides = [c for c in sorted(path.rglob("*")) if c.is_file() and c.name.lower().endswith(SLIDE_EXTENSIONS)]
+            # the instances of a DICOM series folder inside are one slide: the folder
+            slides = list(dict.fromkeys(c.parent if is_dicom_series(c.parent) else c for c in slides))
             hidden = [c for c in slides if c.name.startswith(".")]
             matched = [c for c in slides if not c.name.startswith(".")]
             if hidden:  # macOS's ._ files and the like: skipped, but said

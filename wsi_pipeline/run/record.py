@@ -15,7 +15,7 @@ import numpy as np
 from wsi_pipeline import __version__
 from wsi_pipeline.config import Config
 from wsi_pipeline.core.inventory import file_sha256, first_problem
-from wsi_pipeline.core.layout import SlideLayout
+from wsi_pipeline.core.layout import SlideLayout, slide_files
 from wsi_pipeline.models import LoadedModel
 from wsi_pipeline.models.loading import network_file
 from wsi_pipeline.slide import backend_versions
@@ -53,12 +53,15 @@ def compatibility_key(
 def slide_fingerprint(path: Path) -> dict[str, Any]:
     """The slide file's size and the sha256 of its first and last MiB: tells a moved slide (same fingerprint) from
     another slide with the same file name, or a file replaced in place, without reading gigabytes."""
-    size = path.stat().st_size
+    size = 0
     digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        digest.update(fh.read(_FINGERPRINT_BYTES))
-        fh.seek(max(0, size - _FINGERPRINT_BYTES))
-        digest.update(fh.read(_FINGERPRINT_BYTES))
+    for part in slide_files(path):  # a DICOM series folder: each instance, in name order
+        part_size = part.stat().st_size
+        size += part_size
+        with part.open("rb") as fh:
+            digest.update(fh.read(_FINGERPRINT_BYTES))
+            fh.seek(max(0, part_size - _FINGERPRINT_BYTES))
+            digest.update(fh.read(_FINGERPRINT_BYTES))
     return {"size": size, "sha256_first_last_mib": digest.hexdigest()}
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from wsi_pipeline.core.errors import MissingMppError, SlideNotFoundError
-from wsi_pipeline.core.layout import slide_id_for
+from wsi_pipeline.core.layout import is_dicom_series, slide_files, slide_id_for
 from wsi_pipeline.slide.integrity import check_tiff_complete, is_tiff
 from wsi_pipeline.slide.mpp import Mpp, mpp_from_properties, plausible
 from wsi_pipeline.slide.reader import SlideReader, open_reader
@@ -41,8 +41,10 @@ class Slide:
         self._mpp_override = mpp
         if not self.path.exists():
             raise SlideNotFoundError(f"{self.path}: no such file; check the path (and that the share is mounted)")
-        if not self.path.is_file():
-            raise SlideNotFoundError(f"{self.path} is not a file; give a slide file (or a folder to `run`)")
+        if not self.path.is_file() and not is_dicom_series(self.path):
+            raise SlideNotFoundError(
+                f"{self.path} is not a file nor a DICOM series folder; give a slide file (or a folder to `run`)"
+            )
         if mpp is not None and not (mpp > 0 and plausible(mpp)):
             raise MissingMppError(f"µm/px {mpp} is not plausible; give the scan's µm/px, e.g. 0.25 for 40x")
         self.reader: SlideReader = open_reader(self.path, backend)
@@ -52,7 +54,7 @@ class Slide:
         self.level_count: int = len(self.level_dimensions)
         self.properties: dict[str, str] = dict(self.reader.properties)
         self.associated_images: tuple[str, ...] = self.reader.associated_images
-        if check and is_tiff(self.path):
+        if check and self.path.is_file() and is_tiff(self.path):
             check_tiff_complete(self.path)
 
     def with_mpp(self, mpp: float) -> Slide:
@@ -168,5 +170,5 @@ class Slide:
             "objective_power": self.objective_power,
             "bounds": {"x": b.x, "y": b.y, "width": b.width, "height": b.height},
             "associated_images": list(self.associated_images),
-            "file_bytes": self.path.stat().st_size,
+            "file_bytes": sum(p.stat().st_size for p in slide_files(self.path)),
         }

@@ -11,6 +11,7 @@ import openslide
 from PIL import Image
 
 from wsi_pipeline.core.errors import SlideTruncatedError, SlideUnreadableError
+from wsi_pipeline.core.layout import dicom_series_file
 from wsi_pipeline.slide.integrity import check_tiff_complete, is_tiff
 from wsi_pipeline.slide.reader import register_backend
 
@@ -37,9 +38,11 @@ class OpenSlideReader:
     def _osr(self) -> openslide.OpenSlide:
         if self._handle is None or self._pid != os.getpid():
             try:
-                self._handle = openslide.OpenSlide(str(self.path))
+                # a DICOM series folder: OpenSlide opens one instance and finds the others beside it
+                opened = dicom_series_file(self.path) if self.path.is_dir() else self.path
+                self._handle = openslide.OpenSlide(str(opened))
             except openslide.OpenSlideError as exc:  # unsupported format included (a subclass)
-                if is_tiff(self.path):
+                if self.path.is_file() and is_tiff(self.path):
                     check_tiff_complete(self.path)  # a truncated TIFF is reported as such, not as unreadable
                 if isinstance(exc, openslide.OpenSlideUnsupportedFormatError):
                     why = "OpenSlide does not recognise this file format; convert it to a pyramidal TIFF (e.g. with "

@@ -56,7 +56,7 @@ class TiffDirectReader:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        if not is_tiff(self.path):
+        if not self.path.is_file() or not is_tiff(self.path):  # a DICOM series folder is OpenSlide's
             raise _unsupported(self.path, "not a TIFF file")
         self._local: dict[str, Any] = {}
         tif = self._tif
