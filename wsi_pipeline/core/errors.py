@@ -45,6 +45,14 @@ class SlideTruncatedError(WsiError):
     kind = "slide-truncated"
 
 
+class SlideTooLargeError(WsiError):
+    """A slide whose stated size no glass slide has (a damaged or forged header, or a wrong µm/px): refused before
+    any allocation that grows with it."""
+
+    exit_code = 5
+    kind = "slide-too-large"
+
+
 class MissingMppError(WsiError):
     exit_code = 6
     kind = "missing-mpp"

@@ -83,7 +83,7 @@ def save_overlay(path: str | os.PathLike[str], fig_spec: OverlayFigure, alpha: f
     h, w = fig_spec.image.shape[:2]
     dpi = 100
     lines = fig_spec.title.count("\n") + 1
-    margin_right, margin_top, margin_bottom = 1.6, 0.3 + 0.25 * lines, 0.2  # inches: colour bar, title, breathing room
+    margin_right, margin_top, margin_bottom = 1.6, 0.25 + 0.25 * lines, 0.2  # inches: colour bar, title, breathing room
     fig_w, fig_h = w / dpi + margin_right + 0.2, h / dpi + margin_top + margin_bottom
     fig = plt.figure(figsize=(fig_w, fig_h), dpi=dpi)
     try:

@@ -13,12 +13,16 @@ from typing import Any
 
 import numpy as np
 
-from wsi_pipeline.core.errors import MissingMppError, SlideNotFoundError
+from wsi_pipeline.core.errors import MissingMppError, SlideNotFoundError, SlideTooLargeError
 from wsi_pipeline.core.layout import is_dicom_series, slide_files, slide_id_for
 from wsi_pipeline.slide.integrity import check_tiff_complete, is_tiff
 from wsi_pipeline.slide.mpp import Mpp, mpp_from_properties, plausible
 from wsi_pipeline.slide.reader import SlideReader, open_reader
 from wsi_pipeline.slide.resample import Block, best_level, read_resampled, region_blocks
+
+# The largest picture of a whole slide read at once (the tissue detector's at 8 µm/px, the overview's): 2^27 px, a
+# 92 x 92 mm area at 8 µm/px, 400 MB as RGB; a 75 x 50 mm glass slide is 59 M px there.
+MAX_PICTURE_PX = 2**27
 
 
 @dataclass(frozen=True)
@@ -144,11 +148,20 @@ class Slide:
         return region_blocks(self.level_downsamples, x, y, width, height, (mpp / slide_mpp.x, mpp / slide_mpp.y))
 
     def thumbnail(self, mpp: float) -> np.ndarray:
-        """The bounded region of the slide at `mpp` µm/px (RGB uint8)."""
+        """The bounded region of the slide at `mpp` µm/px (RGB uint8); a slide whose picture at that µm/px would be
+        larger than MAX_PICTURE_PX is refused (exit 5), naming its size: no glass slide is that large."""
         b = self.bounds
         slide_mpp = self.mpp
         width = max(1, round(b.width * slide_mpp.x / mpp))
         height = max(1, round(b.height * slide_mpp.y / mpp))
+        if width * height > MAX_PICTURE_PX:
+            mm = (b.width * slide_mpp.x / 1000, b.height * slide_mpp.y / 1000)
+            raise SlideTooLargeError(
+                f"{self.path}: {b.width} x {b.height} px at {slide_mpp.x:g} µm/px is {mm[0]:.0f} x {mm[1]:.0f} mm, "
+                f"larger than any glass slide ({width} x {height} px at {mpp:g} µm/px, over the "
+                f"{MAX_PICTURE_PX // 10**6} M px limit); the file's header or its µm/px is wrong: check the slide "
+                "(or give its µm/px with --mpp-file / --default-mpp)"
+            )
         return self.read_region(b.x, b.y, width, height, mpp)
 
     def info(self) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from wsi_pipeline.slide.reader import SlideReader
 LEVEL_TOLERANCE = 1.01
 # Output rows read and resampled at a time, so memory stays bounded for any region size.
 ROWS_PER_BLOCK = 512
+MAX_BLOCK_LEVEL_PX = 2**25  # level px one block reads at most (32 M px: 96 MB as RGB, 128 MB as OpenSlide's RGBA)
 
 
 def best_level(downsamples: tuple[float, ...], downsample: float) -> int:
@@ -85,7 +86,8 @@ class Block:
     factor: tuple[int, int]
     box: tuple[float, float, float, float]
     rows: tuple[int, int]  # output rows row0 .. row1 - 1
-    width: int
+    width: int  # output columns of this block
+    cols: tuple[int, int] = (0, 0)  # output columns col0 .. col1 - 1 (col1 - col0 == width)
 
 
 def region_blocks(
@@ -106,16 +108,33 @@ def region_blocks(
     # PIL normalises a filter over the pixels it has: a margin past the filter's reach (bicubic: 2 px at the larger
     # of 1 and the scale) keeps every output pixel's weights the same as in any other read that covers it
     pad = 0 if aligned else math.ceil(2 * max(fx, fy, 1.0)) + 1
-    left = math.floor(u0 + 1e-9) - pad
-    n_cols = math.ceil(u0 + width * fx - 1e-9) + pad - left
+    # blocks of output rows and columns, each reading at most MAX_BLOCK_LEVEL_PX level px: a thumbnail of a slide
+    # with only its full-resolution level (one 1e6 px wide level at 32 level px per output px) is read in pieces,
+    # never as one 46 GiB array
+    rows_per_block = max(1, min(ROWS_PER_BLOCK, int(math.sqrt(MAX_BLOCK_LEVEL_PX) / max(fy, 1.0))))
+    cols_per_block = max(1, int(MAX_BLOCK_LEVEL_PX / ((rows_per_block * fy + 2 * pad) * max(fx, 1.0))))
     blocks = []
-    for row0 in range(0, height, ROWS_PER_BLOCK):
-        row1 = min(height, row0 + ROWS_PER_BLOCK)
+    for row0 in range(0, height, rows_per_block):
+        row1 = min(height, row0 + rows_per_block)
         top = v0 + row0 * fy
         first_row = math.floor(top + 1e-9) - pad
         n_rows = math.ceil(v0 + row1 * fy - 1e-9) + pad - first_row
-        box = (u0 - left, top - first_row, u0 - left + width * fx, top - first_row + (row1 - row0) * fy)
-        blocks.append(Block(level, left, first_row, n_cols, n_rows, mode, factor, box, (row0, row1), width))
+        for col0 in range(0, width, cols_per_block):
+            col1 = min(width, col0 + cols_per_block)
+            start = u0 + col0 * fx
+            left = math.floor(start + 1e-9) - pad
+            n_cols = math.ceil(u0 + col1 * fx - 1e-9) + pad - left
+            box = (
+                start - left,
+                top - first_row,
+                start - left + (col1 - col0) * fx,
+                top - first_row + (row1 - row0) * fy,
+            )
+            blocks.append(
+                Block(
+                    level, left, first_row, n_cols, n_rows, mode, factor, box, (row0, row1), col1 - col0, (col0, col1)
+                )
+            )
     return blocks
 
 
@@ -133,17 +152,17 @@ def read_resampled(
     """
     out = np.empty((height, width, 3), dtype=np.uint8)
     for b in region_blocks(reader.level_downsamples, x, y, width, height, scale):
-        row0, row1 = b.rows
+        (row0, row1), (col0, col1) = b.rows, b.cols
         block = reader.read_level(b.left, b.top, b.level, b.n_cols, b.n_rows)
         if b.mode == "copy":
-            out[row0:row1] = block[: row1 - row0, :width]
+            out[row0:row1, col0:col1] = block[: row1 - row0, : b.width]
         elif b.mode == "reduce":
             # a whole-pixel k x k mean (e.g. 0.5 µm/px from a 0.25 µm/px level): PIL's reduce is correctly rounded
             # and about twice as fast as resize(BOX), whose fixed-point weights can be 1 off
-            out[row0:row1] = np.asarray(Image.fromarray(block).reduce(b.factor))[: row1 - row0, :width]
+            out[row0:row1, col0:col1] = np.asarray(Image.fromarray(block).reduce(b.factor))[: row1 - row0, : b.width]
         elif b.mode == "area":
-            out[row0:row1] = area_mean(block, b.box, (width, row1 - row0))
+            out[row0:row1, col0:col1] = area_mean(block, b.box, (b.width, row1 - row0))
         else:
-            picture = Image.fromarray(block).resize((width, row1 - row0), Image.Resampling.BICUBIC, box=b.box)
-            out[row0:row1] = np.asarray(picture)
+            picture = Image.fromarray(block).resize((b.width, row1 - row0), Image.Resampling.BICUBIC, box=b.box)
+            out[row0:row1, col0:col1] = np.asarray(picture)
     return out
