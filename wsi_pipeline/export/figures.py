@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -64,7 +65,7 @@ def _hatched(blended: np.ndarray, image: np.ndarray, outside: np.ndarray) -> np.
     are not answers)."""
     grey = image.mean(axis=-1, keepdims=True) * 0.5 + 110
     rows, cols = np.indices(outside.shape)
-    stripes = ((rows + cols) % 10 < 2)[..., None]
+    stripes = np.asarray((rows + cols) % 10 < 2)[..., None]
     shade = np.where(stripes, grey - 70, grey)
     return np.where(outside[..., None], shade, blended)
 
@@ -98,7 +99,7 @@ def save_overlay(path: str | os.PathLike[str], fig_spec: OverlayFigure, alpha: f
             blended = _hatched(blended, fig_spec.image, fig_spec.outside)
         ax.imshow(np.clip(blended + 0.5, 0, 255).astype(np.uint8), interpolation="nearest")
         heat = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=colour_map)
-        handles = []
+        handles: list[Any] = []  # legend entries: lines, markers, a hatched patch
         for outline in fig_spec.outlines:
             for ring in outline.rings:
                 ax.plot(ring[:, 0], ring[:, 1], color=_rgb(outline.colour), linewidth=1.5)
