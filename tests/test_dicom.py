@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from wsi_pipeline.core.errors import SlideUnreadableError
 from wsi_pipeline.run.inputs import assign_ids, discover
 from wsi_pipeline.slide import Slide, backend_names
 from wsi_pipeline.slide.synth import default_layout, write_synthetic_slide
+from wsi_pipeline.testing import ReaderConformance
 
 
 def _to_dicom(slide: Path, folder: Path) -> Path:
@@ -34,6 +36,22 @@ def converted(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dict[
         "cmu": (CMU, _to_dicom(CMU, root / "series" / "CMU-1-Small-Region-dicom")),
         "pyramid": (pyramid, _to_dicom(pyramid, root / "pyramid-dicom")),
     }
+
+
+class TestDicomSeriesThroughTheConformanceSuite(ReaderConformance):
+    """The package's reader conformance suite with both series among its slides, for the backend that claims
+    DICOM (OpenSlide): their stored pixels are those of the Aperio files they were converted from."""
+
+    backend_name = "openslide"
+    sources: ClassVar[dict[Path, Path]] = {}
+
+    @pytest.fixture
+    def more_slides(self, converted: dict[str, tuple[Path, Path]]) -> list[Path]:
+        type(self).sources = {series: source for source, series in converted.values()}
+        return list(self.sources)
+
+    def stored_levels(self, path: Path) -> list[np.ndarray]:
+        return super().stored_levels(self.sources.get(path, path))
 
 
 def test_every_backend_that_takes_a_series_reads_the_pixels_it_was_converted_from(

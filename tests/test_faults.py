@@ -473,7 +473,9 @@ def test_full_disk_is_exit_9_and_leaves_nothing_complete(case, tmp_path: Path) -
             "predict", str(slide), "-o", str(out), "--task", "mitosis", "--model", str(model), "--device", "cpu",
             "--workers", "0", "--no-progress",
         )  # fmt: skip
-        assert predicted.returncode == 9 and "no space left" in _error_line(predicted.stderr)
+        # the path is named even where zarr's writing thread does not say which file it was writing
+        assert predicted.returncode == 9 and f"cannot write {out}" in _error_line(predicted.stderr)
+        assert "no space left" in _error_line(predicted.stderr)
         root = dict(zarr.open_group(str(out / "case" / "heatmaps.zarr"), mode="r").attrs)["wsi_pipeline"]
         assert root["complete"] is False  # the store says it is unfinished
         assert_nothing_looks_complete_but_is_not(out)
@@ -660,3 +662,30 @@ def test_a_signal_that_lands_in_a_finaliser_is_acted_on_at_once(tmp_path: Path) 
     stdout, stderr = proc.communicate(timeout=120)
     assert (proc.returncode, stdout.strip()) == (143, "Terminated"), stderr
     assert not carried_on.exists() and "Exception ignored" not in stderr
+
+
+def test_a_slide_deleted_while_it_is_read_fails_alone_in_one_line(case, tmp_path: Path) -> None:
+    """The slide file removed once its tissue is found, before the reading processes open it (spawned workers start
+    in seconds): that slide fails with one line naming it, the next slide is done, nothing half-built remains."""
+    slide, model, _ = case
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    doomed = slides / "a-doomed.svs"
+    shutil.copy(slide, doomed)
+    shutil.copy(slide, slides / "b-kept.svs")
+    out = tmp_path / "out"
+    proc = _start(_run(slides, model, out, "--set", "engine.loader=processes", workers="1"))
+    deadline = time.monotonic() + 120
+    while not any(out.glob(".a-doomed.tmp-*/tissue.json")):  # the tissue stage of the first slide has finished
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.005)
+    doomed.unlink()
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 1, stderr  # one slide failed
+    assert "Traceback" not in stderr and "internal error" not in stderr + stdout, stderr
+    rows = {r["slide_id"]: r for r in csv.DictReader((out / "manifest.csv").open())}
+    assert rows["a-doomed"]["status"] == "failed" and str(doomed) in rows["a-doomed"]["error"], rows
+    assert "\n" not in rows["a-doomed"]["error"]
+    assert rows["b-kept"]["status"] == "done"
+    assert not (out / "a-doomed").exists()
+    assert_nothing_looks_complete_but_is_not(out)

@@ -159,6 +159,15 @@ _WRITE_FAILURES = {
 }
 
 
+_OUTPUT_FOLDER: list[str] = []  # the folder the running command writes (set when it takes its lock)
+
+
+def remember_output_folder(path: str | os.PathLike[str]) -> None:
+    """The folder a failed write is named by when the library that failed does not say which file it was writing
+    (a full disk under zarr's threads): the user's -o, not "the output folder"."""
+    _OUTPUT_FOLDER[:] = [os.fspath(path)]
+
+
 def write_failure(exc: BaseException, path: str | os.PathLike[str] | None = None) -> OutputWriteError | None:
     """The OutputError (exit 9, one line naming the path and the fix) for an OSError of a failed write; None for
     any other exception. `path` (what the user asked for, not a hidden temporary) wins over the OSError's own file
@@ -167,7 +176,8 @@ def write_failure(exc: BaseException, path: str | os.PathLike[str] | None = None
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno in _WRITE_FAILURES:
             reason, fix = _WRITE_FAILURES[seen.errno]
-            where = path if path is not None else (seen.filename or "the output folder")
+            fallback = f"the output folder {_OUTPUT_FOLDER[0]}" if _OUTPUT_FOLDER else "the output folder"
+            where = path if path is not None else (seen.filename or fallback)
             return OutputWriteError(f"cannot write {os.fspath(where)}: {reason}; {fix}")
         seen = seen.__cause__ or seen.__context__
     return None

@@ -16,7 +16,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-from wsi_pipeline.core.errors import OutputError, UsageError, WsiError
+from wsi_pipeline.core.errors import OutputError, UsageError, WsiError, remember_output_folder
 from wsi_pipeline.core.layout import RunLayout
 
 
@@ -99,6 +99,7 @@ def single_slide_lock(out: Path, slide_id: str) -> Iterator[None]:
     """What `predict`, `tissue` and `tiles` hold: OUT's lock shared (so a whole run, which holds it exclusively,
     refuses them and they it) and the slide's own lock; commands on different slides of one folder run side by
     side. A slide named like one of the run's own files is refused (exit 2) before anything is made."""
+    remember_output_folder(out)
     if RunLayout.reserved_slide_id(slide_id):
         raise UsageError(
             f"slide {slide_id}: its output folder would be {slide_id}/, a name the run's own files use "
@@ -115,6 +116,7 @@ def single_slide_lock(out: Path, slide_id: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def output_lock(out: Path, shard: tuple[int, int] | None = None) -> Iterator[None]:
+    remember_output_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     layout = RunLayout(out)
     fds = [(_take(layout.lock, shared=shard is not None), shard is None)]

@@ -162,8 +162,12 @@ def _process_slide(
         if failure is not None:
             raise failure from exc
         if not path.exists():  # deleted or unmounted while it was read: the slide's own problem, not a bug
-            return outcome("failed", f"{path}: the slide file went away while it was read ({exc}); run it again")
-        return outcome("failed", f"internal error {type(exc).__name__}: {exc} (please report)")
+            return outcome(
+                "failed", f"{path}: the slide file went away while it was read; check that it is there, then run again"
+            )
+        # one line: a reading worker's exception arrives with its whole traceback in the message
+        last = next((line for line in reversed(str(exc).splitlines()) if line.strip()), "")
+        return outcome("failed", f"internal error {type(exc).__name__}: {last.strip()} (please report)")
     finally:
         if tmp.root.exists():  # the slide failed or was interrupted
             discard_temporary(tmp.root)
