@@ -131,3 +131,17 @@ def test_evaluate_reads_a_slide_without_mpp_and_reports_the_guards_share(data_di
     assert {name: sum(row.values()) for name, row in report["confusion"].items()} == {"epithelium": 284, "stroma": 81}
     assert report["domain_flagged_fraction"] > 0.9  # 0.995 when measured
     assert f"domain guard flags {100 * report['domain_flagged_fraction']:.1f} % of the tiles" in result.stdout
+
+
+def test_an_exported_model_keeps_its_domain_and_runs_unguarded(tmp_path: Path) -> None:
+    """ONNX and TorchScript graphs offer no layers to hook: `export-model` drops the guard (the file is not carried)
+    and keeps the card's domain; the exported folder loads and predicts."""
+    from wsi_pipeline.models.portable import export_model
+
+    out = export_model(default_model_dir("metastasis"), "onnx", tmp_path / "onnx")
+    model = load_model(out)
+    assert model.guard is None and model.card.domain_guard is None
+    assert model.card.domain is not None and model.card.domain.organs == ["lymph node (breast cancer sentinel)"]
+    predictor = make_predictor(model, torch.device("cpu"))
+    outputs = predictor(torch.full((2, 3, 96, 96), 200, dtype=torch.uint8))
+    assert DOMAIN_KEY not in outputs and outputs["tumour"].shape == (2,)
