@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/engine.py
 	$(BIN)/python benchmarks/read.py
 	$(BIN)/python benchmarks/cpu_model.py
+	$(BIN)/python benchmarks/domain_guard.py
 	$(BIN)/python benchmarks/shipped.py
 	$(BIN)/python benchmarks/verify.py
 	$(BIN)/python benchmarks/epithelium_nuclei.py

@@ -85,8 +85,12 @@ class DomainGuard:
         self.means, self.precisions, self.scales, self.threshold = means, precisions, scales, threshold
 
     def to(self, device: torch.device) -> DomainGuard:
+        """On `device` in float32 (fitted in float64; the scores differ from calibration's in the sixth digit)."""
         return DomainGuard(
-            [m.to(device) for m in self.means], [p.to(device) for p in self.precisions], self.scales, self.threshold
+            [m.to(device, torch.float32) for m in self.means],
+            [p.to(device, torch.float32) for p in self.precisions],
+            self.scales,
+            self.threshold,
         )
 
     def layer_scores(self, features: list[torch.Tensor]) -> torch.Tensor:
