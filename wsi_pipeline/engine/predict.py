@@ -24,7 +24,6 @@ from wsi_pipeline.engine.options import EngineOptions
 from wsi_pipeline.engine.stitch import DomainStitcher, Stitcher, stitcher_class
 from wsi_pipeline.models import LoadedModel, Predictor, make_predictor
 from wsi_pipeline.models.card import ModelCard
-from wsi_pipeline.models.domain import DOMAIN_KEY
 from wsi_pipeline.slide import Slide
 from wsi_pipeline.slide.tiling import TilePlan, TileSpec
 
@@ -144,9 +143,8 @@ def _run_group(
             following = last + 1 if last + 1 < len(plan) else None
             for predictor, fed in pairs:
                 outputs = predictor(on_device)
-                maps = {k: v for k, v in outputs.items() if k != DOMAIN_KEY}
-                for stitcher in fed:
-                    stitcher.aggregate(idx, outputs if isinstance(stitcher, DomainStitcher) else maps)
+                for stitcher in fed:  # each writes its own outputs (a guarded model's domain: its own image)
+                    stitcher.aggregate(idx, outputs)
                     stitcher.advance(following)
             bar.update(len(idx))
             heap.after_batch()

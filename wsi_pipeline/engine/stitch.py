@@ -82,6 +82,10 @@ class _WritingStitcher:
     def aggregate(self, indices: np.ndarray, outputs: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError
 
+    def _own(self, outputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        """The outputs this stitcher writes (a predictor's batch may carry others: the domain guard's values)."""
+        return {name: outputs[name].numpy() for name in self.writers}
+
     def _put(self, y: int, x: int, blocks: dict[str, np.ndarray]) -> None:
         for name, writer in self.writers.items():
             writer.write(y, x, blocks[name][None])
@@ -121,9 +125,9 @@ class ClassifierStitcher(_WritingStitcher):
         return tile_row
 
     def aggregate(self, indices: np.ndarray, outputs: dict[str, torch.Tensor]) -> None:
-        values = {name: out.numpy() for name, out in outputs.items()}
+        values = self._own(outputs)
         if any(v.ndim != 1 for v in values.values()):
-            shape = next(iter(outputs.values())).shape
+            shape = next(iter(values.values())).shape
             raise ConfigError(f"classifier {self.card.name} returned shape {tuple(shape)}; expected (batch, classes)")
         for j, i in enumerate(indices.tolist()):
             self._put(
@@ -165,7 +169,7 @@ class DenseStitcher(_WritingStitcher):
     def aggregate(self, indices: np.ndarray, outputs: dict[str, torch.Tensor]) -> None:
         crop = self.crop
         out_tile, margin, step = crop.out_tile, crop.margin, crop.step
-        values = {name: out.numpy() for name, out in outputs.items()}
+        values = self._own(outputs)
         shape = next(iter(values.values())).shape
         if shape[-2:] != (out_tile, out_tile):
             raise ConfigError(
@@ -192,9 +196,6 @@ class DomainStitcher(ClassifierStitcher):
         name = domain_heatmap(task)
         attrs = {"task": task, "kind": "domain", "plan": plan.saved_params}
         self.writers = {DOMAIN_KEY: HeatmapWriter(store, name, [name], self.geometry(), "float32", attrs=attrs)}
-
-    def aggregate(self, indices: np.ndarray, outputs: dict[str, torch.Tensor]) -> None:
-        super().aggregate(indices, {DOMAIN_KEY: outputs[DOMAIN_KEY]})
 
 
 def domain_heatmap(task: str) -> str:

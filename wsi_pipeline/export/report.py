@@ -75,22 +75,27 @@ def _value(row: SlideRow, column: Column) -> Any:
             except ValueError:
                 return raw
         return (row.summary or {}).get(column.key)
-    figures = (row.summary or {}).get(column.task) or {}
+    figures = _figures(row, column)
     if "not_applicable" in figures:  # withheld by the domain guard: said in the cell, not left blank
         return "not applicable"
     return figures.get(column.key)
 
 
+def _figures(row: SlideRow, column: Column) -> dict[str, Any]:
+    """The summary.json entry of the column's task ({} for the slide's own columns)."""
+    return ((row.summary or {}).get(column.task) or {}) if column.task else {}
+
+
 def _cell_class(row: SlideRow, column: Column) -> str:
     """A task's figure it found implausible (`flagged`) or withheld is marked, not only noted."""
-    figures = ((row.summary or {}).get(column.task) or {}) if column.task else {}
+    figures = _figures(row, column)
     if "not_applicable" in figures:
         return " withheld"
     return " flagged" if column.key in figures.get("flagged", []) else ""
 
 
 def _domain_tooltip(row: SlideRow, column: Column) -> str:
-    figures = ((row.summary or {}).get(column.task) or {}) if column.task else {}
+    figures = _figures(row, column)
     domain = figures.get("domain") or {}
     parts = [f"model domain: {domain['model_domain']}"] if "model_domain" in domain else []
     if domain.get("in_domain_fraction") is not None:

@@ -22,7 +22,6 @@ from wsi_pipeline.models.loading import LoadedModel, onnx_session, safetensors_m
 LOG = logging.getLogger("wsi_pipeline.models")
 DEFAULT_OPTIONS = PredictorOptions()
 _SAID_FP32: set[str] = set()
-_SAID_UNGUARDED: set[str] = set()
 
 
 class Predictor(Protocol):
@@ -101,16 +100,9 @@ class TorchModulePredictor:
         self, model: LoadedModel, network: torch.nn.Module, device: torch.device, optimisable: bool
     ) -> tuple[Any, Any]:
         """The domain guard's hooks on the network that runs (folding keeps the layer names); a model without a
-        guard, or a format whose layers cannot be hooked (TorchScript), runs unguarded, said once per model."""
+        guard, or a format whose layers cannot be hooked (TorchScript), runs unguarded (`run` says which, once per
+        task: run/batch.py)."""
         if model.guard is None or not optimisable:
-            if self.card.name not in _SAID_UNGUARDED:
-                _SAID_UNGUARDED.add(self.card.name)
-                why = "its card has no domain guard" if model.guard is None else "TorchScript layers cannot be hooked"
-                LOG.debug(  # `run` names each model's domain and guard once (run/batch.py)
-                    "%s runs without a domain guard (%s): tiles unlike its training data are not flagged",
-                    self.card.name,
-                    why,
-                )
             return None, None
         from wsi_pipeline.models.domain import attach
 

@@ -253,7 +253,7 @@ def _run(
             request.name,
             slide_id,
             request.model.card,
-            config.task(request.name),
+            task_config,
             out.heatmaps,
             (mpp.x, mpp.y),
             tissue.area_mm2,

@@ -137,7 +137,7 @@ class TaskContext:
         area = self.counted_area
         if area is None:
             return np.ones(len(x), bool)
-        return np.asarray(shapely.contains_xy(area, x, y), bool) if not area.is_empty else np.zeros(len(x), bool)
+        return np.asarray(shapely.contains_xy(area, x, y), bool)
 
     def heatmap_path(self, name: str) -> Path:
         return self.heatmaps / name
