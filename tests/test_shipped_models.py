@@ -180,6 +180,7 @@ def test_an_implausible_mitosis_count_is_flagged_wherever_the_count_is_read(data
     assert next(csv.DictReader((out / "cohort_summary.csv").open()))["warnings"].startswith(flag)
     report = (out / "report.html").read_text()
     assert flag in report and '<td class="num flagged"' in report  # the cell itself is marked
+    assert "breast (invasive carcinoma)" in report and "no domain guard" in report  # what the answer rests on
     # in qupath.geojson every detection of the flagged count is classed so QuPath can filter them; detections
     # outside the tissue outline are kept, classed apart, and not counted per mm² of tissue
     features = json.loads((out / CMU.stem / "qupath.geojson").read_text())["features"]

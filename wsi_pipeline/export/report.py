@@ -100,6 +100,8 @@ def _domain_tooltip(row: SlideRow, column: Column) -> str:
     parts = [f"model domain: {domain['model_domain']}"] if "model_domain" in domain else []
     if domain.get("in_domain_fraction") is not None:
         parts.append(f"in domain {100 * domain['in_domain_fraction']:.0f} % of tissue")
+    elif parts:
+        parts.append("no domain guard: tissue unlike the model's is not flagged")
     parts += figures.get("warnings", [])
     return "; ".join(parts)
 

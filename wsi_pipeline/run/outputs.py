@@ -289,6 +289,8 @@ def write_task_overlays(
             title += f"\nmodel domain: {domain['model_domain']}"
             if domain.get("in_domain_fraction") is not None:
                 title += f"; in domain {100 * domain['in_domain_fraction']:.0f} % of tissue"
+            else:  # the reader must not take an answer on another organ for a checked one
+                title += "; no domain guard: tissue unlike it is not flagged"
         figure = OverlayFigure(
             title=title,
             image=image,
