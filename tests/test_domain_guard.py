@@ -20,6 +20,7 @@ from wsi_pipeline.training.data.items import DataError
 from wsi_pipeline.training.domain import TileSource, calibrate, source_tiles
 
 PCAM_VALID = DATA / "metastasis" / "pcam" / "valid"
+AMIBR = DATA / "mitosis" / "amibr_tupac16"
 ANNOTATIONS = Path(__file__).parent / "annotations"  # regions drawn from the images (docs/models.md)
 
 
@@ -41,6 +42,41 @@ def test_the_shipped_metastasis_guard_keeps_lymph_node_and_flags_skin_at_run_tim
     skin_in = float(np.mean(_values(model, skin) <= 1))
     assert lymph_in >= 0.95, lymph_in  # 0.975 when measured
     assert skin_in <= 0.25, skin_in  # 0.085 when measured (91.5 % of 59 skin tiles flagged)
+
+
+def test_the_shipped_mitosis_guard_keeps_held_out_breast_crops_and_flags_skin_in_run_tiles(data_dir: Path) -> None:
+    """The mitosis model runs on 512 px tiles but was trained on 128 px crops: its guard was fitted on the crops
+    mirrored out to 512 px (a zero-padded crop looks to the network like no run tile). Crops of the TUPAC16 slides
+    its card holds out for validation, read the same way, pass; tiles of skin at 0.25 µm/px mostly do not."""
+    model = default_model_dir("mitosis")
+    held = set(load_model(model).card.training["val_groups"])
+    crops = source_tiles(TileSource(AMIBR), 0.25, 512, per_image=1, limit=80, seed=3, points=held.__contains__)
+    skin = source_tiles(TileSource(CMU), 0.25, 512, per_image=1, limit=30, seed=3)
+    assert crops.shape == (80, 512, 512, 3) and len(skin) == 30
+    assert float(np.mean(_values(model, crops) <= 1)) >= 0.9  # 0.973 of all 409 validation tiles when fitted
+    assert float(np.mean(_values(model, skin) <= 1)) <= 0.5  # 0.333 when fitted (all 30 tiles)
+
+
+def test_a_crop_smaller_than_the_tile_is_mirrored_out_to_it() -> None:
+    from wsi_pipeline.training.domain import mirrored
+
+    crop = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
+    tile = mirrored(crop, 10)
+    assert tile.shape == (10, 10, 3)
+    assert np.array_equal(tile[3:7, 2:8], crop)  # centred
+    assert np.array_equal(tile[3 - 1, 2:8], crop[0]) and np.array_equal(tile[7, 2:8], crop[3])
+
+
+def test_a_source_names_its_groups_after_a_hash() -> None:
+    source = TileSource.parse("other=../data/amibr#^slide:\\d+\\.tif")
+    assert (source.name, source.path, source.mpp, source.groups) == (
+        "other",
+        Path("../data/amibr"),
+        None,
+        "^slide:\\d+\\.tif",
+    )
+    assert source.accepts("slide:24.tif") and not source.accepts("slide:01_stitched1.tif")
+    assert TileSource.parse("skin=a.svs@0.5") == TileSource(Path("a.svs"), 0.5, "skin", None)
 
 
 def test_default_layers_are_each_blocks_output() -> None:

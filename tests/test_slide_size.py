@@ -47,6 +47,13 @@ def test_a_slide_larger_than_any_glass_slide_is_refused_naming_its_size(tmp_path
     assert (31250 * 31250) > MAX_PICTURE_PX > 9375 * 6250  # refused at 250 mm, a 75 x 50 mm slide passes
 
 
+def test_a_real_slide_asked_for_whole_at_too_fine_a_scale_is_not_called_too_large(data_dir: Path) -> None:
+    """CMU-1 is 1 x 1.5 mm: its whole picture at 0.01 µm/px is over the limit, and the message says to read regions,
+    not that the slide is larger than any glass slide (it once did, for TCGA-CR-7395 at a detector's 0.25 µm/px)."""
+    with Slide(CMU) as slide, pytest.raises(SlideTooLargeError, match=r"\(1 x 1 mm\) would be .* read it in regions"):
+        slide.thumbnail(0.01)
+
+
 @pytest.mark.e2e  # the CLI in a subprocess
 def test_tissue_and_run_refuse_it_in_one_line_and_the_other_slides_go_on(tmp_path: Path, data_dir: Path) -> None:
     slides = tmp_path / "slides"

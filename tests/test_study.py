@@ -173,6 +173,18 @@ def test_the_cross_source_operating_point_is_the_best_mean_f1_and_records_each_d
         "b -> a": {"recall": 0.92, "precision": 0.88, "f1": 0.9},
     }
     assert written["metrics"]["validation"] == curve[1]  # re-read at the new threshold from the validation curve
+    assert point["target"] is None and point["target_met"] is False
+    # with a target, only 0.6 meets recall >= 0.7 and precision >= 0.8 in both directions (0.55: precision 0.79),
+    # chosen whatever its mean F1; where no threshold meets it, the best mean F1 stays
+    cross_source_operating_point(tmp_path, rows, {"recall": 0.7, "precision": 0.8})
+    point = json.loads((tmp_path / "model_card.json").read_text())["metrics"]["operating_point"]
+    assert (point["threshold"], point["target_met"]) == (0.6, True)
+    rows["a -> b"]["f1_by_threshold"]["0.6"] = 0.5  # 0.6 now has the lowest mean F1 (0.65) but still meets it
+    cross_source_operating_point(tmp_path, rows, {"recall": 0.7, "precision": 0.8})
+    assert json.loads((tmp_path / "model_card.json").read_text())["thresholds"] == {"mitosis": 0.6}
+    cross_source_operating_point(tmp_path, rows, {"recall": 0.99, "precision": 0.99})
+    point = json.loads((tmp_path / "model_card.json").read_text())["metrics"]["operating_point"]
+    assert (point["threshold"], point["target_met"]) == (0.55, False)
 
 
 def test_a_study_that_extends_another_keeps_its_sources_and_replaces_its_variants(tmp_path: Path) -> None:

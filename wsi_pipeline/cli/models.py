@@ -64,7 +64,10 @@ def colour_stats(task: str, model_dir: Path, data: tuple[str, ...], recipe: str,
     click.echo(f"{path}: input_stats {card['input_stats']}")
 
 
-SOURCE_HELP = "[NAME=]PATH[@MPP]: a folder of image tiles or a slide, at MPP µm/px (images: the model's by default)"
+SOURCE_HELP = (
+    "[NAME=]PATH[@MPP][#GROUPS]: a folder of image tiles or a slide, at MPP µm/px (images: the model's by default); "
+    "for a point detector's training folder, GROUPS (a regex) keeps the source images it matches"
+)
 
 
 @click.command("calibrate-domain")
@@ -91,6 +94,12 @@ SOURCE_HELP = "[NAME=]PATH[@MPP]: a folder of image tiles or a slide, at MPP µm
 @click.option("--per-image", type=click.IntRange(min=1), default=4, show_default=True, help="Tiles cut per image.")
 @click.option("--max-tiles", type=click.IntRange(min=1), default=4000, show_default=True, help="Per source.")
 @click.option("--layer", "layers", multiple=True, help="A named module to read (default: each block's output).")
+@click.option(
+    "--card-split",
+    is_flag=True,
+    help="A point detector's DATA (its training folders): the sources its card names as validation set the threshold, "
+    "the rest are fitted.",
+)
 def calibrate_domain(
     model_dir: Path,
     data: tuple[str, ...],
@@ -102,6 +111,7 @@ def calibrate_domain(
     max_tiles: int,
     layers: tuple[str, ...],
     domain_file: Path | None,
+    card_split: bool,
 ) -> None:
     """Fit MODEL_DIR's domain guard on DATA: tiles like its training data, each [NAME=]PATH[@MPP], a folder of
     image tiles or a slide, at MPP µm/px (images: the model's by default).
@@ -117,8 +127,8 @@ def calibrate_domain(
         if not validation and domain_file is not None:
             return
         raise click.UsageError("give DATA (tiles like the model's training data) and --val-data")
-    if not validation:
-        raise click.UsageError("give --val-data: in-domain tiles the threshold is calibrated on")
+    if not validation and not card_split:
+        raise click.UsageError("give --val-data (in-domain tiles the threshold is calibrated on) or --card-split")
     entry = calibrate(
         load_model(model_dir),
         [TileSource.parse(d) for d in data],
@@ -129,6 +139,7 @@ def calibrate_domain(
         per_image=per_image,
         max_tiles=max_tiles,
         layers=list(layers) or None,
+        card_split=card_split,
     )
     click.echo(f"{model_dir / entry.file}: {entry.fit_tiles} tiles fitted, layers {', '.join(entry.layers)}")
     for name, figure in entry.figures.items():

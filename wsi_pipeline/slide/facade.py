@@ -23,6 +23,7 @@ from wsi_pipeline.slide.resample import Block, best_level, read_resampled, regio
 # The largest picture of a whole slide read at once (the tissue detector's at 8 µm/px, the overview's): 2^27 px, a
 # 92 x 92 mm area at 8 µm/px, 400 MB as RGB; a 75 x 50 mm glass slide is 59 M px there.
 MAX_PICTURE_PX = 2**27
+GLASS_MM = 80  # the longer side of the largest common glass slide (75 x 50 mm), rounded up
 
 
 @dataclass(frozen=True)
@@ -156,10 +157,15 @@ class Slide:
         height = max(1, round(b.height * slide_mpp.y / mpp))
         if width * height > MAX_PICTURE_PX:
             mm = (b.width * slide_mpp.x / 1000, b.height * slide_mpp.y / 1000)
+            picture = f"{width} x {height} px at {mpp:g} µm/px, over the {MAX_PICTURE_PX // 10**6} M px limit"
+            if max(mm) <= GLASS_MM:  # a real slide asked for at too fine a scale: the caller must read regions
+                raise SlideTooLargeError(
+                    f"{self.path}: a picture of the whole slide ({mm[0]:.0f} x {mm[1]:.0f} mm) would be {picture}; "
+                    "read it in regions"
+                )
             raise SlideTooLargeError(
                 f"{self.path}: {b.width} x {b.height} px at {slide_mpp.x:g} µm/px is {mm[0]:.0f} x {mm[1]:.0f} mm, "
-                f"larger than any glass slide ({width} x {height} px at {mpp:g} µm/px, over the "
-                f"{MAX_PICTURE_PX // 10**6} M px limit); the file's header or its µm/px is wrong: check the slide "
+                f"larger than any glass slide ({picture}); the file's header or its µm/px is wrong: check the slide "
                 "(or give its µm/px with --mpp-file / --default-mpp)"
             )
         return self.read_region(b.x, b.y, width, height, mpp)

@@ -1,17 +1,20 @@
 """`wsi-pipeline calibrate-domain`: fit a model's domain guard (models/domain.py) on tiles like its training data.
 
-Tiles come from image folders (a model's own training tiles, at a stated µm/px) or slides (tissue tiles); each is
-resampled to the model's µm/px and cut into tiles of its `tile_px` (a dense model's training crop). The density is
-fitted on `data`, its threshold on separate validation tiles (a quantile of their scores), and every further set
-named with `--held-out` (in domain) or `--outside` (tissue the model must not answer on) is measured: the fraction
-of its tiles flagged, and for outside sets the AUROC between them and the validation tiles.
+Tiles come from image folders (a model's own training tiles, at a stated µm/px), slides (tissue tiles) or, for a
+point detector, its own training folders (figure crops and fields; `--card-split` keeps the model's validation
+sources for the threshold). Each is resampled to the model's µm/px and cut into tiles of the size `run` feeds it (a
+dense model's run tile, read in windows of its training crop); a crop smaller than that is mirrored out to it.
+The density is fitted on `data`, its threshold on separate validation tiles (a quantile of their scores), and every
+further set named with `--held-out` (in domain) or `--outside` (tissue the model must not answer on) is measured:
+the fraction of its tiles flagged, and for outside sets the AUROC between them and the validation tiles.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Sequence
+import re
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,30 +42,52 @@ MIN_TISSUE_OD = 0.3  # a slide tile counts as tissue where over half its pixels 
 
 @dataclass(frozen=True)
 class TileSource:
-    """A folder of image tiles or a slide, at `mpp` µm/px (None: the model's, for images; the file's, for slides)."""
+    """A folder of image tiles or a slide, at `mpp` µm/px (None: the model's, for images; the file's, for slides);
+    `groups`, a regex on a point detector's source images (`slide:24.tif`, `field:A00_01`): only those that match."""
 
     path: Path
     mpp: float | None = None
     name: str = ""
+    groups: str | None = None
 
     @classmethod
     def parse(cls, text: str) -> TileSource:
-        """NAME=PATH@MPP, each part but PATH optional."""
+        """NAME=PATH@MPP#GROUPS, each part but PATH optional."""
+        text, _, groups = text.partition("#")
         name, _, rest = text.rpartition("=") if "=" in text else ("", "", text)
         path, _, mpp = rest.partition("@")
-        return cls(Path(path), float(mpp) if mpp else None, name or Path(path).name)
+        return cls(Path(path), float(mpp) if mpp else None, name or Path(path).name, groups or None)
+
+    def accepts(self, group: str) -> bool:
+        return self.groups is None or re.search(self.groups, group) is not None
 
 
-def source_tiles(source: TileSource, mpp: float, tile_px: int, per_image: int, limit: int, seed: int) -> np.ndarray:
-    """(N, tile_px, tile_px, 3) uint8 tiles of `source` at `mpp`, at most `limit` (a seeded sample)."""
+GroupFilter = Callable[[str], bool]
+
+
+def source_tiles(
+    source: TileSource,
+    mpp: float,
+    tile_px: int,
+    per_image: int,
+    limit: int,
+    seed: int,
+    points: GroupFilter | None = None,
+) -> np.ndarray:
+    """(N, tile_px, tile_px, 3) uint8 tiles of `source` at `mpp`, at most `limit` (a seeded sample). With `points`
+    (a point detector's model) a folder is read as its training data, keeping the images whose group it accepts."""
     if not source.path.exists():
         raise DataError(f"{source.path} does not exist")
-    if source.path.is_file() and source.path.suffix.lower() in SLIDE_EXTENSIONS:
+    if points is not None and _point_folder(source.path):
+        tiles = list(_point_tiles(source, mpp, tile_px, per_image, points))
+    elif source.path.is_file() and source.path.suffix.lower() in SLIDE_EXTENSIONS:
         tiles = list(_slide_tiles(source, mpp, tile_px))
     else:
         found = [source.path] if source.path.is_file() else source.path.rglob("*")
         files = sorted(p for p in found if p.suffix.lower() in IMAGE_SUFFIXES)
         tiles = [t for f in files for t in _image_tiles(f, source.mpp or mpp, mpp, tile_px, per_image)]
+    if not tiles and points is not None:  # a split may leave a source none of its images
+        return np.zeros((0, tile_px, tile_px, 3), np.uint8)
     if not tiles:
         raise DataError(f"{source.path}: no tiles of {tile_px} px at {mpp} µm/px (images too small, or no tissue)")
     order = np.random.default_rng(seed).permutation(len(tiles))[:limit]
@@ -77,6 +102,7 @@ def _image_tiles(path: Path, src_mpp: float, mpp: float, tile_px: int, per_image
         rgb = rgb.resize((round(rgb.width * factor), round(rgb.height * factor)), Image.Resampling.BILINEAR)
     array = np.asarray(rgb)
     if array.shape[0] < tile_px or array.shape[1] < tile_px:
+        yield mirrored(array, tile_px)
         return
     # a centred grid at half-tile steps: a tile dataset's label belongs to its centre, a field gives many tiles
     step = max(1, tile_px // 2)
@@ -89,19 +115,69 @@ def _image_tiles(path: Path, src_mpp: float, mpp: float, tile_px: int, per_image
         yield np.ascontiguousarray(array[y : y + tile_px, x : x + tile_px])
 
 
+def mirrored(rgb: np.ndarray, tile_px: int) -> np.ndarray:
+    """An image smaller than the tile, centred and mirrored out to it (a dense model's 96 px training crop read as
+    its 512 px run tile: every window then sees tissue, as in a run, not the network's zero padding)."""
+    pad_y, pad_x = max(0, tile_px - rgb.shape[0]), max(0, tile_px - rgb.shape[1])
+    pads = ((pad_y // 2, pad_y - pad_y // 2), (pad_x // 2, pad_x - pad_x // 2), (0, 0))
+    return np.ascontiguousarray(np.pad(rgb, pads, mode="symmetric")[:tile_px, :tile_px])
+
+
+def _point_folder(path: Path) -> bool:
+    """A folder `point_images` reads (AMi-Br, a points CSV, MITOS-2012 fields)."""
+    from wsi_pipeline.training.data.points import AMIBR_CSV, POINTS_CSV
+
+    if not path.is_dir():
+        return False
+    mitos = any(path.glob("*.jpg")) and any(path.glob("*.csv"))
+    return (path / AMIBR_CSV).is_file() or (path / POINTS_CSV).is_file() or mitos
+
+
+def _point_tiles(
+    source: TileSource, mpp: float, tile_px: int, per_image: int, keep: GroupFilter
+) -> Iterator[np.ndarray]:
+    """A point detector's images (training/data/points.py): a crop smaller than the tile is mirrored out to it (a
+    zero-padded crop's windows see the network's padding, unlike any run tile); a field gives up to `per_image`
+    tiles where every pixel may be sampled (MITOS-2012: far from the painted figures)."""
+    from wsi_pipeline.training.data.points import point_images, prepare
+
+    for image in point_images(source.path, source.mpp):
+        if not (keep(image.group) and source.accepts(image.group)):
+            continue
+        prepared = prepare(image, mpp, tile_px)
+        rgb = prepared.rgb
+        height, width = rgb.shape[:2]
+        if height < tile_px or width < tile_px:
+            yield mirrored(rgb, tile_px)
+            continue
+        corners = [
+            (y, x)
+            for y in range(0, height - tile_px + 1, tile_px)
+            for x in range(0, width - tile_px + 1, tile_px)
+            if prepared.usable_windows is None or prepared.usable_windows[y, x]
+        ]
+        for y, x in corners[:: max(1, len(corners) // per_image)][:per_image]:
+            yield np.ascontiguousarray(rgb[y : y + tile_px, x : x + tile_px])
+
+
 def _slide_tiles(source: TileSource, mpp: float, tile_px: int) -> Iterator[np.ndarray]:
+    """Tissue tiles of a slide at `mpp`, read a row of tiles at a time (a whole slide at a detector's 0.25 µm/px
+    is hundreds of megapixels)."""
     from wsi_pipeline.slide import Slide
 
     with Slide(source.path) as slide:
         if source.mpp is not None:
             slide = slide.with_mpp(source.mpp)
-        image = slide.thumbnail(mpp)
-    for y in range(0, image.shape[0] - tile_px + 1, tile_px):
-        for x in range(0, image.shape[1] - tile_px + 1, tile_px):
-            tile = image[y : y + tile_px, x : x + tile_px]
-            density = -np.log10(np.clip(tile.astype(np.float64), 1, 255) / 255).sum(axis=-1)
-            if (density > MIN_TISSUE_OD).mean() >= 0.5:
-                yield np.ascontiguousarray(tile)
+        b, scale = slide.bounds, slide.mpp
+        width = round(b.width * scale.x / mpp)
+        rows = round(b.height * scale.y / mpp) // tile_px
+        for row in range(rows):
+            strip = slide.read_region(b.x, b.y + row * tile_px * mpp / scale.y, width, tile_px, mpp)
+            for x in range(0, width - tile_px + 1, tile_px):
+                tile = strip[:, x : x + tile_px]
+                density = -np.log10(np.clip(tile.astype(np.float64), 1, 255) / 255).sum(axis=-1)
+                if (density > MIN_TISSUE_OD).mean() >= 0.5:
+                    yield np.ascontiguousarray(tile)
 
 
 def input_px(card: ModelCard) -> int:
@@ -190,18 +266,31 @@ def calibrate(
     max_tiles: int = 4000,
     layers: list[str] | None = None,
     seed: int = 0,
+    card_split: bool = False,
 ) -> DomainGuardCard:
-    """Fit, measure and save the guard of the model in its own folder; returns its card entry."""
+    """Fit, measure and save the guard of the model in its own folder; returns its card entry. With `card_split`,
+    a point detector's DATA images of the sources its card names as validation calibrate the threshold (with any
+    `validation`), the rest are fitted: the split its training used."""
     card = model.card
     if model.module is None or model.path is None:
         raise DataError(f"{card.name}: only a torch model loaded from its folder can be given a domain guard")
     layers = layers or default_layers(model.module, card.tile_px)
     size = input_px(card)
+    detector = card.task is not None and _trainer(card.task) == "point_detector"
+    held = set(card.training.get("val_groups", []))
+    if card_split and not (detector and held):
+        raise DataError(f"{card.name}: --card-split needs a point detector whose card lists its validation sources")
 
-    def tiles_of(sources: Sequence[TileSource]) -> np.ndarray:
-        return np.concatenate([source_tiles(s, card.mpp, size, per_image, max_tiles, seed) for s in sources])
+    def tiles_of(sources: Sequence[TileSource], keep: GroupFilter = lambda _group: True) -> np.ndarray:
+        points = keep if detector else None
+        found = [source_tiles(s, card.mpp, size, per_image, max_tiles, seed, points) for s in sources]
+        return np.concatenate([np.zeros((0, size, size, 3), np.uint8), *found])
 
-    fit_tiles, val_tiles = tiles_of(data), tiles_of(validation)
+    if card_split:
+        fit_tiles = tiles_of(data, lambda group: group not in held)
+        val_tiles = np.concatenate([tiles_of(data, held.__contains__), tiles_of(validation)])
+    else:
+        fit_tiles, val_tiles = tiles_of(data), tiles_of(validation)
     fit_features = layer_features(model, layers, fit_tiles)
     windows = fit_features[0].shape[0] * fit_features[0].shape[1]
     if windows < MIN_FIT_TILES or len(val_tiles) < MIN_VALIDATION_TILES:
@@ -233,6 +322,12 @@ def calibrate(
         "figures": figures,
     }
     return save_guard(model.path, model, guard, meta)
+
+
+def _trainer(task: str) -> str:
+    from wsi_pipeline.tasks import get_task
+
+    return get_task(task).trainer
 
 
 def write_domain(directory: Path, description: Path) -> str:

@@ -262,7 +262,8 @@ def train_final(
     data = list(dict.fromkeys(str(data_root / d) for source in sources.values() for d in source["data"]))
     model = _train(task, recipe, given, data, out, overrides)
     if study.get("operating_point") == "cross_source":
-        cross_source_operating_point(model, report["variants"][report["chosen"]]["cross_source"])
+        target = study.get("target")
+        cross_source_operating_point(model, report["variants"][report["chosen"]]["cross_source"], target)
     held_out = {}
     for name, source in sources.items():
         held_out[name] = _measure(task, model, {**source, "held_out": True}, data_root, out / "evaluation" / name)
@@ -281,23 +282,36 @@ def train_final(
     return card
 
 
-def cross_source_operating_point(model: Path, rows: dict[str, Any]) -> None:
+def cross_source_operating_point(model: Path, rows: dict[str, Any], target: dict[str, float] | None = None) -> None:
     """Mitosis: the threshold of best mean F1 over the study's cross-source measurements (each model measured on the
     centre it never saw) replaces the one chosen on the final model's own validation split, whose figures come
     from the same centres as its training and set the threshold too high for another scanner (peaks are lower
-    there). The card's validation figures are re-read at it from its validation curve."""
+    there). With a `target` (recall, precision), the best mean F1 among the thresholds where every held-out
+    centre meets it, when any does. The card's validation figures are re-read at it from its validation curve."""
     curves = [row["f1_by_threshold"] for row in rows.values()]
     thresholds = sorted(set.intersection(*(set(c) for c in curves)), key=float)
-    best = max(thresholds, key=lambda t: (round(sum(c[t] for c in curves) / len(curves), 9), -float(t)))
+
+    def meets(t: str) -> bool:
+        return target is not None and all(
+            row["recall_by_threshold"][t] >= target["recall"]
+            and row["precision_by_threshold"][t] >= target["precision"]
+            for row in rows.values()
+        )
+
+    meeting = [t for t in thresholds if meets(t)]
+    best = max(meeting or thresholds, key=lambda t: (round(sum(c[t] for c in curves) / len(curves), 9), -float(t)))
     card_path = model / CARD_FILE
     card = json.loads(card_path.read_text())
     chosen = float(best)
     card["thresholds"] = {name: chosen for name in card["classes"]}
     card["metrics"]["operating_point"] = {
         "criterion": "best mean F1 within the match radius over the study's cross-source measurements (a model "
-        "trained on one centre measured on the other, both ways), figure-free fields counted",
+        "trained on one centre measured on the other, both ways), figure-free fields counted; among the thresholds "
+        "where every held-out centre meets the target recall and precision, when any does",
         "threshold": chosen,
         "mean_cross_source_f1": round(sum(c[best] for c in curves) / len(curves), 4),
+        "target": target,
+        "target_met": bool(meeting),
         # what a user of another centre can expect at this threshold: each direction's figures at it
         "cross_source_at_threshold": {
             direction: {
