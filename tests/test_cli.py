@@ -29,7 +29,7 @@ def test_info_without_mpp_reports_then_fails(data_dir: Path) -> None:
     assert json.loads(result.stdout)["mpp"] is None
     assert result.stderr.count("error:") == 1 and "--mpp" in result.stderr
     ok = run_cli("info", str(TCGA), "--mpp", "1.0", "--json")
-    assert ok.returncode == 0 and json.loads(ok.stdout)["mpp"]["source"] == "override"
+    assert ok.returncode == 0 and json.loads(ok.stdout)["mpp"]["source"] == "--mpp"
 
 
 @pytest.mark.parametrize(

@@ -162,7 +162,18 @@ def test_run_on_the_real_slide_folder(data_dir: Path, tmp_path: Path) -> None:
         assert summary["mitosis"]["count"] >= 0 and "input_guard" not in summary
     # the fluorescence slide is done, its mitosis task skipped by the input guard (test_input_guard)
     assert rows[NDPI.stem]["status"] == "done" and "input guard: mitosis skipped" in rows[NDPI.stem]["note"]
-    assert json.loads((out / TCGA.stem / "summary.json").read_text())["mpp_source"] == "override"
+    tcga = json.loads((out / TCGA.stem / "summary.json").read_text())
+    assert tcga["mpp_source"] == "--mpp-file"  # TCGA-CR-7395 records no µm/px: the report marks the given one
+    assert 'class="num given" data-sort="1.0" title="µm/px from --mpp-file: the file records none' in (
+        out / "report.html"
+    ).read_text()
+    # the detector reads at 0.5 µm/px, twice finer than TCGA's 1.0: said once, beside the kept answer; CMU (0.499)
+    # is read at its own scale and gets no such line
+    enlarged = "mitosis: the model reads at 0.5 µm/px, 2.0x finer than the slide's finest level (1 µm/px, from --mpp"
+    assert next(w for w in tcga["mitosis"]["warnings"] if "finer than" in w).startswith(enlarged), tcga["mitosis"]
+    assert enlarged in result.stderr and "count" in tcga["mitosis"]
+    cmu = json.loads((out / CMU.stem / "summary.json").read_text())
+    assert not any("finer than" in w for w in cmu["mitosis"].get("warnings", []))
     assert len(list(csv.DictReader((out / "cohort_summary.csv").open()))) == 3
     assert "4 slides: 3 done, 0 skipped, 1 failed" in result.stdout
 

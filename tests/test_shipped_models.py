@@ -163,37 +163,49 @@ def test_run_uses_the_shipped_models_unless_configured(synthetic_slide, tmp_path
 
 
 @pytest.mark.e2e  # the CLI in a subprocess, training or whole-slide inference
-def test_an_implausible_mitosis_count_is_flagged_wherever_the_count_is_read(data_dir: Path, tmp_path: Path) -> None:
-    """The shipped mitosis model (breast cancer at 40x) on skin at 20x takes nearly every nucleus for a mitosis: the
-    count is kept, and flagged in the log, summary.json, the manifest, cohort_summary.csv and report.html."""
+def test_mitosis_on_skin_is_withheld_and_a_forced_implausible_count_is_flagged_wherever_read(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """The shipped mitosis model (breast cancer at 40x) on skin at 20x takes nearly every nucleus for a mitosis (891,
+    1 384 per mm², before it had a domain guard). Its guard now withholds the count. Forced, the count is kept and
+    flagged in the log, summary.json, the manifest, cohort_summary.csv, report.html and qupath.geojson."""
     import csv
 
+    withheld = run_cli("run", str(CMU), "-o", str(tmp_path / "na"), "--tasks", "mitosis", "--no-progress")
+    answer = json.loads((tmp_path / "na" / CMU.stem / "summary.json").read_text())["mitosis"]
+    assert withheld.returncode == 0 and "count" not in answer, answer
+    assert answer["not_applicable"].startswith("not applicable: tissue unlike this model's training data (breast")
+    assert answer["domain"]["in_domain_fraction"] < 0.5, answer  # 0.35 when measured
     out = tmp_path / "out"
-    result = run_cli("run", str(CMU), "-o", str(out), "--tasks", "mitosis", "--device", "cpu", "--no-progress")
+    force = ("--set", "tasks.mitosis.force=true")
+    result = run_cli("run", str(CMU), "-o", str(out), "--tasks", "mitosis", *force, "--device", "cpu", "--no-progress")
     assert result.returncode == 0, result.stderr
     mitosis = json.loads((out / CMU.stem / "summary.json").read_text())["mitosis"]
-    assert mitosis["per_mm2"] > 50, mitosis  # 1 384 per mm² when measured (891 detections on 0.64 mm²)
+    assert mitosis["per_mm2"] > 50, mitosis  # counted in the in-domain tissue only
     flag = f"mitosis: {mitosis['per_mm2']:.0f} per mm² of tissue is implausible"
-    assert len(mitosis["warnings"]) == 1 and mitosis["warnings"][0].startswith(flag)
+    assert mitosis["warnings"][0].startswith(flag), mitosis["warnings"]
+    assert "kept because tasks.mitosis.force is set" in mitosis["warnings"][1]
+    # a 20x slide read by a 40x model (0.499 / 0.25 µm/px): said once, the answer kept
+    assert mitosis["warnings"][2].startswith("mitosis: the model reads at 0.25 µm/px, 2.0x finer than the slide's")
     assert f"warning: {CMU.stem}: {flag}" in result.stderr
     assert next(csv.DictReader((out / "manifest.csv").open()))["note"].startswith(flag)
     assert next(csv.DictReader((out / "cohort_summary.csv").open()))["warnings"].startswith(flag)
     report = (out / "report.html").read_text()
     assert flag in report and '<td class="num flagged"' in report  # the cell itself is marked
-    assert "breast (invasive carcinoma)" in report and "no domain guard" in report  # what the answer rests on
+    assert "breast (invasive carcinoma)" in report  # what the answer rests on
     # in qupath.geojson every detection of the flagged count is classed so QuPath can filter them; detections
-    # outside the tissue outline are kept, classed apart, and not counted per mm² of tissue
+    # outside the counted tissue (outline and in-domain tiles) are kept, classed apart, and not counted per mm²
     features = json.loads((out / CMU.stem / "qupath.geojson").read_text())["features"]
     classes = [f["properties"].get("classification", {}).get("name") for f in features]
     assert classes.count("Mitosis (implausible count)") == mitosis["count"] and "Mitosis" not in classes
     assert mitosis["not_counted"] > 0 and classes.count("Mitosis (not counted)") == mitosis["not_counted"]
     assert mitosis["per_mm2"] == pytest.approx(mitosis["count"] / mitosis["counted_area_mm2"], rel=1e-4)
-    rerun = run_cli("run", str(CMU), "-o", str(out), "--tasks", "mitosis", "--device", "cpu", "--no-progress")
+    rerun = run_cli("run", str(CMU), "-o", str(out), "--tasks", "mitosis", *force, "--device", "cpu", "--no-progress")
     row = next(csv.DictReader((out / "manifest.csv").open()))
     assert row["status"] == "skipped" and row["note"].startswith(flag), rerun.stdout  # said again when kept
     raised = tmp_path / "raised"
     limit = f"tasks.mitosis.plausible_max_per_mm2={mitosis['per_mm2'] + 1}"
-    again = run_cli("run", str(CMU), "-o", str(raised), "--tasks", "mitosis", "--set", limit, "--no-progress")
+    again = run_cli("run", str(CMU), "-o", str(raised), "--tasks", "mitosis", *force, "--set", limit, "--no-progress")
     assert again.returncode == 0 and "implausible" not in again.stderr, again.stderr
     summary = json.loads((raised / CMU.stem / "summary.json").read_text())["mitosis"]
-    assert summary["count"] == mitosis["count"] and "warnings" not in summary
+    assert summary["count"] == mitosis["count"] and not any("implausible" in w for w in summary["warnings"])

@@ -46,7 +46,7 @@ def test_slide_without_mpp_needs_an_override(data_dir: Path) -> None:
         _ = s.mpp
     assert err.value.exit_code == 6
     s2 = Slide(TCGA, mpp=1.0)
-    assert (s2.mpp.x, s2.mpp.source) == (1.0, "override")
+    assert (s2.mpp.x, s2.mpp.source) == (1.0, "--mpp")
     assert s2.level_downsamples[1] == pytest.approx(2.0005055, rel=1e-6)
 
 

@@ -16,6 +16,7 @@ import yaml
 from wsi_pipeline.core.atomic import write_text
 from wsi_pipeline.core.layout import RunLayout, SlideLayout
 
+RECORDED_MPP = ("slide metadata", "TIFF resolution tags")  # µm/px sources that are the file's own
 SLIDE_FILES = ("summary.json", "qupath.geojson", "mitoses.csv", "heatmaps.zarr", "run.json", "tissue.geojson")
 
 
@@ -87,14 +88,21 @@ def _figures(row: SlideRow, column: Column) -> dict[str, Any]:
 
 
 def _cell_class(row: SlideRow, column: Column) -> str:
-    """A task's figure it found implausible (`flagged`) or withheld is marked, not only noted."""
+    """A task's figure it found implausible (`flagged`) or withheld is marked, not only noted; so is a µm/px the
+    file does not record (given by an option: every area and rate of the slide rests on it)."""
+    if column.task is None and column.key == "mpp":
+        source = (row.summary or {}).get("mpp_source")
+        return " given" if source is not None and source not in RECORDED_MPP else ""
     figures = _figures(row, column)
     if "not_applicable" in figures:
         return " withheld"
     return " flagged" if column.key in figures.get("flagged", []) else ""
 
 
-def _domain_tooltip(row: SlideRow, column: Column) -> str:
+def _tooltip(row: SlideRow, column: Column) -> str:
+    if column.task is None and column.key == "mpp" and row.summary and row.summary.get("mpp_source"):
+        source = row.summary["mpp_source"]
+        return f"µm/px from {source}" + ("" if source in RECORDED_MPP else ": the file records none of its own")
     figures = _figures(row, column)
     domain = figures.get("domain") or {}
     parts = [f"model domain: {domain['model_domain']}"] if "model_domain" in domain else []
@@ -111,7 +119,7 @@ body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:1.5rem;col
 table{border-collapse:collapse;font-size:.9rem}th,td{border:1px solid #ccc;padding:.3rem .5rem;text-align:right}
 th{background:#f0f0f0;cursor:pointer;user-select:none}th[aria-sort=ascending]::after{content:" ▲"}
 th[aria-sort=descending]::after{content:" ▼"}td.text{text-align:left}tr.failed{background:#fde8e8}
-td.flagged{background:#fff0b3;font-weight:bold}td.withheld{color:#777;font-style:italic}
+td.flagged{background:#fff0b3;font-weight:bold}td.given{background:#e3eefc;font-style:italic}td.withheld{color:#777;font-style:italic}
 .slide{margin:2rem 0;border-top:1px solid #ccc;padding-top:1rem}.slide img{max-width:48%;margin:.3rem;
 border:1px solid #ddd;vertical-align:top}pre{background:#f7f7f7;padding:.6rem;overflow:auto;max-height:30rem}
 """
@@ -150,7 +158,7 @@ def render_report(out: Path, rows: Sequence[SlideRow], columns: Sequence[Column]
             else:
                 text_html = e(text)
             css_class = kind + _cell_class(row, column)
-            tip = _domain_tooltip(row, column)
+            tip = _tooltip(row, column)
             title = f' title="{e(tip)}"' if tip else ""
             cells.append(f'<td class="{css_class}" data-sort="{e(key)}"{title}>{text_html}</td>')
         css = ' class="failed"' if row.manifest["status"] == "failed" else ""

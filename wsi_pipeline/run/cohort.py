@@ -117,6 +117,7 @@ def report_columns() -> list[Column]:
         Column(None, "status", "status"),
         Column(None, "error", "error"),
         Column(None, "note", "note"),
+        Column(None, "mpp", "µm/px"),
         Column(None, "tissue_area_mm2", "tissue mm²"),
         *(Column(t.name, key, header) for t in registered_tasks() for key, header in t.report_columns),
         Column(None, "seconds", "seconds"),

@@ -40,10 +40,17 @@ class Slide:
     """A whole-slide image: geometry, µm/px with its source, and region reads at a target µm/px."""
 
     def __init__(
-        self, path: str | os.PathLike[str], mpp: float | None = None, *, check: bool = True, backend: str = "auto"
+        self,
+        path: str | os.PathLike[str],
+        mpp: float | None = None,
+        *,
+        check: bool = True,
+        backend: str = "auto",
+        mpp_source: str = "--mpp",
     ) -> None:
         self.path = Path(path)
         self._mpp_override = mpp
+        self._mpp_source = mpp_source  # where an overriding µm/px came from, said beside every figure that uses it
         if not self.path.exists():
             raise SlideNotFoundError(f"{self.path}: no such file; check the path (and that the share is mounted)")
         if not self.path.is_file() and not is_dicom_series(self.path):
@@ -62,13 +69,13 @@ class Slide:
         if check and self.path.is_file() and is_tiff(self.path):
             check_tiff_complete(self.path)
 
-    def with_mpp(self, mpp: float) -> Slide:
-        """The same slide (same reader, nothing reopened) with its µm/px overridden."""
+    def with_mpp(self, mpp: float, source: str = "override") -> Slide:
+        """The same slide (same reader, nothing reopened) with its µm/px overridden, `source` saying by what."""
         clone = object.__new__(Slide)
         clone.__dict__.update(self.__dict__)
         if not (mpp > 0 and plausible(mpp)):
             raise MissingMppError(f"µm/px {mpp} is not plausible; give the scan's µm/px, e.g. 0.25 for 40x")
-        clone._mpp_override = mpp
+        clone._mpp_override, clone._mpp_source = mpp, source
         return clone
 
     def close(self) -> None:
@@ -116,7 +123,7 @@ class Slide:
     @property
     def mpp_or_none(self) -> Mpp | None:
         if self._mpp_override is not None:
-            return Mpp(self._mpp_override, self._mpp_override, "override")
+            return Mpp(self._mpp_override, self._mpp_override, self._mpp_source)
         return mpp_from_properties(self.properties)
 
     @property

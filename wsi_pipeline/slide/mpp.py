@@ -17,7 +17,7 @@ class Mpp:
 
     x: float
     y: float
-    source: str  # "override" | "slide metadata" | "TIFF resolution tags"
+    source: str  # "slide metadata" | "TIFF resolution tags" | the option that gave it ("--mpp", "--mpp-file", ...)
 
     @property
     def mean(self) -> float:
