@@ -164,9 +164,10 @@ def test_run_on_the_real_slide_folder(data_dir: Path, tmp_path: Path) -> None:
     assert rows[NDPI.stem]["status"] == "done" and "input guard: mitosis skipped" in rows[NDPI.stem]["note"]
     tcga = json.loads((out / TCGA.stem / "summary.json").read_text())
     assert tcga["mpp_source"] == "--mpp-file"  # TCGA-CR-7395 records no µm/px: the report marks the given one
-    assert 'class="num given" data-sort="1.0" title="µm/px from --mpp-file: the file records none' in (
-        out / "report.html"
-    ).read_text()
+    assert (
+        'class="num given" data-sort="1.0" title="µm/px from --mpp-file: the file records none'
+        in (out / "report.html").read_text()
+    )
     # the detector reads at 0.5 µm/px, twice finer than TCGA's 1.0: said once, beside the kept answer; CMU (0.499)
     # is read at its own scale and gets no such line
     enlarged = "mitosis: the model reads at 0.5 µm/px, 2.0x finer than the slide's finest level (1 µm/px, from --mpp"
