@@ -37,7 +37,7 @@ LOG = logging.getLogger("wsi_pipeline.training")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 MIN_FIT_TILES = 200  # a covariance of a few hundred features needs at least this many tiles to mean anything
 MIN_VALIDATION_TILES = 50  # a 99th percentile of fewer scores is one tile's score
-MIN_TISSUE_OD = 0.3  # a slide tile counts as tissue where over half its pixels are denser than this (summed OD)
+MIN_SLIDE_TISSUE = 0.5  # a slide's tile is read when at least half of it is tissue (as `run` finds tissue)
 
 
 @dataclass(frozen=True)
@@ -161,23 +161,19 @@ def _point_tiles(
 
 
 def _slide_tiles(source: TileSource, mpp: float, tile_px: int) -> Iterator[np.ndarray]:
-    """Tissue tiles of a slide at `mpp`, read a row of tiles at a time (a whole slide at a detector's 0.25 µm/px
-    is hundreds of megapixels)."""
+    """The tiles `run` would read of a slide: its tissue found and tiled as `run` does (default tissue settings),
+    tiles at least half tissue."""
     from wsi_pipeline.slide import Slide
+    from wsi_pipeline.slide.tiling import plan_tiles
+    from wsi_pipeline.slide.tissue import detect_tissue
+    from wsi_pipeline.slide.tissue_config import TissueConfig
 
     with Slide(source.path) as slide:
         if source.mpp is not None:
             slide = slide.with_mpp(source.mpp)
-        b, scale = slide.bounds, slide.mpp
-        width = round(b.width * scale.x / mpp)
-        rows = round(b.height * scale.y / mpp) // tile_px
-        for row in range(rows):
-            strip = slide.read_region(b.x, b.y + row * tile_px * mpp / scale.y, width, tile_px, mpp)
-            for x in range(0, width - tile_px + 1, tile_px):
-                tile = strip[:, x : x + tile_px]
-                density = -np.log10(np.clip(tile.astype(np.float64), 1, 255) / 255).sum(axis=-1)
-                if (density > MIN_TISSUE_OD).mean() >= 0.5:
-                    yield np.ascontiguousarray(tile)
+        plan = plan_tiles(slide, detect_tissue(slide, TissueConfig()), mpp, tile_px, 0, MIN_SLIDE_TISSUE)
+        for x, y in zip(plan.x, plan.y, strict=True):
+            yield slide.read_region(float(x), float(y), tile_px, tile_px, mpp)
 
 
 def input_px(card: ModelCard) -> int:
