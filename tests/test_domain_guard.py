@@ -57,6 +57,26 @@ def test_the_shipped_mitosis_guard_keeps_held_out_breast_crops_and_flags_skin_in
     assert float(np.mean(_values(model, skin) <= 1)) <= 0.5  # 0.333 when fitted (all 30 tiles)
 
 
+def test_a_point_detectors_guard_is_fitted_on_its_own_crops_split_as_its_card_says(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    """`--card-split`: the crops of the sources the card held out for validation set the threshold, the others are
+    fitted (each 128 px crop mirrored out to the 512 px run tile: 25 windows of 96 px); `#GROUPS` narrows a source;
+    a classifier has no such split."""
+    model_dir = tmp_path / "mitosis"
+    shutil.copytree(default_model_dir("mitosis"), model_dir)
+    card = json.loads((model_dir / CARD_FILE).read_text())
+    card["domain_guard"], card["training"]["val_groups"] = None, ["slide:04_stitched1.tif"]
+    (model_dir / CARD_FILE).write_text(json.dumps(card))
+    fitted = "#^slide:(04|06)_stitched1"  # 319 + 117 figures listed; the crops of them that AMi-Br holds
+    entry = calibrate(load_model(model_dir), [TileSource.parse(f"{AMIBR}{fitted}")], [], card_split=True, max_tiles=60)
+    assert entry.validation_tiles == 60 and entry.fit_tiles == 60 * 25  # both sides capped at 60 crops
+    assert entry.window_px == 96 and entry.figures["validation"]["flagged"] <= 0.1
+    assert load_model(model_dir).guard is not None
+    with pytest.raises(DataError, match="--card-split needs a point detector"):
+        calibrate(load_model(default_model_dir("metastasis")), [TileSource(PCAM_VALID)], [], card_split=True)
+
+
 def test_a_crop_smaller_than_the_tile_is_mirrored_out_to_it() -> None:
     from wsi_pipeline.training.domain import mirrored
 
