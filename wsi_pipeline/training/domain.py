@@ -80,6 +80,8 @@ def source_tiles(
         raise DataError(f"{source.path} does not exist")
     if points is not None and _point_folder(source.path):
         tiles = list(_point_tiles(source, mpp, tile_px, per_image, points))
+    elif source.groups is not None:
+        raise DataError(f"{source.path}#{source.groups}: only a point detector's training folder has source groups")
     elif source.path.is_file() and source.path.suffix.lower() in SLIDE_EXTENSIONS:
         tiles = list(_slide_tiles(source, mpp, tile_px))
     else:
@@ -116,7 +118,7 @@ def _image_tiles(path: Path, src_mpp: float, mpp: float, tile_px: int, per_image
 
 
 def mirrored(rgb: np.ndarray, tile_px: int) -> np.ndarray:
-    """An image smaller than the tile, centred and mirrored out to it (a dense model's 96 px training crop read as
+    """An image smaller than the tile, centred and mirrored out to it (a dense model's 128 px training crop read as
     its 512 px run tile: every window then sees tissue, as in a run, not the network's zero padding)."""
     pad_y, pad_x = max(0, tile_px - rgb.shape[0]), max(0, tile_px - rgb.shape[1])
     pads = ((pad_y // 2, pad_y - pad_y // 2), (pad_x // 2, pad_x - pad_x // 2), (0, 0))
