@@ -100,6 +100,7 @@ models: $(STAMP)
 
 # Each shipped model's domain (its card) and domain guard, fitted on tiles like its training data and measured on
 # tissue it must not answer on (docs/models.md, "Domain guard"; about 10 min)
+# (mitosis: the two deeper blocks only, chosen by fitting on one TUPAC16 side and measuring the other: docs/models.md)
 models-domain: $(STAMP)
 	$(BIN)/wsi-pipeline calibrate-domain $(MODELS)/metastasis --domain configs/models/domains/metastasis.yaml \
 		$(DATA)/metastasis/pcam/train --val-data $(DATA)/metastasis/pcam/valid --per-image 1 --max-tiles 3000 \
@@ -115,7 +116,7 @@ models-domain: $(STAMP)
 		--outside squamous=$(DATA)/slides/TCGA-CR-7395-01A-01-TS1.svs@1.0
 	$(BIN)/wsi-pipeline calibrate-domain $(MODELS)/mitosis --domain configs/models/domains/mitosis.yaml \
 		$(DATA)/mitosis/amibr_tupac16 $(DATA)/mitosis/mitos2012_scannerA --card-split --per-image 16 \
-		--max-tiles 800 --outside skin=$(DATA)/slides/CMU-1-Small-Region.svs \
+		--max-tiles 800 --layer 12 --layer 22 --outside skin=$(DATA)/slides/CMU-1-Small-Region.svs \
 		--outside squamous=$(DATA)/slides/TCGA-CR-7395-01A-01-TS1.svs@1.0 \
 		--outside colon=$(EPI)/crchistophenotypes@0.55 --outside lymph_node=$(DATA)/metastasis/pcam/valid@0.972
 

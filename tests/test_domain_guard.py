@@ -41,7 +41,7 @@ def test_the_shipped_metastasis_guard_keeps_lymph_node_and_flags_skin_at_run_tim
     lymph_in = float(np.mean(_values(model, lymph) <= 1))
     skin_in = float(np.mean(_values(model, skin) <= 1))
     assert lymph_in >= 0.95, lymph_in  # 0.975 when measured
-    assert skin_in <= 0.25, skin_in  # 0.085 when measured (91.5 % of 59 skin tiles flagged)
+    assert skin_in <= 0.25, skin_in  # 0.11 when measured (89.0 % of 73 skin tiles flagged)
 
 
 def test_the_shipped_mitosis_guard_keeps_held_out_breast_crops_and_flags_skin_in_run_tiles(data_dir: Path) -> None:

@@ -286,7 +286,8 @@ def calibrate(
 
     if card_split:
         fit_tiles = tiles_of(data, lambda group: group not in held)
-        val_tiles = np.concatenate([tiles_of(data, held.__contains__), tiles_of(validation)])
+        grouped = [s for s in data if _point_folder(s.path)]  # other sources have no groups: all fitted
+        val_tiles = np.concatenate([tiles_of(grouped, held.__contains__), tiles_of(validation)])
     else:
         fit_tiles, val_tiles = tiles_of(data), tiles_of(validation)
     fit_features = layer_features(model, layers, fit_tiles)
