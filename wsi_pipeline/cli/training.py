@@ -310,16 +310,20 @@ def _report_line(report: dict[str, Any], threshold: float | None, out_dir: str) 
         )
         return (
             f"{report['crops']} images with figures, {report['fields']} figure-free fields at threshold "
-            f"{report['params']['threshold']}: {figures}; report in {out_dir}"
+            f"{report['params']['threshold']}: {figures}; {_guard_line(report)}; report in {out_dir}"
         )
     auc, point = report["roc_auc"], report["at_operating_point"]
-    flagged = report.get("domain_flagged_fraction")
-    domain = "no domain guard" if flagged is None else f"domain guard flags {100 * flagged:.1f} % of the tiles"
+    domain = _guard_line(report)
     return (
         f"{report['tiles']} tiles: balanced accuracy {report['balanced_accuracy']:.3f}; ROC AUC "
         f"({auc['positive']}) {auc['value']:.3f} [95 % CI {auc['ci95'][0]:.3f}, {auc['ci95'][1]:.3f}]; at threshold "
         f"{point['threshold']}: balanced accuracy {point['balanced_accuracy']:.3f}; {domain}; report in {out_dir}"
     )
+
+
+def _guard_line(report: dict[str, Any]) -> str:
+    flagged = report.get("domain_flagged_fraction")
+    return "no domain guard" if flagged is None else f"domain guard flags {100 * flagged:.1f} % of the tiles"
 
 
 @click.command("export-model")
