@@ -91,7 +91,7 @@ def _cell_class(row: SlideRow, column: Column) -> str:
     """A task's figure it found implausible (`flagged`) or withheld is marked, not only noted; so is a µm/px the
     file does not record (given by an option: every area and rate of the slide rests on it)."""
     if column.task is None and column.key == "mpp":
-        source = (row.summary or {}).get("mpp_source")
+        source = _mpp_source(row)
         return " given" if source is not None and source not in RECORDED_MPP else ""
     figures = _figures(row, column)
     if "not_applicable" in figures:
@@ -99,9 +99,12 @@ def _cell_class(row: SlideRow, column: Column) -> str:
     return " flagged" if column.key in figures.get("flagged", []) else ""
 
 
+def _mpp_source(row: SlideRow) -> str | None:
+    return (row.summary or {}).get("mpp_source")
+
+
 def _tooltip(row: SlideRow, column: Column) -> str:
-    if column.task is None and column.key == "mpp" and row.summary and row.summary.get("mpp_source"):
-        source = row.summary["mpp_source"]
+    if column.task is None and column.key == "mpp" and (source := _mpp_source(row)):
         return f"µm/px from {source}" + ("" if source in RECORDED_MPP else ": the file records none of its own")
     figures = _figures(row, column)
     domain = figures.get("domain") or {}

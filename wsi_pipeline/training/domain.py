@@ -147,19 +147,22 @@ def _point_tiles(
         if not (keep(image.group) and source.accepts(image.group)):
             continue
         prepared = prepare(image, mpp, tile_px)
-        rgb = prepared.rgb
-        height, width = rgb.shape[:2]
-        if height < tile_px or width < tile_px:
-            yield mirrored(rgb, tile_px)
-            continue
-        corners = [
-            (y, x)
-            for y in range(0, height - tile_px + 1, tile_px)
-            for x in range(0, width - tile_px + 1, tile_px)
-            if prepared.usable_windows is None or prepared.usable_windows[y, x]
-        ]
-        for y, x in corners[:: max(1, len(corners) // per_image)][:per_image]:
-            yield np.ascontiguousarray(rgb[y : y + tile_px, x : x + tile_px])
+        tiles = run_tiles(prepared.rgb, prepared.usable, tile_px)
+        yield from tiles[:: max(1, len(tiles) // per_image)][:per_image]
+
+
+def run_tiles(rgb: np.ndarray, usable: np.ndarray | None, tile_px: int) -> list[np.ndarray]:
+    """A point detector's image as the tiles its guard reads: a crop smaller than the tile mirrored out to it, a
+    field cut into whole tiles where every pixel may be sampled (`usable`; MITOS-2012: away from painted figures)."""
+    height, width = rgb.shape[:2]
+    if height < tile_px or width < tile_px:
+        return [mirrored(rgb, tile_px)]
+    return [
+        np.ascontiguousarray(rgb[y : y + tile_px, x : x + tile_px])
+        for y in range(0, height - tile_px + 1, tile_px)
+        for x in range(0, width - tile_px + 1, tile_px)
+        if usable is None or usable[y : y + tile_px, x : x + tile_px].all()
+    ]
 
 
 def _slide_tiles(source: TileSource, mpp: float, tile_px: int) -> Iterator[np.ndarray]:
@@ -299,16 +302,16 @@ def calibrate(
             "images (or more tiles per image, --per-image)"
         )
     guard, val_values = fit_guard(fit_features, layer_features(model, layers, val_tiles), quantile)
-    figures: dict[str, Any] = {"validation": {"tiles": len(val_tiles), "flagged": _share(val_values)}}
+    figures: dict[str, Any] = {"validation": {"tiles": len(val_tiles), "flagged": flagged_share(val_values)}}
     for source in held_out:
         values = values_of(guard, layer_features(model, layers, tiles_of([source])))
-        figures[f"held_out:{source.name}"] = {"tiles": len(values), "flagged": _share(values)}
+        figures[f"held_out:{source.name}"] = {"tiles": len(values), "flagged": flagged_share(values)}
     for source in outside:
         values = values_of(guard, layer_features(model, layers, tiles_of([source])))
         labels = np.r_[np.zeros(len(val_values)), np.ones(len(values))]
         figures[f"outside:{source.name}"] = {
             "tiles": len(values),
-            "flagged": _share(values),
+            "flagged": flagged_share(values),
             "auroc_vs_validation": round(roc_auc(labels, np.r_[val_values, values]), 4),
         }
     meta = {
@@ -346,5 +349,6 @@ def write_domain(directory: Path, description: Path) -> str:
     return domain.line()
 
 
-def _share(values: np.ndarray) -> float:
+def flagged_share(values: np.ndarray) -> float:
+    """The share of guard values over 1 (out of domain)."""
     return round(float(np.mean(values > 1.0)), 4)

@@ -186,30 +186,13 @@ def evaluate_detector(
 def guard_flagged_fraction(model: LoadedModel, images: list[Prepared]) -> float | None:
     """The share of the evaluated images' run tiles the guard flags, the tiles cut as calibration cuts them (a crop
     mirrored out to the run tile, a field in run tiles); None without a guard."""
-    from wsi_pipeline.models import PredictorOptions, make_predictor
-    from wsi_pipeline.models.domain import DOMAIN_KEY
-    from wsi_pipeline.training.domain import input_px, mirrored
+    from wsi_pipeline.training.domain import flagged_share, input_px, layer_features, run_tiles, values_of
 
-    if model.guard is None:
+    if model.guard is None or model.card.domain_guard is None:
         return None
     size = input_px(model.card)
-    tiles = []
-    for image in images:
-        rgb, usable = image.rgb, image.usable
-        if min(rgb.shape[:2]) < size:
-            tiles.append(mirrored(rgb, size))
-            continue
-        for y in range(0, rgb.shape[0] - size + 1, size):
-            for x in range(0, rgb.shape[1] - size + 1, size):
-                if usable is None or usable[y : y + size, x : x + size].all():  # MITOS: away from painted figures
-                    tiles.append(rgb[y : y + size, x : x + size])
-    predictor = make_predictor(model, torch.device("cpu"), PredictorOptions(precision="fp32"))
-    values = []
-    with torch.inference_mode():
-        for start in range(0, len(tiles), 16):
-            batch = torch.from_numpy(np.stack(tiles[start : start + 16])).permute(0, 3, 1, 2).contiguous()
-            values.append(predictor(batch)[DOMAIN_KEY].numpy())
-    return round(float(np.mean(np.concatenate(values) > 1.0)), 4)
+    tiles = np.stack([tile for image in images for tile in run_tiles(image.rgb, image.usable, size)])
+    return flagged_share(values_of(model.guard, layer_features(model, model.card.domain_guard.layers, tiles)))
 
 
 BF16_IMAGES = 64  # every crop and field would double the evaluation's time for a figure that is a maximum anyway
