@@ -19,6 +19,7 @@ from pydantic import Field, ValidationError, create_model, field_validator
 from wsi_pipeline.core.errors import ConfigError
 from wsi_pipeline.core.schema import StrictModel
 from wsi_pipeline.slide import check_backend_name
+from wsi_pipeline.slide.qc_config import QcConfig
 from wsi_pipeline.slide.tissue_config import TissueConfig
 from wsi_pipeline.tasks import TaskConfig, load_plugins, tasks
 from wsi_pipeline.tasks import registry as task_registry
@@ -27,6 +28,7 @@ __all__ = [
     "Config",
     "EngineConfig",
     "ExportConfig",
+    "QcConfig",
     "SlideConfig",
     "TaskConfig",
     "TissueConfig",
@@ -83,6 +85,7 @@ class Config(StrictModel):
     )
     slide: SlideConfig = SlideConfig()
     tissue: TissueConfig = TissueConfig()
+    qc: QcConfig = QcConfig()
     tasks: TasksConfig = TasksConfig()
     engine: EngineConfig = EngineConfig()
     export: ExportConfig = ExportConfig()

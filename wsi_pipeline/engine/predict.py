@@ -21,10 +21,12 @@ from wsi_pipeline.core.memory import HeapTrimmer
 from wsi_pipeline.core.progress import Progress
 from wsi_pipeline.engine.loader import make_loader, one_line_worker_errors
 from wsi_pipeline.engine.options import EngineOptions
+from wsi_pipeline.engine.qc import QcRecorder, qc_read
 from wsi_pipeline.engine.stitch import DomainStitcher, Stitcher, stitcher_class
 from wsi_pipeline.models import LoadedModel, Predictor, make_predictor
 from wsi_pipeline.models.card import ModelCard
 from wsi_pipeline.slide import Slide
+from wsi_pipeline.slide.qc_config import QcConfig
 from wsi_pipeline.slide.tiling import TilePlan, TileSpec
 
 DEFAULT_OPTIONS = EngineOptions()
@@ -64,7 +66,11 @@ def read_groups(requests: Sequence[TaskRequest]) -> list[list[TaskRequest]]:
 
 
 def predict_slide(
-    slide: Slide, requests: Sequence[TaskRequest], store: Path, options: EngineOptions = DEFAULT_OPTIONS
+    slide: Slide,
+    requests: Sequence[TaskRequest],
+    store: Path,
+    options: EngineOptions = DEFAULT_OPTIONS,
+    qc: QcConfig | None = None,
 ) -> dict[str, Any]:
     """Run every request over its plan and write its heatmaps into `store`; returns timings. `options` says how
     (engine/options.py): the predictor options go to each model's predictor (`models.predictor`), the rest to the
@@ -79,9 +85,12 @@ def predict_slide(
     for request in requests:
         check_request(request)
     timings: dict[str, Any] = {"reads": [], "precision": {}}  # precision: what each task's model ran in
-    for group in read_groups(requests):
+    groups = read_groups(requests)
+    qc_group = qc_read([g[0].plan for g in groups]) if qc is not None and qc.enabled else None
+    for number, group in enumerate(groups):
         plan = group[0].plan
         stitchers: list[Stitcher] = []
+        recorder = QcRecorder(plan, store, qc) if qc is not None and number == qc_group else None
         started = time.perf_counter()
         # The workers start (a spawned process re-imports torch: seconds on a GPU machine) and read ahead while the
         # models move to the device and the heatmaps are created.
@@ -101,9 +110,14 @@ def predict_slide(
                 stitchers += fed
                 pairs.append((predictor, fed))
             names = [r.name for r in group]
-            timings["reads"].append(_run_group(slide, plan, names, pairs, tiles, options, started))
+            timings["reads"].append(_run_group(slide, plan, names, pairs, tiles, options, started, recorder))
             for stitcher in stitchers:
                 stitcher.finalize()
+            if recorder is not None:
+                qc_started = time.perf_counter()
+                recorder.finalize()
+                timings["qc"] = {"read": "+".join(names), "mpp": plan.spec.mpp, "seconds": recorder.seconds}
+                timings["qc"]["seconds"] += time.perf_counter() - qc_started
         except BaseException:
             for stitcher in stitchers:
                 stitcher.abort()
@@ -124,6 +138,7 @@ def _run_group(
     tiles: Iterator[tuple[torch.Tensor, torch.Tensor]],
     options: EngineOptions,
     started: float,
+    recorder: QcRecorder | None = None,
 ) -> dict[str, Any]:
     """Feed every batch of `tiles` to each predictor and its stitcher; `started` is when the group's setup began, so
     the reported seconds include the loader's start-up."""
@@ -139,6 +154,8 @@ def _run_group(
             wait_s += got - tick
             on_device = batch.to(device, non_blocking=True)
             idx: np.ndarray = indices.numpy()
+            if recorder is not None:  # before the batch becomes the model's input
+                recorder.observe(idx, batch)
             last = int(idx[-1])
             following = last + 1 if last + 1 < len(plan) else None
             for predictor, fed in pairs:

@@ -33,10 +33,15 @@ class Overview:
             for ring in [poly.exterior, *poly.interiors]:
                 self.draw.line(self._to_px(ring.coords), fill=(*color, 255), width=width)
 
-    def boxes(self, x: np.ndarray, y: np.ndarray, w: float, h: float, color: tuple[int, int, int, int]) -> None:
+    def boxes(
+        self, x: np.ndarray, y: np.ndarray, w: float, h: float, color: tuple[int, int, int, int], fill: bool = False
+    ) -> None:
         for x0, y0 in zip(x.tolist(), y.tolist(), strict=True):
             (a, b), (c, d) = self._to_px([(x0, y0), (x0 + w, y0 + h)])
-            self.draw.rectangle([a, b, c, d], outline=color)
+            if fill:
+                self.draw.rectangle([a, b, c, d], fill=color)
+            else:
+                self.draw.rectangle([a, b, c, d], outline=color)
 
     def legend(self, entries: list[tuple[str, tuple[int, int, int]]]) -> None:
         """A box in the top-left corner: a colour swatch and a name per entry (Pillow's own font, no system fonts)."""

@@ -69,6 +69,7 @@ class DomainGuardCard(BaseModel):
 
 CLASS_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 RESERVED_HEATMAP = "tissue"  # the heatmap every slide gets (the tissue mask)
+RESERVED_QC = "qc"  # the quality-control image (engine/qc.py)
 DOMAIN_HEATMAP_PREFIX = "domain-"  # each guarded task's domain image is domain-<task>
 
 
@@ -141,11 +142,16 @@ class ModelCard(BaseModel):
         if self.kind == "classifier" and self.run_tile_px not in (None, self.tile_px):
             raise ValueError(f"a classifier runs on its tile_px ({self.tile_px}), not run_tile_px {self.run_tile_px}")
         for cls in self.classes:  # each becomes a heatmap's folder name beside the slide's `tissue` image
-            if not CLASS_NAME.fullmatch(cls) or cls == RESERVED_HEATMAP or cls.startswith(DOMAIN_HEATMAP_PREFIX):
+            if (
+                not CLASS_NAME.fullmatch(cls)
+                or cls in (RESERVED_HEATMAP, RESERVED_QC)
+                or cls.startswith(DOMAIN_HEATMAP_PREFIX)
+            ):
                 raise ValueError(
                     f"class name {cls!r}: a class names a heatmap folder, so it must be letters, digits, '_', '.' or "
-                    f"'-' (not starting with '.' or '-'), not {RESERVED_HEATMAP!r} (the slide's own tissue image) "
-                    f"nor {DOMAIN_HEATMAP_PREFIX}… (a task's domain image)"
+                    f"'-' (not starting with '.' or '-'), not {RESERVED_HEATMAP!r} (the slide's own tissue image), "
+                    f"not {RESERVED_QC!r} (its quality-control image) nor {DOMAIN_HEATMAP_PREFIX}… (a task's domain "
+                    "image)"
                 )
         unknown = set(self.heatmap_classes or []) - set(self.classes)
         if unknown:

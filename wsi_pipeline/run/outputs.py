@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Iterator
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from wsi_pipeline.export.qupath import (
     write_feature_collection,
 )
 from wsi_pipeline.heatmap import open_heatmap
+from wsi_pipeline.run.qc import QcFinding, qc_features, write_qc_overlay
 from wsi_pipeline.slide import Slide
 from wsi_pipeline.slide.tiling import TilePlan
 from wsi_pipeline.slide.tissue import TissueMask
@@ -107,9 +109,10 @@ def write_task_outputs(
     results: dict[str, TaskResult],
     guard: dict[str, dict[str, Any]],
     export: ExportConfig,
+    quality: QcFinding | None = None,
 ) -> None:
     """What `run` writes of a slide's task results: summary.json, the point tables, qupath.geojson (and .gz), the
-    overview and each task's overlay."""
+    overview, each task's overlay and (when quality was measured) the QC overlay."""
     slide_id, mpp = slide.slide_id, slide.mpp
     summary = {
         "slide_id": slide_id,
@@ -119,14 +122,37 @@ def write_task_outputs(
         "tissue_area_mm2": round(tissue.area_mm2, 6),
         **{t: _task_summary(r) for t, r in results.items()},
         **({"input_guard": guard} if guard else {}),
+        **({"qc": quality.summary() | _qc_warning(quality)} if quality is not None else {}),
     }
     write_json(out.summary, summary)
     offset = qupath_offset(slide)
     write_point_tables(out, results, offset)
     for target in [out.qupath, *([out.qupath_gz] if export.geojson_gzip else [])]:
-        write_feature_collection(target, qupath_features(slide_id, tissue, results, requests, out, offset))
+        features = qupath_features(slide_id, tissue, results, requests, out, offset)
+        if quality is not None:
+            features = chain(features, qc_features(quality, slide_id, (mpp.x, mpp.y), offset))
+        write_feature_collection(target, features)
     write_overview(out, slide, tissue, results)
     write_task_overlays(out, slide, slide_id, tissue, results)
+    if quality is not None and quality.measured:
+        write_quality_overlay(out, slide, tissue, quality)
+
+
+def _qc_warning(quality: QcFinding) -> dict[str, Any]:
+    warning = quality.warning()
+    return {"warnings": [warning]} if warning else {}
+
+
+def write_quality_overlay(out: SlideLayout, slide: Slide, tissue: TissueMask, quality: QcFinding) -> None:
+    """`overlay-qc.png` at the overview's scale."""
+    b, mpp = slide.bounds, slide.mpp
+    target = max(mpp.x, mpp.y, max(b.width * mpp.x, b.height * mpp.y) / OVERVIEW_LONG_SIDE_PX)
+    picture = slide.thumbnail(target)
+    usable = quality.usable_fraction or 0.0
+    title = f"{slide.slide_id}: quality control, usable {100 * usable:.0f} % of analysed tissue"
+    write_qc_overlay(
+        out.overlay("qc"), quality, picture, (b.x, b.y), (target / mpp.x, target / mpp.y), tissue.geometry, title
+    )
 
 
 def _task_summary(result: TaskResult) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from wsi_pipeline.models.input_guard import outside_reason, slide_colour
 from wsi_pipeline.run.domain import apply_domain, domain_finding
 from wsi_pipeline.run.lock import OutputLockedError, slide_lock
 from wsi_pipeline.run.outputs import write_task_outputs
+from wsi_pipeline.run.qc import qc_finding
 from wsi_pipeline.run.record import (
     RUN_FORMAT,
     compatibility_key,
@@ -257,13 +258,14 @@ def _run(
     requests = [TaskRequest(t, models[t], specs[t].plan(slide, tissue)) for t in chosen]
     timings["tiling_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    inference = predict_slide(slide, requests, out.heatmaps, settings.engine) if requests else {"reads": []}
+    inference = predict_slide(slide, requests, out.heatmaps, settings.engine, config.qc) if requests else {"reads": []}
     write_tissue_heatmap(out.heatmaps, tissue)
     finish_store(out.heatmaps)
     timings["inference_s"] = time.perf_counter() - t0
     raise_if_signalled()
     t0 = time.perf_counter()
     mpp = slide.mpp
+    quality = qc_finding(out.heatmaps, [r.plan for r in requests], config.qc, tissue.geometry)
     results: dict[str, TaskResult] = {}
     for request in requests:
         finding = domain_finding(out.heatmaps, request.name, request.model.card, request.plan, tissue.geometry)
@@ -277,7 +279,7 @@ def _run(
             (mpp.x, mpp.y),
             tissue.area_mm2,
             tissue.geometry,
-            finding.area,
+            quality.counted(finding.area if finding.area is not None or quality.failed is None else tissue.geometry),
         )
         result = get_task(request.name).postprocess(context)
         result = apply_domain(result, finding, task_config.min_in_domain, task_config.force, request.name)
@@ -285,10 +287,13 @@ def _run(
         results[request.name] = replace(result, warnings=[*result.warnings, enlarged]) if enlarged else result
         for warning in results[request.name].warnings:
             log.warning("warning: %s: %s", slide_id, warning)
+    slide_warnings = [w for w in (quality.warning(),) if w]
+    for warning in slide_warnings:
+        log.warning("warning: %s: %s", slide_id, warning)
     timings["postprocess_s"] = time.perf_counter() - t0
     raise_if_signalled()
     t0 = time.perf_counter()
-    write_task_outputs(out, slide, tissue, requests, results, guard, config.export)
+    write_task_outputs(out, slide, tissue, requests, results, guard, config.export, quality)
     timings["export_s"] = time.perf_counter() - t0
     return {
         "slide": str(slide.path),
@@ -299,7 +304,8 @@ def _run(
         "models": model_records(tasks, models),
         "tiles": sum(len(r.plan) for r in requests),
         "input_guard": guard,
-        "warnings": [w for r in results.values() for w in r.warnings],
+        "warnings": [*slide_warnings, *(w for r in results.values() for w in r.warnings)],
+        "qc": quality.summary(),
         "timings": timings,
         "inference": inference,
         "versions": versions(),

@@ -163,7 +163,7 @@ def predict_stage(
         remove_stale_temporaries(out.root)
     try:
         begin_store(out.heatmaps)  # incomplete until this task's heatmaps and `tissue` are all in place
-        timings = predict_slide(slide, [TaskRequest(task, model, plan)], out.heatmaps, engine)
+        timings = predict_slide(slide, [TaskRequest(task, model, plan)], out.heatmaps, engine, config.qc)
         write_tissue_heatmap(out.heatmaps, tissue)
         finish_store(out.heatmaps)
     except OSError as exc:

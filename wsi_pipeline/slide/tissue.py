@@ -93,13 +93,17 @@ class ColourFeatures:
         return cls(hue, sat, value, r, g)
 
 
-def ink_pixels(features: ColourFeatures, params: TissueConfig) -> np.ndarray:
-    """Pen ink and black artefacts (bool), by the colour rules in the module docstring."""
+def ink_colour(features: ColourFeatures) -> np.ndarray:
+    """Pen ink by colour (bool): green/blue pen, red ink (the rules in the module docstring)."""
     f = features
     green_blue = (f.green > f.red + 10) & (f.sat > 0.15)
     red = ((f.hue >= 340) | (f.hue < 20)) & (f.sat > 0.2)
-    dark = f.value < params.dark_value
-    return green_blue | red | dark
+    return green_blue | red
+
+
+def ink_pixels(features: ColourFeatures, params: TissueConfig) -> np.ndarray:
+    """Pen ink and black artefacts (bool), by the colour rules in the module docstring."""
+    return ink_colour(features) | (features.value < params.dark_value)
 
 
 def detect_background(rgb: np.ndarray) -> str:
