@@ -107,6 +107,11 @@ def _tooltip(row: SlideRow, column: Column) -> str:
     if column.task is None and column.key == "mpp" and (source := _mpp_source(row)):
         return f"µm/px from {source}" + ("" if source in RECORDED_MPP else ": the file records none of its own")
     figures = _figures(row, column)
+    if column.task == "qc":  # quality control: what each class took
+        shares = figures.get("fractions") or {}
+        parts = [f"{c.replace('_', ' ')} {100 * v:.1f} %" for c, v in shares.items() if v]
+        measured = "; ".join(parts) or "no artefact found" if figures.get("measured") else figures.get("reason", "")
+        return "; ".join([measured, *figures.get("warnings", [])])
     domain = figures.get("domain") or {}
     parts = [f"model domain: {domain['model_domain']}"] if "model_domain" in domain else []
     if domain.get("in_domain_fraction") is not None:

@@ -19,17 +19,21 @@ from wsi_pipeline.export.report import Column, write_report
 from wsi_pipeline.run.inputs import assign_ids, discover, read_shard_plan, read_slide_list
 from wsi_pipeline.run.lock import output_lock
 from wsi_pipeline.run.pipeline import SlideOutcome
+from wsi_pipeline.slide.qc_config import QC_CLASSES
 from wsi_pipeline.tasks import task_names
 from wsi_pipeline.tasks import tasks as registered_tasks
 
 MANIFEST_COLUMNS = ["slide", "slide_id", "status", "error", "seconds", "tiles", "note"]
 SLIDE_COLUMNS = ["slide_id", "slide", "mpp", "mpp_source", "tissue_area_mm2"]
+# quality control (run/qc.py): the usable share of analysed tissue, then each class's share
+QC_COLUMNS = ["qc_usable_fraction", *(f"qc_{cls}" for cls in QC_CLASSES)]
 
 
 def cohort_columns() -> list[str]:
     """The slide's own figures, then each registered task's (`<task>_<key>`), in registration order."""
     return [
         *SLIDE_COLUMNS,
+        *QC_COLUMNS,
         *(f"{t.name}_{key}" for t in registered_tasks() for key in t.cohort_columns),
         "warnings",  # last, so that the figures' columns keep their places
     ]
@@ -98,11 +102,17 @@ def write_manifest(path: Path, outcomes: Sequence[SlideOutcome]) -> None:
 
 def cohort_row(summary: dict[str, Any]) -> dict[str, Any]:
     row = {k: summary.get(k) for k in SLIDE_COLUMNS}
+    quality = summary.get("qc") or {}
+    row["qc_usable_fraction"] = quality.get("usable_fraction")
+    for cls, share in (quality.get("fractions") or {}).items():
+        row[f"qc_{cls}"] = share
     for task in task_names():
         for key, value in (summary.get(task) or {}).items():
             row[f"{task}_{key}"] = value
     # figures a task found implausible: whoever reads only this table must see that they are not to be used
-    row["warnings"] = "; ".join(w for t in task_names() for w in (summary.get(t) or {}).get("warnings", []))
+    row["warnings"] = "; ".join(
+        w for t in ("qc", *task_names()) for w in (summary.get(t) or {}).get("warnings", [])
+    )
     return row
 
 
@@ -119,6 +129,7 @@ def report_columns() -> list[Column]:
         Column(None, "note", "note"),
         Column(None, "mpp", "µm/px"),
         Column(None, "tissue_area_mm2", "tissue mm²"),
+        Column("qc", "usable_fraction", "usable (QC)"),
         *(Column(t.name, key, header) for t in registered_tasks() for key, header in t.report_columns),
         Column(None, "seconds", "seconds"),
     ]

@@ -51,7 +51,7 @@ class QcFinding:
             "usable_fraction": self.usable_fraction,
             "excluded_classes": list(self.excluded),
             "min_usable": self.min_usable,
-            "flagged": self.flagged,
+            "flagged": ["usable_fraction"] if self.flagged else [],
         }
 
     def warning(self) -> str | None:

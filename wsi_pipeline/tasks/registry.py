@@ -37,6 +37,8 @@ _BUILTIN = (
 TASK_ATTRIBUTES = ("name", "config_model", "cohort_columns", "report_columns", "point_table", "trainer")
 TASK_METHODS = ("default_config", "default_model", "postprocess")
 TRAINERS = ("classifier", "point_detector")
+# names the slide's own outputs use (summary.json keys, overlay-<name>.png, configuration sections)
+RESERVED_TASK_NAMES = ("qc", "tissue", "input_guard")
 
 
 def register_task(task: Task) -> Task:
@@ -49,6 +51,8 @@ def register_task(task: Task) -> Task:
         hint = " (model_kind is now trainer)" if "trainer" in missing and hasattr(task, "model_kind") else ""
         lacks = ", ".join(missing)
         raise ConfigError(f"task {label}: lacks {lacks} of the Task protocol{hint}; see docs/architecture.md")
+    if task.name in RESERVED_TASK_NAMES:
+        raise ConfigError(f"task {label}: the name is the slide's own ({', '.join(RESERVED_TASK_NAMES)}); rename it")
     if task.trainer not in TRAINERS:
         raise ConfigError(f"task {label}: trainer {task.trainer!r} is not one of {', '.join(TRAINERS)}")
     _TASKS[task.name] = task
