@@ -22,7 +22,7 @@ from wsi_pipeline.slide.synth import default_layout, read_truth, write_synthetic
 from wsi_pipeline.training.metrics import match_detections
 
 
-def run_demo(out: Path) -> None:
+def run_demo(out: Path, overrides: tuple[str, ...] = ()) -> None:
     started = time.perf_counter()
     slide_path = out / "slides" / "demo-synthetic.svs"
     if not slide_path.exists():
@@ -31,7 +31,7 @@ def run_demo(out: Path) -> None:
     print(f"slide   {slide_path}\n        synthetic, 12000 x 9000 px at 0.25 µm/px, a pen stroke, 25 planted figures")
     print(f"models  mitosis: {model_dir} (hand-set dark-figure detector, not a trained mitosis model)")
     print("        epithelium_stroma, metastasis: the shipped trained models (wsi_pipeline/models/defaults)")
-    config = load_config(None, [f"tasks.mitosis.model={model_dir}", "tasks.mitosis.smooth_sigma_um=3"])
+    config = load_config(None, [f"tasks.mitosis.model={model_dir}", "tasks.mitosis.smooth_sigma_um=3", *overrides])
     results = out / "results"
     tasks = ["mitosis", "epithelium_stroma", "metastasis"]
     batch = run_batch([str(slide_path)], results, RunSettings.of(config, tasks, device="auto", workers=1))

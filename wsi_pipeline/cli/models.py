@@ -152,8 +152,10 @@ def calibrate_domain(
 @click.command()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo_out"), show_default=True,
               help="Output folder.")  # fmt: skip
-def demo(out: Path) -> None:
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a configuration key, e.g. --set qc.enabled=false.")  # fmt: skip
+def demo(out: Path, overrides: tuple[str, ...]) -> None:
     """Write a synthetic slide with planted figures, run the pipeline on it, and say where to look (`make demo`)."""
     from wsi_pipeline.cli.demo import run_demo
 
-    run_demo(out.resolve())
+    run_demo(out.resolve(), overrides)
