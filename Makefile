@@ -10,7 +10,7 @@ DATA   ?= ../shared/data
 MODELS := wsi_pipeline/models/defaults
 MODELS_WORK ?= build/models
 
-.PHONY: install test lint demo bench bench-peers device-kit models models-domain models-ablations clean help
+.PHONY: install test lint demo bench bench-peers device-kit models models-domain models-mpp models-ablations clean help
 
 help:
 	@echo "make install  create $(VENV) and install wsi-pipeline with its dependencies"
@@ -97,6 +97,7 @@ models: $(STAMP)
 		$(DATA)/mitosis/mitos2012_scannerA --held-out -o $(MODELS_WORK)/mitosis/evaluation
 	$(BIN)/wsi-pipeline publish $(MODELS_WORK) $(MODELS)
 	$(MAKE) models-domain
+	$(MAKE) models-mpp
 
 # Each shipped model's domain (its card) and domain guard, fitted on tiles like its training data and measured on
 # tissue it must not answer on (docs/models.md, "Domain guard"; about 10 min)
@@ -119,6 +120,11 @@ models-domain: $(STAMP)
 		--max-tiles 800 --layer 12 --layer 22 --outside skin=$(DATA)/slides/CMU-1-Small-Region.svs \
 		--outside squamous=$(DATA)/slides/TCGA-CR-7395-01A-01-TS1.svs@1.0 \
 		--outside colon=$(EPI)/crchistophenotypes@0.55 --outside lymph_node=$(DATA)/metastasis/pcam/valid@0.972
+
+# The µm/px estimator (docs/mpp.md): each source of known µm/px left out in turn and measured, then fitted on all
+models-mpp: $(STAMP)
+	$(BIN)/wsi-pipeline train-mpp-estimator configs/models/mpp_estimator.yaml --data $(DATA) \
+		-o $(MODELS)/mpp_estimator
 
 # Study variants measured once and not chosen (configs/models/ablations/: same sources as the studies above); each
 # is trained on one source and measured on the other, and nothing is published.

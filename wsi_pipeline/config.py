@@ -43,6 +43,11 @@ class TasksConfig(StrictModel):
 
 class SlideConfig(StrictModel):
     backend: str = Field("auto", description="slide reader: auto (the best that opens the file) or a backend name")
+    check_mpp: bool = Field(
+        True,
+        description="check each slide's recorded or given µm/px against the tissue's estimate; more than 2x apart is "
+        "said (docs/mpp.md)",
+    )
 
     @field_validator("backend")
     @classmethod

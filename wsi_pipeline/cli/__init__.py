@@ -13,7 +13,7 @@ from wsi_pipeline import __version__
 from wsi_pipeline.cli.cluster import gather, submit
 from wsi_pipeline.cli.common import WsiGroup, config_option, run_config, set_option
 from wsi_pipeline.cli.inference import predict, run
-from wsi_pipeline.cli.models import calibrate_domain, colour_stats, demo, publish, study
+from wsi_pipeline.cli.models import calibrate_domain, colour_stats, demo, publish, study, train_mpp_estimator
 from wsi_pipeline.cli.slides import info, synth, tiles, tissue
 from wsi_pipeline.cli.training import evaluate, export_model_cmd, train
 from wsi_pipeline.config import dump_config, load_config_without_plugins
@@ -53,6 +53,6 @@ def config_cmd(config_path: str | None, overrides: tuple[str, ...], load_plugins
 
 for command in (
     *(info, synth, tissue, tiles, predict, run, submit, gather),
-    *(train, evaluate, export_model_cmd, study, publish, colour_stats, calibrate_domain, demo),
+    *(train, evaluate, export_model_cmd, study, publish, colour_stats, calibrate_domain, train_mpp_estimator, demo),
 ):
     main.add_command(command)

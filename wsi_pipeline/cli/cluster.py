@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from wsi_pipeline.cli.common import config_option, positive_mpp, run_config, set_option, work_done
+from wsi_pipeline.cli.common import config_option, mpp_or_auto, run_config, set_option, work_done
 
 
 @click.command()
@@ -24,7 +24,7 @@ from wsi_pipeline.cli.common import config_option, positive_mpp, run_config, set
 @click.option("--tasks", default=None, help="Comma-separated tasks (passed to run).")
 @click.option("--device", default=None, help="Passed to run (default: auto).")
 @click.option("--mpp-file", type=click.Path(dir_okay=False), default=None, help="Passed to run.")
-@click.option("--default-mpp", type=positive_mpp, default=None, help="Passed to run.")
+@click.option("--default-mpp", type=mpp_or_auto, default=None, help="Passed to run (a µm/px or auto).")
 @click.option("--overwrite", is_flag=True, help="Passed to run.")
 @click.option("--dry-run", is_flag=True, help="Print the job scripts; submit nothing.")
 @click.option("--no-follow", is_flag=True, help="Submit and return at once (then `gather` when done).")
@@ -45,7 +45,7 @@ def submit(
     tasks: str | None,
     device: str | None,
     mpp_file: str | None,
-    default_mpp: float | None,
+    default_mpp: float | str | None,
     overwrite: bool,
     dry_run: bool,
     no_follow: bool,

@@ -19,6 +19,7 @@ from wsi_pipeline.core.errors import (
     install_signal_handlers,
     write_failure,
 )
+from wsi_pipeline.slide import Slide
 
 
 class WsiGroup(click.Group):
@@ -85,6 +86,39 @@ def _fail(exc: WsiError) -> None:
 
 
 positive_mpp = click.FloatRange(min=0, min_open=True)
+
+
+class MppOrAuto(click.ParamType):
+    """A positive µm/px, or `auto`: estimated from the tissue (docs/mpp.md)."""
+
+    name = "MPP|auto"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float | str:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        return float(positive_mpp.convert(value, param, ctx))
+
+
+mpp_or_auto = MppOrAuto()
+
+
+def slide_with_mpp(slide: Slide, default_mpp: float | str | None) -> Slide:
+    """`--default-mpp` for a single-slide command: a number or `auto` (estimated, and said) when the file records
+    none."""
+    from wsi_pipeline.run.pipeline import estimated_warning, resolve_mpp
+
+    resolved, estimate = resolve_mpp(slide, default_mpp, "or --slide-mpp ")
+    if estimate is not None:
+        click.echo(f"warning: {slide.slide_id}: {estimated_warning(estimate)}", err=True)
+    return resolved
+
+
+default_mpp_option = click.option(
+    "--default-mpp",
+    type=mpp_or_auto,
+    default=None,
+    help="µm/px when the file records none; `auto` estimates it from the tissue (docs/mpp.md).",
+)
 slide_mpp_option = click.option(
     "--slide-mpp",
     type=positive_mpp,

@@ -18,11 +18,13 @@ if TYPE_CHECKING:
 from wsi_pipeline.cli.common import (
     backend_option,
     config_option,
+    default_mpp_option,
     device_option,
-    positive_mpp,
+    mpp_or_auto,
     run_config,
     set_option,
     slide_mpp_option,
+    slide_with_mpp,
     work_done,
 )
 
@@ -48,6 +50,7 @@ from wsi_pipeline.cli.common import (
 )
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @slide_mpp_option
+@default_mpp_option
 @backend_option
 @config_option
 @set_option
@@ -61,6 +64,7 @@ def predict(
     workers: int | None,
     progress: bool,
     slide_mpp: float | None,
+    default_mpp: float | str | None,
     backend: str | None,
     config_path: str | None,
     overrides: tuple[str, ...],
@@ -83,9 +87,10 @@ def predict(
     )
     # the slide opens first (a missing or unreadable file leaves no OUT), then its lock beside OUT's (shared)
     with (
-        Slide(slide_path, mpp=slide_mpp, backend=cfg.slide.backend) as slide,
-        single_slide_lock(Path(out_dir), slide.slide_id),
+        Slide(slide_path, mpp=slide_mpp, backend=cfg.slide.backend) as opened,
+        single_slide_lock(Path(out_dir), opened.slide_id),
     ):
+        slide = slide_with_mpp(opened, default_mpp)
         layout = RunLayout(Path(out_dir)).slide(slide.slide_id)
         result = predict_stage(slide, cfg, task, layout, engine, model_path=model_path)
     read = result["timings"]["reads"][0]
@@ -112,7 +117,12 @@ def predict(
     "--workers", type=click.IntRange(min=0), default=None, help="Tile-reading threads (engine.loader) [cores - 1]."
 )
 @click.option("--overwrite", is_flag=True, help="Redo slides whose outputs are complete and compatible.")
-@click.option("--default-mpp", type=positive_mpp, default=None, help="µm/px for slides that record none.")
+@click.option(
+    "--default-mpp",
+    type=mpp_or_auto,
+    default=None,
+    help="µm/px for slides that record none; `auto` estimates each from its tissue (docs/mpp.md).",
+)
 @click.option(
     "--mpp-file",
     type=click.Path(dir_okay=False),
@@ -148,7 +158,7 @@ def run(
     device: str,
     workers: int | None,
     overwrite: bool,
-    default_mpp: float | None,
+    default_mpp: float | str | None,
     mpp_file: str | None,
     dask_scheduler: str | None,
     shard: str | None,

@@ -149,6 +149,21 @@ def calibrate_domain(
         click.echo(f"  {name}: {figure['tiles']} tiles, {100 * figure['flagged']:.1f} % flagged{auroc}")
 
 
+@click.command("train-mpp-estimator")
+@click.argument("sources_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="The folder the sources' globs are under (../shared/data).")  # fmt: skip
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Where the network and its card go (wsi_pipeline/models/defaults/mpp_estimator).")  # fmt: skip
+@click.option("--steps", type=click.IntRange(min=1), default=1500, show_default=True, help="Training steps per fit.")
+def train_mpp_estimator(sources_file: Path, data: Path, out: Path, steps: int) -> None:
+    """Fit the µm/px estimator on sources of known µm/px, measuring each left out in turn (docs/mpp.md)."""
+    from wsi_pipeline.training.mpp_estimator import fit_estimator, read_sources
+
+    card = fit_estimator(read_sources(sources_file, data), out, steps=steps, log=click.echo)
+    click.echo(f"{out}: interval x/÷ {2 ** card['interval_log2']:.2f} (the largest held-out error)")
+
+
 @click.command()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo_out"), show_default=True,
               help="Output folder.")  # fmt: skip

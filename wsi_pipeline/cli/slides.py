@@ -11,10 +11,12 @@ import click
 from wsi_pipeline.cli.common import (
     backend_option,
     config_option,
+    default_mpp_option,
     positive_mpp,
     run_config,
     set_option,
     slide_mpp_option,
+    slide_with_mpp,
 )
 from wsi_pipeline.core.errors import MissingMppError
 from wsi_pipeline.core.layout import RunLayout
@@ -33,16 +35,40 @@ from wsi_pipeline.slide import Slide
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @click.option("--backend", default="auto", show_default=True, help="Slide reader backend (auto, openslide, ...).")
-def info(slide_path: str, mpp: float | None, as_json: bool, backend: str) -> None:
-    """Geometry, levels, µm/px (and where it came from), bounds and associated images of SLIDE."""
+@click.option("--no-estimate", is_flag=True, help="Do not estimate the µm/px from the tissue (faster).")
+def info(slide_path: str, mpp: float | None, as_json: bool, backend: str, no_estimate: bool) -> None:
+    """Geometry, levels, µm/px (and where it came from), the µm/px the tissue suggests (docs/mpp.md), bounds and
+    associated images of SLIDE."""
+    from wsi_pipeline.models.mpp_estimator import default_estimator
+
     with Slide(slide_path, mpp=mpp, backend=backend) as slide:
         data = slide.info()
+        if not no_estimate:
+            try:
+                estimate = default_estimator().estimate_slide(slide)
+                data |= estimate.to_json() | {"mpp_estimate_crops": estimate.crops}
+            except MissingMppError as exc:  # too little tissue: said, not fatal
+                data |= {"mpp_estimate": None, "mpp_estimate_interval": None, "mpp_estimate_error": str(exc)}
     click.echo(json.dumps(data, indent=2) if as_json else format_info(data))
     if data["mpp"] is None:
+        suggestion = (
+            f" (the tissue suggests about {data['mpp_estimate']:.3g}; run's --default-mpp auto uses it)"
+            if data.get("mpp_estimate")
+            else ""
+        )
         raise MissingMppError(
             f"{slide_path}: the slide records no µm/px; give it with --mpp (or --slide-mpp), "
-            "e.g. --mpp 0.25 for 40x, 0.5 for 20x"
+            f"e.g. --mpp 0.25 for 40x, 0.5 for 20x{suggestion}"
         )
+
+
+def _estimate_text(d: dict[str, Any]) -> str:
+    if "mpp_estimate" not in d:
+        return "not made (--no-estimate)"
+    if d["mpp_estimate"] is None:
+        return f"none: {d.get('mpp_estimate_error', '')}"
+    low, high = d["mpp_estimate_interval"]
+    return f"{d['mpp_estimate']:.3g} µm/px from the tissue (interval {low:.3g}-{high:.3g}; docs/mpp.md)"
 
 
 def format_info(d: dict[str, Any]) -> str:
@@ -56,6 +82,7 @@ def format_info(d: dict[str, Any]) -> str:
         f"vendor       {d['vendor']}",
         f"dimensions   {d['dimensions'][0]} x {d['dimensions'][1]} px",
         f"mpp          {mpp_text}",
+        f"mpp estimate {_estimate_text(d)}",
         f"objective    {d['objective_power'] if d['objective_power'] is not None else 'unknown'}",
         f"bounds       x={b['x']} y={b['y']} {b['width']} x {b['height']}",
         f"associated   {', '.join(d['associated_images']) or 'none'}",
@@ -97,6 +124,7 @@ def synth(out: str, width: int, height: int, mpp: float, seed: int, figures: int
 @click.argument("slide_path", metavar="SLIDE", type=click.Path())
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Output folder.")
 @slide_mpp_option
+@default_mpp_option
 @backend_option
 @config_option
 @set_option
@@ -104,6 +132,7 @@ def tissue(
     slide_path: str,
     out_dir: str,
     slide_mpp: float | None,
+    default_mpp: float | str | None,
     backend: str | None,
     config_path: str | None,
     overrides: tuple[str, ...],
@@ -115,9 +144,10 @@ def tissue(
     cfg = run_config(config_path, overrides, backend)
     # the slide opens first (a missing or unreadable file leaves no OUT), then its lock beside OUT's (shared)
     with (
-        Slide(slide_path, mpp=slide_mpp, backend=cfg.slide.backend) as slide,
-        single_slide_lock(Path(out_dir), slide.slide_id),
+        Slide(slide_path, mpp=slide_mpp, backend=cfg.slide.backend) as opened,
+        single_slide_lock(Path(out_dir), opened.slide_id),
     ):
+        slide = slide_with_mpp(opened, default_mpp)
         result = tissue_stage(slide, cfg.tissue, RunLayout(Path(out_dir)).slide(slide.slide_id))
     s = result.summary
     click.echo(

@@ -92,6 +92,8 @@ def _cell_class(row: SlideRow, column: Column) -> str:
     file does not record (given by an option: every area and rate of the slide rests on it)."""
     if column.task is None and column.key == "mpp":
         source = _mpp_source(row)
+        if source is not None and source.startswith("estimated"):
+            return " estimated"
         return " given" if source is not None and source not in RECORDED_MPP else ""
     figures = _figures(row, column)
     if "not_applicable" in figures:
@@ -105,7 +107,13 @@ def _mpp_source(row: SlideRow) -> str | None:
 
 def _tooltip(row: SlideRow, column: Column) -> str:
     if column.task is None and column.key == "mpp" and (source := _mpp_source(row)):
-        return f"µm/px from {source}" + ("" if source in RECORDED_MPP else ": the file records none of its own")
+        summary = row.summary or {}
+        own = "" if source in RECORDED_MPP else ": the file records none of its own"
+        parts = [f"µm/px {source}{own}" if source.startswith("estimated") else f"µm/px from {source}{own}"]
+        if interval := summary.get("mpp_estimate_interval"):
+            low, high = interval
+            parts.append(f"the tissue's estimate: {summary['mpp_estimate']:.3g} µm/px (interval {low:.3g}-{high:.3g})")
+        return "; ".join([*parts, *summary.get("mpp_warnings", [])])
     figures = _figures(row, column)
     if column.task == "qc":  # quality control: what each class took
         shares = figures.get("fractions") or {}
@@ -127,7 +135,7 @@ body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:1.5rem;col
 table{border-collapse:collapse;font-size:.9rem}th,td{border:1px solid #ccc;padding:.3rem .5rem;text-align:right}
 th{background:#f0f0f0;cursor:pointer;user-select:none}th[aria-sort=ascending]::after{content:" ▲"}
 th[aria-sort=descending]::after{content:" ▼"}td.text{text-align:left}tr.failed{background:#fde8e8}
-td.flagged{background:#fff0b3;font-weight:bold}td.given{background:#e3eefc;font-style:italic}td.withheld{color:#777;font-style:italic}
+td.flagged{background:#fff0b3;font-weight:bold}td.given{background:#e3eefc;font-style:italic}td.estimated{background:#fde3c8;font-style:italic}td.withheld{color:#777;font-style:italic}
 .slide{margin:2rem 0;border-top:1px solid #ccc;padding-top:1rem}.slide img{max-width:48%;margin:.3rem;
 border:1px solid #ddd;vertical-align:top}pre{background:#f7f7f7;padding:.6rem;overflow:auto;max-height:30rem}
 """

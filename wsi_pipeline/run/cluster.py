@@ -62,7 +62,7 @@ class RunOptions:
     overrides: tuple[str, ...] = ()
     tasks: str | None = None
     device: str | None = None
-    default_mpp: float | None = None
+    default_mpp: float | str | None = None
     mpp_file: str | None = None
     overwrite: bool = False
 

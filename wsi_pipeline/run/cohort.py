@@ -23,7 +23,7 @@ from wsi_pipeline.slide.qc_config import QC_CLASSES
 from wsi_pipeline.tasks import task_names
 from wsi_pipeline.tasks import tasks as registered_tasks
 
-MANIFEST_COLUMNS = ["slide", "slide_id", "status", "error", "seconds", "tiles", "note"]
+MANIFEST_COLUMNS = ["slide", "slide_id", "status", "error", "seconds", "tiles", "note", "mpp_source"]
 SLIDE_COLUMNS = ["slide_id", "slide", "mpp", "mpp_source", "tissue_area_mm2"]
 # quality control (run/qc.py): the usable share of analysed tissue, then each class's share
 QC_COLUMNS = ["qc_usable_fraction", *(f"qc_{cls}" for cls in QC_CLASSES)]
@@ -93,6 +93,7 @@ def manifest_row(o: SlideOutcome) -> dict[str, str]:
         "seconds": f"{o.seconds:.2f}",
         "tiles": str(o.tiles),
         "note": o.note,
+        "mpp_source": str((o.summary or {}).get("mpp_source", "")),
     }
 
 
@@ -110,9 +111,7 @@ def cohort_row(summary: dict[str, Any]) -> dict[str, Any]:
         for key, value in (summary.get(task) or {}).items():
             row[f"{task}_{key}"] = value
     # figures a task found implausible: whoever reads only this table must see that they are not to be used
-    row["warnings"] = "; ".join(
-        w for t in ("qc", *task_names()) for w in (summary.get(t) or {}).get("warnings", [])
-    )
+    row["warnings"] = "; ".join(w for t in ("qc", *task_names()) for w in (summary.get(t) or {}).get("warnings", []))
     return row
 
 

@@ -96,9 +96,10 @@ def assign_ids(paths: Sequence[Path]) -> dict[Path, str]:
     return ids
 
 
-def read_mpp_file(path: str | os.PathLike[str]) -> dict[str, float]:
-    """CSV with columns `slide,mpp`: slide may be a file name, a path, or a slide_id; every mpp positive."""
-    table: dict[str, float] = {}
+def read_mpp_file(path: str | os.PathLike[str]) -> dict[str, float | str]:
+    """CSV with columns `slide,mpp`: slide may be a file name, a path, or a slide_id; every mpp positive, or `auto`
+    (estimated from the slide's tissue, docs/mpp.md)."""
+    table: dict[str, float | str] = {}
     lines: dict[str, int] = {}
     try:
         with open(path, newline="", encoding="utf-8") as fh:
@@ -110,12 +111,18 @@ def read_mpp_file(path: str | os.PathLike[str]) -> dict[str, float]:
                 )
             for line, row in enumerate(reader, start=2):
                 row = {k.strip(): v for k, v in row.items() if k is not None}
-                try:
-                    value = float(row["mpp"])
-                except (TypeError, ValueError):
-                    raise ConfigError(f"--mpp-file {path} line {line}: mpp {row['mpp']!r} is not a number") from None
-                if not (value > 0 and math.isfinite(value)):
-                    raise ConfigError(f"--mpp-file {path} line {line}: mpp must be positive, got {value}")
+                value: float | str
+                if (row["mpp"] or "").strip().lower() == "auto":
+                    value = "auto"
+                else:
+                    try:
+                        value = float(row["mpp"])
+                    except (TypeError, ValueError):
+                        raise ConfigError(
+                            f"--mpp-file {path} line {line}: mpp {row['mpp']!r} is not a number (nor auto)"
+                        ) from None
+                    if not (value > 0 and math.isfinite(value)):
+                        raise ConfigError(f"--mpp-file {path} line {line}: mpp must be positive, got {value}")
                 key = (row["slide"] or "").strip()
                 if key in lines:  # the last row would win without a word
                     raise ConfigError(
@@ -135,7 +142,7 @@ def _override_keys(path: Path, slide_id: str) -> tuple[str, ...]:
     return (str(path), path.name, slide_id, path.stem)
 
 
-def override_for(path: Path, slide_id: str, table: dict[str, float]) -> float | None:
+def override_for(path: Path, slide_id: str, table: dict[str, float | str]) -> float | str | None:
     """The row for this slide (by path, file name, id or stem); rows naming it two ways must agree."""
     values = {key: table[key] for key in _override_keys(path, slide_id) if key in table}
     if len(set(values.values())) > 1:
@@ -143,7 +150,7 @@ def override_for(path: Path, slide_id: str, table: dict[str, float]) -> float | 
     return next(iter(values.values()), None)
 
 
-def check_overrides(table: dict[str, float], ids: dict[Path, str], source: str) -> None:
+def check_overrides(table: dict[str, float | str], ids: dict[Path, str], source: str) -> None:
     """Before any slide: rows that name one slide two ways with different µm/px are refused; rows of --mpp-file that
     name no slide of the batch are most often a typo: say so."""
     for path, slide_id in ids.items():

@@ -110,6 +110,7 @@ def write_task_outputs(
     guard: dict[str, dict[str, Any]],
     export: ExportConfig,
     quality: QcFinding | None = None,
+    slide_figures: dict[str, Any] | None = None,
 ) -> None:
     """What `run` writes of a slide's task results: summary.json, the point tables, qupath.geojson (and .gz), the
     overview, each task's overlay and (when quality was measured) the QC overlay."""
@@ -119,6 +120,7 @@ def write_task_outputs(
         "slide": str(slide.path),
         "mpp": mpp.mean,
         "mpp_source": mpp.source,
+        **(slide_figures or {}),
         "tissue_area_mm2": round(tissue.area_mm2, 6),
         **{t: _task_summary(r) for t, r in results.items()},
         **({"input_guard": guard} if guard else {}),

@@ -27,6 +27,7 @@ from wsi_pipeline.engine import TaskRequest, predict_slide
 from wsi_pipeline.heatmap import begin_store, finish_store, settle_pending_writes
 from wsi_pipeline.models import LoadedModel
 from wsi_pipeline.models.input_guard import outside_reason, slide_colour
+from wsi_pipeline.models.mpp_estimator import MppEstimate, default_estimator, mismatch_warning
 from wsi_pipeline.run.domain import apply_domain, domain_finding
 from wsi_pipeline.run.lock import OutputLockedError, slide_lock
 from wsi_pipeline.run.outputs import write_task_outputs
@@ -61,17 +62,52 @@ class SlideOutcome:
     note: str = ""  # why finished outputs were redone (a missing chunk, ...); the input guard's and tasks' warnings
 
 
-def open_slide(path: Path, config: Config, mpp: float | None, default_mpp: float | None) -> Slide:
-    """The slide with its µm/px: a per-slide override, else its metadata, else `default_mpp`."""
-    slide = Slide(path, mpp=mpp, backend=config.slide.backend, mpp_source="--mpp-file")
-    if slide.mpp_or_none is None:
-        if default_mpp is None:
-            raise MissingMppError(
-                f"{path}: the slide records no µm/px; give it with --default-mpp (every slide that records none) "
-                "or a row in --mpp-file (e.g. 0.25 for 40x, 0.5 for 20x)"
-            )
-        slide = slide.with_mpp(default_mpp, "--default-mpp")
-    return slide
+AUTO = "auto"  # --default-mpp auto, an --mpp-file row `auto`: estimate the µm/px from the tissue
+ESTIMATED = "estimated from the tissue"
+MppChoice = float | str | None  # a µm/px, AUTO, or None
+
+
+def open_slide(path: Path, config: Config, mpp: MppChoice, default_mpp: MppChoice) -> tuple[Slide, MppEstimate | None]:
+    """The slide with its µm/px: a per-slide override (`auto`: estimated), else its metadata, else `default_mpp`
+    (`auto`: estimated); with the estimate when one was made."""
+    given = mpp if isinstance(mpp, float | int) else None
+    slide = Slide(path, mpp=given, backend=config.slide.backend, mpp_source="--mpp-file")
+    if mpp == AUTO:
+        estimate = default_estimator().estimate_slide(slide)
+        return slide.with_mpp(estimate.mpp, ESTIMATED), estimate
+    return resolve_mpp(slide, default_mpp, "or a row in --mpp-file ")
+
+
+def resolve_mpp(slide: Slide, default_mpp: MppChoice, also: str = "") -> tuple[Slide, MppEstimate | None]:
+    """A slide that records no µm/px gets `default_mpp` (`auto`: the tissue's estimate); without one, the error
+    names the options and says what the tissue suggests."""
+    if slide.mpp_or_none is not None:
+        return slide, None
+    if default_mpp == AUTO:
+        estimate = default_estimator().estimate_slide(slide)
+        return slide.with_mpp(estimate.mpp, ESTIMATED), estimate
+    if not isinstance(default_mpp, float | int):
+        raise MissingMppError(
+            f"{slide.path}: the slide records no µm/px; give it with --default-mpp {also}(e.g. 0.25 for 40x, 0.5 "
+            f"for 20x){_estimate_hint(slide)}"
+        )
+    return slide.with_mpp(float(default_mpp), "--default-mpp"), None
+
+
+def _estimate_hint(slide: Slide) -> str:
+    """What the tissue suggests, for the missing-µm/px message ('' when it cannot say)."""
+    try:
+        estimate = default_estimator().estimate_slide(slide)
+    except WsiError:
+        return ""
+    return f"; the tissue suggests {estimate.line()}: --default-mpp auto uses that estimate"
+
+
+def estimated_warning(estimate: MppEstimate) -> str:
+    return (
+        f"µm/px estimated from the tissue: {estimate.line()}; every area, rate and size rests on it: give the "
+        "scanner's µm/px (--mpp-file) when it is known"
+    )
 
 
 def process_slide(
@@ -81,7 +117,7 @@ def process_slide(
     settings: RunSettings,
     models: dict[str, LoadedModel],
     specs: dict[str, ReadSpec],
-    mpp: float | None = None,
+    mpp: MppChoice = None,
 ) -> SlideOutcome:
     """Run `tasks` on one slide into OUT/<slide_id>/; never raises for bad input (the outcome says what failed).
     A failed write (full disk, read-only folder) raises OutputWriteError: every later slide would fail the same way.
@@ -102,7 +138,7 @@ def _process_slide(
     settings: RunSettings,
     models: dict[str, LoadedModel],
     specs: dict[str, ReadSpec],
-    mpp: float | None,
+    mpp: MppChoice,
     started: float,
 ) -> SlideOutcome:
     config, tasks, overwrite = settings.config, list(settings.tasks), settings.overwrite
@@ -120,7 +156,7 @@ def _process_slide(
             "run another -o folder)",
         )
     try:
-        slide = open_slide(path, config, mpp, settings.default_mpp)
+        slide, estimate = open_slide(path, config, mpp, settings.default_mpp)
         key = compatibility_key(config, tasks, models, slide.mpp.mean, slide.backend)
         fingerprint = slide_fingerprint(path)
         decision = resume_decision(final, key, fingerprint, path, check_outputs=not overwrite)
@@ -135,7 +171,7 @@ def _process_slide(
             return outcome("skipped", tiles=decision.tiles, summary=json.loads(final.summary.read_text()), note=note)
         note = "redone (--overwrite)" if overwrite and final.root.exists() else decision.note
         tmp.root.mkdir(parents=True)
-        record = _run(slide, slide_id, tmp, settings, models, specs)
+        record = _run(slide, slide_id, tmp, settings, models, specs, estimate)
         raise_if_signalled()  # an interrupt some library swallowed still discards this slide
         record.update(
             {
@@ -205,6 +241,23 @@ def enlargement_warning(task: str, read_mpp: float, slide: Slide) -> str | None:
     )
 
 
+def mpp_findings(
+    slide: Slide, tissue: TissueMask, estimate: MppEstimate | None, check: bool
+) -> tuple[list[str], MppEstimate | None]:
+    """The slide's µm/px lines: estimated (said), or recorded / given and checked against the tissue's estimate
+    (`slide.check_mpp`; more than 2x apart: said). The estimate is returned for summary.json."""
+    if estimate is not None:
+        return [estimated_warning(estimate)], estimate
+    if not check:
+        return [], None
+    try:
+        estimate = default_estimator().estimate_slide(slide, tissue)
+    except WsiError:  # too little tissue to say: no check, no line
+        return [], None
+    mismatch = mismatch_warning(slide.mpp.mean, slide.mpp.source, estimate)
+    return ([mismatch] if mismatch else []), estimate
+
+
 def input_guard_findings(
     slide_id: str, tissue: TissueMask, config: Config, tasks: list[str], models: dict[str, LoadedModel]
 ) -> dict[str, dict[str, Any]]:
@@ -244,6 +297,7 @@ def _run(
     settings: RunSettings,
     models: dict[str, LoadedModel],
     specs: dict[str, ReadSpec],
+    estimate: MppEstimate | None = None,
 ) -> dict[str, Any]:
     config, tasks = settings.config, list(settings.tasks)
     timings: dict[str, float] = {}
@@ -251,6 +305,11 @@ def _run(
     tissue = tissue_stage(slide, config.tissue, out, overview=False).tissue
     begin_store(out.heatmaps)
     timings["tissue_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    slide_warnings, estimate = mpp_findings(slide, tissue, estimate, config.slide.check_mpp)
+    mpp_figures = {**(estimate.to_json() if estimate is not None else {}), "mpp_warnings": list(slide_warnings)}
+    if estimate is not None:
+        timings["mpp_estimate_s"] = time.perf_counter() - t0
     raise_if_signalled()
     t0 = time.perf_counter()
     guard = input_guard_findings(slide_id, tissue, config, tasks, models)
@@ -287,13 +346,13 @@ def _run(
         results[request.name] = replace(result, warnings=[*result.warnings, enlarged]) if enlarged else result
         for warning in results[request.name].warnings:
             log.warning("warning: %s: %s", slide_id, warning)
-    slide_warnings = [w for w in (quality.warning(),) if w]
+    slide_warnings += [w for w in (quality.warning(),) if w]
     for warning in slide_warnings:
         log.warning("warning: %s: %s", slide_id, warning)
     timings["postprocess_s"] = time.perf_counter() - t0
     raise_if_signalled()
     t0 = time.perf_counter()
-    write_task_outputs(out, slide, tissue, requests, results, guard, config.export, quality)
+    write_task_outputs(out, slide, tissue, requests, results, guard, config.export, quality, mpp_figures)
     timings["export_s"] = time.perf_counter() - t0
     return {
         "slide": str(slide.path),

@@ -33,7 +33,7 @@ class RunSettings:
     tasks: tuple[str, ...]
     engine: EngineOptions
     overwrite: bool = False
-    default_mpp: float | None = None  # for slides that record no µm/px (--default-mpp)
+    default_mpp: float | str | None = None  # for slides that record no µm/px (--default-mpp; auto: estimated)
 
     @classmethod
     def of(
@@ -45,7 +45,7 @@ class RunSettings:
         workers: int = 1,
         progress: bool = True,
         overwrite: bool = False,
-        default_mpp: float | None = None,
+        default_mpp: float | str | None = None,
     ) -> RunSettings:
         """Settings for `tasks`; one read of a slide feeds them all, in batches of the largest task batch size."""
         batch_size = max(config.task(t).batch_size for t in tasks)
