@@ -22,18 +22,23 @@ def cmu_fields(data_dir: Path) -> list[np.ndarray]:
     slide = Slide(CMU)
     b = slide.bounds
     image = slide.read_region(b.x, b.y, b.width, b.height, slide.mpp.mean)
-    return [image[y : y + 512, x : x + 512] for y in range(0, b.height - 511, 512) for x in range(0, b.width - 511, 512)]
+    return [
+        image[y : y + 512, x : x + 512] for y in range(0, b.height - 511, 512) for x in range(0, b.width - 511, 512)
+    ]
 
 
 def test_the_estimate_follows_the_scale(cmu_fields: list[np.ndarray]) -> None:
-    """The same tissue averaged 2 x 2 (a 20x field seen at 10x) is estimated about twice as coarse, and each answer
+    """The same tissue averaged 2 x 2 (a 20x slide seen at 10x) is estimated about twice as coarse, and each answer
     comes with an interval around it."""
     estimator = default_estimator()
     native = estimator.estimate_fields(cmu_fields, "CMU-1")
-    coarser = estimator.estimate_fields([halve(f) for f in cmu_fields], "CMU-1 halved")
+    slide = Slide(CMU)
+    b = slide.bounds
+    whole = slide.read_region(b.x, b.y, b.width, b.height, slide.mpp.mean)
+    coarser = estimator.estimate_fields([halve(whole)], "CMU-1 halved")
     assert native.low < native.mpp < native.high and native.crops >= 100
-    assert 1.6 <= coarser.mpp / native.mpp <= 2.5
-    assert 0.25 <= native.mpp <= 1.0  # a 20x scan, not 40x nor 5x
+    assert 1.4 <= coarser.mpp / native.mpp <= 2.5  # measured 1.6 (0.546 and 0.875 µm/px for 0.499 and 0.998)
+    assert 0.75 <= native.mpp / 0.499 <= 1.33 and 0.75 <= coarser.mpp / 0.998 <= 1.33
 
 
 def test_blank_fields_are_refused_naming_default_mpp() -> None:
@@ -105,3 +110,14 @@ def test_a_recorded_mpp_far_from_the_tissue_is_said(tmp_path: Path, data_dir: Pa
     summary = json.loads((out / CMU.stem / "summary.json").read_text())
     assert any(w.startswith("µm/px check:") and "below the tissue's estimate" in w for w in summary["mpp_warnings"])
     assert "µm/px check" in (out / "manifest.csv").read_text()
+
+
+def test_tissue_takes_default_mpp_auto(tmp_path: Path, data_dir: Path) -> None:
+    """The single-slide commands take `--default-mpp auto` too: tissue.json says the µm/px was estimated."""
+    done = run_cli("tissue", str(TCGA), "-o", str(tmp_path), "--default-mpp", "auto")
+    assert done.returncode == 0, done.stderr
+    assert "µm/px estimated from the tissue" in done.stderr
+    summary = json.loads((tmp_path / TCGA.stem / "tissue.json").read_text())
+    assert summary["mpp_source"] == "estimated from the tissue"
+    refused = run_cli("tissue", str(TCGA), "-o", str(tmp_path / "refused"))
+    assert refused.returncode == 6 and "--default-mpp" in refused.stderr

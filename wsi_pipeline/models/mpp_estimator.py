@@ -143,6 +143,11 @@ class MppEstimator:
         level0 = probe.mpp.mean
         if tissue is None:
             tissue = detect_tissue(probe, TissueConfig())
+        if tissue.background != "light":
+            raise MissingMppError(
+                f"{slide.path}: cannot estimate its µm/px: the estimator reads brightfield (H&E) tissue and this "
+                "slide has a dark background (fluorescence); give it with --default-mpp X"
+            )
         plan = plan_tiles(probe, tissue, level0, FIELD_PX, 0, 0.5)
         if len(plan) == 0:
             return self.estimate_fields([], str(slide.path))
@@ -156,15 +161,16 @@ def default_estimator() -> MppEstimator:
     return MppEstimator()
 
 
-# a recorded µm/px and the estimate that differ by more than this factor get a warning
+# a recorded µm/px and the estimate that differ by more than this factor get a warning (or more than the estimate's
+# own interval when that is wider: a correct 40x slide must not be flagged by the estimator's error)
 MISMATCH_FACTOR = 2.0
 
 
 def mismatch_warning(recorded: float, source: str, estimate: MppEstimate) -> str | None:
-    """A recorded µm/px more than 2x away from the tissue's estimate: scanner metadata can be wrong (a 20x slide
-    labelled 40x halves every area)."""
+    """A recorded µm/px more than 2x away from the tissue's estimate, and outside its interval: scanner metadata can
+    be wrong (a 20x slide labelled 40x halves every area)."""
     ratio = recorded / estimate.mpp
-    if 1 / MISMATCH_FACTOR <= ratio <= MISMATCH_FACTOR:
+    if 1 / MISMATCH_FACTOR <= ratio <= MISMATCH_FACTOR or estimate.low <= recorded <= estimate.high:
         return None
     return (
         f"µm/px check: the slide's {recorded:g} µm/px ({source}) is {max(ratio, 1 / ratio):.1f}x "

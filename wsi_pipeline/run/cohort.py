@@ -111,7 +111,9 @@ def cohort_row(summary: dict[str, Any]) -> dict[str, Any]:
         for key, value in (summary.get(task) or {}).items():
             row[f"{task}_{key}"] = value
     # figures a task found implausible: whoever reads only this table must see that they are not to be used
-    row["warnings"] = "; ".join(w for t in ("qc", *task_names()) for w in (summary.get(t) or {}).get("warnings", []))
+    slide_lines = summary.get("mpp_warnings", [])  # an estimated or doubtful µm/px: every figure rests on it
+    task_lines = [w for t in ("qc", *task_names()) for w in (summary.get(t) or {}).get("warnings", [])]
+    row["warnings"] = "; ".join([*slide_lines, *task_lines])
     return row
 
 
