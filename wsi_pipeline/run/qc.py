@@ -186,7 +186,7 @@ def write_qc_overlay(
         w, h = plan.tile_size_level0
         for cls, index in finding.hits.items():
             if len(index):
-                overview.boxes(plan.x[index], plan.y[index], w, h, (*QC_COLOURS[cls], 110), fill=True)
+                overview.boxes(plan.x[index], plan.y[index], w, h, (*QC_COLOURS[cls], 70), fill=True)
     overview.outline(tissue, (40, 40, 40))
     for cls in QC_CLASSES:
         share = finding.fractions.get(cls, 0.0)

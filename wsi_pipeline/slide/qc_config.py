@@ -24,7 +24,7 @@ class QcConfig(StrictModel):
     min_usable: float = Field(
         0.5, ge=0, le=1, description="a slide whose usable share of analysed tissue is under this is flagged"
     )
-    focus_min: float = Field(0.45, gt=0, description="out_of_focus below this fine / coarse detail ratio")
+    focus_min: float = Field(0.36, gt=0, description="out_of_focus below this fine / coarse detail ratio")
     fold_od_ratio: float = Field(1.9, gt=1, description="fold: tile optical density over this times the slide's")
     grey_dark_fraction: float = Field(0.02, ge=0, le=1, description="bubble_or_edge: share of dark grey px over this")
     pen_fraction: float = Field(0.4, ge=0, le=1, description="pen: share of ink-coloured px over this")
