@@ -60,9 +60,9 @@ def test_every_heatmap_is_valid_ome_zarr_0_5_and_reads_back_level_by_level(finis
     for row in _done(out):
         store = out / row["slide_id"] / "heatmaps.zarr"
         names = sorted(p.name for p in store.iterdir() if p.is_dir() and p.name != "OME")
-        # each task's classes, the tissue, and the domain images of the two models with a domain guard
+        # each task's classes, the tissue, quality control, and the domain images of the two guarded models
         domain = ["domain-epithelium_stroma", "domain-metastasis"]
-        assert names == [*domain, "epithelium", "mitosis", "normal", "stroma", "tissue", "tumour"]
+        assert names == [*domain, "epithelium", "mitosis", "normal", "qc", "stroma", "tissue", "tumour"]
         root = zarr.open_group(str(store), mode="r")
         assert BioFormats2RawAttrs.model_validate(root.attrs["ome"]).bioformats2raw_layout == 3
         assert zarr.open_group(str(store / "OME"), mode="r").attrs["ome"]["series"] == names
@@ -145,7 +145,7 @@ def test_report_in_a_real_browser(finished_run: tuple[Path, str]) -> None:
         images = page.evaluate(
             "Array.from(document.images).map(i => [i.getAttribute('src'), i.complete && i.naturalWidth > 0])"
         )
-        assert len(images) == 2 * 4 and all(ok for _, ok in images)  # overview + 3 overlays per done slide
+        assert len(images) == 2 * 5 and all(ok for _, ok in images)  # overview, 3 overlays, the QC overlay per slide
         links = page.evaluate(
             "Array.from(document.querySelectorAll('section.slide a')).map(a => a.getAttribute('href'))"
         )
