@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wsi_pipeline.heatmap import HeatmapGeometry, HeatmapWriter
+from wsi_pipeline.engine.stitch import tile_grid_geometry
+from wsi_pipeline.heatmap import HeatmapWriter
 from wsi_pipeline.slide.qc import FEATURES, QC_CLASSES, QcConfig, classify, tile_features
 from wsi_pipeline.slide.tiling import TilePlan
 
@@ -51,9 +52,7 @@ class QcRecorder:
     def finalize(self) -> Path:
         spec = self.plan.spec
         n_cols, n_rows = self.plan.grid
-        geometry = HeatmapGeometry(
-            n_rows, n_cols, spec.stride_px, spec.overlap_px / 2, (spec.mpp, spec.mpp), spec.downsample
-        )
+        geometry = tile_grid_geometry(self.plan)
         attrs = {
             "task": "qc",
             "kind": "qc",

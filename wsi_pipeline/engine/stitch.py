@@ -106,6 +106,13 @@ class _WritingStitcher:
                 writer.abort()
 
 
+def tile_grid_geometry(plan: TilePlan) -> HeatmapGeometry:
+    """One heatmap px per tile of `plan` (a classifier's outputs, the domain and QC images)."""
+    spec = plan.spec
+    n_cols, n_rows = plan.grid
+    return HeatmapGeometry(n_rows, n_cols, spec.stride_px, spec.overlap_px / 2, (spec.mpp, spec.mpp), spec.downsample)
+
+
 class ClassifierStitcher(_WritingStitcher):
     """One heatmap pixel per tile."""
 
@@ -115,11 +122,7 @@ class ClassifierStitcher(_WritingStitcher):
             raise ConfigError(f"{key}.tile_px is {tile_px} but classifier {card.name} expects {card.tile_px} px tiles")
 
     def geometry(self) -> HeatmapGeometry:
-        spec = self.plan.spec
-        n_cols, n_rows = self.plan.grid
-        return HeatmapGeometry(
-            n_rows, n_cols, spec.stride_px, spec.overlap_px / 2, (spec.mpp, spec.mpp), spec.downsample
-        )
+        return tile_grid_geometry(self.plan)
 
     def first_row(self, tile_row: int) -> int:
         return tile_row

@@ -17,6 +17,7 @@ import numpy as np
 import shapely
 
 from wsi_pipeline.engine.stitch import domain_heatmap
+from wsi_pipeline.heatmap import Heatmap
 from wsi_pipeline.models.card import ModelCard
 from wsi_pipeline.slide.tiling import TilePlan
 from wsi_pipeline.tasks import TaskResult
@@ -45,8 +46,6 @@ def domain_finding(
 ) -> DomainFinding:
     """The task's domain from its domain image (absent: the model ran unguarded)."""
     from wsi_pipeline.heatmap import open_heatmap
-    from wsi_pipeline.postprocess.regions import heatmap_regions
-    from wsi_pipeline.tasks.common import level_transform
 
     line = card.domain.line() if card.domain is not None else ""
     path = store / domain_heatmap(task)
@@ -58,14 +57,24 @@ def domain_finding(
     weights = plan.tissue_fraction.astype(np.float64)
     inside = tile_values <= 1.0
     fraction = float(weights[inside].sum() / weights.sum()) if weights.sum() > 0 else 0.0
-    written = np.zeros(values.shape, np.float32)  # analysed tiles in domain; unanalysed tiles are no tissue
-    written[plan.rows[inside], plan.cols[inside]] = 1.0
-    origin, scale = level_transform(heat, 0)
-    polygons = [r.polygon for r in heatmap_regions(written, 0.5, origin, scale, (1.0, 1.0))]
-    area = shapely.union_all(polygons) if polygons else shapely.Polygon()
-    if tissue is not None:
-        area = area.intersection(tissue)
+    area = tiles_area(heat, values.shape, plan, inside, tissue)  # unanalysed tiles are no tissue
     return DomainFinding(True, line, round(fraction, 4), area)
+
+
+def tiles_area(
+    heat: Heatmap, shape: tuple[int, ...], plan: TilePlan, chosen: np.ndarray, tissue: shapely.Geometry | None
+) -> shapely.Geometry:
+    """The level-0 area of the plan's `chosen` tiles (bool per tile) on a one-px-per-tile image `heat` of `shape`,
+    within `tissue` when known."""
+    from wsi_pipeline.postprocess.regions import heatmap_regions
+    from wsi_pipeline.tasks.common import level_transform
+
+    marked = np.zeros(shape, np.float32)
+    marked[plan.rows[chosen], plan.cols[chosen]] = 1.0
+    origin, scale = level_transform(heat, 0)
+    polygons = [r.polygon for r in heatmap_regions(marked, 0.5, origin, scale, (1.0, 1.0))]
+    area = shapely.union_all(polygons) if polygons else shapely.Polygon()
+    return area.intersection(tissue) if tissue is not None else area
 
 
 def withheld_reason(finding: DomainFinding, minimum: float, task: str) -> str | None:

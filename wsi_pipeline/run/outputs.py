@@ -134,27 +134,17 @@ def write_task_outputs(
         if quality is not None:
             features = chain(features, qc_features(quality, slide_id, (mpp.x, mpp.y), offset))
         write_feature_collection(target, features)
-    write_overview(out, slide, tissue, results)
+    picture = overview_picture(slide)
+    write_overview(out, tissue, results, picture)
     write_task_overlays(out, slide, slide_id, tissue, results)
     if quality is not None and quality.measured:
-        write_quality_overlay(out, slide, tissue, quality)
+        title = f"{slide_id}: quality control, usable {100 * (quality.usable_fraction or 0.0):.0f} % of analysed tissue"
+        write_qc_overlay(out.overlay("qc"), quality, *picture, tissue.geometry, title)
 
 
 def _qc_warning(quality: QcFinding) -> dict[str, Any]:
     warning = quality.warning()
     return {"warnings": [warning]} if warning else {}
-
-
-def write_quality_overlay(out: SlideLayout, slide: Slide, tissue: TissueMask, quality: QcFinding) -> None:
-    """`overlay-qc.png` at the overview's scale."""
-    b, mpp = slide.bounds, slide.mpp
-    target = max(mpp.x, mpp.y, max(b.width * mpp.x, b.height * mpp.y) / OVERVIEW_LONG_SIDE_PX)
-    picture = slide.thumbnail(target)
-    usable = quality.usable_fraction or 0.0
-    title = f"{slide.slide_id}: quality control, usable {100 * usable:.0f} % of analysed tissue"
-    write_qc_overlay(
-        out.overlay("qc"), quality, picture, (b.x, b.y), (target / mpp.x, target / mpp.y), tissue.geometry, title
-    )
 
 
 def _task_summary(result: TaskResult) -> dict[str, Any]:
@@ -224,13 +214,23 @@ def write_point_tables(out: SlideLayout, results: dict[str, TaskResult], offset:
 OVERVIEW_LONG_SIDE_PX = 1000  # the report shows it beside overlays of 600 px and more
 
 
-def write_overview(out: SlideLayout, slide: Slide, tissue: TissueMask, results: dict[str, TaskResult]) -> None:
-    """The slide (read anew, 1000 px on its long side or its own resolution: the tissue mask's thumbnail is ~150 px
-    for a small slide) with every task's heatmap overlay, the tissue outline, regions, (drawn) points and a legend."""
+def overview_picture(slide: Slide) -> tuple[np.ndarray, tuple[float, float], tuple[float, float]]:
+    """The slide read anew, 1000 px on its long side or its own resolution (the tissue mask's thumbnail is ~150 px
+    for a small slide), with its level-0 origin and px size: the overview and the QC overlay are drawn on it."""
     b, mpp = slide.bounds, slide.mpp
     target = max(mpp.x, mpp.y, max(b.width * mpp.x, b.height * mpp.y) / OVERVIEW_LONG_SIDE_PX)
-    picture = slide.thumbnail(target)
-    overview = Overview(picture, (b.x, b.y), (target / mpp.x, target / mpp.y))
+    return slide.thumbnail(target), (b.x, b.y), (target / mpp.x, target / mpp.y)
+
+
+def write_overview(
+    out: SlideLayout,
+    tissue: TissueMask,
+    results: dict[str, TaskResult],
+    picture: tuple[np.ndarray, tuple[float, float], tuple[float, float]],
+) -> None:
+    """`picture` (overview_picture) with every task's heatmap overlay, the tissue outline, regions, (drawn) points
+    and a legend."""
+    overview = Overview(*picture)
     for result in results.values():
         if result.overlay is not None:
             name = result.overlay.heatmap

@@ -17,6 +17,7 @@ import numpy as np
 import shapely
 
 from wsi_pipeline.engine.qc import QC_HEATMAP
+from wsi_pipeline.run.domain import tiles_area
 from wsi_pipeline.slide.qc_config import QC_CLASSES, QcConfig
 from wsi_pipeline.slide.tiling import TilePlan
 
@@ -76,8 +77,6 @@ class QcFinding:
 def qc_finding(store: Path, plans: list[TilePlan], config: QcConfig, tissue: shapely.Geometry | None) -> QcFinding:
     """The slide's quality from its `qc` image (absent: QC was off or no task read the slide)."""
     from wsi_pipeline.heatmap import open_heatmap
-    from wsi_pipeline.postprocess.regions import heatmap_regions
-    from wsi_pipeline.tasks.common import level_transform
 
     path = store / QC_HEATMAP
     if not config.enabled:
@@ -91,7 +90,6 @@ def qc_finding(store: Path, plans: list[TilePlan], config: QcConfig, tissue: sha
         return QcFinding(False, "the qc image does not match any of this run's reads")
     weights = plan.tissue_fraction.astype(np.float64)
     total = float(weights.sum())
-    origin, scale = level_transform(heat, 0)
     fractions: dict[str, float] = {}
     areas: dict[str, shapely.Geometry] = {}
     failed_tiles = np.zeros(len(plan), bool)
@@ -104,11 +102,7 @@ def qc_finding(store: Path, plans: list[TilePlan], config: QcConfig, tissue: sha
         if cls in config.exclude:
             failed_tiles |= hit
         if hit.any():
-            marked = np.zeros(values.shape, np.float32)
-            marked[plan.rows[hit], plan.cols[hit]] = 1.0
-            polygons = [r.polygon for r in heatmap_regions(marked, 0.5, origin, scale, (1.0, 1.0))]
-            area = shapely.union_all(polygons) if polygons else shapely.Polygon()
-            areas[cls] = area.intersection(tissue) if tissue is not None else area
+            areas[cls] = tiles_area(heat, values.shape, plan, hit, tissue)
     usable = round(1.0 - float(weights[failed_tiles].sum() / total), 4) if total > 0 else 0.0
     excluded = tuple(c for c in QC_CLASSES if c in config.exclude)
     failed_parts = [areas[c] for c in excluded if c in areas]
