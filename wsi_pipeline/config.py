@@ -26,6 +26,7 @@ from wsi_pipeline.tasks import registry as task_registry
 
 __all__ = [
     "Config",
+    "EmbedConfig",
     "EngineConfig",
     "ExportConfig",
     "QcConfig",
@@ -80,6 +81,20 @@ class EngineConfig(StrictModel):
     )
 
 
+class EmbedConfig(StrictModel):
+    """Tile embeddings (docs/embeddings.md): each encoder folder's vectors of every slide, written to
+    <slide_id>/embeddings/<encoder>.zarr (or .h5 in the TRIDENT / CLAM layout)."""
+
+    encoders: list[str] = Field(
+        default_factory=list, description="encoder folders (`import-encoder` makes them) or model folders"
+    )
+    format: Literal["zarr", "h5"] = "zarr"
+    dtype: Literal["float16", "float32"] = "float16"
+    min_tissue: float = Field(0.25, ge=0, le=1, description="tiles with a smaller tissue fraction are not embedded")
+    overlap_px: int = Field(0, ge=0, description="overlap between neighbouring tiles in px at the encoder's µm/px")
+    batch_size: int = Field(64, gt=0, le=4096)
+
+
 class ExportConfig(StrictModel):
     geojson_gzip: bool = Field(False, description="also write qupath.geojson.gz")
 
@@ -94,6 +109,7 @@ class Config(StrictModel):
     tasks: TasksConfig = TasksConfig()
     engine: EngineConfig = EngineConfig()
     export: ExportConfig = ExportConfig()
+    embed: EmbedConfig = EmbedConfig()
 
     def task(self, name: str) -> TaskConfig:
         """The configuration of task `name` (`config.tasks.<name>`)."""

@@ -12,6 +12,7 @@ import click
 from wsi_pipeline import __version__
 from wsi_pipeline.cli.cluster import gather, submit
 from wsi_pipeline.cli.common import WsiGroup, config_option, run_config, set_option
+from wsi_pipeline.cli.embed import embed, encoders_cmd, import_encoder_cmd
 from wsi_pipeline.cli.inference import predict, run
 from wsi_pipeline.cli.models import calibrate_domain, colour_stats, demo, publish, study, train_mpp_estimator
 from wsi_pipeline.cli.slides import info, synth, tiles, tissue
@@ -52,7 +53,7 @@ def config_cmd(config_path: str | None, overrides: tuple[str, ...], load_plugins
 
 
 for command in (
-    *(info, synth, tissue, tiles, predict, run, submit, gather),
+    *(info, synth, tissue, tiles, predict, run, embed, submit, gather, encoders_cmd, import_encoder_cmd),
     *(train, evaluate, export_model_cmd, study, publish, colour_stats, calibrate_domain, train_mpp_estimator, demo),
 ):
     main.add_command(command)

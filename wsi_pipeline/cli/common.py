@@ -145,6 +145,14 @@ backend_option = click.option(
     default=None,
     help="Slide reader backend (auto, openslide, ...) [slide.backend of the configuration: auto].",
 )
+encoder_option = click.option(
+    "--encoder",
+    "encoders",
+    multiple=True,
+    type=click.Path(file_okay=False),
+    help="An encoder folder (import-encoder) or a model folder whose tile vectors to write to "
+    "<slide_id>/embeddings/ (repeatable; embed.encoders of the configuration).",
+)
 device_option = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 
 

@@ -13,6 +13,7 @@ from wsi_pipeline.core.layout import RunLayout
 from wsi_pipeline.slide import Slide
 
 if TYPE_CHECKING:
+    from wsi_pipeline.config import Config
     from wsi_pipeline.run.pipeline import SlideOutcome
 
 from wsi_pipeline.cli.common import (
@@ -20,6 +21,7 @@ from wsi_pipeline.cli.common import (
     config_option,
     default_mpp_option,
     device_option,
+    encoder_option,
     mpp_or_auto,
     run_config,
     set_option,
@@ -147,6 +149,7 @@ def predict(
     show_default=True,
     help="Per-tile progress bars (the one line per finished slide always comes).",
 )
+@encoder_option
 @backend_option
 @config_option
 @set_option
@@ -166,17 +169,64 @@ def run(
     backend: str | None,
     config_path: str | None,
     overrides: tuple[str, ...],
+    encoders: tuple[str, ...],
 ) -> None:
     """Run the pipeline on SLIDES (files, folders, glob patterns): see docs/outputs.md for what OUT holds."""
-    from wsi_pipeline.run.inputs import parse_shard, read_mpp_file, read_slide_list, select_tasks
+    from wsi_pipeline.run.inputs import select_tasks
 
     # the command line checked before torch is imported: a mistake costs half a second, not three
+    inputs = slide_inputs(slides, slide_list)
+    shard_spec = _shard(shard)
+    cfg = run_config(config_path, (*overrides, *encoder_overrides(encoders)), backend)
+    task_list = select_tasks(cfg, tasks)
+    execute_run(
+        inputs, Path(out_dir), cfg, task_list, device=device, workers=workers, progress=progress, overwrite=overwrite,
+        default_mpp=default_mpp, mpp_file=mpp_file, shard=shard_spec, dask_scheduler=dask_scheduler,
+    )  # fmt: skip
+
+
+def slide_inputs(slides: tuple[str, ...], slide_list: str | None) -> list[str]:
+    from wsi_pipeline.run.inputs import read_slide_list
+
     inputs = [*slides, *(read_slide_list(slide_list) if slide_list else [])]
     if not inputs:
         raise UsageError("give slides (files, folders or glob patterns) or --slide-list FILE")
-    shard_spec = parse_shard(shard) if shard else None
-    cfg = run_config(config_path, overrides, backend)
-    task_list = select_tasks(cfg, tasks)
+    return inputs
+
+
+def _shard(shard: str | None) -> tuple[int, int] | None:
+    from wsi_pipeline.run.inputs import parse_shard
+
+    return parse_shard(shard) if shard else None
+
+
+def encoder_overrides(encoders: tuple[str, ...]) -> tuple[str, ...]:
+    """`--encoder DIR` (repeatable) as the configuration's `embed.encoders` (a YAML list: paths with commas work)."""
+    if not encoders:
+        return ()
+    import json
+
+    return (f"embed.encoders={json.dumps([str(Path(e)) for e in encoders])}",)
+
+
+def execute_run(
+    inputs: list[str],
+    out_dir: Path,
+    cfg: Config,
+    task_list: list[str],
+    *,
+    device: str,
+    workers: int | None,
+    progress: bool,
+    overwrite: bool,
+    default_mpp: float | str | None,
+    mpp_file: str | None,
+    shard: tuple[int, int] | None,
+    dask_scheduler: str | None,
+) -> None:
+    """`run` and `embed`: the batch over the slides, one line per slide, the summary table, the exit status."""
+    from wsi_pipeline.run.inputs import read_mpp_file
+
     if mpp_file:
         read_mpp_file(mpp_file)
 
@@ -199,11 +249,10 @@ def run(
         default_mpp=default_mpp,
     )
     result = run_batch(
-        inputs, Path(out_dir), settings, mpp_file=mpp_file, shard=shard_spec, dask_scheduler=dask_scheduler,
-        on_slide=report,
-    )  # fmt: skip
+        inputs, out_dir, settings, mpp_file=mpp_file, shard=shard, dask_scheduler=dask_scheduler, on_slide=report
+    )
     work_done()
     click.echo(summary_table(result))
     listing = "shards/manifest-*.csv; merge with `wsi-pipeline gather`" if shard else "manifest.csv, cohort_summary.csv"
-    click.echo(f"outputs in {Path(out_dir).resolve()} ({listing}, <slide_id>/)")
+    click.echo(f"outputs in {out_dir.resolve()} ({listing}, <slide_id>/)")
     sys.exit(result.exit_code)

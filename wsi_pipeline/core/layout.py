@@ -101,6 +101,11 @@ class SlideLayout:
         return self.heatmaps / name
 
     @property
+    def embeddings(self) -> Path:
+        """`embeddings/<encoder>.zarr` (or .h5): the tile vectors of each encoder (docs/embeddings.md)."""
+        return self.root / "embeddings"
+
+    @property
     def qupath(self) -> Path:
         return self.root / "qupath.geojson"
 

@@ -19,12 +19,14 @@ import torch
 from wsi_pipeline.core.errors import ConfigError
 from wsi_pipeline.core.memory import HeapTrimmer
 from wsi_pipeline.core.progress import Progress
+from wsi_pipeline.engine.embeddings import EmbeddingTarget, EmbeddingWriter, embedding_attributes
 from wsi_pipeline.engine.loader import make_loader, one_line_worker_errors
 from wsi_pipeline.engine.options import EngineOptions
 from wsi_pipeline.engine.qc import QcRecorder, qc_read
 from wsi_pipeline.engine.stitch import DomainStitcher, Stitcher, stitcher_class
 from wsi_pipeline.models import LoadedModel, Predictor, make_predictor
 from wsi_pipeline.models.card import ModelCard
+from wsi_pipeline.models.encoders import EncoderPredictor, LoadedEncoder
 from wsi_pipeline.slide import Slide
 from wsi_pipeline.slide.qc_config import QcConfig
 from wsi_pipeline.slide.tiling import TilePlan, TileSpec
@@ -42,6 +44,27 @@ class TaskRequest:
     dtype: str = "float16"
 
 
+@dataclass
+class EmbedRequest:
+    """One encoder to run: its tile plan (the card's µm/px and tile size) and where its embeddings go."""
+
+    name: str  # the encoder's name (embeddings/<name>.zarr)
+    encoder: LoadedEncoder
+    plan: TilePlan
+    target: EmbeddingTarget
+    slide_mpp: float
+
+    def writer(self) -> EmbeddingWriter:
+        card = self.encoder.card
+        record = {"name": card.name, "architecture": card.architecture, "pooling": card.pooling, "dim": card.dim}
+        record["weights_sha256"] = card.weights_sha256 or ""
+        attrs = embedding_attributes(self.plan, record, self.slide_mpp)
+        return EmbeddingWriter(self.target, self.plan, card.dim, attrs)
+
+
+Request = TaskRequest | EmbedRequest
+
+
 def check_request(request: TaskRequest) -> None:
     """Refuse a plan the model cannot be run on, before any tile is read (the engine's own guard for every caller;
     `run` and `predict` have checked the same geometry once already, as a task's `ReadSpec`)."""
@@ -57,9 +80,9 @@ def check_geometry(task: str, card: ModelCard, mpp: float, tile_px: int, overlap
     stitcher_class(card).check(card, tile_px, overlap_px, key)
 
 
-def read_groups(requests: Sequence[TaskRequest]) -> list[list[TaskRequest]]:
-    """Tasks whose plans read identical tiles (same spec and kept tiles) share one read."""
-    groups: dict[tuple[TileSpec, int], list[TaskRequest]] = {}
+def read_groups(requests: Sequence[Request]) -> list[list[Request]]:
+    """Tasks and encoders whose plans read identical tiles (same spec and kept tiles) share one read."""
+    groups: dict[tuple[TileSpec, int], list[Request]] = {}
     for request in requests:
         groups.setdefault((request.plan.spec, len(request.plan)), []).append(request)
     return list(groups.values())
@@ -67,7 +90,7 @@ def read_groups(requests: Sequence[TaskRequest]) -> list[list[TaskRequest]]:
 
 def predict_slide(
     slide: Slide,
-    requests: Sequence[TaskRequest],
+    requests: Sequence[Request],
     store: Path,
     options: EngineOptions = DEFAULT_OPTIONS,
     qc: QcConfig | None = None,
@@ -78,12 +101,13 @@ def predict_slide(
 
     Raises before reading when a model cannot serve its plan; on any failure, partial heatmaps are discarded.
     """
-    names = [c for request in requests for c in request.model.card.written_classes]
+    tasks = [r for r in requests if isinstance(r, TaskRequest)]
+    names = [c for request in tasks for c in request.model.card.written_classes]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConfigError(f"two tasks write heatmaps named {duplicates}; set heatmap_classes in a model card")
-    for request in requests:
-        check_request(request)
+    for task in tasks:
+        check_request(task)
     timings: dict[str, Any] = {"reads": [], "precision": {}}  # precision: what each task's model ran in
     groups = read_groups(requests)
     qc_group = qc_read([g[0].plan for g in groups]) if qc is not None and qc.enabled else None
@@ -99,8 +123,15 @@ def predict_slide(
             make_loader(slide, plan, options.batch_size, options.workers, device, options.loader, options.decode)
         )
         try:
-            pairs: list[tuple[Predictor, list[Stitcher]]] = []
+            pairs: list[tuple[Predictor | EncoderPredictor, list[Stitcher]]] = []
             for request in group:
+                if isinstance(request, EmbedRequest):  # its vectors go to an embeddings file, not a heatmap
+                    encoder = EncoderPredictor(request.encoder, device, options.predictor.precision)
+                    timings["precision"][f"embed:{request.name}"] = "bf16" if encoder.bf16 else "fp32"
+                    writer = request.writer()
+                    stitchers.append(writer)
+                    pairs.append((encoder, [writer]))
+                    continue
                 predictor = make_predictor(request.model, device, options.predictor)
                 timings["precision"][request.name] = "bf16" if getattr(predictor, "bf16", False) else "fp32"
                 card = request.model.card
@@ -134,7 +165,7 @@ def _run_group(
     slide: Slide,
     plan: TilePlan,
     names: list[str],
-    pairs: list[tuple[Predictor, list[Stitcher]]],
+    pairs: list[tuple[Predictor | EncoderPredictor, list[Stitcher]]],
     tiles: Iterator[tuple[torch.Tensor, torch.Tensor]],
     options: EngineOptions,
     started: float,

@@ -61,13 +61,13 @@ def save_model(directory: str | os.PathLike[str], module: nn.Module, card: Model
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     with atomic_path(directory / WEIGHTS_FILE) as tmp:
         save_file(state, str(tmp))
-        _readable(tmp)
+        readable(tmp)
     card = card.model_copy(update={"weights_sha256": file_sha256(directory / WEIGHTS_FILE)})
     write_json(directory / CARD_FILE, card.model_dump(mode="json"))
     return directory
 
 
-def _readable(path: Path) -> None:
+def readable(path: Path) -> None:
     """safetensors writes its file 0600; a model folder is for everyone the umask allows (a shared install, a lab's
     model share), like any file the user writes."""
     mask = os.umask(0)

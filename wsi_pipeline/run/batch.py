@@ -13,6 +13,7 @@ from wsi_pipeline.core.errors import ConfigError, OutputWriteError, SlideNotFoun
 from wsi_pipeline.core.layout import SLIDE_EXTENSIONS, RunLayout
 from wsi_pipeline.core.progress import BatchProgress
 from wsi_pipeline.models import LoadedModel
+from wsi_pipeline.models.encoders import LoadedEncoder
 from wsi_pipeline.run.cohort import BatchResult, earlier_outcomes, write_batch_report, write_cohort, write_manifest
 from wsi_pipeline.run.inputs import (
     assign_ids,
@@ -41,6 +42,26 @@ def load_task_models(config: Config, names: Sequence[str]) -> dict[str, LoadedMo
         guard = "domain guard fitted" if model.guard is not None else "no domain guard"
         log.info("%s: %s answers for %s (%s)", task, model.card.name, domain, guard)
     return models
+
+
+def load_encoders(config: Config) -> dict[str, LoadedEncoder]:
+    """Every configured encoder (`embed.encoders`), loaded and checked before the first slide: weights fit the
+    architecture (exit 10), tiles it can take (exit 7), one name each (their files are named after them)."""
+    from wsi_pipeline.models.encoders import check_tile_size, load_encoder
+
+    encoders: dict[str, LoadedEncoder] = {}
+    for folder in config.embed.encoders:
+        encoder = load_encoder(folder)
+        check_tile_size(encoder.card, f"embed.encoders {folder}")
+        name = encoder.card.name
+        if name in encoders:
+            raise ConfigError(
+                f"embed.encoders: two encoders are named {name!r} (their files would collide); rename one"
+            )
+        encoders[name] = encoder
+        log.info("embeddings: %s, %d values per tile at %g µm/px, %d px", name, encoder.card.dim, encoder.card.mpp,
+                 encoder.card.tile_px)  # fmt: skip
+    return encoders
 
 
 def read_specs(config: Config, names: Sequence[str], models: dict[str, LoadedModel]) -> dict[str, ReadSpec]:
@@ -96,6 +117,9 @@ def run_batch(
         check_overrides(overrides, ids, mpp_file)
     models = load_task_models(config, tasks)
     specs = read_specs(config, tasks, models)
+    encoders = load_encoders(config)
+    if not tasks and not encoders:
+        raise UsageError("nothing to run: no task and no encoder (give --tasks, or --encoder for embeddings)")
     manifest_path, cohort_path = RunLayout(out).batch_files(shard)
     outcomes: list[SlideOutcome] = []
     todo = shard_paths(paths, shard)
@@ -110,7 +134,7 @@ def run_batch(
             slide_id = ids[path]
             try:
                 outcome = process_slide(
-                    path, slide_id, out, settings, models, specs, override_for(path, slide_id, overrides)
+                    path, slide_id, out, settings, models, specs, override_for(path, slide_id, overrides), encoders
                 )
             except OutputWriteError as exc:  # the next slides would fail alike: record this one and stop (exit 9)
                 outcomes.append(SlideOutcome(path, slide_id, "failed", str(exc)))

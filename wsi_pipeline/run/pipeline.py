@@ -24,11 +24,14 @@ from wsi_pipeline.core.errors import MissingMppError, OutputWriteError, WsiError
 from wsi_pipeline.core.inventory import take_inventory
 from wsi_pipeline.core.layout import RunLayout, SlideLayout
 from wsi_pipeline.engine import TaskRequest, predict_slide
+from wsi_pipeline.engine.predict import EmbedRequest
 from wsi_pipeline.heatmap import begin_store, finish_store, settle_pending_writes
 from wsi_pipeline.models import LoadedModel
+from wsi_pipeline.models.encoders import LoadedEncoder
 from wsi_pipeline.models.input_guard import outside_reason, slide_colour
 from wsi_pipeline.models.mpp_estimator import MppEstimate, default_estimator, mismatch_warning
 from wsi_pipeline.run.domain import apply_domain, domain_finding
+from wsi_pipeline.run.embed import embed_requests, embeddings_summary
 from wsi_pipeline.run.lock import OutputLockedError, slide_lock
 from wsi_pipeline.run.outputs import write_task_outputs
 from wsi_pipeline.run.qc import qc_finding
@@ -118,6 +121,7 @@ def process_slide(
     models: dict[str, LoadedModel],
     specs: dict[str, ReadSpec],
     mpp: MppChoice = None,
+    encoders: dict[str, LoadedEncoder] | None = None,
 ) -> SlideOutcome:
     """Run `tasks` on one slide into OUT/<slide_id>/; never raises for bad input (the outcome says what failed).
     A failed write (full disk, read-only folder) raises OutputWriteError: every later slide would fail the same way.
@@ -126,7 +130,7 @@ def process_slide(
     started = time.perf_counter()
     try:
         with slide_lock(out_root, slide_id):
-            return _process_slide(path, slide_id, out_root, settings, models, specs, mpp, started)
+            return _process_slide(path, slide_id, out_root, settings, models, specs, mpp, started, encoders or {})
     except OutputLockedError as exc:
         return SlideOutcome(path, slide_id, "failed", str(exc), time.perf_counter() - started)
 
@@ -140,6 +144,7 @@ def _process_slide(
     specs: dict[str, ReadSpec],
     mpp: MppChoice,
     started: float,
+    encoders: dict[str, LoadedEncoder],
 ) -> SlideOutcome:
     config, tasks, overwrite = settings.config, list(settings.tasks), settings.overwrite
     run = RunLayout(out_root)
@@ -157,7 +162,7 @@ def _process_slide(
         )
     try:
         slide, estimate = open_slide(path, config, mpp, settings.default_mpp)
-        key = compatibility_key(config, tasks, models, slide.mpp.mean, slide.backend)
+        key = compatibility_key(config, tasks, models, slide.mpp.mean, slide.backend, encoders)
         fingerprint = slide_fingerprint(path)
         decision = resume_decision(final, key, fingerprint, path, check_outputs=not overwrite)
         if decision.foreign is not None:
@@ -171,7 +176,7 @@ def _process_slide(
             return outcome("skipped", tiles=decision.tiles, summary=json.loads(final.summary.read_text()), note=note)
         note = "redone (--overwrite)" if overwrite and final.root.exists() else decision.note
         tmp.root.mkdir(parents=True)
-        record = _run(slide, slide_id, tmp, settings, models, specs, estimate)
+        record = _run(slide, slide_id, tmp, settings, models, specs, estimate, encoders)
         raise_if_signalled()  # an interrupt some library swallowed still discards this slide
         record.update(
             {
@@ -298,6 +303,7 @@ def _run(
     models: dict[str, LoadedModel],
     specs: dict[str, ReadSpec],
     estimate: MppEstimate | None = None,
+    encoders: dict[str, LoadedEncoder] | None = None,
 ) -> dict[str, Any]:
     config, tasks = settings.config, list(settings.tasks)
     timings: dict[str, float] = {}
@@ -307,7 +313,8 @@ def _run(
     timings["tissue_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     slide_warnings, estimate = mpp_findings(slide, tissue, estimate, config.slide.check_mpp)
-    mpp_figures = {**(estimate.to_json() if estimate is not None else {}), "mpp_warnings": list(slide_warnings)}
+    mpp_figures: dict[str, Any] = {**(estimate.to_json() if estimate is not None else {})}
+    mpp_figures["mpp_warnings"] = list(slide_warnings)
     if estimate is not None:
         timings["mpp_estimate_s"] = time.perf_counter() - t0
     raise_if_signalled()
@@ -315,9 +322,11 @@ def _run(
     guard = input_guard_findings(slide_id, tissue, config, tasks, models)
     chosen = [t for t in tasks if not guard.get(t, {}).get("skipped")]
     requests = [TaskRequest(t, models[t], specs[t].plan(slide, tissue)) for t in chosen]
+    embeds = embed_requests(slide, tissue, out, config.embed, encoders or {})
     timings["tiling_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    inference = predict_slide(slide, requests, out.heatmaps, settings.engine, config.qc) if requests else {"reads": []}
+    reads: list[TaskRequest | EmbedRequest] = [*requests, *embeds]
+    inference = predict_slide(slide, reads, out.heatmaps, settings.engine, config.qc) if reads else {"reads": []}
     write_tissue_heatmap(out.heatmaps, tissue)
     finish_store(out.heatmaps)
     timings["inference_s"] = time.perf_counter() - t0
@@ -352,6 +361,8 @@ def _run(
     timings["postprocess_s"] = time.perf_counter() - t0
     raise_if_signalled()
     t0 = time.perf_counter()
+    if embeds:
+        mpp_figures["embeddings"] = embeddings_summary(embeds, out.root)
     write_task_outputs(out, slide, tissue, requests, results, guard, config.export, quality, mpp_figures)
     timings["export_s"] = time.perf_counter() - t0
     return {
@@ -361,7 +372,7 @@ def _run(
         "config": config.model_dump(mode="json"),
         "tasks": tasks,
         "models": model_records(tasks, models),
-        "tiles": sum(len(r.plan) for r in requests),
+        "tiles": sum(len(r.plan) for r in reads),
         "input_guard": guard,
         "warnings": [*slide_warnings, *(w for r in results.values() for w in r.warnings)],
         "qc": quality.summary(),

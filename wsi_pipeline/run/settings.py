@@ -47,7 +47,9 @@ class RunSettings:
         overwrite: bool = False,
         default_mpp: float | str | None = None,
     ) -> RunSettings:
-        """Settings for `tasks`; one read of a slide feeds them all, in batches of the largest task batch size."""
-        batch_size = max(config.task(t).batch_size for t in tasks)
+        """Settings for `tasks` (and the configuration's encoders); one read of a slide feeds them all, in batches of
+        the largest batch size."""
+        sizes = [config.task(t).batch_size for t in tasks]
+        batch_size = max([*sizes, *([config.embed.batch_size] if config.embed.encoders or not sizes else [])])
         engine = engine_options(config, device=device, workers=workers, batch_size=batch_size, progress=progress)
         return cls(config, tuple(tasks), engine, overwrite, default_mpp)

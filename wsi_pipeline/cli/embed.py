@@ -1,0 +1,99 @@
+"""Commands for tile encoders: list the shipped cards, import downloaded weights into an encoder folder, and embed
+slides (`run` with encoders and no task: the same resume, verification, shards and report)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from wsi_pipeline.cli.common import backend_option, config_option, device_option, mpp_or_auto, run_config, set_option
+from wsi_pipeline.cli.inference import _shard, encoder_overrides, execute_run, slide_inputs
+
+
+@click.command()
+@click.argument("slides", nargs=-1)
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Output folder.")
+@click.option(
+    "--encoder",
+    "encoders",
+    multiple=True,
+    required=True,
+    type=click.Path(file_okay=False),
+    help="An encoder folder (import-encoder makes one) or one of our model folders (its penultimate features); "
+    "repeatable: one read feeds every encoder of the same µm/px and tile size.",
+)
+@click.option("--format", "file_format", type=click.Choice(["zarr", "h5"]), default=None, help="[embed.format: zarr]")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default=None, help="[embed.dtype: float16]")
+@click.option("--slide-list", type=click.Path(dir_okay=False), default=None, help="One slide path per line.")
+@device_option
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="Tile-reading threads [cores - 1].")
+@click.option("--overwrite", is_flag=True, help="Redo slides whose outputs are complete and compatible.")
+@click.option("--default-mpp", type=mpp_or_auto, default=None, help="µm/px for slides that record none (or auto).")
+@click.option("--mpp-file", type=click.Path(dir_okay=False), default=None, help="CSV slide,mpp overriding the files.")
+@click.option("--shard", default=None, metavar="I/N", help="Process only shard I of N.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@backend_option
+@config_option
+@set_option
+def embed(
+    slides: tuple[str, ...],
+    out_dir: str,
+    encoders: tuple[str, ...],
+    file_format: str | None,
+    dtype: str | None,
+    slide_list: str | None,
+    device: str,
+    workers: int | None,
+    overwrite: bool,
+    default_mpp: float | str | None,
+    mpp_file: str | None,
+    shard: str | None,
+    progress: bool,
+    backend: str | None,
+    config_path: str | None,
+    overrides: tuple[str, ...],
+) -> None:
+    """Write each encoder's tile vectors of every slide: OUT/<slide_id>/embeddings/<encoder>.zarr (`features` N x D,
+    `coords` N x 2 level-0 px), or .h5 in the layout TRIDENT and CLAM read (docs/embeddings.md)."""
+    inputs = slide_inputs(slides, slide_list)
+    extra = [f"embed.format={file_format}"] if file_format else []
+    extra += [f"embed.dtype={dtype}"] if dtype else []
+    cfg = run_config(config_path, (*overrides, *extra, *encoder_overrides(encoders)), backend)
+    execute_run(
+        inputs, Path(out_dir), cfg, [], device=device, workers=workers, progress=progress, overwrite=overwrite,
+        default_mpp=default_mpp, mpp_file=mpp_file, shard=_shard(shard), dask_scheduler=None,
+    )  # fmt: skip
+
+
+@click.command("import-encoder")
+@click.argument("card")
+@click.argument("weights", type=click.Path(dir_okay=False, exists=True))
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Encoder folder.")
+@click.option("--strip-prefix", default="", help="Remove this prefix from every weight name first (e.g. 'module.').")
+def import_encoder_cmd(card: str, weights: str, out_dir: str, strip_prefix: str) -> None:
+    """Make an encoder folder from downloaded WEIGHTS (safetensors, or a weights-only .bin / .pth, converted once)
+    and CARD: a shipped card's name (`wsi-pipeline encoders` lists them) or an encoder.json. Weights that do not fit
+    the architecture are refused naming the first missing and unexpected keys (exit 10)."""
+    from wsi_pipeline.models.encoders import import_encoder
+
+    encoder = import_encoder(card, Path(weights), Path(out_dir), strip_prefix)
+    c = encoder.card
+    click.echo(
+        f"encoder {c.name} in {out_dir}: {c.dim} values per tile, {c.tile_px} px at {c.mpp:g} µm/px, pooling "
+        f"{c.pooling}; use it with `wsi-pipeline embed SLIDES -o OUT --encoder {out_dir}`"
+    )
+
+
+@click.command("encoders")
+def encoders_cmd() -> None:
+    """The encoders whose cards ship with wsi-pipeline (no weights: download them under each one's licence, then
+    `import-encoder NAME FILE -o DIR`)."""
+    from wsi_pipeline.models.encoder_card import shipped_encoder_cards
+
+    for name, card in shipped_encoder_cards().items():
+        source = card.source
+        click.echo(
+            f"{name:14s} {card.architecture.removeprefix('timm:'):32s} {card.dim:5d}-d {card.tile_px} px at "
+            f"{card.mpp:g} µm/px, {card.pooling:8s} {source.repository} ({source.weights_file})"
+        )
