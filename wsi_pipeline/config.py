@@ -30,6 +30,7 @@ __all__ = [
     "EngineConfig",
     "ExportConfig",
     "QcConfig",
+    "SlideClassifierConfig",
     "SlideConfig",
     "TaskConfig",
     "TissueConfig",
@@ -95,6 +96,14 @@ class EmbedConfig(StrictModel):
     batch_size: int = Field(64, gt=0, le=4096)
 
 
+class SlideClassifierConfig(StrictModel):
+    """A slide-level model (`train-slide`) run on the embeddings of its encoder, which `embed.encoders` must hold."""
+
+    model: str | None = Field(None, description="a slide-model folder; null: none")
+    top_tiles: int = Field(20, ge=0, le=1000, description="the most attended tiles written as QuPath tile objects")
+    threshold: float | None = Field(None, ge=0, le=1, description="on the positive probability; null: the card's")
+
+
 class ExportConfig(StrictModel):
     geojson_gzip: bool = Field(False, description="also write qupath.geojson.gz")
 
@@ -110,6 +119,7 @@ class Config(StrictModel):
     engine: EngineConfig = EngineConfig()
     export: ExportConfig = ExportConfig()
     embed: EmbedConfig = EmbedConfig()
+    slide_classifier: SlideClassifierConfig = SlideClassifierConfig()
 
     def task(self, name: str) -> TaskConfig:
         """The configuration of task `name` (`config.tasks.<name>`)."""

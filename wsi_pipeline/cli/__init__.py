@@ -16,7 +16,7 @@ from wsi_pipeline.cli.embed import embed, encoders_cmd, import_encoder_cmd
 from wsi_pipeline.cli.inference import predict, run
 from wsi_pipeline.cli.models import calibrate_domain, colour_stats, demo, publish, study, train_mpp_estimator
 from wsi_pipeline.cli.slides import info, synth, tiles, tissue
-from wsi_pipeline.cli.training import evaluate, export_model_cmd, train
+from wsi_pipeline.cli.training import evaluate, export_model_cmd, train, train_slide
 from wsi_pipeline.config import dump_config, load_config_without_plugins
 
 
@@ -54,6 +54,17 @@ def config_cmd(config_path: str | None, overrides: tuple[str, ...], load_plugins
 
 for command in (
     *(info, synth, tissue, tiles, predict, run, embed, submit, gather, encoders_cmd, import_encoder_cmd),
-    *(train, evaluate, export_model_cmd, study, publish, colour_stats, calibrate_domain, train_mpp_estimator, demo),
+    *(
+        train,
+        train_slide,
+        evaluate,
+        export_model_cmd,
+        study,
+        publish,
+        colour_stats,
+        calibrate_domain,
+        train_mpp_estimator,
+        demo,
+    ),
 ):
     main.add_command(command)

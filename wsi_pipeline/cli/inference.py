@@ -150,6 +150,13 @@ def predict(
     help="Per-tile progress bars (the one line per finished slide always comes).",
 )
 @encoder_option
+@click.option(
+    "--slide-model",
+    "slide_model_dir",
+    type=click.Path(file_okay=False, exists=True),
+    default=None,
+    help="A slide-level model (train-slide): each slide's score, class and attention map; needs its --encoder.",
+)
 @backend_option
 @config_option
 @set_option
@@ -170,6 +177,7 @@ def run(
     config_path: str | None,
     overrides: tuple[str, ...],
     encoders: tuple[str, ...],
+    slide_model_dir: str | None,
 ) -> None:
     """Run the pipeline on SLIDES (files, folders, glob patterns): see docs/outputs.md for what OUT holds."""
     from wsi_pipeline.run.inputs import select_tasks
@@ -177,7 +185,8 @@ def run(
     # the command line checked before torch is imported: a mistake costs half a second, not three
     inputs = slide_inputs(slides, slide_list)
     shard_spec = _shard(shard)
-    cfg = run_config(config_path, (*overrides, *encoder_overrides(encoders)), backend)
+    slide_model = (f"slide_classifier.model={slide_model_dir}",) if slide_model_dir else ()
+    cfg = run_config(config_path, (*overrides, *encoder_overrides(encoders), *slide_model), backend)
     task_list = select_tasks(cfg, tasks)
     execute_run(
         inputs, Path(out_dir), cfg, task_list, device=device, workers=workers, progress=progress, overwrite=overwrite,

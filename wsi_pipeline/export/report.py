@@ -27,6 +27,7 @@ class Column:
     task: str | None
     key: str
     header: str
+    optional: bool = False  # shown only when some slide has a value (a slide model's answer)
 
 
 @dataclass
@@ -162,6 +163,7 @@ document.querySelectorAll("#slides th").forEach(function (th, index) {
 
 def render_report(out: Path, rows: Sequence[SlideRow], columns: Sequence[Column], title: str) -> str:
     e = html.escape
+    columns = [c for c in columns if not c.optional or any(_value(r, c) not in (None, "") for r in rows)]
     head = "".join(f'<th scope="col">{e(c.header)}</th>' for c in columns)
     body = []
     for row in rows:

@@ -70,6 +70,7 @@ class DomainGuardCard(BaseModel):
 CLASS_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 RESERVED_HEATMAP = "tissue"  # the heatmap every slide gets (the tissue mask)
 RESERVED_QC = "qc"  # the quality-control image (engine/qc.py)
+RESERVED_ATTENTION = "attention"  # a slide model's attention image (run/slide_model.py)
 DOMAIN_HEATMAP_PREFIX = "domain-"  # each guarded task's domain image is domain-<task>
 
 
@@ -144,14 +145,14 @@ class ModelCard(BaseModel):
         for cls in self.classes:  # each becomes a heatmap's folder name beside the slide's `tissue` image
             if (
                 not CLASS_NAME.fullmatch(cls)
-                or cls in (RESERVED_HEATMAP, RESERVED_QC)
+                or cls in (RESERVED_HEATMAP, RESERVED_QC, RESERVED_ATTENTION)
                 or cls.startswith(DOMAIN_HEATMAP_PREFIX)
             ):
                 raise ValueError(
                     f"class name {cls!r}: a class names a heatmap folder, so it must be letters, digits, '_', '.' or "
                     f"'-' (not starting with '.' or '-'), not {RESERVED_HEATMAP!r} (the slide's own tissue image), "
-                    f"not {RESERVED_QC!r} (its quality-control image) nor {DOMAIN_HEATMAP_PREFIX}… (a task's domain "
-                    "image)"
+                    f"not {RESERVED_QC!r} (its quality-control image), {RESERVED_ATTENTION!r} (a slide model's) nor "
+                    f"{DOMAIN_HEATMAP_PREFIX}… (a task's domain image)"
                 )
         unknown = set(self.heatmap_classes or []) - set(self.classes)
         if unknown:

@@ -250,6 +250,7 @@ _HF_DINOV2 = (
     ("embeddings.position_embeddings", "pos_embed"),
     ("embeddings.patch_embeddings.projection.", "patch_embed.proj."),
     ("attention.output.dense.", "attn.proj."),
+    ("attention.o_proj.", "attn.proj."),  # transformers >= 5 names its modules so in memory
     ("layer_scale1.lambda1", "ls1.gamma"),
     ("layer_scale2.lambda1", "ls2.gamma"),
     ("encoder.layer.", "blocks."),
@@ -267,10 +268,14 @@ def timm_keys_of_hf_dinov2(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
         for old, new in _HF_DINOV2:
             key = key.replace(old, new)
         renamed[key] = value
-    for key in [k for k in renamed if ".attention.attention.query." in k]:
-        prefix, _, kind = key.partition(".attention.attention.query.")
-        parts = [renamed.pop(f"{prefix}.attention.attention.{p}.{kind}") for p in ("query", "key", "value")]
-        renamed[f"{prefix}.attn.qkv.{kind}"] = torch.cat(parts, dim=0)
+    for q, k, v in (
+        ("attention.attention.query", "attention.attention.key", "attention.attention.value"),
+        ("attention.q_proj", "attention.k_proj", "attention.v_proj"),
+    ):
+        for key in [name for name in renamed if f".{q}." in name]:
+            prefix, _, kind = key.partition(f".{q}.")
+            parts = [renamed.pop(f"{prefix}.{p}.{kind}") for p in (q, k, v)]
+            renamed[f"{prefix}.attn.qkv.{kind}"] = torch.cat(parts, dim=0)
     return renamed
 
 

@@ -15,6 +15,7 @@ from wsi_pipeline.core.progress import BatchProgress
 from wsi_pipeline.models import LoadedModel
 from wsi_pipeline.models.encoders import LoadedEncoder
 from wsi_pipeline.run.cohort import BatchResult, earlier_outcomes, write_batch_report, write_cohort, write_manifest
+from wsi_pipeline.run.embed import EmbedModels
 from wsi_pipeline.run.inputs import (
     assign_ids,
     check_overrides,
@@ -27,6 +28,7 @@ from wsi_pipeline.run.inputs import (
 from wsi_pipeline.run.lock import output_lock
 from wsi_pipeline.run.pipeline import SlideOutcome, process_slide
 from wsi_pipeline.run.settings import RunSettings
+from wsi_pipeline.run.slide_model import load_slide_classifier
 from wsi_pipeline.tasks import task_model
 from wsi_pipeline.tasks.reading import ReadSpec, read_spec
 
@@ -118,6 +120,7 @@ def run_batch(
     models = load_task_models(config, tasks)
     specs = read_specs(config, tasks, models)
     encoders = load_encoders(config)
+    embedding = EmbedModels(encoders, load_slide_classifier(config, encoders))
     if not tasks and not encoders:
         raise UsageError("nothing to run: no task and no encoder (give --tasks, or --encoder for embeddings)")
     manifest_path, cohort_path = RunLayout(out).batch_files(shard)
@@ -134,7 +137,7 @@ def run_batch(
             slide_id = ids[path]
             try:
                 outcome = process_slide(
-                    path, slide_id, out, settings, models, specs, override_for(path, slide_id, overrides), encoders
+                    path, slide_id, out, settings, models, specs, override_for(path, slide_id, overrides), embedding
                 )
             except OutputWriteError as exc:  # the next slides would fail alike: record this one and stop (exit 9)
                 outcomes.append(SlideOutcome(path, slide_id, "failed", str(exc)))

@@ -29,11 +29,16 @@ SLIDE_COLUMNS = ["slide_id", "slide", "mpp", "mpp_source", "tissue_area_mm2"]
 QC_COLUMNS = ["qc_usable_fraction", *(f"qc_{cls}" for cls in QC_CLASSES)]
 
 
+# a slide-level model's answer (run/slide_model.py), empty without one
+SLIDE_MODEL_COLUMNS = [f"slide_classifier_{key}" for key in ("model", "class", "score")]
+
+
 def cohort_columns() -> list[str]:
     """The slide's own figures, then each registered task's (`<task>_<key>`), in registration order."""
     return [
         *SLIDE_COLUMNS,
         *QC_COLUMNS,
+        *SLIDE_MODEL_COLUMNS,
         *(f"{t.name}_{key}" for t in registered_tasks() for key in t.cohort_columns),
         "warnings",  # last, so that the figures' columns keep their places
     ]
@@ -110,9 +115,12 @@ def cohort_row(summary: dict[str, Any]) -> dict[str, Any]:
     for task in task_names():
         for key, value in (summary.get(task) or {}).items():
             row[f"{task}_{key}"] = value
+    for column in SLIDE_MODEL_COLUMNS:
+        row[column] = (summary.get("slide_classifier") or {}).get(column.removeprefix("slide_classifier_"))
     # figures a task found implausible: whoever reads only this table must see that they are not to be used
     slide_lines = summary.get("mpp_warnings", [])  # an estimated or doubtful µm/px: every figure rests on it
-    task_lines = [w for t in ("qc", *task_names()) for w in (summary.get(t) or {}).get("warnings", [])]
+    sections = ("qc", "slide_classifier", *task_names())
+    task_lines = [w for t in sections for w in (summary.get(t) or {}).get("warnings", [])]
     row["warnings"] = "; ".join([*slide_lines, *task_lines])
     return row
 
@@ -131,6 +139,8 @@ def report_columns() -> list[Column]:
         Column(None, "mpp", "µm/px"),
         Column(None, "tissue_area_mm2", "tissue mm²"),
         Column("qc", "usable_fraction", "usable (QC)"),
+        Column("slide_classifier", "class", "slide class", optional=True),
+        Column("slide_classifier", "score", "slide score", optional=True),
         *(Column(t.name, key, header) for t in registered_tasks() for key, header in t.report_columns),
         Column(None, "seconds", "seconds"),
     ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -10,9 +11,26 @@ from wsi_pipeline.core.layout import SlideLayout
 from wsi_pipeline.engine.embeddings import EmbeddingTarget, embedding_file
 from wsi_pipeline.engine.predict import EmbedRequest
 from wsi_pipeline.models.encoders import LoadedEncoder
+from wsi_pipeline.models.slide_mil import GatedAttentionMIL, SlideModelCard
 from wsi_pipeline.slide import Slide
 from wsi_pipeline.slide.tiling import plan_tiles
 from wsi_pipeline.slide.tissue import TissueMask
+
+
+@dataclass
+class EmbedModels:
+    """What a run embeds with, loaded once before the first slide: the encoders by name, and the slide-level model
+    that reads one of their outputs (None: none)."""
+
+    encoders: dict[str, LoadedEncoder] = field(default_factory=dict)
+    slide_model: tuple[SlideModelCard, GatedAttentionMIL] | None = None
+
+    def record(self) -> dict[str, Any]:
+        """For the compatibility key: the encoders' cards and the slide model's (with their weights' sha256)."""
+        cards: dict[str, Any] = {n: e.card.model_dump(mode="json") for n, e in self.encoders.items()}
+        if self.slide_model is not None:
+            cards["slide_model"] = self.slide_model[0].model_dump(mode="json")
+        return cards
 
 
 def embed_requests(

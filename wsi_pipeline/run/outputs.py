@@ -34,7 +34,7 @@ from wsi_pipeline.run.qc import QcFinding, qc_features, write_qc_overlay
 from wsi_pipeline.slide import Slide
 from wsi_pipeline.slide.tiling import TilePlan
 from wsi_pipeline.slide.tissue import TissueMask
-from wsi_pipeline.tasks import TaskResult, get_task
+from wsi_pipeline.tasks import TaskResult, get_task, task_names
 from wsi_pipeline.tasks.common import region_level
 
 TILE_COLOR = (30, 90, 220)
@@ -187,6 +187,9 @@ def qupath_features(
                     measurements={points.measurement: p},
                     offset=offset,
                 )
+    for result in results.values():
+        if result.tiles is not None:
+            yield from tile_features(slide_id, result.tiles.name, result.tiles.tiles, result.tiles.size, offset)
     for request in requests:
         card, plan = request.model.card, request.plan
         heats = {c: open_heatmap(out.heatmap(c)) for c in card.written_classes}
@@ -200,6 +203,8 @@ def qupath_features(
 def write_point_tables(out: SlideLayout, results: dict[str, TaskResult], offset: tuple[float, float]) -> None:
     """Each task with a point table (mitosis: mitoses.csv) writes its first point set in QuPath coordinates."""
     for name, result in results.items():
+        if name not in task_names():  # the slide classifier's result: no point table
+            continue
         table = get_task(name).point_table
         if table is None:
             continue
@@ -231,7 +236,8 @@ def write_overview(
     """`picture` (overview_picture) with every task's heatmap overlay, the tissue outline, regions, (drawn) points
     and a legend."""
     overview = Overview(*picture)
-    for result in results.values():
+    shown = {task: result for task, result in results.items() if result.overlay and result.overlay.on_overview}
+    for result in shown.values():
         if result.overlay is not None:
             name = result.overlay.heatmap
             values, origin, scale = region_level(open_heatmap(out.heatmap(name)), name)
@@ -247,7 +253,7 @@ def write_overview(
                 draw_points(overview, xyp[:, 0], xyp[:, 1], points.colour)
     entries = [("tissue outline", TISSUE_COLOR)]
     for task, result in results.items():
-        if result.overlay is not None:
+        if task in shown and result.overlay is not None:
             entries.append((f"{task}: {result.overlay.heatmap}", result.overlay.colour))
         entries += [(f"{task}: {p.cls}", p.colour) for p in result.points if p.drawn and len(p.xyp)]
     overview.legend(entries)
@@ -310,7 +316,8 @@ def write_task_overlays(
             if p.drawn
         ]
         domain = result.summary.get("domain") or {}
-        title = f"{slide_id} — {name}: {overlay.heatmap} probability"
+        label = overlay.label or f"{overlay.heatmap} probability"
+        title = f"{slide_id} — {name}: {label}{f' — {overlay.note}' if overlay.note else ''}"
         if "not_applicable" in result.summary:
             title += " — not applicable here"
         if "model_domain" in domain:
@@ -324,7 +331,7 @@ def write_task_overlays(
             image=image,
             values=sample_on_grid(values, v_origin, v_scale, origin, scale, (h, w), fill=np.nan),
             tissue=on_tissue,
-            value_label=f"{overlay.heatmap} probability",
+            value_label=label,
             um_per_px=picture_mpp,
             outlines=[tissue_outline, *outlines.values()],
             marks=marks,

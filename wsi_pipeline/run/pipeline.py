@@ -27,11 +27,10 @@ from wsi_pipeline.engine import TaskRequest, predict_slide
 from wsi_pipeline.engine.predict import EmbedRequest
 from wsi_pipeline.heatmap import begin_store, finish_store, settle_pending_writes
 from wsi_pipeline.models import LoadedModel
-from wsi_pipeline.models.encoders import LoadedEncoder
 from wsi_pipeline.models.input_guard import outside_reason, slide_colour
 from wsi_pipeline.models.mpp_estimator import MppEstimate, default_estimator, mismatch_warning
 from wsi_pipeline.run.domain import apply_domain, domain_finding
-from wsi_pipeline.run.embed import embed_requests, embeddings_summary
+from wsi_pipeline.run.embed import EmbedModels, embed_requests, embeddings_summary
 from wsi_pipeline.run.lock import OutputLockedError, slide_lock
 from wsi_pipeline.run.outputs import write_task_outputs
 from wsi_pipeline.run.qc import qc_finding
@@ -44,6 +43,7 @@ from wsi_pipeline.run.record import (
     versions,
 )
 from wsi_pipeline.run.settings import RunSettings
+from wsi_pipeline.run.slide_model import SLIDE_CLASSIFIER, classify_slide
 from wsi_pipeline.run.stages import tissue_stage, write_tissue_heatmap
 from wsi_pipeline.slide import Slide
 from wsi_pipeline.slide.tissue import TissueMask
@@ -121,7 +121,7 @@ def process_slide(
     models: dict[str, LoadedModel],
     specs: dict[str, ReadSpec],
     mpp: MppChoice = None,
-    encoders: dict[str, LoadedEncoder] | None = None,
+    embedding: EmbedModels | None = None,
 ) -> SlideOutcome:
     """Run `tasks` on one slide into OUT/<slide_id>/; never raises for bad input (the outcome says what failed).
     A failed write (full disk, read-only folder) raises OutputWriteError: every later slide would fail the same way.
@@ -130,7 +130,9 @@ def process_slide(
     started = time.perf_counter()
     try:
         with slide_lock(out_root, slide_id):
-            return _process_slide(path, slide_id, out_root, settings, models, specs, mpp, started, encoders or {})
+            return _process_slide(
+                path, slide_id, out_root, settings, models, specs, mpp, started, embedding or EmbedModels()
+            )
     except OutputLockedError as exc:
         return SlideOutcome(path, slide_id, "failed", str(exc), time.perf_counter() - started)
 
@@ -144,7 +146,7 @@ def _process_slide(
     specs: dict[str, ReadSpec],
     mpp: MppChoice,
     started: float,
-    encoders: dict[str, LoadedEncoder],
+    embedding: EmbedModels,
 ) -> SlideOutcome:
     config, tasks, overwrite = settings.config, list(settings.tasks), settings.overwrite
     run = RunLayout(out_root)
@@ -162,7 +164,7 @@ def _process_slide(
         )
     try:
         slide, estimate = open_slide(path, config, mpp, settings.default_mpp)
-        key = compatibility_key(config, tasks, models, slide.mpp.mean, slide.backend, encoders)
+        key = compatibility_key(config, tasks, models, slide.mpp.mean, slide.backend, embedding.record())
         fingerprint = slide_fingerprint(path)
         decision = resume_decision(final, key, fingerprint, path, check_outputs=not overwrite)
         if decision.foreign is not None:
@@ -176,7 +178,7 @@ def _process_slide(
             return outcome("skipped", tiles=decision.tiles, summary=json.loads(final.summary.read_text()), note=note)
         note = "redone (--overwrite)" if overwrite and final.root.exists() else decision.note
         tmp.root.mkdir(parents=True)
-        record = _run(slide, slide_id, tmp, settings, models, specs, estimate, encoders)
+        record = _run(slide, slide_id, tmp, settings, models, specs, estimate, embedding)
         raise_if_signalled()  # an interrupt some library swallowed still discards this slide
         record.update(
             {
@@ -303,7 +305,7 @@ def _run(
     models: dict[str, LoadedModel],
     specs: dict[str, ReadSpec],
     estimate: MppEstimate | None = None,
-    encoders: dict[str, LoadedEncoder] | None = None,
+    embedding: EmbedModels | None = None,
 ) -> dict[str, Any]:
     config, tasks = settings.config, list(settings.tasks)
     timings: dict[str, float] = {}
@@ -322,11 +324,15 @@ def _run(
     guard = input_guard_findings(slide_id, tissue, config, tasks, models)
     chosen = [t for t in tasks if not guard.get(t, {}).get("skipped")]
     requests = [TaskRequest(t, models[t], specs[t].plan(slide, tissue)) for t in chosen]
-    embeds = embed_requests(slide, tissue, out, config.embed, encoders or {})
+    embedding = embedding or EmbedModels()
+    embeds = embed_requests(slide, tissue, out, config.embed, embedding.encoders)
     timings["tiling_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     reads: list[TaskRequest | EmbedRequest] = [*requests, *embeds]
     inference = predict_slide(slide, reads, out.heatmaps, settings.engine, config.qc) if reads else {"reads": []}
+    slide_level = {}
+    if embedding.slide_model is not None:
+        slide_level[SLIDE_CLASSIFIER] = classify_slide(slide_id, embedding.slide_model, embeds, out.heatmaps, config)
     write_tissue_heatmap(out.heatmaps, tissue)
     finish_store(out.heatmaps)
     timings["inference_s"] = time.perf_counter() - t0
@@ -334,7 +340,7 @@ def _run(
     t0 = time.perf_counter()
     mpp = slide.mpp
     quality = qc_finding(out.heatmaps, [r.plan for r in requests], config.qc, tissue.geometry)
-    results: dict[str, TaskResult] = {}
+    results: dict[str, TaskResult] = dict(slide_level)
     for request in requests:
         finding = domain_finding(out.heatmaps, request.name, request.model.card, request.plan, tissue.geometry)
         task_config = config.task(request.name)

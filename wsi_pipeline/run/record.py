@@ -17,7 +17,6 @@ from wsi_pipeline.config import Config
 from wsi_pipeline.core.inventory import file_sha256, first_problem
 from wsi_pipeline.core.layout import SlideLayout, slide_files
 from wsi_pipeline.models import LoadedModel
-from wsi_pipeline.models.encoders import LoadedEncoder
 from wsi_pipeline.models.loading import network_file
 from wsi_pipeline.slide import backend_versions
 
@@ -39,10 +38,10 @@ def compatibility_key(
     models: dict[str, LoadedModel],
     mpp: float,
     backend: str,
-    encoders: dict[str, LoadedEncoder] | None = None,
+    embedding: dict[str, Any] | None = None,
 ) -> str:
-    """Equal keys mean equal outputs: tissue and task settings, model cards and weights, encoders' cards and weights
-    and the embedding settings, µm/px, reader backend."""
+    """Equal keys mean equal outputs: tissue and task settings, model cards and weights, the encoders' and slide
+    model's cards (`EmbedModels.record`) and their settings, µm/px, reader backend."""
     parts: dict[str, Any] = {
         "tissue": config.tissue.model_dump(mode="json"),
         "tasks": {t: config.task(t).model_dump(mode="json", exclude={"model", "batch_size"}) for t in tasks},
@@ -54,9 +53,10 @@ def compatibility_key(
         "decode": config.engine.decode,  # nvJPEG may round a pixel otherwise than libjpeg-turbo
         "format": RUN_FORMAT,
     }
-    if encoders:  # a run without encoders keeps the key it had before embeddings existed
+    if embedding:  # a run without encoders keeps the key it had before embeddings existed
         parts["embed"] = config.embed.model_dump(mode="json", exclude={"encoders", "batch_size"})
-        parts["encoders"] = {n: e.card.model_dump(mode="json") for n, e in encoders.items()}
+        parts["slide_classifier"] = config.slide_classifier.model_dump(mode="json", exclude={"model"})
+        parts["encoders"] = embedding
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 

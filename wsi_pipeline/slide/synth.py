@@ -158,6 +158,50 @@ def default_layout(
     return spec
 
 
+def lesion_layout(
+    width: int, height: int, mpp: float, seed: int, lesion: bool, background: int = 30, packed: int = 40
+) -> SynthSpec:
+    """A slide for slide-level models: the default tissue with `background` dark nuclei-sized objects scattered over
+    it and, on a positive slide (`lesion`), `packed` more in one lesion of 200 µm radius: only the lesion tells the
+    classes apart, as a focus of tumour tells a positive lymph node. The lesion's objects come last in `figures`."""
+    spec = default_layout(width, height, mpp, seed)
+    radius = 5.0 / mpp
+    rng = np.random.default_rng(seed + 7)
+    tissue = spec.tissue_geometry().buffer(-3 * radius)
+    placed = _scatter(tissue, background, radius, rng, [])
+    if lesion:
+        inner = tissue.buffer(-200.0 / mpp)
+        centre = _random_point(inner if not inner.is_empty else tissue, rng)
+        area = tissue.intersection(Point(centre).buffer(200.0 / mpp))
+        placed = _scatter(area, packed, radius, rng, [f for f in placed if not area.buffer(10 * radius).contains(
+            Point(f.x, f.y))])  # fmt: skip
+    spec.figures = placed
+    return spec
+
+
+def _scatter(
+    area: shapely.Geometry, count: int, radius: float, rng: np.random.Generator, placed: list[Figure]
+) -> list[Figure]:
+    """`count` more objects in `area`, 5 radii apart from each other and from those `placed`."""
+    placed = list(placed)
+    target = len(placed) + count
+    for _ in range(200 * count):
+        if len(placed) == target:
+            break
+        x, y = _random_point(area, rng)
+        if all(math.hypot(x - f.x, y - f.y) > 5 * radius for f in placed):
+            placed.append(Figure(round(x, 1), round(y, 1), radius))
+    return placed
+
+
+def _random_point(area: shapely.Geometry, rng: np.random.Generator) -> tuple[float, float]:
+    x0, y0, x1, y1 = area.bounds
+    while True:
+        x, y = rng.uniform(x0, x1), rng.uniform(y0, y1)
+        if area.contains(Point(x, y)):
+            return x, y
+
+
 def level_downsamples(width: int, height: int) -> list[int]:
     """Aperio-like pyramid: 4x steps until the level fits in ~1024 px."""
     downsamples = [1]

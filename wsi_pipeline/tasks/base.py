@@ -89,6 +89,20 @@ class Overlay:
 
     heatmap: str
     colour: Colour
+    label: str | None = None  # what its values are (None: "<heatmap> probability")
+    note: str = ""  # added to the overlay's title (a slide model's answer)
+    # blended into overview.png with the tasks' maps too (a slide model's attention, relative to each slide's own
+    # most attended tile, would paint a negative slide as hot as a positive one: its own overlay only)
+    on_overview: bool = True
+
+
+@dataclass
+class TileObjects:
+    """Tiles for QuPath (`tile` objects, e.g. the tiles a slide model attended to most): level-0 px."""
+
+    name: str
+    size: tuple[float, float]  # level-0 edge (x, y)
+    tiles: list[tuple[int, int, float, float, dict[str, float]]]  # (col, row, x, y, measurements)
 
 
 @dataclass
@@ -102,6 +116,7 @@ class TaskResult:
     # these judge what the model made of it
     warnings: list[str] = field(default_factory=list)
     flagged: list[str] = field(default_factory=list)  # summary keys the warnings are about (highlighted in the report)
+    tiles: TileObjects | None = None  # written as QuPath tile objects
 
 
 @dataclass(frozen=True)

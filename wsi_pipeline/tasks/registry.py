@@ -38,7 +38,7 @@ TASK_ATTRIBUTES = ("name", "config_model", "cohort_columns", "report_columns", "
 TASK_METHODS = ("default_config", "default_model", "postprocess")
 TRAINERS = ("classifier", "point_detector")
 # names the slide's own outputs use (summary.json keys, overlay-<name>.png, configuration sections)
-RESERVED_TASK_NAMES = ("qc", "tissue", "input_guard")
+RESERVED_TASK_NAMES = ("qc", "tissue", "input_guard", "slide_classifier", "embeddings")
 
 
 def register_task(task: Task) -> Task:
