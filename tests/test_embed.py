@@ -14,11 +14,11 @@ import torch
 
 from tests.helpers import run_cli
 from wsi_pipeline.config import TissueConfig
-from wsi_pipeline.engine.embeddings import read_embeddings
+from wsi_pipeline.engine.embeddings import EncoderPredictor, read_embeddings
 from wsi_pipeline.engine.loader import TileDataset
 from wsi_pipeline.models.card import Normalisation
 from wsi_pipeline.models.encoder_card import EncoderCard, shipped_encoder_cards
-from wsi_pipeline.models.encoders import EncoderPredictor, build_encoder_network, load_encoder, save_encoder
+from wsi_pipeline.models.encoders import build_encoder_network, load_encoder, save_encoder
 from wsi_pipeline.slide import Slide
 from wsi_pipeline.slide.tiling import plan_tiles
 from wsi_pipeline.slide.tissue import detect_tissue

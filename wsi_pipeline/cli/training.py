@@ -57,6 +57,9 @@ SETTING_OPTIONS = (
     "workers",
     "describe",
     "freeze_backbone",
+    "from_embeddings",
+    "encoder",
+    "head",
     "init",
     "stain_normalisation",
     "recompute_batchnorm",
@@ -144,6 +147,20 @@ def given_options(ctx: click.Context, values: dict[str, Any]) -> dict[str, Any]:
     help="The training data for the model card: dataset, licence, citation, what the classes mean.",
 )
 @click.option("--freeze-backbone", is_flag=True, default=None, help="Train only the new head.")
+@click.option(
+    "--from-embeddings",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Train only a head on --encoder's features of the tiles, encoded once and cached in this folder (the next "
+    "training on the same tiles reads them); the model folder holds encoder and head (docs/embeddings.md).",
+)
+@click.option(
+    "--encoder",
+    type=click.Path(file_okay=False, exists=True),
+    default=None,
+    help="The encoder folder (import-encoder) or model folder of --from-embeddings.",
+)
+@click.option("--head", type=click.Choice(["linear", "mlp"]), default=None, help="The head on embeddings [linear].")
 @click.option(
     "--recompute-batchnorm",
     is_flag=True,

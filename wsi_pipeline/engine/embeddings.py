@@ -14,6 +14,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from wsi_pipeline.models.encoders import LoadedEncoder, resized
+from wsi_pipeline.models.predictor import use_bf16
 from wsi_pipeline.slide.tiling import TilePlan
 
 EmbedFormat = Literal["zarr", "h5"]
@@ -165,3 +167,29 @@ def read_embeddings(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]
     features: Any = group["features"]
     coords: Any = group["coords"]
     return np.asarray(features[...], np.float32), np.asarray(coords[...]), dict(group.attrs)
+
+
+class EncoderPredictor:
+    """uint8 tiles on the device -> {"features": (B, dim) float32 on the CPU}: resized to the card's input size,
+    normalised, run in bf16 autocast where `use_bf16` says so (CUDA; CPUs with native bf16), channels_last."""
+
+    def __init__(self, encoder: LoadedEncoder, device: torch.device, precision: str = "auto") -> None:
+        self.card = encoder.card
+        self.device = device
+        self.bf16 = use_bf16(device, precision)
+        self.module = encoder.module.to(device).eval()
+        if self.card.architecture == "model-folder":
+            self.module = self.module.to(memory_format=torch.channels_last)
+        norm = self.card.normalisation
+        self.mean = torch.tensor(norm.mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(norm.std, device=device).view(1, 3, 1, 1)
+
+    def features(self, batch: torch.Tensor) -> torch.Tensor:
+        x = resized(batch.float().div_(255.0), self.card)
+        x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            out = self.module(x)
+        return out.float().cpu()
+
+    def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"features": self.features(batch)}

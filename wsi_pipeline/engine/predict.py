@@ -19,14 +19,14 @@ import torch
 from wsi_pipeline.core.errors import ConfigError
 from wsi_pipeline.core.memory import HeapTrimmer
 from wsi_pipeline.core.progress import Progress
-from wsi_pipeline.engine.embeddings import EmbeddingTarget, EmbeddingWriter, embedding_attributes
+from wsi_pipeline.engine.embeddings import EmbeddingTarget, EmbeddingWriter, EncoderPredictor, embedding_attributes
 from wsi_pipeline.engine.loader import make_loader, one_line_worker_errors
 from wsi_pipeline.engine.options import EngineOptions
 from wsi_pipeline.engine.qc import QcRecorder, qc_read
 from wsi_pipeline.engine.stitch import DomainStitcher, Stitcher, stitcher_class
 from wsi_pipeline.models import LoadedModel, Predictor, make_predictor
 from wsi_pipeline.models.card import ModelCard
-from wsi_pipeline.models.encoders import EncoderPredictor, LoadedEncoder
+from wsi_pipeline.models.encoders import LoadedEncoder
 from wsi_pipeline.slide import Slide
 from wsi_pipeline.slide.qc_config import QcConfig
 from wsi_pipeline.slide.tiling import TilePlan, TileSpec

@@ -32,7 +32,6 @@ from wsi_pipeline.models.encoder_card import (
 )
 from wsi_pipeline.models.folders import ModelError
 from wsi_pipeline.models.loading import load_model, readable
-from wsi_pipeline.models.predictor import use_bf16
 
 LOG = logging.getLogger("wsi_pipeline.models")
 SHOWN_KEYS = 3  # missing / unexpected keys named in a refusal
@@ -290,30 +289,10 @@ def check_tile_size(card: EncoderCard, option: str) -> None:
         raise ConfigError(f"{option}: {card.name}'s {card.network_px} px input is not a multiple of its patch {patch}")
 
 
-class EncoderPredictor:
-    """uint8 tiles on the device -> {"features": (B, dim) float32 on the CPU}: resized to the card's input size,
-    normalised, run in bf16 autocast where `use_bf16` says so (CUDA; CPUs with native bf16), channels_last."""
-
-    def __init__(self, encoder: LoadedEncoder, device: torch.device, precision: str = "auto") -> None:
-        self.card = encoder.card
-        self.device = device
-        self.bf16 = use_bf16(device, precision)
-        self.module = encoder.module.to(device).eval()
-        if self.card.architecture == "model-folder":
-            self.module = self.module.to(memory_format=torch.channels_last)
-        norm = self.card.normalisation
-        self.mean = torch.tensor(norm.mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(norm.std, device=device).view(1, 3, 1, 1)
-
-    def features(self, batch: torch.Tensor) -> torch.Tensor:
-        x = batch.float().div_(255.0)
-        if self.card.input_px is not None and self.card.input_px != x.shape[-1]:
-            size = (self.card.input_px, self.card.input_px)
-            x = nn.functional.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
-        x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            out = self.module(x)
-        return out.float().cpu()
-
-    def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"features": self.features(batch)}
+def resized(x: torch.Tensor, card: EncoderCard) -> torch.Tensor:
+    """Tiles (B, 3, T, T) at the edge the network takes (bicubic with antialiasing, as PIL resizes in the encoders'
+    published recipes); unchanged when they already are. Per-channel normalisation commutes with it."""
+    size = card.network_px
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return nn.functional.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)

@@ -15,6 +15,7 @@ import torch
 
 from wsi_pipeline.models.architectures import has_batchnorm
 from wsi_pipeline.models.card import ModelCard
+from wsi_pipeline.models.encoder_head import HEAD_FILE, encoder_head_module
 from wsi_pipeline.models.folders import WEIGHTS_FILE, ModelError
 from wsi_pipeline.models.formats import ModelFormat, PredictorOptions, model_format, register_format
 from wsi_pipeline.models.loading import LoadedModel, onnx_session, safetensors_module, torchscript_module
@@ -199,3 +200,4 @@ def make_predictor(model: LoadedModel, device: torch.device, options: PredictorO
 register_format(ModelFormat("safetensors", WEIGHTS_FILE, safetensors_module))
 register_format(ModelFormat("torchscript", "model.torchscript.pt", torchscript_module, optimisable=False))
 register_format(ModelFormat("onnx", "model.onnx", onnx_session, predictor=OnnxPredictor, optimisable=False))
+register_format(ModelFormat("encoder_head", HEAD_FILE, encoder_head_module))

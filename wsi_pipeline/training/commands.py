@@ -60,7 +60,14 @@ def train_model(settings: TrainSettings, data: tuple[str, ...], out: Path) -> tu
     else:
         train_items, val_items = split_by_group(items, s.val_fraction, s.seed)
     device = resolve_device(s.device)
-    if s.point_detector:
+    if s.from_embeddings is not None and s.encoder is not None:
+        from wsi_pipeline.training.classifier.from_embeddings import train_head
+
+        card = train_head(
+            train_items, val_items, cfg, out, device=device, encoder_dir=Path(s.encoder),
+            cache=Path(s.from_embeddings), head_kind=s.head,
+        )  # fmt: skip
+    elif s.point_detector:
         from wsi_pipeline.training.detector.train import train_point_detector
 
         card = train_point_detector(train_items, val_items, cfg, out, device=device, augmentation=s.augmentation())

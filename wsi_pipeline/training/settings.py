@@ -66,6 +66,11 @@ class TrainSettings(StrictModel):
     workers: int = Field(1, ge=0)
     describe: str = ""
     freeze_backbone: bool = False
+    from_embeddings: str | None = Field(
+        None, description="a folder caching the encoder's features of the tiles: train only a head on them"
+    )
+    encoder: str | None = Field(None, description="the encoder folder (or model folder) of --from-embeddings")
+    head: Literal["linear", "mlp"] = Field("linear", description="the head trained on embeddings")
     init: str | None = None
     init_head: bool = Field(
         False, description="also take the head from --init (continuing a model); false: a new head (transfer)"
@@ -126,6 +131,14 @@ class TrainSettings(StrictModel):
                     "data's tile size and µm/px, e.g. --tile-px 224 --mpp 0.5), or tile_px and mpp in the recipe"
                 )
             self.__dict__["arch"] = self.arch or ("small_unet" if self.makes_maps else "small_cnn")
+        return self
+
+    @model_validator(mode="after")
+    def _embeddings(self) -> TrainSettings:
+        if (self.from_embeddings is None) != (self.encoder is None):
+            raise ValueError("--from-embeddings DIR and --encoder DIR go together (the cache and the encoder)")
+        if self.from_embeddings is not None and self.makes_maps:
+            raise ValueError("--from-embeddings trains a tile classifier's head, not a map (point detector, class_map)")
         return self
 
     @model_validator(mode="after")
