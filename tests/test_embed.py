@@ -23,6 +23,8 @@ from wsi_pipeline.slide import Slide
 from wsi_pipeline.slide.tiling import plan_tiles
 from wsi_pipeline.slide.tissue import detect_tissue
 
+pytestmark = pytest.mark.e2e  # the CLI in subprocesses / whole runs
+
 IMAGENET = Normalisation(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 
 

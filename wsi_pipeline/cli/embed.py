@@ -23,6 +23,13 @@ from wsi_pipeline.cli.inference import _shard, encoder_overrides, execute_run, s
     help="An encoder folder (import-encoder makes one) or one of our model folders (its penultimate features); "
     "repeatable: one read feeds every encoder of the same µm/px and tile size.",
 )
+@click.option(
+    "--slide-model",
+    "slide_model_dir",
+    type=click.Path(file_okay=False, exists=True),
+    default=None,
+    help="A slide-level model (train-slide) reading one of these encoders: each slide's score, class and attention.",
+)
 @click.option("--format", "file_format", type=click.Choice(["zarr", "h5"]), default=None, help="[embed.format: zarr]")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default=None, help="[embed.dtype: float16]")
 @click.option("--slide-list", type=click.Path(dir_okay=False), default=None, help="One slide path per line.")
@@ -40,6 +47,7 @@ def embed(
     slides: tuple[str, ...],
     out_dir: str,
     encoders: tuple[str, ...],
+    slide_model_dir: str | None,
     file_format: str | None,
     dtype: str | None,
     slide_list: str | None,
@@ -59,6 +67,7 @@ def embed(
     inputs = slide_inputs(slides, slide_list)
     extra = [f"embed.format={file_format}"] if file_format else []
     extra += [f"embed.dtype={dtype}"] if dtype else []
+    extra += [f"slide_classifier.model={slide_model_dir}"] if slide_model_dir else []
     cfg = run_config(config_path, (*overrides, *extra, *encoder_overrides(encoders)), backend)
     execute_run(
         inputs, Path(out_dir), cfg, [], device=device, workers=workers, progress=progress, overwrite=overwrite,

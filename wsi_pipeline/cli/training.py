@@ -368,6 +368,13 @@ def export_model_cmd(model_dir: str, out_dir: str, target_format: str) -> None:
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--positive", default=None, help="The positive label value [the larger of the two].")
+@click.option(
+    "--held-out",
+    "held_out",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="A second labels CSV whose slides are the held-out fold (instead of a random split by patient).",
+)
 def train_slide(
     labels: str,
     embeddings: str,
@@ -378,13 +385,17 @@ def train_slide(
     val_fraction: float,
     seed: int,
     positive: str | None,
+    held_out: str | None,
 ) -> None:
     """Train an attention-MIL slide classifier (gated ABMIL) from LABELS (CSV: slide_id,label[,patient]) and the
     EMBEDDINGS folder `embed` wrote (or a TRIDENT / CLAM folder of <slide_id>.h5), split by patient; `run
     --slide-model OUT --encoder ENC` then gives each slide's score, class and attention map."""
     from wsi_pipeline.training.slide_mil import SlideMilSettings, train_slide_classifier
 
-    settings = SlideMilSettings(encoder, epochs, lr, val_fraction=val_fraction, seed=seed, positive=positive)
+    settings = SlideMilSettings(
+        encoder, epochs, lr, val_fraction=val_fraction, seed=seed, positive=positive,
+        held_out=Path(held_out) if held_out else None,
+    )  # fmt: skip
     card = train_slide_classifier(Path(labels), Path(embeddings), Path(out_dir), settings)
     v = card.metrics["validation"]
     low, high = v["roc_auc_ci95"]

@@ -44,6 +44,7 @@ class SlideMilSettings:
     seed: int = 0
     max_tiles: int = 8192  # tiles drawn per bag and epoch in training (all of them to score)
     positive: str | None = None
+    held_out: Path | None = None  # a second labels CSV: these slides are the held-out fold (no random split)
 
 
 def read_slide_labels(path: Path, positive: str | None = None) -> tuple[list[SlideLabel], list[str]]:
@@ -118,9 +119,19 @@ def train_slide_classifier(labels_csv: Path, root: Path, out: Path, s: SlideMilS
     model folder with its card: held-out AUC with a bootstrap 95 % interval, the operating point (Youden)."""
     started = time.perf_counter()
     labels, classes = read_slide_labels(labels_csv, s.positive)
+    if s.held_out is not None:
+        held, held_classes = read_slide_labels(s.held_out, s.positive)
+        if held_classes != classes:
+            raise DataError(f"{s.held_out}: labels {held_classes} differ from {labels_csv}'s {classes}")
+        shared = {h.group for h in held} & {t.group for t in labels}
+        if shared:
+            raise DataError(f"{s.held_out} shares patients with {labels_csv} (e.g. {sorted(shared)[0]}): not held out")
+        train, val = labels, held
+        labels = [*labels, *held]
+    else:
+        train, val = split_by_group(labels, s.val_fraction, s.seed)
     bags, attrs = load_bags(root, labels, s.encoder)
     index = {label.slide_id: i for i, label in enumerate(labels)}
-    train, val = split_by_group(labels, s.val_fraction, s.seed)
     torch.manual_seed(s.seed)
     rng = np.random.default_rng(s.seed)
     dim = bags[0].shape[1]
@@ -165,11 +176,14 @@ def train_slide_classifier(labels_csv: Path, root: Path, out: Path, s: SlideMilS
             "training": {
                 "labels": str(labels_csv),
                 "embeddings": str(root),
-                "split": "by patient (the labels' patient column; each slide alone without one)",
+                "split": f"held-out labels {s.held_out}"
+                if s.held_out
+                else "by patient (the labels' patient column; each slide alone without one)",
+                "train_slides": [t.slide_id for t in train],
                 "val_slides": [v.slide_id for v in val],
                 "best_epoch": best[1],
                 "history": history,
-                "settings": s.__dict__,
+                "settings": {k: str(v) if isinstance(v, Path) else v for k, v in s.__dict__.items()},
                 "seconds": round(time.perf_counter() - started, 1),
                 "command": command_line(),
             },
