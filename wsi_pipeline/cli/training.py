@@ -401,6 +401,7 @@ def train_slide(
     low, high = v["roc_auc_ci95"]
     click.echo(
         f"slide model in {out_dir}: held-out ROC AUC {v['roc_auc']:.3f} [95 % CI {low:.3f}, {high:.3f}] on "
-        f"{card.metrics['slides']['validation']} slides ({card.metrics['slides']['train']} trained on), threshold "
-        f"{card.threshold:.3f} (sensitivity {v['sensitivity']:.2f}, specificity {v['specificity']:.2f})"
+        f"{card.metrics['slides']['validation']} slides ({card.metrics['slides']['train']} trained on, "
+        f"{card.metrics['slides']['tune']} to choose the epoch and threshold {card.threshold:.3f}: sensitivity "
+        f"{v['sensitivity']:.2f}, specificity {v['specificity']:.2f} on the held-out slides)"
     )

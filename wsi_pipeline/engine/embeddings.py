@@ -158,8 +158,9 @@ def read_embeddings(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]
     if path.suffix == ".h5":
         import h5py
 
-        with h5py.File(path, "r") as f:
-            attrs = {k: (json.loads(v) if k == "encoder" else v) for k, v in f.attrs.items()}
+        with h5py.File(path, "r") as f:  # TRIDENT and CLAM keep the geometry on `coords`, we on the file too
+            merged = {**f["coords"].attrs, **f.attrs}
+            attrs = {k: (json.loads(v) if k == "encoder" and isinstance(v, str) else v) for k, v in merged.items()}
             return np.asarray(f["features"][...], np.float32), np.asarray(f["coords"][...]), attrs
     import zarr
 

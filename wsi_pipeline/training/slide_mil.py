@@ -25,6 +25,7 @@ from wsi_pipeline.training.loop import command_line
 from wsi_pipeline.training.metrics import bootstrap_auc, roc_auc, youden_threshold
 
 SHOWN = 10  # missing slides named in a refusal
+TUNING_FRACTION = 0.2  # of the training patients: they choose the epoch and the threshold, never the held-out ones
 
 
 @dataclass(frozen=True)
@@ -115,8 +116,9 @@ def encoder_ref(name: str, attrs: dict[str, Any], dim: int) -> SlideEncoderRef:
 
 
 def train_slide_classifier(labels_csv: Path, root: Path, out: Path, s: SlideMilSettings) -> SlideModelCard:
-    """Fit on the training fold (Adam, one slide per step, the epoch with the best held-out AUC kept), and write the
-    model folder with its card: held-out AUC with a bootstrap 95 % interval, the operating point (Youden)."""
+    """Fit on the training slides (AdamW, one slide per step); a fifth of their patients (the tuning fold) chooses
+    the epoch and the operating point (Youden); the held-out fold, never used to choose anything, gives the card's
+    figures: ROC AUC with a bootstrap 95 % interval, sensitivity and specificity at that threshold."""
     started = time.perf_counter()
     labels, classes = read_slide_labels(labels_csv, s.positive)
     if s.held_out is not None:
@@ -132,6 +134,10 @@ def train_slide_classifier(labels_csv: Path, root: Path, out: Path, s: SlideMilS
         train, val = split_by_group(labels, s.val_fraction, s.seed)
     bags, attrs = load_bags(root, labels, s.encoder)
     index = {label.slide_id: i for i, label in enumerate(labels)}
+    try:
+        fit, tune = split_by_group(train, TUNING_FRACTION, s.seed + 1)
+    except DataError:  # too few patients of a class to spare: the last epoch and a 0.5 threshold
+        fit, tune = train, []
     torch.manual_seed(s.seed)
     rng = np.random.default_rng(s.seed)
     dim = bags[0].shape[1]
@@ -143,35 +149,53 @@ def train_slide_classifier(labels_csv: Path, root: Path, out: Path, s: SlideMilS
     for epoch in range(s.epochs):
         model.train()
         losses = []
-        for i in rng.permutation(len(train)):
-            bag = bags[index[train[i].slide_id]]
+        for i in rng.permutation(len(fit)):
+            bag = bags[index[fit[i].slide_id]]
             if len(bag) > s.max_tiles:
                 bag = bag[rng.choice(len(bag), s.max_tiles, replace=False)]
             logits, _ = model(torch.from_numpy(bag))
-            loss = torch.nn.functional.cross_entropy(logits[None], torch.tensor([train[i].label]))
+            loss = torch.nn.functional.cross_entropy(logits[None], torch.tensor([fit[i].label]))
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
             losses.append(loss.item())
-        scores = score_slides(model, [bags[index[v.slide_id]] for v in val])
-        auc = roc_auc([v.label for v in val], scores)
-        val_loss = log_loss([v.label for v in val], scores)
-        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "val_auc": auc, "val_loss": val_loss})
-        if (auc, -val_loss) > best[0]:  # the best AUC; among equal ones (1.0 is often reached at once), the surest
-            best = ((auc, -val_loss), epoch, {k: v.clone() for k, v in model.state_dict().items()})
+        record: dict[str, float] = {"epoch": epoch, "loss": float(np.mean(losses))}
+        if tune:
+            scores = score_slides(model, [bags[index[t.slide_id]] for t in tune])
+            auc = roc_auc([t.label for t in tune], scores)
+            tune_loss = log_loss([t.label for t in tune], scores)
+            record |= {"tune_auc": auc, "tune_loss": tune_loss}
+        history.append(record)
+        key = (auc, -tune_loss) if tune else (float(epoch), 0.0)
+        if key > best[0]:  # the best tuning AUC; among equal ones (1.0 is often reached at once), the surest
+            best = (key, epoch, {k: v.clone() for k, v in model.state_dict().items()})
     model.load_state_dict(best[2])
     model.eval()
-    truth = [v.label for v in val]
-    scores = score_slides(model, [bags[index[v.slide_id]] for v in val])
-    auc, low, high = bootstrap_auc(np.asarray(truth), np.asarray(scores))
-    point = youden_threshold(truth, scores)
+    threshold = 0.5
+    if tune:
+        threshold = youden_threshold(
+            [t.label for t in tune], score_slides(model, [bags[index[t.slide_id]] for t in tune])
+        )["threshold"]
+    truth = np.asarray([v.label for v in val])
+    held_scores = np.asarray(score_slides(model, [bags[index[v.slide_id]] for v in val]))
+    auc, low, high = bootstrap_auc(truth, held_scores)
+    called = held_scores >= threshold
     card = card.model_copy(
         update={
-            "threshold": float(point["threshold"]),
+            "threshold": float(threshold),
             "metrics": {
-                "validation": {"roc_auc": auc, "roc_auc_ci95": [low, high], **point},
-                "selected_by": "held-out ROC AUC, then held-out log loss (best epoch)",
-                "slides": {"train": len(train), "validation": len(val)},
+                "validation": {
+                    "roc_auc": auc,
+                    "roc_auc_ci95": [low, high],
+                    "threshold": float(threshold),
+                    "sensitivity": float(called[truth == 1].mean()),
+                    "specificity": float((~called[truth == 0]).mean()),
+                },
+                "selected_by": "tuning-fold ROC AUC, then log loss (best epoch); threshold: Youden's J on the "
+                "tuning fold; figures: the held-out fold"
+                if tune
+                else "the last epoch (too few patients to tune on); threshold 0.5; figures: the held-out fold",
+                "slides": {"train": len(fit), "tune": len(tune), "validation": len(val)},
             },
             "training": {
                 "labels": str(labels_csv),
@@ -179,7 +203,8 @@ def train_slide_classifier(labels_csv: Path, root: Path, out: Path, s: SlideMilS
                 "split": f"held-out labels {s.held_out}"
                 if s.held_out
                 else "by patient (the labels' patient column; each slide alone without one)",
-                "train_slides": [t.slide_id for t in train],
+                "train_slides": [t.slide_id for t in fit],
+                "tune_slides": [t.slide_id for t in tune],
                 "val_slides": [v.slide_id for v in val],
                 "best_epoch": best[1],
                 "history": history,
