@@ -10,7 +10,7 @@ DATA   ?= ../shared/data
 MODELS := wsi_pipeline/models/defaults
 MODELS_WORK ?= build/models
 
-.PHONY: install test lint demo bench bench-peers device-kit models models-domain models-mpp models-ablations clean help
+.PHONY: install test lint demo bench bench-peers bench-embed device-kit models models-domain models-mpp models-ablations clean help
 
 help:
 	@echo "make install  create $(VENV) and install wsi-pipeline with its dependencies"
@@ -19,6 +19,7 @@ help:
 	@echo "make lint     ruff check + format check + import contracts (lint-imports) + type check (mypy)"
 	@echo "make bench    benchmarks (JSON in benchmarks/results/)"
 	@echo "make bench-peers  TIAToolbox 1.3.2 beside wsi-pipeline predict (builds build/peers-venv first)"
+	@echo "make bench-embed  tile embeddings (ViT-S/16, ViT-B/16) beside TIAToolbox's feature extractor"
 	@echo "make device-kit  wheels (.whl) and a slide (.device-data) for benchmarks/device/check.sh on a GPU machine"
 	@echo "make models   retrain the three shipped models from $(DATA), with cross-source studies (CPU: about 70 min)"
 
@@ -65,11 +66,15 @@ $(PEERS_VENV)/.installed:
 	$(PYTHON) -m venv $(PEERS_VENV)
 	$(PEERS_VENV)/bin/python -m pip install --upgrade pip
 	$(PEERS_VENV)/bin/python -m pip install $(TORCH_SPEC)
-	$(PEERS_VENV)/bin/python -m pip install "tiatoolbox==1.3.2" "setuptools<81" openslide-bin
+	$(PEERS_VENV)/bin/python -m pip install "tiatoolbox==1.3.2" "setuptools<81" openslide-bin "timm==1.0.31"
 	touch $@
 
 bench-peers: $(STAMP) $(PEERS_VENV)/.installed
 	$(BIN)/python benchmarks/peers.py
+
+# tile embeddings (ViT-S/16, ViT-B/16) beside TIAToolbox's feature extractor (benchmarks/results/embed.json)
+bench-embed: $(STAMP) $(PEERS_VENV)/.installed
+	$(BIN)/python benchmarks/embed.py
 
 # what benchmarks/device/check.sh needs on a lent GPU machine that reaches no registry (docs/benchmarks.md)
 device-kit: $(STAMP)
