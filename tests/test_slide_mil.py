@@ -82,8 +82,9 @@ def test_abmil_learns_the_cohort_and_attends_to_the_lesions(cohort: dict[str, Pa
         tiles = shapely.box(coords[:, 0], coords[:, 1], coords[:, 0] + size, coords[:, 1] + size)
         inside = shapely.intersects(tiles, lesion_of(cohort["root"] / "slides" / f"{slide_id}.svs"))
         assert inside[np.argmax(attention)], f"{slide_id}: the most attended tile is outside the lesion"
-        # the lesion's tiles draw several times their share of the attention (measured 3.4-6.6x on this cohort)
-        assert attention[inside].sum() >= 2.5 * inside.mean(), (slide_id, attention[inside].sum(), inside.mean())
+        # the lesion's tiles draw several times their share of the attention (benchmarks/slide_mil.py: 2.4-fold at
+        # least, 6.0-fold in the median on 60 slides)
+        assert attention[inside].sum() >= 2 * inside.mean(), (slide_id, attention[inside].sum(), inside.mean())
 
 
 def test_run_gives_score_class_attention_image_and_tile_objects(cohort: dict[str, Path], tmp_path: Path) -> None:

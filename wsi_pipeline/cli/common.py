@@ -153,6 +153,13 @@ encoder_option = click.option(
     help="An encoder folder (import-encoder) or a model folder whose tile vectors to write to "
     "<slide_id>/embeddings/ (repeatable; embed.encoders of the configuration).",
 )
+slide_model_option = click.option(
+    "--slide-model",
+    "slide_model_dir",
+    type=click.Path(file_okay=False, exists=True),
+    default=None,
+    help="A slide-level model (train-slide): each slide's score, class and attention map; needs its --encoder.",
+)
 device_option = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 
 

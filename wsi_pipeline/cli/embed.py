@@ -7,7 +7,15 @@ from pathlib import Path
 
 import click
 
-from wsi_pipeline.cli.common import backend_option, config_option, device_option, mpp_or_auto, run_config, set_option
+from wsi_pipeline.cli.common import (
+    backend_option,
+    config_option,
+    device_option,
+    mpp_or_auto,
+    run_config,
+    set_option,
+    slide_model_option,
+)
 from wsi_pipeline.cli.inference import _shard, encoder_overrides, execute_run, slide_inputs
 
 
@@ -23,13 +31,7 @@ from wsi_pipeline.cli.inference import _shard, encoder_overrides, execute_run, s
     help="An encoder folder (import-encoder makes one) or one of our model folders (its penultimate features); "
     "repeatable: one read feeds every encoder of the same µm/px and tile size.",
 )
-@click.option(
-    "--slide-model",
-    "slide_model_dir",
-    type=click.Path(file_okay=False, exists=True),
-    default=None,
-    help="A slide-level model (train-slide) reading one of these encoders: each slide's score, class and attention.",
-)
+@slide_model_option
 @click.option("--format", "file_format", type=click.Choice(["zarr", "h5"]), default=None, help="[embed.format: zarr]")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default=None, help="[embed.dtype: float16]")
 @click.option("--slide-list", type=click.Path(dir_okay=False), default=None, help="One slide path per line.")

@@ -25,6 +25,7 @@ from wsi_pipeline.cli.common import (
     mpp_or_auto,
     run_config,
     set_option,
+    slide_model_option,
     slide_mpp_option,
     slide_with_mpp,
     work_done,
@@ -150,13 +151,7 @@ def predict(
     help="Per-tile progress bars (the one line per finished slide always comes).",
 )
 @encoder_option
-@click.option(
-    "--slide-model",
-    "slide_model_dir",
-    type=click.Path(file_okay=False, exists=True),
-    default=None,
-    help="A slide-level model (train-slide): each slide's score, class and attention map; needs its --encoder.",
-)
+@slide_model_option
 @backend_option
 @config_option
 @set_option
