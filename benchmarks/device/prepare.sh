@@ -13,7 +13,7 @@ DATA=${WSI_SHARED_DATA:-../shared/data}
 # hold, plus tifffile and typing-extensions, whose versions there are not known (small); each at the version this
 # project is tested with (.venv). scikit-image (13.6 MB) stays out: with it the kit passes the 64 MiB a call carries;
 # check.sh prints the version it finds there. tests/test_device_kit.py keeps both lists in step with pyproject.toml.
-ON_DEVICE="torch torchvision numpy pillow scikit-image click pyyaml tqdm safetensors matplotlib h5py"
+ON_DEVICE="torch torchvision numpy pillow scikit-image click pyyaml tqdm safetensors matplotlib h5py timm"
 PACKAGES="openslide-python openslide-bin zarr numcodecs donfig google-crc32c dask distributed partd locket tblib
 tornado zict shapely imagecodecs tifffile pydantic pydantic-core annotated-types typing-inspection typing-extensions
 scikit-learn joblib threadpoolctl"
