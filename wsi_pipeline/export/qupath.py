@@ -5,12 +5,13 @@ Coordinates are level-0 pixels of the image as QuPath opens it: OpenSlide coordi
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import math
 import os
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,17 +82,31 @@ def write_feature_collection(
 
     Returns the number of features written. The file appears only when complete.
     """
-    path = Path(path)
-    compress = path.suffix == ".gz" if compress is None else compress
+    return write_feature_collections([path], features, compress=compress)
+
+
+def write_feature_collections(
+    paths: Sequence[str | os.PathLike[str]], features: Iterable[Mapping[str, Any]], *, compress: bool | None = None
+) -> int:
+    """The same collection to every path of `paths` from one pass over `features` (each made and serialised once:
+    qupath.geojson and its .gz), each gzipped when its name ends .gz; each file appears only when complete."""
+    targets = [Path(p) for p in paths]
     count = 0
-    with atomic_path(path) as tmp:
-        raw = gzip.open(tmp, "wt", encoding="utf-8") if compress else open(tmp, "w", encoding="utf-8")  # noqa: SIM115
-        with raw as fh:
+    with contextlib.ExitStack() as stack:
+        handles = []
+        for target in targets:
+            tmp = stack.enter_context(atomic_path(target))
+            zipped = target.suffix == ".gz" if compress is None else compress
+            opened = gzip.open(tmp, "wt", encoding="utf-8") if zipped else open(tmp, "w", encoding="utf-8")  # noqa: SIM115
+            handles.append(stack.enter_context(opened))
+        for fh in handles:
             fh.write('{"type": "FeatureCollection", "features": [')
-            for feat in features:
-                fh.write(",\n" if count else "\n")
-                fh.write(json.dumps(feat, allow_nan=False, separators=(",", ":")))
-                count += 1
+        for feat in features:
+            text = (",\n" if count else "\n") + json.dumps(feat, allow_nan=False, separators=(",", ":"))
+            for fh in handles:
+                fh.write(text)
+            count += 1
+        for fh in handles:
             fh.write("\n]}\n")
     return count
 

@@ -28,6 +28,7 @@ from wsi_pipeline.export.qupath import (
     tile_features,
     tissue_features,
     write_feature_collection,
+    write_feature_collections,
 )
 from wsi_pipeline.heatmap import open_heatmap
 from wsi_pipeline.run.qc import QcFinding, qc_features, write_qc_overlay
@@ -129,11 +130,10 @@ def write_task_outputs(
     write_json(out.summary, summary)
     offset = qupath_offset(slide)
     write_point_tables(out, results, offset)
-    for target in [out.qupath, *([out.qupath_gz] if export.geojson_gzip else [])]:
-        features = qupath_features(slide_id, tissue, results, requests, out, offset)
-        if quality is not None:
-            features = chain(features, qc_features(quality, slide_id, (mpp.x, mpp.y), offset))
-        write_feature_collection(target, features)
+    features = qupath_features(slide_id, tissue, results, requests, out, offset)
+    if quality is not None:
+        features = chain(features, qc_features(quality, slide_id, (mpp.x, mpp.y), offset))
+    write_feature_collections([out.qupath, *([out.qupath_gz] if export.geojson_gzip else [])], features)
     picture = overview_picture(slide)
     write_overview(out, tissue, results, picture)
     write_task_overlays(out, slide, slide_id, tissue, results)
