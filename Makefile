@@ -18,7 +18,7 @@ help:
 	@echo "make demo     run the pipeline on a built-in synthetic slide and say where the outputs are"
 	@echo "make lint     ruff check + format check + import contracts (lint-imports) + type check (mypy)"
 	@echo "make bench    benchmarks (JSON in benchmarks/results/)"
-	@echo "make bench-peers  TIAToolbox 1.3.2 beside wsi-pipeline predict (builds build/peers-venv first)"
+	@echo "make bench-peers  TIAToolbox 1.3.2 and WSInfer 0.6.1 beside wsi-pipeline predict (builds their venvs first)"
 	@echo "make bench-embed  tile embeddings (ViT-S/16, ViT-B/16) beside TIAToolbox's feature extractor"
 	@echo "make device-kit  wheels (.whl) and a slide (.device-data) for benchmarks/device/check.sh on a GPU machine"
 	@echo "make models   retrain the three shipped models from $(DATA), with cross-source studies (CPU: about 70 min)"
@@ -69,7 +69,16 @@ $(PEERS_VENV)/.installed:
 	$(PEERS_VENV)/bin/python -m pip install "tiatoolbox==1.3.2" "setuptools<81" openslide-bin "timm==1.0.31"
 	touch $@
 
-bench-peers: $(STAMP) $(PEERS_VENV)/.installed
+# WSInfer 0.6.1 in its own venv too (it needs zarr < 3 and tiffslide < 3; it runs TorchScript files only)
+WSINFER_VENV := build/wsinfer-venv
+$(WSINFER_VENV)/.installed:
+	$(PYTHON) -m venv $(WSINFER_VENV)
+	$(WSINFER_VENV)/bin/python -m pip install --upgrade pip
+	$(WSINFER_VENV)/bin/python -m pip install $(TORCH_SPEC)
+	$(WSINFER_VENV)/bin/python -m pip install "wsinfer==0.6.1" "zarr<3" "tiffslide<3" openslide-python openslide-bin
+	touch $@
+
+bench-peers: $(STAMP) $(PEERS_VENV)/.installed $(WSINFER_VENV)/.installed
 	$(BIN)/python benchmarks/peers.py
 
 # tile embeddings (ViT-S/16, ViT-B/16) beside TIAToolbox's feature extractor (benchmarks/results/embed.json)

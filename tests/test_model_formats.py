@@ -76,7 +76,9 @@ def test_a_format_registered_from_this_file_loads_a_folder_and_runs_end_to_end(d
     module = seeded(build("small_cnn", 2, width=4, blocks=2), 3).eval()
     save_model(tmp_path / "safetensors", module, card)
     npz = _write_npz_folder(tmp_path / "npz", module, card)
-    with pytest.raises(ModelError, match=f"unknown model format '{NPZ}'; known: onnx, safetensors, torchscript"):
+    with pytest.raises(
+        ModelError, match=f"unknown model format '{NPZ}'; known: encoder_head, onnx, safetensors, torchscript"
+    ):
         load_model(npz)
     register()
     try:

@@ -56,6 +56,10 @@ class GatedAttentionMIL(nn.Module):
 
     def __init__(self, dim: int, classes: int, hidden: int = 256, attention_hidden: int = 128, dropout: float = 0.25):
         super().__init__()
+        # each feature standardised by the training tiles' mean and spread (set by train-slide, saved with the
+        # weights): encoders' vectors come in any scale, and the first layer then learns alike for all of them
+        self.register_buffer("feature_mean", torch.zeros(dim))
+        self.register_buffer("feature_scale", torch.ones(dim))
         self.embed = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout))
         self.attention_v = nn.Sequential(nn.Linear(hidden, attention_hidden), nn.Tanh())
         self.attention_u = nn.Sequential(nn.Linear(hidden, attention_hidden), nn.Sigmoid())
@@ -63,7 +67,7 @@ class GatedAttentionMIL(nn.Module):
         self.classifier = nn.Linear(hidden, classes)
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.embed(features)
+        h = self.embed((features - self.feature_mean) / self.feature_scale)
         scores = self.attention_w(self.attention_v(h) * self.attention_u(h)).squeeze(-1)
         attention = torch.softmax(scores, dim=0)
         return self.classifier(attention @ h), attention

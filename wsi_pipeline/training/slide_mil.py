@@ -143,6 +143,7 @@ def train_slide_classifier(labels_csv: Path, root: Path, out: Path, s: SlideMilS
     dim = bags[0].shape[1]
     card = SlideModelCard(name=out.name, encoder=encoder_ref(s.encoder, attrs[0], dim), classes=classes)
     model = build_slide_model(card)
+    standardise(model, [bags[index[f.slide_id]] for f in fit], rng)
     optimiser = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     best: tuple[tuple[float, float], int, dict[str, torch.Tensor]] = ((-1.0, 0.0), -1, {})
     history = []
@@ -216,6 +217,18 @@ def train_slide_classifier(labels_csv: Path, root: Path, out: Path, s: SlideMilS
     )
     save_slide_model(out, model, card)
     return card
+
+
+STATS_ROWS = 200_000  # training tiles the standardisation is measured on (a sample of a large cohort)
+
+
+def standardise(model: torch.nn.Module, bags: list[np.ndarray], rng: np.random.Generator) -> None:
+    """Set the model's feature mean and spread from the training bags' tiles (a sample of at most STATS_ROWS)."""
+    rows = np.concatenate(bags)
+    if len(rows) > STATS_ROWS:
+        rows = rows[rng.choice(len(rows), STATS_ROWS, replace=False)]
+    model.feature_mean.copy_(torch.from_numpy(rows.mean(0)))
+    model.feature_scale.copy_(torch.from_numpy(np.maximum(rows.std(0), 1e-6)))
 
 
 def log_loss(labels: list[int], scores: list[float]) -> float:
