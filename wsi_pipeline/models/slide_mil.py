@@ -58,6 +58,8 @@ class GatedAttentionMIL(nn.Module):
         super().__init__()
         # each feature standardised by the training tiles' mean and spread (set by train-slide, saved with the
         # weights): encoders' vectors come in any scale, and the first layer then learns alike for all of them
+        self.feature_mean: torch.Tensor
+        self.feature_scale: torch.Tensor
         self.register_buffer("feature_mean", torch.zeros(dim))
         self.register_buffer("feature_scale", torch.ones(dim))
         self.embed = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout))

@@ -14,6 +14,7 @@ import torch
 
 from wsi_pipeline.engine.embeddings import read_embeddings
 from wsi_pipeline.models.slide_mil import (
+    GatedAttentionMIL,
     SlideEncoderRef,
     SlideModelCard,
     build_slide_model,
@@ -222,7 +223,7 @@ def train_slide_classifier(labels_csv: Path, root: Path, out: Path, s: SlideMilS
 STATS_ROWS = 200_000  # training tiles the standardisation is measured on (a sample of a large cohort)
 
 
-def standardise(model: torch.nn.Module, bags: list[np.ndarray], rng: np.random.Generator) -> None:
+def standardise(model: GatedAttentionMIL, bags: list[np.ndarray], rng: np.random.Generator) -> None:
     """Set the model's feature mean and spread from the training bags' tiles (a sample of at most STATS_ROWS)."""
     rows = np.concatenate(bags)
     if len(rows) > STATS_ROWS:
