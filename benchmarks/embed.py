@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from _report import machine_facts, write_report
-from peers import PEERS_PYTHON, measured
+from peers import PEERS_PYTHON, measured, median_ratio
 
 ARCHES = ("vit_small_patch16_224", "vit_base_patch16_224")
 TIATOOLBOX_SCRIPT = r'''
@@ -229,13 +229,11 @@ def main() -> None:
             tia_rate = [r["tiatoolbox"]["patches_per_s"] for r in mine]  # type: ignore[index]
             figures["tiatoolbox_patches_per_s"] = statistics.median(tia_rate)
             for p in ("auto", "fp32"):
-                figures[f"ours_{p}_over_tiatoolbox_patches_per_s"] = statistics.median(
-                    r[f"wsi_pipeline_{p}"]["patches_per_s"] / r["tiatoolbox"]["patches_per_s"]
-                    for r in mine  # type: ignore[index]
+                figures[f"ours_{p}_over_tiatoolbox_patches_per_s"] = median_ratio(
+                    mine, f"wsi_pipeline_{p}", "tiatoolbox", "patches_per_s"
                 )
-            figures["peak_rss_ours_fp32_over_tiatoolbox"] = statistics.median(
-                r["wsi_pipeline_fp32"]["peak_rss_mb"] / r["tiatoolbox"]["peak_rss_mb"]
-                for r in mine  # type: ignore[index]
+            figures["peak_rss_ours_fp32_over_tiatoolbox"] = median_ratio(
+                mine, "wsi_pipeline_fp32", "tiatoolbox", "peak_rss_mb"
             )
         summary[arch] = figures
     write_report(

@@ -151,6 +151,11 @@ def rated(measure: dict[str, object], patches: int) -> dict[str, object]:
     return {**measure, "patches": patches, "patches_per_s": patches / float(measure["seconds"])}  # type: ignore[arg-type]
 
 
+def median_ratio(rows: list[dict[str, object]], ours: str, peer: str, key: str) -> float:
+    """The median over `rows` of ours[key] / peer[key] (each row: one round of the tools)."""
+    return statistics.median(float(r[ours][key]) / float(r[peer][key]) for r in rows)  # type: ignore[index]
+
+
 def wsinfer_patches(results: Path) -> int:
     """Rows of the one CSV WSInfer wrote (a header, then a patch per line)."""
     table = next((results / "model-outputs-csv").glob("*.csv"))
@@ -227,15 +232,9 @@ def main() -> None:
                 continue
             for precision in ("auto", "fp32"):
                 ours = f"wsi_pipeline_{precision}"
-                figures[f"patches_per_s_ours_{precision}_over_{peer}"] = statistics.median(
-                    r[ours]["patches_per_s"] / r[peer]["patches_per_s"]
-                    for r in mine  # type: ignore[index]
-                )
+                figures[f"patches_per_s_ours_{precision}_over_{peer}"] = median_ratio(mine, ours, peer, "patches_per_s")
             for memory in ("peak_rss_mb", "peak_pss_mb"):
-                figures[f"{memory}_ours_over_{peer}"] = statistics.median(
-                    r["wsi_pipeline_auto"][memory] / r[peer][memory]
-                    for r in mine  # type: ignore[index]
-                )
+                figures[f"{memory}_ours_over_{peer}"] = median_ratio(mine, "wsi_pipeline_auto", peer, memory)
         summary[slide_name] = figures
     write_report(
         args.out,
