@@ -1,6 +1,6 @@
 """Cohort throughput: `wsi-pipeline run` over a folder of small slides, and where its time goes.
 
-The cohort: 12 copies of CMU-1-Small-Region (links) and synthetic slides of three sizes. Each configuration (the
+The cohort: 12 copies of CMU-1-Small-Region and synthetic slides of three sizes. Each configuration (the
 epithelium task alone, then every default task) is one whole `run` process: wall seconds, peak RSS over its process
 tree, slides per hour; from each slide's run.json, each stage's seconds per slide and the models' forward passes
 (`model_s` of the engine's reads). `model_busy_fraction` = the models' seconds / the batch's wall time: how much of
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -35,7 +36,7 @@ def make_cohort(folder: Path) -> int:
     folder.mkdir()
     cmu = shared_slide("CMU-1-Small-Region.svs")
     for i in range(COPIES):
-        (folder / f"cmu{i + 1:02d}.svs").symlink_to(cmu)
+        shutil.copyfile(cmu, folder / f"cmu{i + 1:02d}.svs")  # copies: links to one file are one slide to `run`
     for i, (width, height, mpp) in enumerate(SYNTHETIC):
         write_synthetic_slide(folder / f"synth{i + 1}.svs", default_layout(width, height, mpp, seed=40 + i))
     return COPIES + len(SYNTHETIC)
@@ -75,13 +76,15 @@ def main() -> None:
     parser.add_argument("--label", default="current")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="benchmarks/results/cohort.json")
+    parser.add_argument("--configs", default=",".join(CONFIGURATIONS), help="which of: " + ", ".join(CONFIGURATIONS))
     args = parser.parse_args()
     revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     results: dict[str, object] = {}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         slides = make_cohort(tmp / "cohort")
-        for name, options in CONFIGURATIONS.items():
+        for name in args.configs.split(","):
+            options = CONFIGURATIONS[name]
             out = tmp / f"out-{name}"
             command = [sys.executable, "-m", "wsi_pipeline.cli", "run", str(tmp / "cohort"), "-o", str(out),
                        "--device", args.device, "--no-progress", *options]  # fmt: skip
@@ -91,7 +94,7 @@ def main() -> None:
     path = Path(args.out)
     report = json.loads(path.read_text()) if path.exists() else {"benchmark": "cohort", "runs": {}}
     report["machine"] = machine_facts()
-    report["cohort"] = f"{COPIES} links to CMU-1-Small-Region + synthetic {SYNTHETIC} (width, height, µm/px)"
+    report["cohort"] = f"{COPIES} copies of CMU-1-Small-Region + synthetic {SYNTHETIC} (width, height, µm/px)"
     report["command"] = f".venv/bin/python benchmarks/cohort.py --label {args.label} --device {args.device}"
     report["runs"][args.label] = {"revision": revision, "device": args.device, "slides": slides, **results}
     write_report(path, report)
