@@ -12,11 +12,11 @@ import click
 from wsi_pipeline import __version__
 from wsi_pipeline.cli.cluster import gather, submit
 from wsi_pipeline.cli.common import WsiGroup, config_option, run_config, set_option
-from wsi_pipeline.cli.embed import embed, encoders_cmd, import_encoder_cmd
+from wsi_pipeline.cli.embed import embed, encoders_cmd, import_encoder_cmd, train_slide
 from wsi_pipeline.cli.inference import predict, run
 from wsi_pipeline.cli.models import calibrate_domain, colour_stats, demo, publish, study, train_mpp_estimator
 from wsi_pipeline.cli.slides import info, synth, tiles, tissue
-from wsi_pipeline.cli.training import evaluate, export_model_cmd, train, train_slide
+from wsi_pipeline.cli.training import evaluate, export_model_cmd, train
 from wsi_pipeline.config import dump_config, load_config_without_plugins
 
 

@@ -1,5 +1,6 @@
-"""Commands for tile encoders: list the shipped cards, import downloaded weights into an encoder folder, and embed
-slides (`run` with encoders and no task: the same resume, verification, shards and report)."""
+"""Commands for tile encoders: list the shipped cards, import downloaded weights into an encoder folder, embed
+slides (`run` with encoders and no task: the same resume, verification, shards and report), and train a slide-level
+model on the embeddings (`train-slide`)."""
 
 from __future__ import annotations
 
@@ -108,3 +109,54 @@ def encoders_cmd() -> None:
             f"{name:14s} {card.architecture.removeprefix('timm:'):32s} {card.dim:5d}-d {card.tile_px} px at "
             f"{card.mpp:g} µm/px, {card.pooling:8s} {source.repository} ({source.weights_file})"
         )
+
+
+@click.command("train-slide")
+@click.argument("labels", type=click.Path(dir_okay=False, exists=True))
+@click.argument("embeddings", type=click.Path(file_okay=False, exists=True))
+@click.option("--encoder", required=True, help="The encoder name whose embeddings to read (embeddings/<encoder>.zarr).")
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Slide-model folder.")
+@click.option("--epochs", type=click.IntRange(min=1), default=40, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option(
+    "--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.25, show_default=True
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--positive", default=None, help="The positive label value [the larger of the two].")
+@click.option(
+    "--held-out",
+    "held_out",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="A second labels CSV whose slides are the held-out fold (instead of a random split by patient).",
+)
+def train_slide(
+    labels: str,
+    embeddings: str,
+    encoder: str,
+    out_dir: str,
+    epochs: int,
+    lr: float,
+    val_fraction: float,
+    seed: int,
+    positive: str | None,
+    held_out: str | None,
+) -> None:
+    """Train an attention-MIL slide classifier (gated ABMIL) from LABELS (CSV: slide_id,label[,patient]) and the
+    EMBEDDINGS folder `embed` wrote (or a TRIDENT / CLAM folder of <slide_id>.h5), split by patient; `run
+    --slide-model OUT --encoder ENC` then gives each slide's score, class and attention map."""
+    from wsi_pipeline.training.slide_mil import SlideMilSettings, train_slide_classifier
+
+    settings = SlideMilSettings(
+        encoder, epochs, lr, val_fraction=val_fraction, seed=seed, positive=positive,
+        held_out=Path(held_out) if held_out else None,
+    )  # fmt: skip
+    card = train_slide_classifier(Path(labels), Path(embeddings), Path(out_dir), settings)
+    v = card.metrics["validation"]
+    low, high = v["roc_auc_ci95"]
+    click.echo(
+        f"slide model in {out_dir}: held-out ROC AUC {v['roc_auc']:.3f} [95 % CI {low:.3f}, {high:.3f}] on "
+        f"{card.metrics['slides']['validation']} slides ({card.metrics['slides']['train']} trained on, "
+        f"{card.metrics['slides']['tune']} to choose the epoch and threshold {card.threshold:.3f}: sensitivity "
+        f"{v['sensitivity']:.2f}, specificity {v['specificity']:.2f} on the held-out slides)"
+    )
