@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from wsi_pipeline.core.atomic import atomic_path, write_json
 from wsi_pipeline.core.errors import ConfigError
 from wsi_pipeline.core.inventory import file_sha256
 from wsi_pipeline.models.encoder_card import (
@@ -31,7 +30,7 @@ from wsi_pipeline.models.encoder_card import (
     shipped_encoder_cards,
 )
 from wsi_pipeline.models.folders import ModelError
-from wsi_pipeline.models.loading import load_model, readable
+from wsi_pipeline.models.loading import load_model, save_weights_and_card
 
 LOG = logging.getLogger("wsi_pipeline.models")
 SHOWN_KEYS = 3  # missing / unexpected keys named in a refusal
@@ -233,12 +232,7 @@ def save_encoder(out: Path, network: nn.Module, card: EncoderCard) -> Path:
 
 def write_encoder_folder(out: Path, state: dict[str, torch.Tensor], card: EncoderCard) -> Path:
     """weights.safetensors, then encoder.json with their sha256 (checked on every load)."""
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / ENCODER_WEIGHTS) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
-        readable(tmp)
-    card = card.model_copy(update={"weights_sha256": file_sha256(out / ENCODER_WEIGHTS)})
-    write_json(out / ENCODER_CARD, card.model_dump(mode="json"))
+    save_weights_and_card(out, state, ENCODER_WEIGHTS, ENCODER_CARD, card)
     return out
 
 

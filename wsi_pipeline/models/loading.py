@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from pydantic import BaseModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -57,14 +59,25 @@ class LoadedModel:
 def save_model(directory: str | os.PathLike[str], module: nn.Module, card: ModelCard) -> Path:
     """Weights, then the card with the weights' sha256 (checked on every load)."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    with atomic_path(directory / WEIGHTS_FILE) as tmp:
-        save_file(state, str(tmp))
-        readable(tmp)
-    card = card.model_copy(update={"weights_sha256": file_sha256(directory / WEIGHTS_FILE)})
-    write_json(directory / CARD_FILE, card.model_dump(mode="json"))
+    save_weights_and_card(directory, module.state_dict(), WEIGHTS_FILE, CARD_FILE, card)
     return directory
+
+
+CardT = TypeVar("CardT", bound=BaseModel)
+
+
+def save_weights_and_card(
+    directory: Path, state: Mapping[str, Any], weights_file: str, card_file: str, card: CardT
+) -> CardT:
+    """Any model folder (a model, an encoder, an encoder's head, a slide model): the tensors as safetensors, readable
+    as the umask allows, then the card with their sha256 (`weights_sha256`); returns that card."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_path(directory / weights_file) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+        readable(tmp)
+    card = card.model_copy(update={"weights_sha256": file_sha256(directory / weights_file)})
+    write_json(directory / card_file, card.model_dump(mode="json"))
+    return card
 
 
 def readable(path: Path) -> None:

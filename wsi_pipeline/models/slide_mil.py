@@ -15,10 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load_file
 from torch import nn
 
-from wsi_pipeline.core.atomic import atomic_path, write_json
 from wsi_pipeline.core.inventory import file_sha256
 from wsi_pipeline.models.folders import ModelError
-from wsi_pipeline.models.loading import readable
+from wsi_pipeline.models.loading import save_weights_and_card
 
 SLIDE_CARD = "slide_model.json"
 SLIDE_WEIGHTS = "weights.safetensors"
@@ -80,14 +79,7 @@ def build_slide_model(card: SlideModelCard) -> GatedAttentionMIL:
 
 
 def save_slide_model(out: Path, module: nn.Module, card: SlideModelCard) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    from safetensors.torch import save_file
-
-    with atomic_path(out / SLIDE_WEIGHTS) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(tmp))
-        readable(tmp)
-    card = card.model_copy(update={"weights_sha256": file_sha256(out / SLIDE_WEIGHTS)})
-    write_json(out / SLIDE_CARD, card.model_dump(mode="json"))
+    save_weights_and_card(out, module.state_dict(), SLIDE_WEIGHTS, SLIDE_CARD, card)
     return out
 
 

@@ -14,17 +14,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
-from wsi_pipeline.core.atomic import atomic_path, write_json
-from wsi_pipeline.core.inventory import file_sha256
+from wsi_pipeline.core.atomic import atomic_path
 from wsi_pipeline.engine.embeddings import EncoderPredictor
 from wsi_pipeline.models.card import ModelCard
 from wsi_pipeline.models.encoder_head import HEAD_FILE, build_head, place_encoder
 from wsi_pipeline.models.encoders import LoadedEncoder, load_encoder
 from wsi_pipeline.models.folders import CARD_FILE
 from wsi_pipeline.models.input_guard import training_stats
-from wsi_pipeline.models.loading import readable
+from wsi_pipeline.models.loading import save_weights_and_card
 from wsi_pipeline.training.classifier.train import STATS_TILES, _metrics, classifier_operating_point, selection_metric
 from wsi_pipeline.training.data.items import DataError, TileItem, load_tile, sample_items
 from wsi_pipeline.training.loop import TrainConfig, command_line, group_list
@@ -158,9 +156,5 @@ def train_head(
         input_stats=training_stats(load_tile(i, cfg.tile_px) for i in sample_items(train_items, STATS_TILES, cfg.seed)),
     )
     place_encoder(encoder_dir, out)
-    with atomic_path(out / HEAD_FILE) as tmp:
-        save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(tmp))
-        readable(tmp)
-    card = card.model_copy(update={"weights_sha256": file_sha256(out / HEAD_FILE)})
-    write_json(out / CARD_FILE, card.model_dump(mode="json"))
+    card = save_weights_and_card(out, head.state_dict(), HEAD_FILE, CARD_FILE, card)
     return card.model_dump(mode="json")
