@@ -574,6 +574,36 @@ def test_sigterm_and_sigint_discard_what_was_written(case, tmp_path: Path, sig: 
     assert finish.returncode == 0 and _outputs(out / "case") == _outputs(reference / "case")
 
 
+def test_a_signal_mid_batch_keeps_the_finished_slides_and_discards_those_in_flight(case, tmp_path: Path) -> None:
+    """Slides overlap in a batch (one exported while the next is in the model and the one after is opened):
+    SIGTERM then discards every slide not finished, keeps each finished one (and lists it in the manifest), and a
+    rerun ends as an uninterrupted run."""
+    slide, model, reference = case
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for i in range(4):
+        shutil.copyfile(slide, folder / f"case{i}.svs")
+    out = tmp_path / "out"
+    proc = _start(_run(folder, model, out, workers="1"))
+    deadline = time.monotonic() + 120
+    while not (out / "case0").exists():  # the first slide is finished: the next ones are in flight
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "Traceback" not in stderr, stderr
+    assert_nothing_looks_complete_but_is_not(out)
+    finished = {p.parent.name for p in out.glob("*/run.json")}
+    assert "case0" in finished and len(finished) < 4
+    done = {r for r, row in _rows(out).items() if row["status"] == "done"}
+    assert done == finished  # the manifest lists exactly the slides whose folders are complete
+    again = run_cli(*_run(folder, model, out))
+    assert again.returncode == 0, again.stderr
+    assert f"{len(finished)} skipped" in again.stdout
+    for i in range(4):
+        assert _outputs(out / f"case{i}") == _outputs(reference / "case")
+
+
 def test_sigkill_at_random_moments_then_rerun_equals_uninterrupted(case, tmp_path: Path) -> None:
     slide, model, reference = case
     moments = random.Random(15).sample([0.0, 0.3, 0.8, 1.5, 2.5], 2)

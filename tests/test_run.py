@@ -105,7 +105,7 @@ def test_run_finds_the_planted_figures(cohort: tuple[Path, Path], cohort_run: tu
         assert counts["detection"] == 10 and counts["annotation"] == 3 and counts["tile"] > 0
         run_record = json.loads((slide_dir / "run.json").read_text())
         assert run_record["complete"] and run_record["models"]["mitosis"]["card"]["name"].startswith("demo-")
-        stages = {"tissue_s", "mpp_estimate_s", "tiling_s", "inference_s", "postprocess_s", "export_s"}
+        stages = {"tissue_s", "mpp_estimate_s", "tiling_s", "inference_s", "heatmaps_s", "postprocess_s", "export_s"}
         assert set(run_record["timings"]) == stages  # mpp_estimate_s: the µm/px check (slide.check_mpp)
         assert open_heatmap(slide_dir / "heatmaps.zarr" / "mitosis").levels[0].shape[0] == 1
         overview = Image.open(slide_dir / "overview.png")  # read from the slide, 1000 px long, with a legend
@@ -114,6 +114,28 @@ def test_run_finds_the_planted_figures(cohort: tuple[Path, Path], cohort_run: tu
         )
         legend = np.asarray(overview.convert("RGB"))[10:17, 9:17]  # the first swatch: the tissue outline's colour
         assert (np.abs(legend.astype(int) - TISSUE_COLOR).max(axis=-1) < 8).all()
+
+
+def test_slides_overlapped_write_what_one_slide_at_a_time_writes(
+    cohort: tuple[Path, Path], cohort_run: tuple[Path, str], tmp_path: Path
+) -> None:
+    """The default batch overlaps slides (engine.slides_in_flight 3: the next slide prepared and the one before
+    exported while one is in the model); one at a time, every output file is the same, byte for byte (each run
+    record's inventory holds every file's sha256; run.json itself holds timings)."""
+    slides, model = cohort
+    overlapped, _ = cohort_run
+    serial = tmp_path / "serial"
+    result = run_cli(*_args(slides, model, serial, "--set", "engine.slides_in_flight=1"))
+    assert result.returncode == 0, result.stderr
+    for slide_id in ("case-3", "case-8"):
+        inventories = [json.loads((o / slide_id / "run.json").read_text())["outputs"] for o in (overlapped, serial)]
+        assert len(inventories[0]) > 20 and inventories[0] == inventories[1], slide_id
+    assert (overlapped / "cohort_summary.csv").read_bytes() == (serial / "cohort_summary.csv").read_bytes()
+    columns = ("slide_id", "status", "tiles", "note")
+    rows = [
+        [{c: r[c] for c in columns} for r in csv.DictReader((o / "manifest.csv").open())] for o in (overlapped, serial)
+    ]
+    assert rows[0] == rows[1]
 
 
 def test_rerun_skips_and_overwrite_or_new_config_redoes(cohort: tuple[Path, Path], tmp_path: Path) -> None:

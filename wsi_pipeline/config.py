@@ -80,6 +80,13 @@ class EngineConfig(StrictModel):
         description="--workers read tiles as threads of the run's process (the readers release the GIL; no copy of "
         "torch per worker) or as DataLoader worker processes (for a plugin backend that holds the GIL)",
     )
+    slides_in_flight: int = Field(
+        3,
+        ge=1,
+        le=8,
+        description="slides a batch works on at once: while one is in the model, the next is opened and its tissue "
+        "found, and the one before post-processed and exported (3); 1: one slide at a time",
+    )
 
 
 class EmbedConfig(StrictModel):

@@ -105,7 +105,7 @@ mpp_or_auto = MppOrAuto()
 def slide_with_mpp(slide: Slide, default_mpp: float | str | None) -> Slide:
     """`--default-mpp` for a single-slide command: a number or `auto` (estimated, and said) when the file records
     none."""
-    from wsi_pipeline.run.pipeline import estimated_warning, resolve_mpp
+    from wsi_pipeline.run.slide_mpp import estimated_warning, resolve_mpp
 
     resolved, estimate = resolve_mpp(slide, default_mpp, "or --slide-mpp ")
     if estimate is not None:

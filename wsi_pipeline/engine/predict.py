@@ -7,8 +7,10 @@ CPU, bf16 where the CPU has it natively (`models.predictor.use_bf16`).
 
 from __future__ import annotations
 
+import collections
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,9 +97,52 @@ def predict_slide(
     options: EngineOptions = DEFAULT_OPTIONS,
     qc: QcConfig | None = None,
 ) -> dict[str, Any]:
-    """Run every request over its plan and write its heatmaps into `store`; returns timings. `options` says how
-    (engine/options.py): the predictor options go to each model's predictor (`models.predictor`), the rest to the
-    loader. The timings name the precision each task ran in (`auto` decides per device and model card).
+    """Run every request over its plan and write its heatmaps into `store`; returns timings (`infer_slide`, then
+    its `finish`)."""
+    return infer_slide(slide, requests, store, options, qc).finish()
+
+
+@dataclass
+class Inference:
+    """A slide's reads once their last batch is out, and what is left to do: each stitcher's last rows and
+    pyramid, the QC image. Split from the reads so that a batch can give the models the next slide meanwhile
+    (run/flow.py); `abort` discards it all."""
+
+    timings: dict[str, Any]
+    stitchers: list[Stitcher]
+    recorder: tuple[QcRecorder, list[str]] | None = None  # and the names of the read it measured
+
+    def finish(self) -> dict[str, Any]:
+        try:
+            for stitcher in self.stitchers:
+                stitcher.finalize()
+            if self.recorder is not None:
+                recorder, names = self.recorder
+                started = time.perf_counter()
+                recorder.finalize()
+                seconds = recorder.seconds + time.perf_counter() - started
+                self.timings["qc"] = {"read": "+".join(names), "mpp": recorder.plan.spec.mpp, "seconds": seconds}
+        except BaseException:
+            self.abort()
+            raise
+        return self.timings
+
+    def abort(self) -> None:
+        for stitcher in self.stitchers:
+            stitcher.abort()
+
+
+def infer_slide(
+    slide: Slide,
+    requests: Sequence[Request],
+    store: Path,
+    options: EngineOptions = DEFAULT_OPTIONS,
+    qc: QcConfig | None = None,
+) -> Inference:
+    """Run every request over its plan and write its heatmaps into `store`, all but what `Inference.finish` does.
+    `options` says how (engine/options.py): the predictor options go to each model's predictor
+    (`models.predictor`), the rest to the loader. The timings name the precision each task ran in (`auto` decides
+    per device and model card).
 
     Raises before reading when a model cannot serve its plan; on any failure, partial heatmaps are discarded.
     """
@@ -108,57 +153,102 @@ def predict_slide(
         raise ConfigError(f"two tasks write heatmaps named {duplicates}; set heatmap_classes in a model card")
     for task in tasks:
         check_request(task)
-    timings: dict[str, Any] = {"reads": [], "precision": {}}  # precision: what each task's model ran in
+    inference = Inference({"reads": [], "precision": {}}, [])  # precision: what each task's model ran in
+    timings = inference.timings
     groups = read_groups(requests)
     qc_group = qc_read([g[0].plan for g in groups]) if qc is not None and qc.enabled else None
-    for number, group in enumerate(groups):
-        plan = group[0].plan
-        stitchers: list[Stitcher] = []
-        recorder = QcRecorder(plan, store, qc) if qc is not None and number == qc_group else None
-        started = time.perf_counter()
-        # The workers start (a spawned process re-imports torch: seconds on a GPU machine) and read ahead while the
-        # models move to the device and the heatmaps are created.
-        device = options.device
-        tiles = iter(
-            make_loader(slide, plan, options.batch_size, options.workers, device, options.loader, options.decode)
-        )
-        try:
-            pairs: list[tuple[Predictor | EncoderPredictor, list[Stitcher]]] = []
-            for request in group:
-                if isinstance(request, EmbedRequest):  # its vectors go to an embeddings file, not a heatmap
-                    encoder = EncoderPredictor(request.encoder, device, options.predictor.precision)
-                    timings["precision"][f"embed:{request.name}"] = "bf16" if encoder.bf16 else "fp32"
-                    writer = request.writer()
-                    stitchers.append(writer)
-                    pairs.append((encoder, [writer]))
-                    continue
-                predictor = make_predictor(request.model, device, options.predictor)
-                timings["precision"][request.name] = "bf16" if getattr(predictor, "bf16", False) else "fp32"
-                card = request.model.card
-                fed: list[Stitcher] = [stitcher_class(card)(request.name, card, request.plan, store, request.dtype)]
-                if getattr(predictor, "guarded", False):  # its tiles' domain values: an image of their own
-                    fed.append(DomainStitcher(request.name, card, request.plan, store))
-                stitchers += fed
-                pairs.append((predictor, fed))
+    try:
+        for number, group in enumerate(groups):
+            plan = group[0].plan
+            recorder = QcRecorder(plan, store, qc) if qc is not None and number == qc_group else None
             names = [r.name for r in group]
-            timings["reads"].append(_run_group(slide, plan, names, pairs, tiles, options, started, recorder))
-            for stitcher in stitchers:
-                stitcher.finalize()
             if recorder is not None:
-                qc_started = time.perf_counter()
-                recorder.finalize()
-                timings["qc"] = {"read": "+".join(names), "mpp": plan.spec.mpp, "seconds": recorder.seconds}
-                timings["qc"]["seconds"] += time.perf_counter() - qc_started
-        except BaseException:
-            for stitcher in stitchers:
-                stitcher.abort()
-            raise
-        finally:
-            close = getattr(tiles, "close", None)  # reading threads: stop and join them now, also on failure
-            if close is not None:
-                close()
-            del tiles  # worker processes: shut down when their iterator goes
-    return timings
+                inference.recorder = (recorder, names)
+            started = time.perf_counter()
+            # The workers start (a spawned process re-imports torch: seconds on a GPU machine) and read ahead while
+            # the models move to the device and the heatmaps are created.
+            device = options.device
+            tiles = iter(
+                make_loader(slide, plan, options.batch_size, options.workers, device, options.loader, options.decode)
+            )
+            try:
+                pairs: list[tuple[Predictor | EncoderPredictor, list[Stitcher]]] = []
+                for request in group:
+                    if isinstance(request, EmbedRequest):  # its vectors go to an embeddings file, not a heatmap
+                        encoder = EncoderPredictor(request.encoder, device, options.predictor.precision)
+                        timings["precision"][f"embed:{request.name}"] = "bf16" if encoder.bf16 else "fp32"
+                        writer = request.writer()
+                        inference.stitchers.append(writer)
+                        pairs.append((encoder, [writer]))
+                        continue
+                    predictor = make_predictor(request.model, device, options.predictor)
+                    timings["precision"][request.name] = "bf16" if getattr(predictor, "bf16", False) else "fp32"
+                    card = request.model.card
+                    fed: list[Stitcher] = [stitcher_class(card)(request.name, card, request.plan, store, request.dtype)]
+                    if getattr(predictor, "guarded", False):  # its tiles' domain values: an image of their own
+                        fed.append(DomainStitcher(request.name, card, request.plan, store))
+                    inference.stitchers += fed
+                    pairs.append((predictor, fed))
+                timings["reads"].append(_run_group(slide, plan, names, pairs, tiles, options, started, recorder))
+            finally:
+                _close_reads(tiles)
+                del tiles
+    except BaseException:
+        inference.abort()
+        raise
+    return inference
+
+
+def _close_reads(tiles: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Stop and join the reading threads or worker processes now, also on failure. A DataLoader's iterator shuts
+    its workers down only when it is collected: caught in a reference cycle by a failure, it can be copied into the
+    next slide's forked workers, whose collection of it then prints a traceback ("can only test a child process");
+    shut down here (torch's own method; there is no public one), that copy does nothing."""
+    close = getattr(tiles, "close", None) or getattr(tiles, "_shutdown_workers", None)
+    if close is not None:
+        close()
+
+
+class _Writes:
+    """What follows each batch's forward pass (each stitcher placing its outputs, the QC recorder measuring the
+    tiles) in one thread of its own, in batch order, while the models take the next batch: on a GPU the stitching
+    and measuring would otherwise leave it idle between batches. At most `ahead` batches wait (their tiles and
+    outputs held); a failure surfaces at the next batch or at `wait`."""
+
+    def __init__(self, ahead: int = 2) -> None:
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="tile-writer")
+        self.pending: collections.deque[Future[None]] = collections.deque()
+        self.ahead = ahead
+
+    def submit(self, write: Callable[[], None]) -> None:
+        while len(self.pending) >= self.ahead:
+            self.pending.popleft().result()
+        self.pending.append(self.pool.submit(write))
+
+    def wait(self) -> None:
+        while self.pending:
+            self.pending.popleft().result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _written(
+    idx: np.ndarray,
+    batch: torch.Tensor,
+    outputs: list[tuple[dict[str, torch.Tensor], list[Stitcher]]],
+    following: int | None,
+    recorder: QcRecorder | None,
+) -> Callable[[], None]:
+    def write() -> None:
+        if recorder is not None:
+            recorder.observe(idx, batch)
+        for output, fed in outputs:
+            for stitcher in fed:  # each writes its own outputs (a guarded model's domain: its own image)
+                stitcher.aggregate(idx, output)
+                stitcher.advance(following)
+
+    return write
 
 
 def _run_group(
@@ -171,35 +261,38 @@ def _run_group(
     started: float,
     recorder: QcRecorder | None = None,
 ) -> dict[str, Any]:
-    """Feed every batch of `tiles` to each predictor and its stitcher; `started` is when the group's setup began, so
-    the reported seconds include the loader's start-up."""
+    """Feed every batch of `tiles` to each predictor, and its outputs to its stitchers (`_Writes`); `started` is
+    when the group's setup began, so the reported seconds include the loader's start-up."""
     device = options.device
     bar = Progress(len(plan), f"{slide.slide_id} {'+'.join(names)}", enabled=options.progress)
     wait_s = compute_s = model_s = 0.0
     heap = HeapTrimmer()  # untrimmed, the freed heap kept a large slide's peak RSS 1007-1199 MB instead of ~803 MB
+    writes = _Writes()
     tick = time.perf_counter()
     setup_s = tick - started
-    with torch.inference_mode(), one_line_worker_errors():
-        for indices, batch in tiles:
-            got = time.perf_counter()
-            wait_s += got - tick
-            on_device = batch.to(device, non_blocking=True)
-            idx: np.ndarray = indices.numpy()
-            if recorder is not None:  # before the batch becomes the model's input
-                recorder.observe(idx, batch)
-            last = int(idx[-1])
-            following = last + 1 if last + 1 < len(plan) else None
-            for predictor, fed in pairs:
-                forward = time.perf_counter()
-                outputs = predictor(on_device)
-                model_s += time.perf_counter() - forward
-                for stitcher in fed:  # each writes its own outputs (a guarded model's domain: its own image)
-                    stitcher.aggregate(idx, outputs)
-                    stitcher.advance(following)
-            bar.update(len(idx))
-            heap.after_batch()
-            tick = time.perf_counter()
-            compute_s += tick - got
+    try:
+        with torch.inference_mode(), one_line_worker_errors():
+            for indices, batch in tiles:
+                got = time.perf_counter()
+                wait_s += got - tick
+                on_device = batch.to(device, non_blocking=True)
+                idx: np.ndarray = indices.numpy()
+                last = int(idx[-1])
+                following = last + 1 if last + 1 < len(plan) else None
+                outputs = []
+                for predictor, fed in pairs:
+                    forward = time.perf_counter()
+                    outputs.append((predictor(on_device), fed))
+                    model_s += time.perf_counter() - forward
+                # the tiles as read (a predictor converts a copy): the recorder measures them, not the model's input
+                writes.submit(_written(idx, batch, outputs, following, recorder))
+                bar.update(len(idx))
+                heap.after_batch()
+                tick = time.perf_counter()
+                compute_s += tick - got
+            writes.wait()
+    finally:
+        writes.close()
     bar.close()
     elapsed = time.perf_counter() - started
     return {

@@ -5,17 +5,19 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 
 from wsi_pipeline.config import Config
 from wsi_pipeline.core.atomic import remove_stale_temporaries
-from wsi_pipeline.core.errors import ConfigError, OutputWriteError, SlideNotFoundError, UsageError, WsiError
+from wsi_pipeline.core.errors import ConfigError, SlideNotFoundError, UsageError
 from wsi_pipeline.core.layout import SLIDE_EXTENSIONS, RunLayout
 from wsi_pipeline.core.progress import BatchProgress
 from wsi_pipeline.models import LoadedModel
 from wsi_pipeline.models.encoders import LoadedEncoder
 from wsi_pipeline.run.cohort import BatchResult, earlier_outcomes, write_batch_report, write_cohort, write_manifest
 from wsi_pipeline.run.embed import EmbedModels
+from wsi_pipeline.run.flow import run_slides
 from wsi_pipeline.run.inputs import (
     assign_ids,
     check_overrides,
@@ -26,7 +28,7 @@ from wsi_pipeline.run.inputs import (
     shard_paths,
 )
 from wsi_pipeline.run.lock import output_lock
-from wsi_pipeline.run.pipeline import SlideOutcome, process_slide
+from wsi_pipeline.run.pipeline import SlideOutcome, slide_steps
 from wsi_pipeline.run.settings import RunSettings
 from wsi_pipeline.run.slide_model import load_slide_classifier
 from wsi_pipeline.tasks import task_model
@@ -133,22 +135,20 @@ def run_batch(
         remove_stale_temporaries(out)
         # an unsharded run's files list every slide the folder holds (gather does so for shards)
         earlier = earlier_outcomes(out, set(ids.values())) if shard is None else []
-        for path in todo:
-            slide_id = ids[path]
-            try:
-                outcome = process_slide(
-                    path, slide_id, out, settings, models, specs, override_for(path, slide_id, overrides), embedding
-                )
-            except OutputWriteError as exc:  # the next slides would fail alike: record this one and stop (exit 9)
-                outcomes.append(SlideOutcome(path, slide_id, "failed", str(exc)))
-                with contextlib.suppress(OSError, WsiError):
-                    write_manifest(manifest_path, outcomes + earlier)
-                raise
+
+        def record(outcome: SlideOutcome) -> None:
             outcomes.append(outcome)
             write_manifest(manifest_path, outcomes + earlier)
             if on_slide is not None:
                 on_slide(outcome)
             batch_bar.update(failed=outcome.status == "failed")
+
+        starts = [
+            (path, ids[path], partial(slide_steps, path, ids[path], out, settings, models, specs,
+                                      override_for(path, ids[path], overrides), embedding))
+            for path in todo
+        ]  # fmt: skip
+        run_slides(starts, config.engine.slides_in_flight, record)
         batch_bar.close()
         every = outcomes + earlier
         write_cohort(cohort_path, (o.summary for o in every if o.summary is not None))

@@ -14,21 +14,22 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Generator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from wsi_pipeline.config import Config
 from wsi_pipeline.core.atomic import write_json
-from wsi_pipeline.core.errors import MissingMppError, OutputWriteError, WsiError, raise_if_signalled, write_failure
+from wsi_pipeline.core.errors import OutputWriteError, WsiError, raise_if_signalled, write_failure
 from wsi_pipeline.core.inventory import take_inventory
 from wsi_pipeline.core.layout import RunLayout, SlideLayout
-from wsi_pipeline.engine import TaskRequest, predict_slide
-from wsi_pipeline.engine.predict import EmbedRequest
+from wsi_pipeline.engine import TaskRequest
+from wsi_pipeline.engine.predict import EmbedRequest, infer_slide
 from wsi_pipeline.heatmap import begin_store, finish_store, settle_pending_writes
 from wsi_pipeline.models import LoadedModel
 from wsi_pipeline.models.input_guard import outside_reason, slide_colour
-from wsi_pipeline.models.mpp_estimator import MppEstimate, default_estimator, mismatch_warning
+from wsi_pipeline.models.mpp_estimator import MppEstimate
 from wsi_pipeline.run.domain import apply_domain, domain_finding
 from wsi_pipeline.run.embed import EmbedModels, embed_requests, embeddings_summary
 from wsi_pipeline.run.lock import OutputLockedError, slide_lock
@@ -44,6 +45,7 @@ from wsi_pipeline.run.record import (
 )
 from wsi_pipeline.run.settings import RunSettings
 from wsi_pipeline.run.slide_model import SLIDE_CLASSIFIER, classify_slide
+from wsi_pipeline.run.slide_mpp import MppChoice, enlargement_warning, mpp_findings, open_slide
 from wsi_pipeline.run.stages import tissue_stage, write_tissue_heatmap
 from wsi_pipeline.slide import Slide
 from wsi_pipeline.slide.tissue import TissueMask
@@ -65,52 +67,12 @@ class SlideOutcome:
     note: str = ""  # why finished outputs were redone (a missing chunk, ...); the input guard's and tasks' warnings
 
 
-AUTO = "auto"  # --default-mpp auto, an --mpp-file row `auto`: estimate the µm/px from the tissue
-ESTIMATED = "estimated from the tissue"
-MppChoice = float | str | None  # a µm/px, AUTO, or None
-
-
-def open_slide(path: Path, config: Config, mpp: MppChoice, default_mpp: MppChoice) -> tuple[Slide, MppEstimate | None]:
-    """The slide with its µm/px: a per-slide override (`auto`: estimated), else its metadata, else `default_mpp`
-    (`auto`: estimated); with the estimate when one was made."""
-    given = mpp if isinstance(mpp, float | int) else None
-    slide = Slide(path, mpp=given, backend=config.slide.backend, mpp_source="--mpp-file")
-    if mpp == AUTO:
-        estimate = default_estimator().estimate_slide(slide)
-        return slide.with_mpp(estimate.mpp, ESTIMATED), estimate
-    return resolve_mpp(slide, default_mpp, "or a row in --mpp-file ")
-
-
-def resolve_mpp(slide: Slide, default_mpp: MppChoice, also: str = "") -> tuple[Slide, MppEstimate | None]:
-    """A slide that records no µm/px gets `default_mpp` (`auto`: the tissue's estimate); without one, the error
-    names the options and says what the tissue suggests."""
-    if slide.mpp_or_none is not None:
-        return slide, None
-    if default_mpp == AUTO:
-        estimate = default_estimator().estimate_slide(slide)
-        return slide.with_mpp(estimate.mpp, ESTIMATED), estimate
-    if not isinstance(default_mpp, float | int):
-        raise MissingMppError(
-            f"{slide.path}: the slide records no µm/px; give it with --default-mpp {also}(e.g. 0.25 for 40x, 0.5 "
-            f"for 20x){_estimate_hint(slide)}"
-        )
-    return slide.with_mpp(float(default_mpp), "--default-mpp"), None
-
-
-def _estimate_hint(slide: Slide) -> str:
-    """What the tissue suggests, for the missing-µm/px message ('' when it cannot say)."""
-    try:
-        estimate = default_estimator().estimate_slide(slide)
-    except WsiError:
-        return ""
-    return f"; the tissue suggests {estimate.line()}: --default-mpp auto uses that estimate"
-
-
-def estimated_warning(estimate: MppEstimate) -> str:
-    return (
-        f"µm/px estimated from the tissue: {estimate.line()}; every area, rate and size rests on it: give the "
-        "scanner's µm/px (--mpp-file) when it is known"
-    )
+# A slide's steps stop twice, so that a batch can overlap slides (run/flow.py): after PREPARED (opened, resume
+# decided, tissue found, tiles planned) the model's turn comes; after INFERRED (its last batch is out) the
+# post-processing and exports. Each step may run in another thread than the one before; never two at once.
+PREPARED = "prepared"
+INFERRED = "inferred"
+SlideSteps = Generator[str, None, "SlideOutcome"]
 
 
 def process_slide(
@@ -123,21 +85,48 @@ def process_slide(
     mpp: MppChoice = None,
     embedding: EmbedModels | None = None,
 ) -> SlideOutcome:
-    """Run `tasks` on one slide into OUT/<slide_id>/; never raises for bad input (the outcome says what failed).
-    A failed write (full disk, read-only folder) raises OutputWriteError: every later slide would fail the same way.
-    The slide's own lock is held throughout: a `predict` or `tissue` of this slide (or another shard) is not
-    writing it at the same time, and if one is, this slide fails alone."""
+    """Run `tasks` on one slide into OUT/<slide_id>/, all its steps in this thread (`slide_steps`)."""
+    return run_to_end(slide_steps(path, slide_id, out_root, settings, models, specs, mpp, embedding))
+
+
+def run_to_end(steps: SlideSteps) -> SlideOutcome:
+    """Every remaining step of a slide, in this thread; its outcome."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
+
+
+def slide_steps(
+    path: Path,
+    slide_id: str,
+    out_root: Path,
+    settings: RunSettings,
+    models: dict[str, LoadedModel],
+    specs: dict[str, ReadSpec],
+    mpp: MppChoice = None,
+    embedding: EmbedModels | None = None,
+) -> SlideSteps:
+    """One slide's steps (a generator: it yields PREPARED, then INFERRED, and returns the outcome; a slide skipped
+    or failed early returns sooner). Never raises for bad input (the outcome says what failed). A failed write
+    (full disk, read-only folder) raises OutputWriteError: every later slide would fail the same way. Closed
+    between steps (an interrupt elsewhere), it discards what it wrote. The slide's own lock is held throughout: a
+    `predict` or `tissue` of this slide (or another shard) is not writing it at the same time, and if one is, this
+    slide fails alone."""
     started = time.perf_counter()
     try:
         with slide_lock(out_root, slide_id):
-            return _process_slide(
-                path, slide_id, out_root, settings, models, specs, mpp, started, embedding or EmbedModels()
+            return (
+                yield from _slide_steps(
+                    path, slide_id, out_root, settings, models, specs, mpp, started, embedding or EmbedModels()
+                )
             )
     except OutputLockedError as exc:
         return SlideOutcome(path, slide_id, "failed", str(exc), time.perf_counter() - started)
 
 
-def _process_slide(
+def _slide_steps(
     path: Path,
     slide_id: str,
     out_root: Path,
@@ -147,7 +136,7 @@ def _process_slide(
     mpp: MppChoice,
     started: float,
     embedding: EmbedModels,
-) -> SlideOutcome:
+) -> SlideSteps:
     config, tasks, overwrite = settings.config, list(settings.tasks), settings.overwrite
     run = RunLayout(out_root)
     final = run.slide(slide_id)
@@ -178,7 +167,7 @@ def _process_slide(
             return outcome("skipped", tiles=decision.tiles, summary=json.loads(final.summary.read_text()), note=note)
         note = "redone (--overwrite)" if overwrite and final.root.exists() else decision.note
         tmp.root.mkdir(parents=True)
-        record = _run(slide, slide_id, tmp, settings, models, specs, estimate, embedding)
+        record = yield from _run(slide, slide_id, tmp, settings, models, specs, estimate, embedding)
         raise_if_signalled()  # an interrupt some library swallowed still discards this slide
         record.update(
             {
@@ -230,41 +219,6 @@ def discard_temporary(folder: Path, rounds: int = 5) -> None:
 
 
 # a model reading at twice the slide's finest detail or more is said to: 2x less the 5 % by which scanners' 20x and
-# 40x differ (0.499 / 0.25 = 1.996 is a 20x slide read by a 40x model)
-ENLARGEMENT_WARNED = 2.0 / 1.05
-
-
-def enlargement_warning(task: str, read_mpp: float, slide: Slide) -> str | None:
-    """A task whose model reads the slide at 2x its finest level or more: its answer rests on
-    detail the scan lacks (or on a wrong µm/px); said once per slide and task, the answer kept."""
-    mpp = slide.mpp
-    factor = mpp.mean / read_mpp
-    if factor < ENLARGEMENT_WARNED:
-        return None
-    return (
-        f"{task}: the model reads at {read_mpp:g} µm/px, {factor:.1f}x finer than the slide's finest level "
-        f"({mpp.mean:g} µm/px, from {mpp.source}): the image is enlarged {factor:.1f} times each way; check the "
-        "slide's µm/px, and trust the answer less"
-    )
-
-
-def mpp_findings(
-    slide: Slide, tissue: TissueMask, estimate: MppEstimate | None, check: bool
-) -> tuple[list[str], MppEstimate | None]:
-    """The slide's µm/px lines: estimated (said), or recorded / given and checked against the tissue's estimate
-    (`slide.check_mpp`; more than 2x apart: said). The estimate is returned for summary.json."""
-    if estimate is not None:
-        return [estimated_warning(estimate)], estimate
-    if not check:
-        return [], None
-    try:
-        estimate = default_estimator().estimate_slide(slide, tissue)
-    except WsiError:  # too little tissue to say: no check, no line
-        return [], None
-    mismatch = mismatch_warning(slide.mpp.mean, slide.mpp.source, estimate)
-    return ([mismatch] if mismatch else []), estimate
-
-
 def input_guard_findings(
     slide_id: str, tissue: TissueMask, config: Config, tasks: list[str], models: dict[str, LoadedModel]
 ) -> dict[str, dict[str, Any]]:
@@ -306,7 +260,7 @@ def _run(
     specs: dict[str, ReadSpec],
     estimate: MppEstimate | None = None,
     embedding: EmbedModels | None = None,
-) -> dict[str, Any]:
+) -> Generator[str, None, dict[str, Any]]:
     config, tasks = settings.config, list(settings.tasks)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -327,15 +281,26 @@ def _run(
     embedding = embedding or EmbedModels()
     embeds = embed_requests(slide, tissue, out, config.embed, embedding.encoders)
     timings["tiling_s"] = time.perf_counter() - t0
+    yield PREPARED
     t0 = time.perf_counter()
     reads: list[TaskRequest | EmbedRequest] = [*requests, *embeds]
-    inference = predict_slide(slide, reads, out.heatmaps, settings.engine, config.qc) if reads else {"reads": []}
+    inferred = infer_slide(slide, reads, out.heatmaps, settings.engine, config.qc) if reads else None
+    timings["inference_s"] = time.perf_counter() - t0
+    try:
+        yield INFERRED  # the models are free for the next slide: the rest is this slide's alone
+        raise_if_signalled()
+        t0 = time.perf_counter()
+        inference = inferred.finish() if inferred is not None else {"reads": []}
+    except BaseException:
+        if inferred is not None:
+            inferred.abort()
+        raise
     slide_level = {}
     if embedding.slide_model is not None:
         slide_level[SLIDE_CLASSIFIER] = classify_slide(slide_id, embedding.slide_model, embeds, out.heatmaps, config)
     write_tissue_heatmap(out.heatmaps, tissue)
     finish_store(out.heatmaps)
-    timings["inference_s"] = time.perf_counter() - t0
+    timings["heatmaps_s"] = time.perf_counter() - t0
     raise_if_signalled()
     t0 = time.perf_counter()
     mpp = slide.mpp

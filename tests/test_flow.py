@@ -1,0 +1,108 @@
+"""The overlapped batch (run/flow.py): its order, its bound and where each step runs, failed writes and interrupts.
+
+The slides here are generators with the real slide's shape (PREPARED, INFERRED, an outcome; a `finally` that
+discards), timed so that the steps overlap; whole runs through the CLI compare the overlapped batch with one slide
+at a time (tests/test_run.py) and interrupt it (tests/test_faults.py)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+from wsi_pipeline.core.errors import OutputWriteError
+from wsi_pipeline.run.flow import Start, run_slides
+from wsi_pipeline.run.pipeline import INFERRED, PREPARED, SlideOutcome, SlideSteps
+
+
+class Journal:
+    """What the slides did, from every thread."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.events: list[tuple[str, str, bool]] = []  # slide, step, in the calling thread
+        self.active: set[str] = set()
+        self.most_active = 0
+        self.discarded: list[str] = []
+
+    def note(self, slide: str, step: str) -> None:
+        with self.lock:
+            self.events.append((slide, step, threading.current_thread() is threading.main_thread()))
+            if step == "begin":
+                self.active.add(slide)
+                self.most_active = max(self.most_active, len(self.active))
+            elif step in ("end", "discarded"):
+                self.active.discard(slide)
+
+    def where(self, step: str) -> set[bool]:
+        return {main for _, s, main in self.events if s == step}
+
+
+def slide(journal: Journal, name: str, seconds: float = 0.05, fail: str = "") -> SlideSteps:
+    journal.note(name, "begin")
+    ended = False
+    try:
+        journal.note(name, "prepare")
+        time.sleep(seconds)
+        if fail == "skip":
+            ended = True
+            return SlideOutcome(Path(name), name, "skipped")
+        yield PREPARED
+        journal.note(name, "model")
+        time.sleep(seconds)
+        if fail == "interrupt":
+            raise KeyboardInterrupt
+        yield INFERRED
+        journal.note(name, "finish")
+        time.sleep(seconds)
+        if fail == "write":
+            raise OutputWriteError(f"cannot write {name}: no space left on the device")
+        ended = True
+        return SlideOutcome(Path(name), name, "done")
+    finally:
+        journal.note(name, "end" if ended else "discarded")
+        if not ended:
+            journal.discarded.append(name)
+
+
+def starts(journal: Journal, names: list[str], **fails: str) -> list[Start]:
+    return [(Path(n), n, partial(slide, journal, n, fail=fails.get(n, ""))) for n in names]
+
+
+NAMES = [f"s{i}" for i in range(6)]
+
+
+@pytest.mark.parametrize("in_flight", [1, 2, 3])
+def test_slides_end_in_order_within_the_bound_and_the_model_runs_in_the_calling_thread(in_flight: int) -> None:
+    journal = Journal()
+    recorded: list[str] = []
+    run_slides(starts(journal, NAMES, s2="skip"), in_flight, lambda o: recorded.append(f"{o.slide_id}:{o.status}"))
+    assert recorded == ["s0:done", "s1:done", "s2:skipped", "s3:done", "s4:done", "s5:done"]
+    assert journal.most_active == in_flight  # overlapped as far as allowed, never further
+    assert journal.where("model") == {True}  # the models stay in the thread that loaded them
+    assert journal.where("prepare") == journal.where("finish") == {in_flight == 1}
+    assert not journal.discarded
+
+
+def test_a_failed_write_stops_the_batch_after_the_slides_before_it() -> None:
+    journal = Journal()
+    recorded: list[str] = []
+    with pytest.raises(OutputWriteError, match="cannot write s2"):
+        run_slides(starts(journal, NAMES, s2="write"), 3, lambda o: recorded.append(f"{o.slide_id}:{o.status}"))
+    assert recorded == ["s0:done", "s1:done", "s2:failed"]  # as one slide at a time would have it
+    assert "s2" in journal.discarded and not journal.active  # the slides begun after it are discarded, not left
+    assert not [s for s, step, _ in journal.events if step == "finish" and s > "s2"]  # none finished after it
+
+
+def test_an_interrupt_discards_every_slide_not_finished() -> None:
+    journal = Journal()
+    recorded: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        run_slides(starts(journal, NAMES, s3="interrupt"), 3, lambda o: recorded.append(o.slide_id))
+    assert recorded == ["s0", "s1", "s2"][: len(recorded)] and len(recorded) >= 2  # those ended before it, in order
+    assert not journal.active  # nothing begun is left running or half-written
+    began = {s for s, step, _ in journal.events if step == "begin"}
+    assert began - set(recorded) == set(journal.discarded) and "s3" in journal.discarded

@@ -1,0 +1,182 @@
+"""Slides overlapped so that the model does not wait between them: while slide N is in the model (in the calling
+thread), one thread opens slide N+1, finds its tissue and plans its tiles, and another post-processes and exports
+slide N-1. Each slide runs the same steps as alone (`pipeline.slide_steps`), in the same order, so its outputs are
+the same; only which thread runs a step changes.
+
+Why threads and not processes: the model's forward pass, the readers and the numeric libraries release the GIL,
+and a slide's steps share its opened slide, tissue mask and plans without pickling (a process per stage would copy
+them, and a second torch per process is what the memory benchmark counts). At most `in_flight` slides have begun
+and not ended (1: one slide at a time, all in the calling thread, as before this module existed).
+
+Faults stay each slide's own: a slide that fails is recorded and the others go on; a failed write (full disk)
+stops the batch after the slides before it are recorded, as one slide at a time would; an interrupt (Ctrl-C,
+SIGTERM) reaches the other threads at their next safe point (`raise_if_signalled`), and every slide not finished
+discards its temporary folder before the interrupt goes on.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from wsi_pipeline.core.errors import OutputWriteError
+from wsi_pipeline.run.pipeline import SlideOutcome, SlideSteps, run_to_end
+
+
+@dataclass(eq=False)  # one slide is one object: compared by identity
+class SlideInFlight:
+    """One slide between its steps: its generator, and its outcome once it has ended."""
+
+    path: Path
+    slide_id: str
+    steps: SlideSteps
+    outcome: SlideOutcome | None = None
+    write_error: OutputWriteError | None = field(default=None, repr=False)
+
+    def step(self) -> SlideInFlight:
+        """Run the slide's next step (to its next stop, or to its end). A failed write ends it as failed and is
+        kept, to stop the batch once the slides before it are recorded."""
+        if self.outcome is None:
+            try:
+                next(self.steps)
+            except StopIteration as stop:
+                self.outcome = stop.value
+            except OutputWriteError as exc:
+                self.write_error = exc
+                self.outcome = SlideOutcome(self.path, self.slide_id, "failed", str(exc))
+        return self
+
+    def close(self) -> None:
+        """Discard a slide that has not ended (its generator's `finally` removes its temporary folder)."""
+        if self.outcome is None:
+            self.steps.close()
+
+
+Start = tuple[Path, str, Callable[[], SlideSteps]]  # a slide's path, its id, and what creates its steps
+
+
+def run_slides(starts: Sequence[Start], in_flight: int, record: Callable[[SlideOutcome], None]) -> None:
+    """Every slide of `starts`, `record`ed in their order as each ends (in the calling thread). Raises the first
+    failed write (after recording that slide as failed) and any interrupt."""
+    if in_flight <= 1:
+        for path, slide_id, start in starts:
+            flight = SlideInFlight(path, slide_id, start())
+            flight.outcome = run_to_end_or_write_error(flight)
+            _record(flight, record)
+        return
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="slide-prepare") as preparer,
+        ThreadPoolExecutor(1, thread_name_prefix="slide-finish") as finisher,
+    ):
+        _Overlap(starts, in_flight, record, preparer, finisher).run()
+
+
+def run_to_end_or_write_error(flight: SlideInFlight) -> SlideOutcome:
+    try:
+        return run_to_end(flight.steps)
+    except OutputWriteError as exc:
+        flight.write_error = exc
+        return SlideOutcome(flight.path, flight.slide_id, "failed", str(exc))
+
+
+def _record(flight: SlideInFlight, record: Callable[[SlideOutcome], None]) -> None:
+    assert flight.outcome is not None
+    if flight.write_error is None:
+        record(flight.outcome)
+        return
+    with contextlib.suppress(Exception):  # the disk that refused the slide may refuse the manifest too
+        record(flight.outcome)
+    raise flight.write_error
+
+
+class _Overlap:
+    """The model's turn of each slide in the calling thread; the slides' first steps, in order, in `preparer`, and
+    their last steps, in order, in `finisher`."""
+
+    def __init__(
+        self,
+        starts: Sequence[Start],
+        in_flight: int,
+        record: Callable[[SlideOutcome], None],
+        preparer: ThreadPoolExecutor,
+        finisher: ThreadPoolExecutor,
+    ) -> None:
+        self.starts = starts
+        self.in_flight = in_flight
+        self.record = record
+        self.preparer = preparer
+        self.finisher = finisher
+        self.finishing: collections.deque[Future[SlideInFlight]] = collections.deque()
+        self.prepared: Future[SlideInFlight] | None = None
+        self.live: list[SlideInFlight] = []  # begun, not yet recorded
+        self.halted = False  # a write failed: no slide takes another step
+
+    def step(self, flight: SlideInFlight) -> SlideInFlight:
+        if not self.halted:
+            flight.step()
+            self.halted = flight.write_error is not None
+        return flight
+
+    def prepare(self, index: int) -> Future[SlideInFlight]:
+        path, slide_id, start = self.starts[index]
+        flight = SlideInFlight(path, slide_id, start())
+        self.live.append(flight)
+        return self.preparer.submit(self.step, flight)
+
+    def run(self) -> None:
+        try:
+            self.prepared = self.prepare(0) if self.starts else None
+            for index in range(len(self.starts)):
+                assert self.prepared is not None
+                flight = self.prepared.result()
+                # slides begun and not ended: this one, the next, those finishing
+                while self.finishing and len(self.finishing) + 2 > self.in_flight:
+                    self.record_oldest()
+                if flight.write_error is None and index + 1 < len(self.starts):
+                    self.prepared = self.prepare(index + 1)
+                if flight.outcome is None:
+                    self.step(flight)  # the model's turn, here
+                if flight.outcome is None:
+                    self.finishing.append(self.finisher.submit(self.step, flight))
+                else:
+                    done: Future[SlideInFlight] = Future()
+                    done.set_result(flight)
+                    self.finishing.append(done)
+                if self.halted:
+                    break
+                while self.finishing and self.finishing[0].done():
+                    self.record_oldest()
+            while self.finishing:
+                self.record_oldest()
+        except KeyboardInterrupt:
+            self.stop(record_ended=True)
+            raise
+        finally:
+            self.stop(record_ended=False)
+
+    def record_oldest(self) -> None:
+        flight = self.finishing.popleft().result()
+        self.live.remove(flight)
+        _record(flight, self.record)
+
+    def stop(self, record_ended: bool) -> None:
+        """After the last slide, a failed write or an interrupt: wait for the steps running in the other threads
+        (an interrupt reaches them at their next safe point); after an interrupt, record the slides that ended
+        meanwhile, as far as they ended in order (their folders are complete); discard every slide not ended."""
+        self.halted = True
+        for pending in [*self.finishing, *([self.prepared] if self.prepared else [])]:
+            pending.cancel()
+        self.preparer.shutdown(wait=True, cancel_futures=True)
+        self.finisher.shutdown(wait=True, cancel_futures=True)
+        with contextlib.suppress(BaseException):  # the interrupt on its way up goes on
+            while record_ended and self.finishing and self.finishing[0].done() and not self.finishing[0].cancelled():
+                flight = self.finishing[0].result()
+                if flight.outcome is None or flight.write_error is not None:
+                    break
+                self.record_oldest()
+        for flight in self.live:
+            flight.close()
