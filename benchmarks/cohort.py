@@ -1,11 +1,14 @@
 """Cohort throughput: `wsi-pipeline run` over a folder of small slides, and where its time goes.
 
 The cohort: 12 copies of CMU-1-Small-Region and synthetic slides of three sizes. Each configuration (the
-epithelium task alone, then every default task) is one whole `run` process: wall seconds, peak RSS over its process
-tree, slides per hour; from each slide's run.json, each stage's seconds per slide and the models' forward passes
-(`model_s` of the engine's reads). `model_busy_fraction` = the models' seconds / the batch's wall time: how much of
-the run the model is working (on a GPU the rest would leave it idle). `beyond_model_s_per_slide` = (wall - model
-seconds) / slides. Writes benchmarks/results/cohort.json (the run labelled with --label, e.g. before / after).
+epithelium task alone, then every default task; each with slides overlapped, the default, and one slide at a time,
+`engine.slides_in_flight=1`) is one whole `run` process: wall seconds, peak RSS over its process tree, slides per
+hour; from each slide's run.json, each stage's seconds per slide and the models' forward passes (`model_s` of the
+engine's reads). `model_busy_fraction` = the models' seconds / the batch's wall time: how much of the run the model
+is working (on a GPU the rest would leave it idle). `beyond_model_s_per_slide` = (wall - model seconds) / slides.
+On this 2-core CPU the overlapped stages share the cores with the model's threads, so the forward passes slow down
+(`model_ms_per_tile`): the wall-time ratio is the figure that says what overlapping gains here. Writes
+benchmarks/results/cohort.json (the run labelled with --label).
 Run: .venv/bin/python benchmarks/cohort.py [--label NAME] [--device cpu]
 """
 
@@ -26,8 +29,14 @@ from peers import measured
 
 COPIES = 12
 SYNTHETIC = ((4000, 3000, 0.5), (8000, 6000, 0.5), (6000, 4000, 0.25))
-CONFIGURATIONS = {"epithelium": ["--tasks", "epithelium_stroma"], "default_tasks": []}
-STAGES = ("tissue_s", "mpp_estimate_s", "tiling_s", "inference_s", "postprocess_s", "export_s")
+ONE_AT_A_TIME = ["--set", "engine.slides_in_flight=1"]
+CONFIGURATIONS = {
+    "epithelium": ["--tasks", "epithelium_stroma"],
+    "epithelium_one_at_a_time": ["--tasks", "epithelium_stroma", *ONE_AT_A_TIME],
+    "default_tasks": [],
+    "default_tasks_one_at_a_time": ONE_AT_A_TIME,
+}
+STAGES = ("tissue_s", "mpp_estimate_s", "tiling_s", "inference_s", "heatmaps_s", "postprocess_s", "export_s")
 
 
 def make_cohort(folder: Path) -> int:
@@ -43,32 +52,34 @@ def make_cohort(folder: Path) -> int:
 
 
 def figures(out: Path, wall: float) -> dict[str, object]:
+    """The batch's figures from each slide's run.json. With slides overlapped, a slide's stages run beside the
+    model's turn of another: stage seconds are each stage's own, not parts of the wall time."""
     records = [json.loads(p.read_text()) for p in sorted(out.glob("*/run.json"))]
-    model = [sum(r.get("model_s", 0.0) for r in rec["inference"]["reads"]) for rec in records]
+    model = sum(sum(r.get("model_s", 0.0) for r in rec["inference"]["reads"]) for rec in records)
+    turns = sum(rec["timings"]["inference_s"] for rec in records)  # the models' turn: every batch read and run
     per_stage = {s: round(statistics.mean(rec["timings"].get(s, 0.0) for rec in records), 3) for s in STAGES}
-    slide_seconds = [rec["seconds"] for rec in records]
-    n = len(records)
+    n, tiles = len(records), sum(rec["tiles"] for rec in records)
     return {
         "slides": n,
-        "tiles": sum(rec["tiles"] for rec in records),
+        "tiles": tiles,
         "wall_s": round(wall, 1),
         "slides_per_hour": round(n / wall * 3600, 1),
-        "model_s_total": round(sum(model), 2),
-        "model_busy_fraction": round(sum(model) / wall, 3),
-        "beyond_model_s_per_slide": round((wall - sum(model)) / n, 3),
-        "slide_s_mean": round(statistics.mean(slide_seconds), 3),
-        "slide_beyond_model_s_mean": round(
-            statistics.mean(s - m for s, m in zip(slide_seconds, model, strict=True)), 3
-        ),
-        "outside_slides_s": round(wall - sum(slide_seconds), 2),
+        "model_s_total": round(model, 2),
+        "model_busy_fraction": round(model / wall, 3),
+        "beyond_model_s_per_slide": round((wall - model) / n, 3),
+        # the models' turns end to end / wall: the rest is start-up, the first slide's preparation, the last one's
+        # exports and the batch's own files, when the models have nothing to do
+        "model_turn_fraction": round(turns / wall, 3),
+        # the forward passes' ms per tile: it grows where the other stages share the CPU with the model
+        "model_ms_per_tile": round(1000 * model / tiles, 3),
+        "slide_s_mean": round(statistics.mean(rec["seconds"] for rec in records), 3),
         "stage_s_per_slide_mean": per_stage,
-        "cmu_copy_beyond_model_s_mean": round(
-            statistics.mean(
-                rec["seconds"] - m for rec, m in zip(records, model, strict=True) if rec["slide_id"].startswith("cmu")
-            ),
-            3,
-        ),
     }
+
+
+def inventories(out: Path) -> dict[str, object]:
+    """Every slide's output files with their sha256 (its run.json's inventory; run.json itself holds timings)."""
+    return {p.parent.name: json.loads(p.read_text())["outputs"] for p in sorted(out.glob("*/run.json"))}
 
 
 def main() -> None:
@@ -91,6 +102,13 @@ def main() -> None:
             run = measured(command, {**os.environ})
             results[name] = {**figures(out, float(run["seconds"])), "peak_rss_mb": round(float(run["peak_rss_mb"]))}  # type: ignore[arg-type]
             print(name, json.dumps(results[name]), flush=True)
+        for name in CONFIGURATIONS:  # overlapped vs one slide at a time, measured in this same run
+            serial = f"{name}_one_at_a_time"
+            if name in results and serial in results:
+                results[f"{name}_vs_one_at_a_time"] = {
+                    "wall_ratio": round(results[serial]["wall_s"] / results[name]["wall_s"], 3),  # type: ignore[index]
+                    "outputs_equal": inventories(tmp / f"out-{name}") == inventories(tmp / f"out-{serial}"),
+                }
     path = Path(args.out)
     report = json.loads(path.read_text()) if path.exists() else {"benchmark": "cohort", "runs": {}}
     report["machine"] = machine_facts()

@@ -1,0 +1,90 @@
+"""Each fast path of the exports equals, to the byte, the plain computation it replaced (issue #36: the fixed cost
+per slide): the overlay's blend on the shown pixels alone, pyramids averaged in memory, QuPath tiles without a
+shapely box each."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import shapely
+import zarr
+
+from wsi_pipeline import heatmap
+from wsi_pipeline.export import figures
+from wsi_pipeline.export.qupath import feature, object_id, tile_features
+
+
+def plain_blend(fig: figures.OverlayFigure, alpha: float) -> np.ndarray:
+    """The whole image in float64, as the figure was first computed."""
+    table = figures._colour_table()
+    shown = fig.tissue & np.isfinite(fig.values)
+    index = np.rint(np.clip(np.nan_to_num(fig.values), 0.0, 1.0) * 255).astype(np.intp)
+    blended = np.where(shown[..., None], (1 - alpha) * fig.image + alpha * table[index], fig.image)
+    if fig.outside is not None and fig.outside.any():
+        grey = fig.image.mean(axis=-1, keepdims=True) * 0.5 + 110
+        rows, cols = np.indices(fig.outside.shape)
+        shade = np.where(((rows + cols) % 10 < 2)[..., None], grey - 70, grey)
+        blended = np.where(fig.outside[..., None], shade, blended)
+    return np.clip(blended + 0.5, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("tissue_share", [0.0, 0.05, 0.6, 1.0])
+def test_the_blend_on_shown_pixels_equals_the_whole_image_blend(tissue_share: float) -> None:
+    rng = np.random.default_rng(int(tissue_share * 100))
+    h, w = 301, 457
+    values = rng.random((h, w)) * 1.4 - 0.2
+    values[rng.random((h, w)) < 0.1] = np.nan
+    tissue = rng.random((h, w)) < tissue_share
+    for outside in (None, tissue & (rng.random((h, w)) < 0.3)):
+        fig = figures.OverlayFigure(
+            title="t",
+            image=rng.integers(0, 256, (h, w, 3), dtype=np.uint8),
+            values=values,
+            tissue=tissue,
+            value_label="v",
+            um_per_px=1.0,
+            outside=outside,
+        )
+        assert np.array_equal(figures._blend(fig, 0.6), plain_blend(fig, 0.6))
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "float16"])
+def test_pyramids_averaged_in_memory_equal_those_averaged_by_dask(
+    dtype: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = np.random.default_rng(3)
+    level0 = (rng.random((2, 701, 533)) * (255 if dtype == "uint8" else 1)).astype(dtype)
+    levels = {}
+    for name, limit in (("memory", heatmap.IN_MEMORY_LEVEL_BYTES), ("dask", 0)):
+        monkeypatch.setattr(heatmap, "IN_MEMORY_LEVEL_BYTES", limit)
+        group = zarr.open_group(str(tmp_path / name), mode="w", zarr_format=3)
+        group.create_array("0", shape=level0.shape, chunks=(1, 128, 128), dtype=dtype)[...] = level0
+        count = heatmap.build_pyramid(group, 128)
+        levels[name] = [np.asarray(group[str(i)]) for i in range(count)]
+    assert len(levels["memory"]) == len(levels["dask"]) == 4
+    for a, b in zip(levels["memory"], levels["dask"], strict=True):
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+def test_tiles_as_qupath_objects_equal_a_shapely_box_each() -> None:
+    rng = np.random.default_rng(5)
+    xy = rng.random((5000, 2)) * 90_000  # more tiles than one chunk of corners
+    tiles = [(i % 70, i // 70, x, y, {"p": float(p)}) for i, ((x, y), p) in enumerate(zip(xy, rng.random(5000)))]
+    tiles[7] = (7, 0, tiles[7][2], tiles[7][3], {"p": float("nan")})
+    size, offset = (223.7, 224.1), (1032.17, 17.5)
+    fast = list(tile_features("s", "epithelium_stroma", iter(tiles), size, offset))
+    plain = [
+        feature(
+            shapely.box(x, y, x + size[0], y + size[1]),
+            "tile",
+            object_id_=object_id("s", "epithelium_stroma", col, row),
+            name="epithelium_stroma",
+            measurements=m,
+            offset=offset,
+        )
+        for col, row, x, y, m in tiles
+    ]
+    assert json.dumps(fast) == json.dumps(plain)
