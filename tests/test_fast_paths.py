@@ -72,7 +72,8 @@ def test_pyramids_averaged_in_memory_equal_those_averaged_by_dask(
 def test_tiles_as_qupath_objects_equal_a_shapely_box_each() -> None:
     rng = np.random.default_rng(5)
     xy = rng.random((5000, 2)) * 90_000  # more tiles than one chunk of corners
-    tiles = [(i % 70, i // 70, x, y, {"p": float(p)}) for i, ((x, y), p) in enumerate(zip(xy, rng.random(5000)))]
+    probabilities = rng.random(5000)
+    tiles = [(i % 70, i // 70, x, y, {"p": float(probabilities[i])}) for i, (x, y) in enumerate(xy)]
     tiles[7] = (7, 0, tiles[7][2], tiles[7][3], {"p": float("nan")})
     size, offset = (223.7, 224.1), (1032.17, 17.5)
     fast = list(tile_features("s", "epithelium_stroma", iter(tiles), size, offset))
