@@ -16,6 +16,7 @@ import shapely
 
 from wsi_pipeline.config import ExportConfig, TissueConfig
 from wsi_pipeline.core.atomic import write_json, write_text
+from wsi_pipeline.core.errors import raise_if_signalled
 from wsi_pipeline.core.layout import SlideLayout
 from wsi_pipeline.engine import TaskRequest, tile_measurements
 from wsi_pipeline.engine.stitch import domain_heatmap
@@ -127,16 +128,21 @@ def write_task_outputs(
         **({"input_guard": guard} if guard else {}),
         **({"qc": quality.summary() | _qc_warning(quality)} if quality is not None else {}),
     }
+    # between files, an interrupt is acted on (this runs beside the model, in a thread that only sees the signal
+    # at such points): a scheduler's grace before SIGKILL is seconds
     write_json(out.summary, summary)
     offset = qupath_offset(slide)
     write_point_tables(out, results, offset)
+    raise_if_signalled()
     features = qupath_features(slide_id, tissue, results, requests, out, offset)
     if quality is not None:
         features = chain(features, qc_features(quality, slide_id, (mpp.x, mpp.y), offset))
     write_feature_collections([out.qupath, *([out.qupath_gz] if export.geojson_gzip else [])], features)
+    raise_if_signalled()
     picture = overview_picture(slide)
     write_overview(out, tissue, results, picture)
     write_task_overlays(out, slide, slide_id, tissue, results)
+    raise_if_signalled()
     if quality is not None and quality.measured:
         title = f"{slide_id}: quality control, usable {100 * (quality.usable_fraction or 0.0):.0f} % of analysed tissue"
         write_qc_overlay(out.overlay("qc"), quality, *picture, tissue.geometry, title)
@@ -302,6 +308,7 @@ def write_task_overlays(
     on_tissue = sample_on_grid(tissue.mask.astype(np.float32), tissue.origin, tissue.scale, origin, scale, (h, w)) > 0
     tissue_outline = Outline("Tissue", TISSUE_COLOR, _rings(tissue.geometry, origin, scale))
     for name in drawn:
+        raise_if_signalled()
         result = results[name]
         overlay = result.overlay
         assert overlay is not None

@@ -307,6 +307,7 @@ def _run(
     quality = qc_finding(out.heatmaps, [r.plan for r in requests], config.qc, tissue.geometry)
     results: dict[str, TaskResult] = dict(slide_level)
     for request in requests:
+        raise_if_signalled()
         finding = domain_finding(out.heatmaps, request.name, request.model.card, request.plan, tissue.geometry)
         task_config = config.task(request.name)
         context = TaskContext(
