@@ -26,9 +26,24 @@ def machine_facts(gpu: str | None = None) -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
+        **cpu_facts(),
         "torch": torch.__version__,
         "gpu": gpu,
     }
+
+
+def cpu_facts() -> dict[str, Any]:
+    """The CPU's model and the vector units that decide a CPU model's speed here: a virtual machine of this project
+    has been lent hosts without and with AVX-512 / native bf16, whose figures differ 2-4x (docs/benchmarks.md)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    model = re.search(r"^model name\s*:\s*(.+)$", info, re.M)
+    listed = re.search(r"^flags\s*:\s*(.+)$", info, re.M)
+    flags = set(listed.group(1).split()) if listed else set()
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+    return {"cpu": model.group(1).strip() if model else None, "cpu_flags": [f for f in wanted if f in flags]}
 
 
 def peak_rss_mb() -> float:

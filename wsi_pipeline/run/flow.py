@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from wsi_pipeline.core.errors import OutputWriteError
-from wsi_pipeline.run.pipeline import SlideOutcome, SlideSteps, run_to_end
+from wsi_pipeline.run.pipeline import SlideOutcome, SlideSteps
 
 
 @dataclass(eq=False)  # one slide is one object: compared by identity
@@ -65,7 +65,8 @@ def run_slides(starts: Sequence[Start], in_flight: int, record: Callable[[SlideO
     if in_flight <= 1:
         for path, slide_id, start in starts:
             flight = SlideInFlight(path, slide_id, start())
-            flight.outcome = run_to_end_or_write_error(flight)
+            while flight.outcome is None:
+                flight.step()
             _record(flight, record)
         return
     with (
@@ -73,14 +74,6 @@ def run_slides(starts: Sequence[Start], in_flight: int, record: Callable[[SlideO
         ThreadPoolExecutor(1, thread_name_prefix="slide-finish") as finisher,
     ):
         _Overlap(starts, in_flight, record, preparer, finisher).run()
-
-
-def run_to_end_or_write_error(flight: SlideInFlight) -> SlideOutcome:
-    try:
-        return run_to_end(flight.steps)
-    except OutputWriteError as exc:
-        flight.write_error = exc
-        return SlideOutcome(flight.path, flight.slide_id, "failed", str(exc))
 
 
 def _record(flight: SlideInFlight, record: Callable[[SlideOutcome], None]) -> None:

@@ -75,29 +75,6 @@ INFERRED = "inferred"
 SlideSteps = Generator[str, None, "SlideOutcome"]
 
 
-def process_slide(
-    path: Path,
-    slide_id: str,
-    out_root: Path,
-    settings: RunSettings,
-    models: dict[str, LoadedModel],
-    specs: dict[str, ReadSpec],
-    mpp: MppChoice = None,
-    embedding: EmbedModels | None = None,
-) -> SlideOutcome:
-    """Run `tasks` on one slide into OUT/<slide_id>/, all its steps in this thread (`slide_steps`)."""
-    return run_to_end(slide_steps(path, slide_id, out_root, settings, models, specs, mpp, embedding))
-
-
-def run_to_end(steps: SlideSteps) -> SlideOutcome:
-    """Every remaining step of a slide, in this thread; its outcome."""
-    while True:
-        try:
-            next(steps)
-        except StopIteration as stop:
-            return stop.value
-
-
 def slide_steps(
     path: Path,
     slide_id: str,
