@@ -145,7 +145,9 @@ class _Overlap:
                     self.record_oldest()
             while self.finishing:
                 self.record_oldest()
-        except KeyboardInterrupt:
+        except OutputWriteError:  # the batch ends at that slide, as one slide at a time would
+            raise
+        except BaseException:  # an interrupt, or a fault outside any slide (a lock file that is a link)
             self.stop(record_ended=True)
             raise
         finally:
@@ -158,7 +160,7 @@ class _Overlap:
 
     def stop(self, record_ended: bool) -> None:
         """After the last slide, a failed write or an interrupt: wait for the steps running in the other threads
-        (an interrupt reaches them at their next safe point); after an interrupt, record the slides that ended
+        (an interrupt reaches them at their next safe point); unless a write failed, record the slides that ended
         meanwhile, as far as they ended in order (their folders are complete); discard every slide not ended."""
         self.halted = True
         for pending in [*self.finishing, *([self.prepared] if self.prepared else [])]:
