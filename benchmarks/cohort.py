@@ -36,7 +36,16 @@ CONFIGURATIONS = {
     "default_tasks": [],
     "default_tasks_one_at_a_time": ONE_AT_A_TIME,
 }
-STAGES = ("tissue_s", "mpp_estimate_s", "tiling_s", "inference_s", "heatmaps_s", "postprocess_s", "export_s")
+STAGES = (
+    "tissue_s",
+    "mpp_estimate_s",
+    "tiling_s",
+    "read_setup_s",
+    "inference_s",
+    "heatmaps_s",
+    "postprocess_s",
+    "export_s",
+)
 
 
 def make_cohort(folder: Path) -> int:

@@ -105,7 +105,16 @@ def test_run_finds_the_planted_figures(cohort: tuple[Path, Path], cohort_run: tu
         assert counts["detection"] == 10 and counts["annotation"] == 3 and counts["tile"] > 0
         run_record = json.loads((slide_dir / "run.json").read_text())
         assert run_record["complete"] and run_record["models"]["mitosis"]["card"]["name"].startswith("demo-")
-        stages = {"tissue_s", "mpp_estimate_s", "tiling_s", "inference_s", "heatmaps_s", "postprocess_s", "export_s"}
+        stages = {
+            "tissue_s",
+            "mpp_estimate_s",
+            "tiling_s",
+            "read_setup_s",
+            "inference_s",
+            "heatmaps_s",
+            "postprocess_s",
+            "export_s",
+        }
         assert set(run_record["timings"]) == stages  # mpp_estimate_s: the µm/px check (slide.check_mpp)
         assert open_heatmap(slide_dir / "heatmaps.zarr" / "mitosis").levels[0].shape[0] == 1
         overview = Image.open(slide_dir / "overview.png")  # read from the slide, 1000 px long, with a legend

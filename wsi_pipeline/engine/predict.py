@@ -7,22 +7,16 @@ CPU, bf16 where the CPU has it natively (`models.predictor.use_bf16`).
 
 from __future__ import annotations
 
-import collections
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from wsi_pipeline.core.errors import ConfigError
-from wsi_pipeline.core.memory import HeapTrimmer
-from wsi_pipeline.core.progress import Progress
+from wsi_pipeline.engine.batches import Batch, close_reads, run_read
 from wsi_pipeline.engine.embeddings import EmbeddingTarget, EmbeddingWriter, EncoderPredictor, embedding_attributes
-from wsi_pipeline.engine.loader import make_loader, one_line_worker_errors
+from wsi_pipeline.engine.loader import make_loader
 from wsi_pipeline.engine.options import EngineOptions
 from wsi_pipeline.engine.qc import QcRecorder, qc_read
 from wsi_pipeline.engine.stitch import DomainStitcher, Stitcher, stitcher_class
@@ -103,14 +97,102 @@ def predict_slide(
 
 
 @dataclass
-class Inference:
-    """A slide's reads once their last batch is out, and what is left to do: each stitcher's last rows and
-    pyramid, the QC image. Split from the reads so that a batch can give the models the next slide meanwhile
-    (run/flow.py); `abort` discards it all."""
+class _Read:
+    """One read set up: its predictors and the stitchers each feeds, its tiles (being read once started)."""
 
-    timings: dict[str, Any]
-    stitchers: list[Stitcher]
+    plan: TilePlan
+    names: list[str]
+    pairs: list[tuple[Predictor | EncoderPredictor, list[Stitcher]]]
+    recorder: QcRecorder | None
+    setup_s: float
+    tiles: Iterator[Batch] | None = None
+
+
+@dataclass
+class Inference:
+    """A slide's reads through the models, in three calls: `start_inference` checks them and sets up the first
+    (its predictors and stitchers made, its first batches being read), `run` runs every read, `finish` does what
+    is left once the last batch is out (each stitcher's last rows and pyramid, the QC image). Split so that a batch
+    can set up the next slide, and finish the one before, while a slide is in the models (run/flow.py); `abort`
+    discards it all at any point."""
+
+    slide: Slide
+    groups: list[list[Request]]
+    store: Path
+    options: EngineOptions
+    qc: QcConfig | None
+    timings: dict[str, Any] = field(default_factory=lambda: {"reads": [], "precision": {}})  # precision per model
+    stitchers: list[Stitcher] = field(default_factory=list)
     recorder: tuple[QcRecorder, list[str]] | None = None  # and the names of the read it measured
+    first: _Read | None = None
+
+    def set_up(self, number: int, elsewhere: bool = False) -> _Read:
+        """Read `number`'s predictors and stitchers, its tiles being read meanwhile (the loader starts first, so its
+        first batches are read while the models move to the device); `elsewhere`: in another thread than the
+        models', where only reading threads start (worker processes and reads decoded on the device start in the
+        models' own turn: a fork from beside a running model is not safe)."""
+        started = time.perf_counter()
+        group = self.groups[number]
+        plan, names = group[0].plan, [r.name for r in group]
+        qc_group = qc_read([g[0].plan for g in self.groups]) if self.qc is not None and self.qc.enabled else None
+        recorder = QcRecorder(plan, self.store, self.qc) if self.qc is not None and number == qc_group else None
+        if recorder is not None:
+            self.recorder = (recorder, names)
+        read = _Read(plan, names, [], recorder, 0.0)
+        if not elsewhere or (self.options.loader == "threads" and self.options.decode == "cpu"):
+            read.tiles = self.read(plan)
+        try:
+            self._make_predictors(group, read)
+        except BaseException:
+            if read.tiles is not None:
+                close_reads(read.tiles)
+            raise
+        read.setup_s = time.perf_counter() - started
+        return read
+
+    def _make_predictors(self, group: list[Request], read: _Read) -> None:
+        options, device = self.options, self.options.device
+        for request in group:
+            if isinstance(request, EmbedRequest):  # its vectors go to an embeddings file, not a heatmap
+                encoder = EncoderPredictor(request.encoder, device, options.predictor.precision)
+                self.timings["precision"][f"embed:{request.name}"] = "bf16" if encoder.bf16 else "fp32"
+                writer = request.writer()
+                self.stitchers.append(writer)
+                read.pairs.append((encoder, [writer]))
+                continue
+            predictor = make_predictor(request.model, device, options.predictor)
+            self.timings["precision"][request.name] = "bf16" if getattr(predictor, "bf16", False) else "fp32"
+            card = request.model.card
+            fed: list[Stitcher] = [stitcher_class(card)(request.name, card, request.plan, self.store, request.dtype)]
+            if getattr(predictor, "guarded", False):  # its tiles' domain values: an image of their own
+                fed.append(DomainStitcher(request.name, card, request.plan, self.store))
+            self.stitchers += fed
+            read.pairs.append((predictor, fed))
+
+    def read(self, plan: TilePlan) -> Iterator[Batch]:
+        """The read's tiles, being read from now on (a spawned worker process re-imports torch: seconds on a GPU
+        machine)."""
+        o = self.options
+        return iter(make_loader(self.slide, plan, o.batch_size, o.workers, o.device, o.loader, o.decode))
+
+    def run(self) -> Inference:
+        """Every read, in this thread: the models see each batch as it comes."""
+        try:
+            for number in range(len(self.groups)):
+                read, self.first = self.first or self.set_up(number), None
+                started = time.perf_counter() - read.setup_s  # a read's seconds count its set-up, wherever it ran
+                if read.tiles is None:
+                    read.tiles = self.read(read.plan)
+                try:
+                    timing = run_read(self.slide, read.plan, read.names, read.pairs, read.tiles, self.options,
+                                      started, read.recorder)  # fmt: skip
+                    self.timings["reads"].append(timing)
+                finally:
+                    close_reads(read.tiles)
+        except BaseException:
+            self.abort()
+            raise
+        return self
 
     def finish(self) -> dict[str, Any]:
         try:
@@ -128,8 +210,40 @@ class Inference:
         return self.timings
 
     def abort(self) -> None:
+        if self.first is not None and self.first.tiles is not None:
+            close_reads(self.first.tiles)
+        self.first = None
         for stitcher in self.stitchers:
             stitcher.abort()
+
+
+def start_inference(
+    slide: Slide,
+    requests: Sequence[Request],
+    store: Path,
+    options: EngineOptions = DEFAULT_OPTIONS,
+    qc: QcConfig | None = None,
+    elsewhere: bool = False,
+) -> Inference:
+    """Check every request and set up the first read (`Inference`; `elsewhere`: in another thread than the one that
+    will run it). `options` says how (engine/options.py): the
+    predictor options go to each model's predictor (`models.predictor`), the rest to the loader. The timings name
+    the precision each task ran in (`auto` decides per device and model card). Raises before reading when a model
+    cannot serve its plan."""
+    tasks = [r for r in requests if isinstance(r, TaskRequest)]
+    names = [c for request in tasks for c in request.model.card.written_classes]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"two tasks write heatmaps named {duplicates}; set heatmap_classes in a model card")
+    for task in tasks:
+        check_request(task)
+    inference = Inference(slide, read_groups(requests), store, options, qc)
+    try:
+        inference.first = inference.set_up(0, elsewhere) if inference.groups else None
+    except BaseException:
+        inference.abort()
+        raise
+    return inference
 
 
 def infer_slide(
@@ -139,170 +253,6 @@ def infer_slide(
     options: EngineOptions = DEFAULT_OPTIONS,
     qc: QcConfig | None = None,
 ) -> Inference:
-    """Run every request over its plan and write its heatmaps into `store`, all but what `Inference.finish` does.
-    `options` says how (engine/options.py): the predictor options go to each model's predictor
-    (`models.predictor`), the rest to the loader. The timings name the precision each task ran in (`auto` decides
-    per device and model card).
-
-    Raises before reading when a model cannot serve its plan; on any failure, partial heatmaps are discarded.
-    """
-    tasks = [r for r in requests if isinstance(r, TaskRequest)]
-    names = [c for request in tasks for c in request.model.card.written_classes]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ConfigError(f"two tasks write heatmaps named {duplicates}; set heatmap_classes in a model card")
-    for task in tasks:
-        check_request(task)
-    inference = Inference({"reads": [], "precision": {}}, [])  # precision: what each task's model ran in
-    timings = inference.timings
-    groups = read_groups(requests)
-    qc_group = qc_read([g[0].plan for g in groups]) if qc is not None and qc.enabled else None
-    try:
-        for number, group in enumerate(groups):
-            plan = group[0].plan
-            recorder = QcRecorder(plan, store, qc) if qc is not None and number == qc_group else None
-            names = [r.name for r in group]
-            if recorder is not None:
-                inference.recorder = (recorder, names)
-            started = time.perf_counter()
-            # The workers start (a spawned process re-imports torch: seconds on a GPU machine) and read ahead while
-            # the models move to the device and the heatmaps are created.
-            device = options.device
-            tiles = iter(
-                make_loader(slide, plan, options.batch_size, options.workers, device, options.loader, options.decode)
-            )
-            try:
-                pairs: list[tuple[Predictor | EncoderPredictor, list[Stitcher]]] = []
-                for request in group:
-                    if isinstance(request, EmbedRequest):  # its vectors go to an embeddings file, not a heatmap
-                        encoder = EncoderPredictor(request.encoder, device, options.predictor.precision)
-                        timings["precision"][f"embed:{request.name}"] = "bf16" if encoder.bf16 else "fp32"
-                        writer = request.writer()
-                        inference.stitchers.append(writer)
-                        pairs.append((encoder, [writer]))
-                        continue
-                    predictor = make_predictor(request.model, device, options.predictor)
-                    timings["precision"][request.name] = "bf16" if getattr(predictor, "bf16", False) else "fp32"
-                    card = request.model.card
-                    fed: list[Stitcher] = [stitcher_class(card)(request.name, card, request.plan, store, request.dtype)]
-                    if getattr(predictor, "guarded", False):  # its tiles' domain values: an image of their own
-                        fed.append(DomainStitcher(request.name, card, request.plan, store))
-                    inference.stitchers += fed
-                    pairs.append((predictor, fed))
-                timings["reads"].append(_run_group(slide, plan, names, pairs, tiles, options, started, recorder))
-            finally:
-                _close_reads(tiles)
-                del tiles
-    except BaseException:
-        inference.abort()
-        raise
-    return inference
-
-
-def _close_reads(tiles: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Stop and join the reading threads or worker processes now, also on failure. A DataLoader's iterator shuts
-    its workers down only when it is collected: caught in a reference cycle by a failure, it can be copied into the
-    next slide's forked workers, whose collection of it then prints a traceback ("can only test a child process");
-    shut down here (torch's own method; there is no public one), that copy does nothing."""
-    close = getattr(tiles, "close", None) or getattr(tiles, "_shutdown_workers", None)
-    if close is not None:
-        close()
-
-
-class _Writes:
-    """What follows each batch's forward pass (each stitcher placing its outputs, the QC recorder measuring the
-    tiles) in one thread of its own, in batch order, while the models take the next batch: on a GPU the stitching
-    and measuring would otherwise leave it idle between batches. At most `ahead` batches wait (their tiles and
-    outputs held); a failure surfaces at the next batch or at `wait`."""
-
-    def __init__(self, ahead: int = 2) -> None:
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="tile-writer")
-        self.pending: collections.deque[Future[None]] = collections.deque()
-        self.ahead = ahead
-
-    def submit(self, write: Callable[[], None]) -> None:
-        while len(self.pending) >= self.ahead:
-            self.pending.popleft().result()
-        self.pending.append(self.pool.submit(write))
-
-    def wait(self) -> None:
-        while self.pending:
-            self.pending.popleft().result()
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _written(
-    idx: np.ndarray,
-    batch: torch.Tensor,
-    outputs: list[tuple[dict[str, torch.Tensor], list[Stitcher]]],
-    following: int | None,
-    recorder: QcRecorder | None,
-) -> Callable[[], None]:
-    def write() -> None:
-        if recorder is not None:
-            recorder.observe(idx, batch)
-        for output, fed in outputs:
-            for stitcher in fed:  # each writes its own outputs (a guarded model's domain: its own image)
-                stitcher.aggregate(idx, output)
-                stitcher.advance(following)
-
-    return write
-
-
-def _run_group(
-    slide: Slide,
-    plan: TilePlan,
-    names: list[str],
-    pairs: list[tuple[Predictor | EncoderPredictor, list[Stitcher]]],
-    tiles: Iterator[tuple[torch.Tensor, torch.Tensor]],
-    options: EngineOptions,
-    started: float,
-    recorder: QcRecorder | None = None,
-) -> dict[str, Any]:
-    """Feed every batch of `tiles` to each predictor, and its outputs to its stitchers (`_Writes`); `started` is
-    when the group's setup began, so the reported seconds include the loader's start-up."""
-    device = options.device
-    bar = Progress(len(plan), f"{slide.slide_id} {'+'.join(names)}", enabled=options.progress)
-    wait_s = compute_s = model_s = 0.0
-    heap = HeapTrimmer()  # untrimmed, the freed heap kept a large slide's peak RSS 1007-1199 MB instead of ~803 MB
-    writes = _Writes()
-    tick = time.perf_counter()
-    setup_s = tick - started
-    try:
-        with torch.inference_mode(), one_line_worker_errors():
-            for indices, batch in tiles:
-                got = time.perf_counter()
-                wait_s += got - tick
-                on_device = batch.to(device, non_blocking=True)
-                idx: np.ndarray = indices.numpy()
-                last = int(idx[-1])
-                following = last + 1 if last + 1 < len(plan) else None
-                outputs = []
-                for predictor, fed in pairs:
-                    forward = time.perf_counter()
-                    outputs.append((predictor(on_device), fed))
-                    model_s += time.perf_counter() - forward
-                # the tiles as read (a predictor converts a copy): the recorder measures them, not the model's input
-                writes.submit(_written(idx, batch, outputs, following, recorder))
-                bar.update(len(idx))
-                heap.after_batch()
-                tick = time.perf_counter()
-                compute_s += tick - got
-            writes.wait()
-    finally:
-        writes.close()
-    bar.close()
-    elapsed = time.perf_counter() - started
-    return {
-        "tasks": names,
-        "tiles": len(plan),
-        "seconds": elapsed,
-        "tiles_per_s": len(plan) / elapsed if elapsed > 0 else None,
-        "setup_s": setup_s,
-        "wait_for_tiles_s": wait_s,
-        "compute_and_write_s": compute_s,
-        "model_s": model_s,  # the models' forward passes alone (with the copy of their outputs to the CPU)
-        "device": str(device),
-    }
+    """Run every request over its plan and write its heatmaps into `store`, all but what `Inference.finish` does;
+    on any failure, partial heatmaps are discarded."""
+    return start_inference(slide, requests, store, options, qc).run()

@@ -25,7 +25,7 @@ from wsi_pipeline.core.errors import OutputWriteError, WsiError, raise_if_signal
 from wsi_pipeline.core.inventory import take_inventory
 from wsi_pipeline.core.layout import RunLayout, SlideLayout
 from wsi_pipeline.engine import TaskRequest
-from wsi_pipeline.engine.predict import EmbedRequest, infer_slide
+from wsi_pipeline.engine.predict import EmbedRequest, start_inference
 from wsi_pipeline.heatmap import begin_store, finish_store, settle_pending_writes
 from wsi_pipeline.models import LoadedModel
 from wsi_pipeline.models.input_guard import outside_reason, slide_colour
@@ -257,13 +257,21 @@ def _run(
     requests = [TaskRequest(t, models[t], specs[t].plan(slide, tissue)) for t in chosen]
     embedding = embedding or EmbedModels()
     embeds = embed_requests(slide, tissue, out, config.embed, embedding.encoders)
-    timings["tiling_s"] = time.perf_counter() - t0
-    yield PREPARED
-    t0 = time.perf_counter()
     reads: list[TaskRequest | EmbedRequest] = [*requests, *embeds]
-    inferred = infer_slide(slide, reads, out.heatmaps, settings.engine, config.qc) if reads else None
-    timings["inference_s"] = time.perf_counter() - t0
+    timings["tiling_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    # the first read set up now: its predictors and stitchers made, its first batches read (beside the models'
+    # work on the slide before, in a batch)
+    inferred = (
+        start_inference(slide, reads, out.heatmaps, settings.engine, config.qc, elsewhere=True) if reads else None
+    )
+    timings["read_setup_s"] = time.perf_counter() - t0
     try:
+        yield PREPARED
+        t0 = time.perf_counter()
+        if inferred is not None:
+            inferred.run()
+        timings["inference_s"] = time.perf_counter() - t0
         yield INFERRED  # the models are free for the next slide: the rest is this slide's alone
         raise_if_signalled()
         t0 = time.perf_counter()
