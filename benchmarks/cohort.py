@@ -27,6 +27,8 @@ from pathlib import Path
 from _report import machine_facts, shared_slide, write_report
 from peers import measured
 
+from wsi_pipeline.run.pipeline import STAGE_TIMINGS
+
 COPIES = 12
 SYNTHETIC = ((4000, 3000, 0.5), (8000, 6000, 0.5), (6000, 4000, 0.25))
 ONE_AT_A_TIME = ["--set", "engine.slides_in_flight=1"]
@@ -36,16 +38,6 @@ CONFIGURATIONS = {
     "default_tasks": [],
     "default_tasks_one_at_a_time": ONE_AT_A_TIME,
 }
-STAGES = (
-    "tissue_s",
-    "mpp_estimate_s",
-    "tiling_s",
-    "read_setup_s",
-    "inference_s",
-    "heatmaps_s",
-    "postprocess_s",
-    "export_s",
-)
 
 
 def make_cohort(folder: Path) -> int:
@@ -66,7 +58,7 @@ def figures(out: Path, wall: float) -> dict[str, object]:
     records = [json.loads(p.read_text()) for p in sorted(out.glob("*/run.json"))]
     model = sum(sum(r.get("model_s", 0.0) for r in rec["inference"]["reads"]) for rec in records)
     turns = sum(rec["timings"]["inference_s"] for rec in records)  # the models' turn: every batch read and run
-    per_stage = {s: round(statistics.mean(rec["timings"].get(s, 0.0) for rec in records), 3) for s in STAGES}
+    per_stage = {s: round(statistics.mean(rec["timings"].get(s, 0.0) for rec in records), 3) for s in STAGE_TIMINGS}
     n, tiles = len(records), sum(rec["tiles"] for rec in records)
     return {
         "slides": n,

@@ -73,6 +73,9 @@ class SlideOutcome:
 PREPARED = "prepared"
 INFERRED = "inferred"
 SlideSteps = Generator[str, None, "SlideOutcome"]
+# the stages a slide's run.json times, in order (mpp_estimate_s only where the µm/px was estimated or checked)
+STAGE_TIMINGS = ("tissue_s", "mpp_estimate_s", "tiling_s", "read_setup_s", "inference_s", "heatmaps_s",
+                 "postprocess_s", "export_s")  # fmt: skip
 
 
 def slide_steps(
