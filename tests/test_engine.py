@@ -379,3 +379,37 @@ def test_auto_precision_reads_the_cards_measured_bf16_difference(tmp_path: Path)
     assert use_bf16(CPU, "auto", card.model_copy(update={"bf16_max_difference": BF16_CARD_LIMIT})) is native
     with pytest.raises(ValueError, match="bf16_max_difference"):
         ModelCard.model_validate({**card.model_dump(), "bf16_max_difference": -0.1})
+
+
+def test_a_read_set_up_in_another_thread_runs_as_one_set_up_in_place(cmu, tmp_path: Path) -> None:
+    """`run` sets up a slide's first read while it prepares the slide, in another thread (its first batches read
+    there); the heatmaps equal `predict_slide`'s, and a set-up discarded before its turn (an interrupt) leaves no
+    reading thread and no heatmap."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from wsi_pipeline.engine.predict import start_inference
+
+    slide, tissue = cmu
+    model = load_model(classifier_model(tmp_path))
+    plan = plan_tiles(slide, tissue, 0.998, 32, overlap_px=0, min_tissue=0.5)
+    options = EngineOptions(device=CPU, batch_size=64, workers=2, progress=False, precision="fp32")
+
+    def requests() -> list[TaskRequest]:
+        return [TaskRequest("epithelium_stroma", model, plan, dtype="float32")]
+
+    predict_slide(slide, requests(), tmp_path / "in_place.zarr", options)
+    with ThreadPoolExecutor(1) as elsewhere:
+        started = elsewhere.submit(start_inference, slide, requests(), tmp_path / "early.zarr", options, None, True)
+        inference = started.result()
+    assert inference.first is not None and inference.first.tiles is not None  # its tiles were being read already
+    inference.run().finish()
+    for name in ("epithelium", "stroma"):
+        a, b = (open_heatmap(tmp_path / s / name).channel(name) for s in ("in_place.zarr", "early.zarr"))
+        assert a.tobytes() == b.tobytes()
+
+    discarded = start_inference(slide, requests(), tmp_path / "discarded.zarr", options, None, True)
+    assert any(t.name.startswith("tile-reader") for t in threading.enumerate())
+    discarded.abort()
+    assert not any(t.name.startswith("tile-reader") for t in threading.enumerate())
+    assert not list((tmp_path / "discarded.zarr").glob("epithelium*"))
