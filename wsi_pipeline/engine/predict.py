@@ -91,9 +91,9 @@ def predict_slide(
     options: EngineOptions = DEFAULT_OPTIONS,
     qc: QcConfig | None = None,
 ) -> dict[str, Any]:
-    """Run every request over its plan and write its heatmaps into `store`; returns timings (`infer_slide`, then
-    its `finish`)."""
-    return infer_slide(slide, requests, store, options, qc).finish()
+    """Run every request over its plan and write its heatmaps into `store`; returns timings (the three parts of
+    `Inference` in turn, in this thread). On any failure, partial heatmaps are discarded."""
+    return start_inference(slide, requests, store, options, qc).run().finish()
 
 
 @dataclass
@@ -126,6 +126,11 @@ class Inference:
     recorder: tuple[QcRecorder, list[str]] | None = None  # and the names of the read it measured
     first: _Read | None = None
 
+    @property
+    def qc_group(self) -> int | None:
+        """Which read measures quality (`engine.qc.qc_read`); None when quality control is off."""
+        return qc_read([g[0].plan for g in self.groups]) if self.qc is not None and self.qc.enabled else None
+
     def set_up(self, number: int, elsewhere: bool = False) -> _Read:
         """Read `number`'s predictors and stitchers, its tiles being read meanwhile (the loader starts first, so its
         first batches are read while the models move to the device); `elsewhere`: in another thread than the
@@ -134,8 +139,7 @@ class Inference:
         started = time.perf_counter()
         group = self.groups[number]
         plan, names = group[0].plan, [r.name for r in group]
-        qc_group = qc_read([g[0].plan for g in self.groups]) if self.qc is not None and self.qc.enabled else None
-        recorder = QcRecorder(plan, self.store, self.qc) if self.qc is not None and number == qc_group else None
+        recorder = QcRecorder(plan, self.store, self.qc) if self.qc is not None and number == self.qc_group else None
         if recorder is not None:
             self.recorder = (recorder, names)
         read = _Read(plan, names, [], recorder, 0.0)
@@ -244,15 +248,3 @@ def start_inference(
         inference.abort()
         raise
     return inference
-
-
-def infer_slide(
-    slide: Slide,
-    requests: Sequence[Request],
-    store: Path,
-    options: EngineOptions = DEFAULT_OPTIONS,
-    qc: QcConfig | None = None,
-) -> Inference:
-    """Run every request over its plan and write its heatmaps into `store`, all but what `Inference.finish` does;
-    on any failure, partial heatmaps are discarded."""
-    return start_inference(slide, requests, store, options, qc).run()

@@ -61,6 +61,21 @@ def feature(
 ) -> dict[str, Any]:
     if object_type not in OBJECT_TYPES:
         raise ValueError(f"objectType must be one of {OBJECT_TYPES}, got {object_type!r}")
+    return {
+        "type": "Feature",
+        "id": object_id_,
+        "geometry": to_qupath_geometry(geometry, offset),
+        "properties": _properties(object_type, name, class_name, color, measurements),
+    }
+
+
+def _properties(
+    object_type: str,
+    name: str | None,
+    class_name: str | None,
+    color: tuple[int, int, int] | None,
+    measurements: Mapping[str, float] | None,
+) -> dict[str, Any]:
     props: dict[str, Any] = {"objectType": object_type}
     if name is not None:
         props["name"] = name
@@ -68,12 +83,7 @@ def feature(
         props["classification"] = {"name": class_name, "color": list(color or (255, 0, 0))}
     if measurements:
         props["measurements"] = {k: _number(v) for k, v in measurements.items()}
-    return {
-        "type": "Feature",
-        "id": object_id_,
-        "geometry": to_qupath_geometry(geometry, offset),
-        "properties": props,
-    }
+    return props
 
 
 def write_feature_collection(
@@ -153,12 +163,9 @@ def tile_features(
         corners = np.stack([np.hstack([x + w, x + w, x, x, x + w]), np.hstack([y, y + h, y + h, y, y])], axis=-1)
         rings = np.round(corners - shift, 2).tolist()
         for (col, row, _, _, measurements), ring in zip(chunk, rings, strict=True):
-            props: dict[str, Any] = {"objectType": "tile", "name": name}
-            if measurements:
-                props["measurements"] = {k: _number(v) for k, v in measurements.items()}
             yield {
                 "type": "Feature",
                 "id": object_id(slide_id, name, col, row),
                 "geometry": {"type": "Polygon", "coordinates": [ring]},
-                "properties": props,
+                "properties": _properties("tile", name, None, None, measurements),
             }
