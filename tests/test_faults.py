@@ -23,7 +23,7 @@ import zarr
 
 from tests.helpers import TCGA, run_cli
 from wsi_pipeline.core.inventory import first_problem
-from wsi_pipeline.heatmap import open_heatmap
+from wsi_pipeline.heatmap import HeatmapGeometry, HeatmapWriter, open_heatmap
 from wsi_pipeline.models.demo import write_figure_detector
 from wsi_pipeline.run.lock import output_lock, single_slide_lock
 from wsi_pipeline.slide.synth import SynthSpec, default_layout, write_synthetic_slide
@@ -481,6 +481,26 @@ def test_full_disk_is_exit_9_and_leaves_nothing_complete(case, tmp_path: Path) -
         assert_nothing_looks_complete_but_is_not(out)
     finally:
         subprocess.run(["umount", "--lazy", str(small)], check=False)  # detached even while a handle is open
+
+
+def test_a_heatmap_image_that_fills_the_disk_is_discarded_for_good(tmp_path: Path) -> None:
+    """One band of 40 chunks written at once: zarr writes them concurrently, the first ENOSPC raises while the rest
+    are still landing, and each landing recreates the temporary folder after a plain removal (CI's `predict` on a
+    full disk once left `.heatmaps.zarr.mitosis.tmp-*`). `abort` waits for them; nothing is left, looked at later."""
+    full = tmp_path / "full"
+    _mount(full, "size=300k")
+    try:
+        geometry = HeatmapGeometry(256, 256 * 40, 16, 0.0, (0.5, 0.5), (1.0, 1.0))
+        writer = HeatmapWriter(full / "heatmaps.zarr", "mitosis", ["mitosis"], geometry, "float32", chunk=256)
+        band = np.random.default_rng(0).random((1, 256, 256 * 40), dtype=np.float32)  # incompressible
+        writer.write(0, 0, band)
+        with pytest.raises(OSError, match="No space left"):
+            writer.advance(256)
+        writer.abort()
+        time.sleep(0.5)
+        assert not [p for p in full.rglob("*") if ".tmp-" in p.name]
+    finally:
+        subprocess.run(["umount", "--lazy", str(full)], check=False)
 
 
 def test_a_library_that_hides_the_errno_is_still_a_write_failure(tmp_path: Path) -> None:

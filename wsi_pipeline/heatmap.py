@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -193,8 +194,10 @@ class HeatmapWriter:
         return final
 
     def abort(self) -> None:
-        """Discard the partial output (a failed slide leaves nothing that looks complete)."""
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        """Discard the partial output (a failed slide leaves nothing that looks complete): for good, since a failed
+        write of one chunk leaves the other chunks of that write landing on zarr's I/O thread (a full disk under
+        `predict` once left `.heatmaps.zarr.mitosis.tmp-*` behind)."""
+        discard_for_good(self.tmp)
         self._bands.clear()
 
 
@@ -324,3 +327,15 @@ def settle_pending_writes(timeout_s: float = 30.0) -> None:
         asyncio.run_coroutine_threadsafe(others_done(), loop).result(timeout_s + 1)
     except Exception as exc:  # a write that failed is the failed slide's business, not this cleanup's
         logging.getLogger("wsi_pipeline").debug("pending zarr writes not settled: %s", exc)
+
+
+def discard_for_good(folder: Path, rounds: int = 5) -> None:
+    """Remove a temporary folder so that it stays removed. Writes already started (zarr's I/O thread finishing the
+    other chunks of a failed or interrupted write, a dask worker finishing its chunk of a pyramid) can create it
+    again after a first removal: wait for zarr's pending writes, remove, and look again a few times (0.05 s apart)."""
+    for _ in range(rounds):
+        settle_pending_writes()
+        shutil.rmtree(folder, ignore_errors=True)
+        time.sleep(0.05)
+        if not folder.exists():
+            return

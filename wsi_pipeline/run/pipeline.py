@@ -26,7 +26,7 @@ from wsi_pipeline.core.inventory import take_inventory
 from wsi_pipeline.core.layout import RunLayout, SlideLayout
 from wsi_pipeline.engine import TaskRequest
 from wsi_pipeline.engine.predict import EmbedRequest, start_inference
-from wsi_pipeline.heatmap import begin_store, finish_store, settle_pending_writes
+from wsi_pipeline.heatmap import begin_store, discard_for_good, finish_store
 from wsi_pipeline.models import LoadedModel
 from wsi_pipeline.models.input_guard import outside_reason, slide_colour
 from wsi_pipeline.models.mpp_estimator import MppEstimate
@@ -183,19 +183,7 @@ def _slide_steps(
         return outcome("failed", f"internal error {type(exc).__name__}: {last.strip()} (please report)")
     finally:
         if tmp.root.exists():  # the slide failed or was interrupted
-            discard_temporary(tmp.root)
-
-
-def discard_temporary(folder: Path, rounds: int = 5) -> None:
-    """Remove a failed slide's temporary folder for good. Writes that an interrupt left running (zarr's I/O thread,
-    a dask worker finishing its chunk of the pyramid) can create it again after a first removal: wait for zarr's
-    pending writes, remove, and look again a few times (0.05 s apart)."""
-    for _ in range(rounds):
-        settle_pending_writes()
-        shutil.rmtree(folder, ignore_errors=True)
-        time.sleep(0.05)
-        if not folder.exists():
-            return
+            discard_for_good(tmp.root)
 
 
 # a model reading at twice the slide's finest detail or more is said to: 2x less the 5 % by which scanners' 20x and
