@@ -1,8 +1,9 @@
 """CPU model path: tiles/s of each shipped model and of resnet18 in eager fp32, bf16 autocast, with BatchNorm folded
-into the convolutions (what the engine runs: `conv_bn_fused`) in fp32 and bf16, torch.compile fp32 and
-torch.compile + bf16, measured in turn in one run, with the largest probability difference to eager fp32 on the
-same real tiles (the engine's bf16 tolerance is 0.02, as on CUDA). Writes benchmarks/results/cpu-model.json; the
-engine's CPU default follows what wins here (docs/benchmarks.md).
+into the convolutions (what the engine runs: `conv_bn_fused`) in fp32 and bf16, torch.compile fp32, torch.compile +
+bf16 and the folded network in ONNX Runtime (fp32), measured in turn in one run, with the largest probability
+difference to eager fp32 on the same real tiles (the engine's bf16 tolerance is 0.02, as on CUDA); and, for the
+shipped models, the whole predictor (with its domain guard) in torch fp32, torch bf16 and ONNX Runtime fp32.
+Writes benchmarks/results/cpu-model.json; the engine's CPU default follows what wins here (docs/benchmarks.md).
 """
 
 # ruff: noqa: I001  (wsi_pipeline before torch, as in the CLI: it sets OpenMP's wait policy)
@@ -46,6 +47,25 @@ def run(module: torch.nn.Module, x: torch.Tensor, card, bf16: bool, repeats: int
     return statistics.median(rates), probs
 
 
+def predictor_ms(model, x: torch.Tensor, repeats: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """ms per tile of the whole predictor in torch fp32, torch bf16 and ONNX Runtime fp32 (`engine.runtime`)."""
+    from wsi_pipeline.models import PredictorOptions, make_predictor
+
+    found = {}
+    for label, precision, runtime in (("torch_fp32", "fp32", "torch"), ("torch_bf16", "bf16", "torch"),
+                                      ("onnxruntime_fp32", "fp32", "onnxruntime")):  # fmt: skip
+        predictor = make_predictor(model, torch.device("cpu"), PredictorOptions(precision, runtime=runtime))
+        with torch.inference_mode():
+            predictor(x)  # warm-up (and the export)
+            times = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                predictor(x)
+                times.append(time.perf_counter() - started)
+        found[label] = 1000 * statistics.median(times) / len(x)
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="benchmarks/results/cpu-model.json")
@@ -53,6 +73,7 @@ def main() -> None:
     args = parser.parse_args()
     from wsi_pipeline.models import ModelCard
     from wsi_pipeline.models.architectures import build, seeded
+    from wsi_pipeline.models.cpu_runtime import OnnxForward
     from wsi_pipeline.models.predictor import conv_bn_fused, use_bf16
     from wsi_pipeline.tasks import task_model
 
@@ -72,6 +93,7 @@ def main() -> None:
         x = tiles_for(card, batch)
         fused = conv_bn_fused(module)
         compiled = torch.compile(module)
+        in_onnx = OnnxForward({}, ("folded",), fused, ([], 1), name)  # the engine's fp32 CPU default
         row: dict[str, object] = {"model": name, "tile_px": card.tile_px, "batch": batch}
         reference = None
         for mode, (net, bf16) in {
@@ -81,6 +103,7 @@ def main() -> None:
             "fused_bf16": (fused, True),
             "compiled_fp32": (compiled, False),
             "compiled_bf16": (compiled, True),
+            "onnxruntime_fp32": (lambda t, forward=in_onnx: forward(t)[0], False),  # type: ignore[index]
         }.items():
             started = time.perf_counter()
             tiles_per_s, probs = run(net, x, card, bf16, args.repeats)
@@ -97,6 +120,8 @@ def main() -> None:
         row["fastest_within_tolerance"] = best
         # what the engine's `auto` runs on this CPU: a card that measured bf16 past its limit keeps the model in fp32
         row["engine_auto"] = "bf16" if use_bf16(torch.device("cpu"), "auto", card) else "fp32"
+        if name in models:  # the whole predictor `run` uses: normalisation, forward pass, domain guard
+            row["predictor_ms_per_tile"] = predictor_ms(models[name], x, args.repeats)
         rows.append(row)
         print(row, flush=True)
     write_report(args.out, {"benchmark": "cpu-model", "machine": machine_facts(), "tolerance": TOLERANCE, "rows": rows})

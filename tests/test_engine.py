@@ -331,15 +331,17 @@ def test_cuda_bf16_matches_cpu_fp32(cmu, tmp_path: Path) -> None:
 def test_cpu_bf16_by_default_where_native_and_within_the_tolerance(
     data_dir: Path, tmp_path: Path, task: str, written: str
 ) -> None:
-    """`precision: auto` autocasts to bf16 on CPUs with native bf16 (2-3x faster, benchmarks/cpu_model.py) for a
-    shipped model whose card measured its bf16 outputs within half the engine's tolerance (0.02, as on CUDA) of
-    fp32, and then its map of this other slide stays within the tolerance; a model measured further (the shipped
-    metastasis model) runs in fp32: its map equals the fp32 one."""
+    """In torch (`engine.runtime: torch`), `precision: auto` autocasts to bf16 on CPUs with native bf16 (2-3x
+    faster, benchmarks/cpu_model.py) for a shipped model whose card measured its bf16 outputs within half the
+    engine's tolerance (0.02, as on CUDA) of fp32, and then its map of this other slide stays within the
+    tolerance; a model measured further (the shipped metastasis model) runs in fp32: its map equals the fp32 one.
+    With the default runtime, `auto` on the CPU is fp32 in ONNX Runtime on every CPU."""
     from wsi_pipeline.models.predictor import BF16_CARD_LIMIT, BF16_TOLERANCE, use_bf16
     from wsi_pipeline.tasks import task_model
 
     native = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     assert use_bf16(CPU, "auto") is native and use_bf16(CPU, "fp32") is False and use_bf16(CPU, "bf16") is True
+    assert use_bf16(CPU, "auto", runtime="auto") is False and use_bf16(CPU, "bf16", runtime="auto") is True
     slide = Slide(CMU)
     card = task_model(task, None).card
     assert card.bf16_max_difference is not None, "the shipped card carries its measured bf16 difference (publish)"
@@ -350,7 +352,7 @@ def test_cpu_bf16_by_default_where_native_and_within_the_tolerance(
         store = tmp_path / f"{precision}.zarr"
         request = TaskRequest(task, model, plan, dtype="float32")
         ran = predict_slide(
-            slide, [request], store, EngineOptions(device=CPU, workers=0, progress=False, precision=precision)
+            slide, [request], store, EngineOptions(CPU, workers=0, progress=False, precision=precision, runtime="torch")
         )
         maps[precision] = open_heatmap(store / written).channel(written)
         ran_in[precision] = ran["precision"][task]

@@ -203,7 +203,7 @@ def test_batchnorm_is_folded_into_convolutions_without_changing_outputs(data_dir
     model = load_model(Path("wsi_pipeline/models/defaults/mitosis"))
     tiles = np.stack([Slide(CMU).read_region(x, 400, 256, 256, 0.25) for x in (300, 700, 1100)])
     batch = torch.from_numpy(tiles).permute(0, 3, 1, 2).contiguous()
-    predictor = TorchModulePredictor(model, torch.device("cpu"), FP32)
+    predictor = TorchModulePredictor(model, torch.device("cpu"), PredictorOptions("fp32", runtime="torch"))
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in predictor.run.modules())
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.module.modules()) > 0
     with torch.inference_mode():

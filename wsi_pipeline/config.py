@@ -63,12 +63,19 @@ class SlideConfig(StrictModel):
 class EngineConfig(StrictModel):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
-        description="auto: bf16 autocast on CUDA and on CPUs with native bf16 (AMX / AVX512-BF16), else fp32; "
+        description="auto: bf16 autocast on CUDA; fp32 on the CPU (in ONNX Runtime; with engine.runtime: torch, bf16 "
+        "on CPUs with native bf16, AMX / AVX512-BF16); "
         "fp32 too for a model whose card measured bf16 outputs over 0.01 from fp32 (bf16_max_difference)",
     )
     compile: bool = Field(False, description="torch.compile every model (8-28 s per model first; pays on long runs)")
     fuse_batchnorm: bool = Field(
         True, description="run PyTorch models with BatchNorm folded into the convolutions (1.1-1.6x on the CPU)"
+    )
+    runtime: Literal["auto", "torch", "onnxruntime"] = Field(
+        "auto",
+        description="what runs a PyTorch model's fp32 forward pass on the CPU; auto: ONNX Runtime (exported once "
+        "per run; 1.2-2.3x torch's fp32 rate on the CPUs measured, logits within a few 1e-6), torch for bf16, "
+        "torch.compile and a network the exporter cannot trace",
     )
     decode: Literal["cpu", "device"] = Field(
         "cpu",

@@ -27,6 +27,7 @@ class EngineOptions:
     precision: str = "auto"  # auto, fp32, bf16 (models.predictor.use_bf16)
     compile: bool = False
     fuse_batchnorm: bool = True
+    runtime: str = "auto"  # auto, torch, onnxruntime (models.cpu_runtime.use_onnxruntime)
     loader: LoaderKind = "threads"
     decode: DecodeKind = "cpu"  # "device": stored JPEG tiles decoded on the model's device
 
@@ -38,7 +39,7 @@ class EngineOptions:
     @property
     def predictor(self) -> PredictorOptions:
         """What every model's predictor applies, whatever the model's format."""
-        return PredictorOptions(self.precision, self.compile, self.fuse_batchnorm)
+        return PredictorOptions(self.precision, self.compile, self.fuse_batchnorm, self.runtime)
 
     def with_batch_size(self, batch_size: int) -> EngineOptions:
         return replace(self, batch_size=batch_size)

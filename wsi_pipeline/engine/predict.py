@@ -121,7 +121,7 @@ class Inference:
     store: Path
     options: EngineOptions
     qc: QcConfig | None
-    timings: dict[str, Any] = field(default_factory=lambda: {"reads": [], "precision": {}})  # precision per model
+    timings: dict[str, Any] = field(default_factory=lambda: {"reads": [], "precision": {}, "runtime": {}})  # per model
     stitchers: list[Stitcher] = field(default_factory=list)
     recorder: tuple[QcRecorder, list[str]] | None = None  # and the names of the read it measured
     first: _Read | None = None
@@ -166,6 +166,9 @@ class Inference:
                 continue
             predictor = make_predictor(request.model, device, options.predictor)
             self.timings["precision"][request.name] = "bf16" if getattr(predictor, "bf16", False) else "fp32"
+            if hasattr(predictor, "prepare"):  # a torch module's network exported to ONNX Runtime, where it runs
+                predictor.prepare(request.plan.spec.tile_px)
+                self.timings["runtime"][request.name] = predictor.runtime
             card = request.model.card
             fed: list[Stitcher] = [stitcher_class(card)(request.name, card, request.plan, self.store, request.dtype)]
             if getattr(predictor, "guarded", False):  # its tiles' domain values: an image of their own

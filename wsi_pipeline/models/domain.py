@@ -67,8 +67,16 @@ def window_stats(activation: torch.Tensor, input_px: int, window_px: int) -> tor
     """(B, W, 2C): mean and std per channel over each window (a (B, C) activation is its own feature, W = 1)."""
     if activation.ndim == 2:
         return activation[:, None, :]
-    size = activation.shape[-1]
-    window = max(1, min(size, round(size * window_px / input_px)))
+    return stats_over(activation, window_size(activation.shape[-1], input_px, window_px))
+
+
+def window_size(size: int, input_px: int, window_px: int) -> int:
+    """The window of `window_px` input px in an activation `size` px wide for an input `input_px` wide."""
+    return max(1, min(size, round(size * window_px / input_px)))
+
+
+def stats_over(activation: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, W, 2C): mean and std per channel of a (B, C, h, w) activation over each `window` x `window` square."""
     mean = F.avg_pool2d(activation, window, window)
     square = F.avg_pool2d(activation * activation, window, window)
     std = (square - mean * mean).clamp_min(0).sqrt()

@@ -28,12 +28,13 @@ _BUILTIN = "wsi_pipeline.models.predictor"  # registers safetensors, torchscript
 
 @dataclass(frozen=True)
 class PredictorOptions:
-    """How the engine runs every model, whatever its format: precision (auto, fp32, bf16), torch.compile and
-    BatchNorm folding (`engine.*` of the configuration)."""
+    """How the engine runs every model, whatever its format: precision (auto, fp32, bf16), torch.compile,
+    BatchNorm folding and the CPU runtime (`engine.*` of the configuration)."""
 
     precision: str = "auto"
     compile: bool = False
     fuse_batchnorm: bool = True
+    runtime: str = "auto"  # auto, torch, onnxruntime: what runs a torch module's fp32 forward on the CPU
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -54,6 +54,8 @@ class LoadedModel:
     format: str = "safetensors"
     runtime: Any = None  # a format's own handle (an onnxruntime session) when it is not a torch module
     guard: Any = None  # its fitted domain guard (models/domain.DomainGuard), when the card names one
+    # its network exported to ONNX Runtime (models/cpu_runtime.py), per rewrite and tile shape: one export a process
+    sessions: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
 def save_model(directory: str | os.PathLike[str], module: nn.Module, card: ModelCard) -> Path:

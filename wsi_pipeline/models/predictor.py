@@ -15,6 +15,7 @@ import torch
 
 from wsi_pipeline.models.architectures import has_batchnorm
 from wsi_pipeline.models.card import ModelCard
+from wsi_pipeline.models.cpu_runtime import OnnxForward, onnxruntime_available, use_onnxruntime
 from wsi_pipeline.models.encoder_head import HEAD_FILE, encoder_head_module
 from wsi_pipeline.models.folders import WEIGHTS_FILE, ModelError
 from wsi_pipeline.models.formats import ModelFormat, PredictorOptions, model_format, register_format
@@ -49,11 +50,13 @@ def bf16_within_limit(measured: float | None) -> bool:
     return measured is None or measured <= BF16_CARD_LIMIT
 
 
-def use_bf16(device: torch.device, precision: str, card: ModelCard | None = None) -> bool:
-    """`auto`: bf16 autocast on CUDA, and on CPUs with native bf16 (AVX512-BF16 / AMX: 1.1-2.7x the folded fp32 rate of
-    the models measured; benchmarks/results/cpu-model.json), unless the card measured its bf16 outputs further than
-    BF16_CARD_LIMIT from fp32 (`bf16_max_difference`, written by `evaluate` and `publish`): a model is only as fast
-    as its outputs stay right. fp32 elsewhere; `bf16` forces it."""
+def use_bf16(device: torch.device, precision: str, card: ModelCard | None = None, runtime: str = "torch") -> bool:
+    """`auto`: bf16 autocast on CUDA; on the CPU, fp32 where ONNX Runtime runs it (`runtime` not `torch`: as fast
+    as torch's bf16 on the shipped models with their guards, exact, and the same outputs whether or not the CPU has
+    bf16; benchmarks/results/cpu-model.json), else bf16 on CPUs with native bf16 (AVX512-BF16 / AMX: 1.1-2.7x
+    torch's folded fp32 rate); unless the card measured its bf16 outputs further than BF16_CARD_LIMIT from fp32
+    (`bf16_max_difference`, written by `evaluate` and `publish`): a model is only as fast as its outputs stay
+    right. fp32 elsewhere; `bf16` forces it."""
     if precision == "fp32":
         return False
     if precision == "bf16":
@@ -62,6 +65,8 @@ def use_bf16(device: torch.device, precision: str, card: ModelCard | None = None
         return False
     if device.type == "cuda":
         return True
+    if runtime != "torch" and onnxruntime_available():
+        return False
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
@@ -75,8 +80,9 @@ class TorchModulePredictor:
         self.card = model.card
         self.device = device
         precision = options.precision
-        self.bf16 = use_bf16(device, precision, self.card)
-        if precision == "auto" and not self.bf16 and use_bf16(device, precision) and self.card.name not in _SAID_FP32:
+        self.bf16 = use_bf16(device, precision, self.card, options.runtime)
+        would = use_bf16(device, precision, None, options.runtime)  # without the card's measured difference
+        if precision == "auto" and not self.bf16 and would and self.card.name not in _SAID_FP32:
             _SAID_FP32.add(self.card.name)  # once per model and process, not once per slide
             LOG.info(
                 "%s runs in fp32: its card measured bf16 outputs up to %.3f from fp32 (limit %.2f)",
@@ -92,10 +98,26 @@ class TorchModulePredictor:
         self.tap, self.guard = self._guard(model, fused, device, optimisable)
         self.guarded = self.tap is not None
         self.run = torch.compile(fused) if options.compile and optimisable else fused
+        self.onnx = None  # the forward pass in ONNX Runtime where it is faster (models/cpu_runtime.py)
+        if use_onnxruntime(options.runtime, device, self.bf16, options.compile, optimisable):
+            layers = (list(self.tap.layers), self.tap.window_px) if self.tap is not None else ([], 1)
+            key = ("folded" if fused is not self.module else "as-is", tuple(layers[0]), layers[1])
+            self.onnx = OnnxForward(model.sessions, key, fused, layers, self.card.name)
+        self.windows: list[torch.Tensor] | None = None  # the guard's features, where the ONNX graph gave them
         norm = self.card.normalisation
         self.mean = torch.tensor(norm.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(norm.std, device=device).view(1, 3, 1, 1)
         self.indices = [self.card.classes.index(c) for c in self.card.written_classes]
+
+    @property
+    def runtime(self) -> str:
+        return "onnxruntime" if self.onnx is not None else "torch"
+
+    def prepare(self, tile_px: int) -> None:
+        """Export the network for `tile_px` tiles now (once a process), in the thread that sets the read up rather
+        than at its first batch; a network ONNX Runtime cannot take runs in torch from here on."""
+        if self.onnx is not None and self.onnx.session((tile_px, tile_px)) is None:
+            self.onnx = None
 
     def _guard(
         self, model: LoadedModel, network: torch.nn.Module, device: torch.device, optimisable: bool
@@ -113,9 +135,13 @@ class TorchModulePredictor:
         """Every class: (B, C) or (B, C, h, w) float32 on the CPU."""
         batch = stain_normalised(batch, self.card)
         unit = batch.float().div_(255.0)
-        x = ((unit - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        x = (unit - self.mean) / self.std
+        ran = self.onnx(x) if self.onnx is not None else None
+        if ran is not None:
+            out, self.windows = ran
+            return activate(out, self.card)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            out = self.run(x)
+            out = self.run(x.contiguous(memory_format=torch.channels_last))
         return activate(out.float(), self.card).cpu()
 
     def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -123,7 +149,8 @@ class TorchModulePredictor:
         if self.tap is not None:
             from wsi_pipeline.models.domain import DOMAIN_KEY
 
-            outputs[DOMAIN_KEY] = self.guard.tile_scores(self.tap.windows(batch.shape[-1]))
+            windows, self.windows = self.windows or self.tap.windows(batch.shape[-1]), None
+            outputs[DOMAIN_KEY] = self.guard.tile_scores(windows)
         return outputs
 
 

@@ -50,6 +50,7 @@ def compatibility_key(
         "backend": backend,
         "precision": config.engine.precision,
         "fuse_batchnorm": config.engine.fuse_batchnorm,  # folded BatchNorm changes probabilities in the last bits
+        "runtime": config.engine.runtime,  # so do ONNX Runtime's kernels
         "decode": config.engine.decode,  # nvJPEG may round a pixel otherwise than libjpeg-turbo
         "format": RUN_FORMAT,
     }

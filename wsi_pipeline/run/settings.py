@@ -22,6 +22,7 @@ def engine_options(config: Config, *, device: str, workers: int, batch_size: int
         precision=engine.precision,
         compile=engine.compile,
         fuse_batchnorm=engine.fuse_batchnorm,
+        runtime=engine.runtime,
         loader=engine.loader,
         decode=engine.decode,
     )

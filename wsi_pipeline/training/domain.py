@@ -195,8 +195,9 @@ def input_px(card: ModelCard) -> int:
 
 
 def layer_features(model: LoadedModel, layers: list[str], tiles: np.ndarray, batch: int = 32) -> list[np.ndarray]:
-    """Per layer (N, W, 2C) window features of tiles, through the predictor `run` uses (folded, fp32)."""
-    predictor = make_predictor(model, torch.device("cpu"), PredictorOptions(precision="fp32"))
+    """Per layer (N, W, 2C) window features of tiles, through the predictor `run` uses (folded, fp32; in torch,
+    whose layers the hooks read)."""
+    predictor = make_predictor(model, torch.device("cpu"), PredictorOptions(precision="fp32", runtime="torch"))
     network = getattr(predictor, "run", None)
     if network is None:
         raise DataError(f"{model.card.name}: a {model.card.format} model's layers cannot be read; guards need torch")

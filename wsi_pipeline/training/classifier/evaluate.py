@@ -26,7 +26,8 @@ def predict_items_and_bf16_difference(
     from wsi_pipeline.training.classifier.class_maps import item_scores, label_areas, scoring_radius_px
 
     card = model.card
-    predictors = [make_predictor(model, device, PredictorOptions(precision=p)) for p in ("fp32", "bf16")]
+    # torch for both (the cards' figures were measured so; the guard's features are read from its hooks)
+    predictors = [make_predictor(model, device, PredictorOptions(p, runtime="torch")) for p in ("fp32", "bf16")]
     radius = scoring_radius_px(card.training, card.mpp)  # used by dense models only
     scores: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
     domain: list[np.ndarray] = []

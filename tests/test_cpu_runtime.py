@@ -1,0 +1,112 @@
+"""The fp32 forward pass in ONNX Runtime on the CPU (models/cpu_runtime.py): the shipped models give torch's
+probabilities and domain values on real tiles, one export serves every slide of a process, a network the exporter
+cannot take runs in torch, and bf16 or `engine.runtime: torch` keep torch."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import CMU
+from wsi_pipeline.engine import EngineOptions, TaskRequest, predict_slide
+from wsi_pipeline.models import LoadedModel, ModelCard, PredictorOptions, load_model, make_predictor
+from wsi_pipeline.models.domain import DOMAIN_KEY
+from wsi_pipeline.slide import Slide
+from wsi_pipeline.slide.tissue import detect_tissue
+from wsi_pipeline.slide.tissue_config import TissueConfig
+
+DEFAULTS = Path("wsi_pipeline/models/defaults")
+CPU = torch.device("cpu")
+
+
+def _tiles(size: int, mpp: float, n: int = 24) -> torch.Tensor:
+    slide = Slide(CMU)
+    step = size * mpp / slide.mpp.x
+    tiles = [slide.read_region(300 + (i % 6) * step, 500 + (i // 6) * step, size, size, mpp) for i in range(n)]
+    return torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).contiguous()
+
+
+@pytest.mark.parametrize(("task", "tile_px", "mpp"), [("epithelium_stroma", 96, 1.0), ("mitosis", 256, 0.25)])
+def test_a_shipped_model_gives_torchs_outputs_in_onnx_runtime(task: str, tile_px: int, mpp: float) -> None:
+    """Real CMU tiles through both runtimes (fp32, BatchNorm folded): probabilities within 1e-5, the domain guard's
+    values (computed in the graph) within 1e-3 of torch's hooks; each call of the same shape reuses one session."""
+    model = load_model(DEFAULTS / task)
+    batch = _tiles(tile_px, mpp, 24 if tile_px == 96 else 6)
+    in_torch = make_predictor(model, CPU, PredictorOptions("fp32", runtime="torch"))
+    in_onnx = make_predictor(model, CPU, PredictorOptions("fp32"))  # runtime auto
+    assert (in_torch.runtime, in_onnx.runtime) == ("torch", "onnxruntime")  # type: ignore[attr-defined]
+    with torch.inference_mode():
+        expected, got = in_torch(batch), in_onnx(batch)
+        again = make_predictor(model, CPU, PredictorOptions("fp32"))(batch[:5])  # another slide, a smaller batch
+    assert set(got) == set(expected) and DOMAIN_KEY in got
+    for name in expected:
+        tolerance = 1e-3 * max(1.0, float(expected[name].abs().max())) if name == DOMAIN_KEY else 1e-5
+        assert float((got[name] - expected[name]).abs().max()) < tolerance, name
+        assert float((again[name] - got[name][:5]).abs().max()) < 1e-5, name
+    assert float(expected[model.card.written_classes[0]].max()) > 0.05  # not a map of zeros
+    assert len(model.sessions) == 1 and next(iter(model.sessions.values())) is not None
+
+
+def test_bf16_and_the_torch_setting_keep_torch() -> None:
+    model = load_model(DEFAULTS / "epithelium_stroma")
+    assert make_predictor(model, CPU, PredictorOptions("bf16")).runtime == "torch"  # type: ignore[attr-defined]
+    assert make_predictor(model, CPU, PredictorOptions("fp32", runtime="torch")).runtime == "torch"  # type: ignore[attr-defined]
+    assert model.sessions == {}
+
+
+class _Unexportable(torch.nn.Module):
+    """A classifier with an operator ONNX has no counterpart for (erfcx)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 4, 3, stride=4)
+        self.head = torch.nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.special.erfcx(self.conv(x)).mean(dim=(2, 3)))
+
+
+def test_a_network_onnx_cannot_take_runs_in_torch_and_says_so_once(caplog: pytest.LogCaptureFixture) -> None:
+    card = ModelCard(name="erfcx-net", task="epithelium_stroma", kind="classifier", architecture="custom", mpp=1.0,
+                     tile_px=32, classes=["a", "b"])  # fmt: skip
+    model = LoadedModel(card, _Unexportable().eval())
+    batch = torch.randint(0, 255, (4, 3, 32, 32), dtype=torch.uint8)
+    with caplog.at_level(logging.INFO, logger="wsi_pipeline.models"):
+        predictors = [make_predictor(model, CPU, PredictorOptions("fp32")) for _ in range(2)]
+        for predictor in predictors:
+            predictor.prepare(32)  # type: ignore[attr-defined]
+    assert [p.runtime for p in predictors] == ["torch", "torch"]  # type: ignore[attr-defined]
+    said = [r.getMessage() for r in caplog.records if "ONNX Runtime cannot take it" in r.getMessage()]
+    assert len(said) == 1 and "erfcx" in said[0] and len(said[0].splitlines()) == 1
+    with torch.inference_mode():
+        got = predictors[0](batch)
+        expected = make_predictor(model, CPU, PredictorOptions("fp32", runtime="torch"))(batch)
+    assert torch.equal(got["a"], expected["a"])
+
+
+def test_the_engine_records_the_runtime_each_task_ran_in(tmp_path: Path) -> None:
+    """predict_slide exports while the read is set up and names the runtime in its timings; the heatmaps equal
+    torch's to the stored precision (uint8 / float16: a difference of 1e-6 can move one value by one step)."""
+    from wsi_pipeline.config import Config
+    from wsi_pipeline.heatmap import open_heatmap
+    from wsi_pipeline.tasks import task_model
+    from wsi_pipeline.tasks.reading import read_spec
+
+    slide = Slide(CMU)
+    model = task_model("epithelium_stroma", None)
+    config = Config()
+    spec = read_spec("epithelium_stroma", config.task("epithelium_stroma"), model.card)
+    plan = spec.plan(slide, detect_tissue(slide, TissueConfig()))
+    maps = {}
+    for runtime in ("torch", "auto"):
+        options = EngineOptions(batch_size=64, workers=0, progress=False, precision="fp32", runtime=runtime)
+        timings = predict_slide(slide, [TaskRequest("epithelium_stroma", model, plan)], tmp_path / runtime, options)
+        assert timings["runtime"] == {"epithelium_stroma": "torch" if runtime == "torch" else "onnxruntime"}
+        maps[runtime] = np.asarray(open_heatmap(tmp_path / runtime / "epithelium").levels[0][:]).astype(float)
+    assert maps["auto"].shape == (1, *plan.grid[::-1]) and float(maps["auto"].max()) > 0.5
+    assert float(np.abs(maps["auto"] - maps["torch"]).max()) <= 1 / 255 + 1e-6

@@ -1,0 +1,183 @@
+"""A torch model's forward pass run by ONNX Runtime on the CPU, where it is faster than torch in fp32.
+
+Why: the same folded fp32 network runs 1.2-2.3x faster in ONNX Runtime's CPU kernels than in torch's on both
+CPUs this project was measured on (an AVX2 EPYC and an AVX-512 one; benchmarks/results/cpu-model.json, rows
+`fused_fp32` and `onnxruntime_fp32`), with logits within a few 1e-6 of torch's. The network is exported once per
+process, model and tile shape (from the module the predictor would run, BatchNorm folded) and the session kept;
+the domain guard's layers become extra outputs of the graph, so the guard reads the same activations without hooks.
+bf16 and torch.compile stay with torch; so does a network the exporter cannot trace (it says why, once).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import warnings
+from collections.abc import Callable
+from copy import deepcopy
+from typing import Any, cast
+
+import numpy as np
+import torch
+from torch import nn
+
+LOG = logging.getLogger("wsi_pipeline.models")
+ONNX_OPSET = 17
+RUNTIMES = ("auto", "torch", "onnxruntime")
+
+_LOCK = threading.Lock()  # predictors of one model are made, and run, in more than one thread of an overlapped batch
+
+
+def onnxruntime_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_onnxruntime(runtime: str, device: torch.device, bf16: bool, compiled: bool, optimisable: bool) -> bool:
+    """`auto`: ONNX Runtime for an fp32 forward pass on the CPU of a network torch may rewrite, when it is
+    installed; `torch` never; `onnxruntime` wherever it can run (not bf16, not compiled, CPU only)."""
+    if runtime == "torch" or device.type != "cpu" or bf16 or compiled or not optimisable:
+        return False
+    return onnxruntime_available()
+
+
+class _WithLayers(nn.Module):
+    """The network's output followed by the domain guard's window features of `layers` (their outputs read through
+    forward hooks): computed in the graph, the activations themselves never leave it (copied out, the first layers'
+    outputs cost more than the forward pass). `windows`: each layer's window in its own px, or None for a layer
+    with no spatial output (its output is its feature)."""
+
+    def __init__(self, network: nn.Module, layers: list[str], windows: list[int | None]) -> None:
+        super().__init__()
+        self.network, self.layers, self.windows = network, layers, windows
+        self.seen: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        from wsi_pipeline.models.domain import stats_over
+
+        out = self.network(x)
+        features = []
+        for name, window in zip(self.layers, self.windows, strict=True):
+            activation = self.seen.pop(name).float()
+            features.append(activation[:, None, :] if window is None else stats_over(activation, window))
+        return (out, *features)
+
+
+def _export(network: nn.Module, layers: list[str], window_px: int, shape: tuple[int, int]) -> Any:
+    """An ONNX Runtime session of `network` for tiles of `shape` (any batch size)."""
+    import onnxruntime
+
+    from wsi_pipeline.models.domain import window_size
+
+    network = _traceable(network)
+    named = dict(network.named_modules())
+    example = torch.zeros(2, 3, *shape)
+    sizes: dict[str, torch.Tensor] = {}
+    hooks = [named[name].register_forward_hook(_keeper(sizes, name)) for name in layers]
+    with torch.no_grad(), torch.inference_mode(False):
+        network(example)  # each layer's output size, so that the graph's windows are constants
+    for hook in hooks:
+        hook.remove()
+    windows = [None if sizes[n].ndim == 2 else window_size(sizes[n].shape[-1], shape[1], window_px) for n in layers]
+    traced = _WithLayers(network, layers, windows)
+    hooks = [named[name].register_forward_hook(_keeper(traced.seen, name)) for name in layers]
+    buffer = io.BytesIO()
+    names = ["logits", *[f"layer{i}" for i in range(len(layers))]]
+    # on an operator it cannot export, torch's exporter prints the whole traced graph to stderr from C++ before
+    # raising (`_jit_onnx_log`, with logging off too); the failure is said in one line by the caller instead
+    log = getattr(torch._C, "_jit_onnx_log", None)
+    try:
+        if log is not None:
+            torch._C._jit_onnx_log = lambda *_: None
+        with torch.no_grad(), torch.inference_mode(False), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation notices
+            torch.onnx.export(
+                traced,
+                (example,),
+                cast(Any, buffer),  # the exporter writes to a file object too (typed as a path only)
+                input_names=["input"],
+                output_names=names,
+                dynamic_axes={name: {0: "batch"} for name in ["input", *names]},
+                opset_version=ONNX_OPSET,
+                dynamo=False,
+            )
+    finally:
+        if log is not None:
+            torch._C._jit_onnx_log = log
+        for hook in hooks:
+            hook.remove()
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # the threads torch would use, no more
+    options.inter_op_num_threads = 1
+    # sleeping, not spinning, between kernels: the tile readers and an overlapped slide's exports share the cores
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+
+
+def _traceable(network: nn.Module) -> nn.Module:
+    """A copy of `network` with ordinary, contiguous weights: the tracer refuses inference tensors (a module made
+    under `torch.inference_mode`), and a graph exported from channels-last weights ran 1.7x slower in ONNX Runtime
+    (epithelium model, this project's CPU: 1.18 against 0.65 ms a tile)."""
+    with torch.inference_mode(False):
+        copy = deepcopy(network)
+        for module in copy.modules():
+            for key, value in module._parameters.items():  # no public way to swap a parameter's storage
+                if value is not None:
+                    module._parameters[key] = nn.Parameter(value.clone().contiguous(), requires_grad=False)
+            for key, buffer in module._buffers.items():
+                if buffer is not None:
+                    module._buffers[key] = buffer.clone().contiguous()
+    return copy.eval()
+
+
+def _keeper(seen: dict[str, torch.Tensor], name: str) -> Callable[..., None]:
+    def keep(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+        seen[name] = output
+
+    return keep
+
+
+class OnnxForward:
+    """`network`'s forward pass through ONNX Runtime, float32 NCHW in, torch tensors out: its output and the
+    domain guard's window features (`domain.window_stats`) of each of its layers.
+    `sessions` is the loaded model's (`LoadedModel.sessions`): every slide of a process reuses one session per
+    rewrite (`key`) and tile shape. The first batch of a shape exports the network; where that fails (the
+    exporter cannot trace it, an operator ONNX lacks) `__call__` returns None, once said, and torch runs it."""
+
+    def __init__(
+        self,
+        sessions: dict[Any, Any],
+        key: tuple[Any, ...],
+        network: nn.Module,
+        layers: tuple[list[str], int],  # the guard's layers and window (px), none for an unguarded model
+        name: str,
+    ) -> None:
+        self.sessions, self.key, self.network, self.name = sessions, key, network, name
+        self.layers, self.window_px = layers
+
+    def session(self, shape: tuple[int, int]) -> Any:
+        key = (*self.key, shape)
+        with _LOCK:
+            if key not in self.sessions:
+                try:
+                    self.sessions[key] = _export(self.network, self.layers, self.window_px, shape)
+                except Exception as exc:  # the exporter and onnxruntime fail in many ways, each its own type
+                    self.sessions[key] = None
+                    LOG.info("%s runs in torch: ONNX Runtime cannot take it (%s)", self.name, _first_line(exc))
+            return self.sessions[key]
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
+        session = self.session((int(x.shape[-2]), int(x.shape[-1])))
+        if session is None:
+            return None
+        array = np.ascontiguousarray(x.detach().cpu().float().numpy())
+        out, *layers = session.run(None, {"input": array})
+        return torch.from_numpy(out), [torch.from_numpy(a) for a in layers]
+
+
+def _first_line(exc: BaseException) -> str:
+    return next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
