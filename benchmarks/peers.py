@@ -2,10 +2,11 @@
 PatchPredictor and WSInfer 0.6.1's `wsinfer run` (`make bench-peers` builds each in its own venv under build/), the
 same seeded torchvision resnet18 (2 classes; WSInfer takes it as TorchScript), 224 px at 0.5 µm/px, stride 224,
 batch 64, each tool's own tissue mask, on a synthetic 20 000 x 16 000 px slide at 0.25 µm/px and on
-CMU-1-Small-Region (CPU). Ours runs at its default precision (bf16 where the CPU has it natively) and in fp32 (the
-peers' precision). The tools alternate `--repeats` times in one run. Each is a whole process: wall time, patches/s,
-peak RSS summed over every process of its tree (VmHWM of each) and the peak of the tree's summed PSS (shared pages
-counted once), read from /proc while it runs. Writes benchmarks/results/peers.json.
+CMU-1-Small-Region (CPU). Ours runs at its defaults (on the CPU: fp32 in ONNX Runtime), in fp32 named (the peers'
+precision) and in torch at its `auto` precision (bf16 where the CPU has it natively). The tools alternate
+`--repeats` times in one run. Each is a whole process: wall time, patches/s, peak RSS summed over every process of
+its tree (VmHWM of each) and the peak of the tree's summed PSS (shared pages counted once), read from /proc while it
+runs. Writes benchmarks/results/peers.json.
 """
 
 from __future__ import annotations
@@ -162,6 +163,11 @@ def wsinfer_patches(results: Path) -> int:
     return len(table.read_text().strip().splitlines()) - 1
 
 
+# ours three ways: the default (on the CPU: fp32 in ONNX Runtime), fp32 named (the peers' precision), and torch at
+# its `auto` precision (bf16 where the CPU has it natively: the default before engine.runtime)
+OURS = {"auto": "engine.precision=auto", "fp32": "engine.precision=fp32", "torch_auto": "engine.runtime=torch"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="benchmarks/results/peers.json")
@@ -211,12 +217,12 @@ def main() -> None:
                     folder = ["--wsi-dir", str(folders[slide_name]), "--results-dir", str(results)]
                     peer = measured([*wsinfer, *folder], wsinfer_env)
                     row["wsinfer"] = rated(peer, wsinfer_patches(results))
-                for precision in ("auto", "fp32"):
+                for precision, setting in OURS.items():
                     ours = [sys.executable, "-m", "wsi_pipeline.cli", "predict", str(slide),
                             "--task", "epithelium_stroma", "--model", str(tmp / "model"), "--batch-size", "64",
                             "--workers", "2", "--device", "cpu",
                             "--set", "tasks.epithelium_stroma.overlap_px=0",  # stride 224 as the peers'
-                            "--set", f"engine.precision={precision}", "--no-progress",
+                            "--set", setting, "--no-progress",
                             "-o", str(tmp / f"ours-{slide_name}-{precision}-{repeat}")]  # fmt: skip
                     mine = measured(ours, env)
                     said = re.search(r": (\d+) tiles with", str(mine["stdout"]))
@@ -230,7 +236,7 @@ def main() -> None:
         for peer in ("tiatoolbox", "wsinfer"):
             if not all(peer in r for r in mine):
                 continue
-            for precision in ("auto", "fp32"):
+            for precision in OURS:
                 ours = f"wsi_pipeline_{precision}"
                 figures[f"patches_per_s_ours_{precision}_over_{peer}"] = median_ratio(mine, ours, peer, "patches_per_s")
             for memory in ("peak_rss_mb", "peak_pss_mb"):

@@ -4,8 +4,9 @@ Why: the same folded fp32 network runs 1.2-2.3x faster in ONNX Runtime's CPU ker
 CPUs this project was measured on (an AVX2 EPYC and an AVX-512 one; benchmarks/results/cpu-model.json, rows
 `fused_fp32` and `onnxruntime_fp32`), with logits within a few 1e-6 of torch's. The network is exported once per
 process, model and tile shape (from the module the predictor would run, BatchNorm folded) and the session kept;
-the domain guard's layers become extra outputs of the graph, so the guard reads the same activations without hooks.
-bf16 and torch.compile stay with torch; so does a network the exporter cannot trace (it says why, once).
+the domain guard's window features of its layers become extra outputs of the graph, so the guard reads the same
+activations without hooks. bf16 and torch.compile stay with torch; so does a network the exporter cannot take (it
+says why, once).
 """
 
 from __future__ import annotations
@@ -23,8 +24,7 @@ import torch
 from torch import nn
 
 LOG = logging.getLogger("wsi_pipeline.models")
-ONNX_OPSET = 17
-RUNTIMES = ("auto", "torch", "onnxruntime")
+ONNX_OPSET = 17  # also what `export-model --format onnx` writes (models/portable.py)
 
 _LOCK = threading.Lock()  # predictors of one model are made, and run, in more than one thread of an overlapped batch
 

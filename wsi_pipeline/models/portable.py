@@ -14,11 +14,10 @@ import torch
 
 from wsi_pipeline.core.atomic import atomic_path, write_json
 from wsi_pipeline.core.inventory import file_sha256
+from wsi_pipeline.models.cpu_runtime import ONNX_OPSET
 from wsi_pipeline.models.folders import CARD_FILE, ModelError
 from wsi_pipeline.models.formats import model_format
 from wsi_pipeline.models.loading import load_model
-
-ONNX_OPSET = 17
 
 
 def export_model(source: str | os.PathLike[str], target_format: str, out: str | os.PathLike[str]) -> Path:

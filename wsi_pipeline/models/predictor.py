@@ -71,8 +71,9 @@ def use_bf16(device: torch.device, precision: str, card: ModelCard | None = None
 
 
 class TorchModulePredictor:
-    """A torch `nn.Module` with the card's normalisation and activation: channels_last, bf16 autocast where it
-    pays (`use_bf16`), optionally `torch.compile`d (worth it for long slides: it costs 8-28 s per model first)."""
+    """A torch `nn.Module` with the card's normalisation and activation: BatchNorm folded; an fp32 forward pass on
+    the CPU in ONNX Runtime (`engine.runtime`, models/cpu_runtime.py); in torch, channels_last, bf16 autocast where
+    it pays (`use_bf16`), optionally `torch.compile`d (worth it for long slides: it costs 8-28 s per model first)."""
 
     def __init__(self, model: LoadedModel, device: torch.device, options: PredictorOptions = DEFAULT_OPTIONS) -> None:
         if model.module is None:
