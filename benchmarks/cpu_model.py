@@ -118,8 +118,10 @@ def main() -> None:
             key=lambda m: row[m]["tiles_per_s"],  # type: ignore[index]
         )
         row["fastest_within_tolerance"] = best
-        # what the engine's `auto` runs on this CPU: a card that measured bf16 past its limit keeps the model in fp32
-        row["engine_auto"] = "bf16" if use_bf16(torch.device("cpu"), "auto", card) else "fp32"
+        # what the engine's `auto` runs on this CPU (and with engine.runtime: torch): a card that measured bf16 past
+        # its limit keeps the model in fp32
+        row["engine_auto"] = "bf16" if use_bf16(torch.device("cpu"), "auto", card, "auto") else "fp32"
+        row["torch_auto"] = "bf16" if use_bf16(torch.device("cpu"), "auto", card, "torch") else "fp32"
         if name in models:  # the whole predictor `run` uses: normalisation, forward pass, domain guard
             row["predictor_ms_per_tile"] = predictor_ms(models[name], x, args.repeats)
         rows.append(row)
