@@ -110,3 +110,46 @@ def test_the_engine_records_the_runtime_each_task_ran_in(tmp_path: Path) -> None
         maps[runtime] = np.asarray(open_heatmap(tmp_path / runtime / "epithelium").levels[0][:]).astype(float)
     assert maps["auto"].shape == (1, *plan.grid[::-1]) and float(maps["auto"].max()) > 0.5
     assert float(np.abs(maps["auto"] - maps["torch"]).max()) <= 1 / 255 + 1e-6
+
+
+def test_an_exported_graph_is_kept_for_the_next_process_and_a_damaged_one_made_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first process exports into $WSI_PIPELINE_CACHE; the next (here: a fresh load of the model) reads the same
+    graph (the file is not written again) and gives the same outputs; other weights make another graph; a damaged
+    file is said in one line, exported again and replaced; a cache folder that cannot be written fails nothing."""
+    monkeypatch.setenv("WSI_PIPELINE_CACHE", str(tmp_path / "cache"))
+    batch = _tiles(96, 1.0, 8)
+
+    def outputs(model: LoadedModel) -> dict[str, torch.Tensor]:
+        predictor = make_predictor(model, CPU, PredictorOptions("fp32"))
+        predictor.prepare(96)  # type: ignore[attr-defined]
+        assert predictor.runtime == "onnxruntime"  # type: ignore[attr-defined]
+        with torch.inference_mode():
+            return predictor(batch)
+
+    first = outputs(load_model(DEFAULTS / "epithelium_stroma"))
+    kept = list((tmp_path / "cache" / "onnx").glob("*.onnx"))
+    assert len(kept) == 1 and kept[0].stat().st_size > 10_000
+    written = kept[0].stat().st_mtime_ns
+    second = outputs(load_model(DEFAULTS / "epithelium_stroma"))
+    assert kept[0].stat().st_mtime_ns == written
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+    other = load_model(DEFAULTS / "epithelium_stroma")
+    with torch.no_grad():
+        next(other.module.parameters()).mul_(1.01)  # type: ignore[union-attr]
+    outputs(other)
+    assert len(list((tmp_path / "cache" / "onnx").glob("*.onnx"))) == 2
+
+    kept[0].write_bytes(b"not a graph")
+    with caplog.at_level(logging.INFO, logger="wsi_pipeline.models"):
+        third = outputs(load_model(DEFAULTS / "epithelium_stroma"))
+    said = [r.getMessage() for r in caplog.records if "could not be loaded" in r.getMessage()]
+    assert len(said) == 1 and len(said[0].splitlines()) == 1
+    assert all(torch.equal(first[k], third[k]) for k in first) and kept[0].stat().st_size > 10_000
+
+    (tmp_path / "not-a-folder").write_text("a file where the cache folder would be")
+    monkeypatch.setenv("WSI_PIPELINE_CACHE", str(tmp_path / "not-a-folder"))
+    fourth = outputs(load_model(DEFAULTS / "epithelium_stroma"))
+    assert all(torch.equal(first[k], fourth[k]) for k in first)

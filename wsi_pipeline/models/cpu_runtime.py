@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from wsi_pipeline.models.onnx_cache import graph_key, keep_graph, read_graph
+
 LOG = logging.getLogger("wsi_pipeline.models")
 ONNX_OPSET = 17  # also what `export-model --format onnx` writes (models/portable.py)
 
@@ -68,25 +70,39 @@ class _WithLayers(nn.Module):
 
 
 def _export(network: nn.Module, layers: list[str], window_px: int, shape: tuple[int, int]) -> Any:
-    """An ONNX Runtime session of `network` for tiles of `shape` (any batch size)."""
-    import onnxruntime
+    """An ONNX Runtime session of `network` for tiles of `shape` (any batch size); the graph is taken from the
+    cache folder where an earlier process kept it (models/onnx_cache.py)."""
+    from wsi_pipeline.models.domain import stats_over, window_size
 
-    from wsi_pipeline.models.domain import window_size
-
-    network = _traceable(network)
     named = dict(network.named_modules())
     example = torch.zeros(2, 3, *shape)
     sizes: dict[str, torch.Tensor] = {}
     hooks = [named[name].register_forward_hook(_keeper(sizes, name)) for name in layers]
-    with torch.no_grad(), torch.inference_mode(False):
-        network(example)  # each layer's output size, so that the graph's windows are constants
+    if layers:
+        with torch.inference_mode():
+            network(example)  # each layer's output size, so that the graph's windows are constants
     for hook in hooks:
         hook.remove()
     windows = [None if sizes[n].ndim == 2 else window_size(sizes[n].shape[-1], shape[1], window_px) for n in layers]
-    traced = _WithLayers(network, layers, windows)
-    hooks = [named[name].register_forward_hook(_keeper(traced.seen, name)) for name in layers]
+    key = graph_key(network, [layers, windows, shape, ONNX_OPSET], [_WithLayers.forward, stats_over, _graph])
+    kept = read_graph(key)
+    if kept is not None:
+        try:
+            return _session(kept)
+        except Exception as exc:  # a damaged file: made again below
+            LOG.info("a kept ONNX graph could not be loaded (%s); exporting again", _first_line(exc))
+    graph = _graph(_WithLayers(_traceable(network), layers, windows), example)
+    session = _session(graph)
+    keep_graph(key, graph)
+    return session
+
+
+def _graph(traced: _WithLayers, example: torch.Tensor) -> bytes:
+    """The ONNX graph of `traced` (its network's output and the guard's window features), batch size free."""
+    named = dict(traced.network.named_modules())
+    hooks = [named[name].register_forward_hook(_keeper(traced.seen, name)) for name in traced.layers]
     buffer = io.BytesIO()
-    names = ["logits", *[f"layer{i}" for i in range(len(layers))]]
+    names = ["logits", *[f"layer{i}" for i in range(len(traced.layers))]]
     # on an operator it cannot export, torch's exporter prints the whole traced graph to stderr from C++ before
     # raising (`_jit_onnx_log`, with logging off too); the failure is said in one line by the caller instead
     log = getattr(torch._C, "_jit_onnx_log", None)
@@ -110,6 +126,12 @@ def _export(network: nn.Module, layers: list[str], window_px: int, shape: tuple[
             torch._C._jit_onnx_log = log
         for hook in hooks:
             hook.remove()
+    return buffer.getvalue()
+
+
+def _session(graph: bytes) -> Any:
+    import onnxruntime
+
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()  # the threads torch would use, no more
     options.inter_op_num_threads = 1
@@ -119,7 +141,7 @@ def _export(network: nn.Module, layers: list[str], window_px: int, shape: tuple[
     # with it, 1571 MB without (torch: 1436 MB), at the same speed (35.0 / 35.6 ms a tile); the arena stays (without
     # it, 44.7 ms a tile)
     options.enable_mem_pattern = False
-    return onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+    return onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
 
 
 def _traceable(network: nn.Module) -> nn.Module:
