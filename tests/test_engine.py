@@ -415,3 +415,28 @@ def test_a_read_set_up_in_another_thread_runs_as_one_set_up_in_place(cmu, tmp_pa
     discarded.abort()
     assert not any(t.name.startswith("tile-reader") for t in threading.enumerate())
     assert not list((tmp_path / "discarded.zarr").glob("epithelium*"))
+
+
+def test_each_read_runs_in_its_own_tasks_batch_size(cmu, tmp_path: Path) -> None:
+    """Reads with different plans run in batches of their own requests' batch size (`run` gives each task its
+    `tasks.<task>.batch_size`; before, every read took the largest: the mitosis read's 512 px tiles in 64s), the
+    engine's where a request names none; the heatmaps do not depend on it."""
+    slide, tissue = cmu
+    model = load_model(classifier_model(tmp_path))
+    coarse = plan_tiles(slide, tissue, 0.998, 32, overlap_px=0, min_tissue=0.5)
+    fine = plan_tiles(slide, tissue, 0.499, 32, overlap_px=0, min_tissue=0.5)
+    options = EngineOptions(device=CPU, batch_size=64, workers=2, progress=False, precision="fp32")
+    stores = {}
+    for label, sizes in {"own": (8, None), "engine": (None, None)}.items():
+        requests = [TaskRequest("epithelium_stroma", model, coarse, dtype="float32", batch_size=sizes[0])]
+        stores[label] = tmp_path / f"{label}.zarr"
+        ran = predict_slide(slide, requests, stores[label], options)
+        assert [r["batch_size"] for r in ran["reads"]] == [sizes[0] or 64]
+    a, b = (open_heatmap(stores[s] / "epithelium").channel("epithelium") for s in ("own", "engine"))
+    assert np.allclose(a, b, atol=1e-6) and float(a.max()) > 0
+    from wsi_pipeline.engine.predict import Inference, read_groups
+
+    two = [TaskRequest("epithelium_stroma", model, coarse, batch_size=8),
+           TaskRequest("metastasis", model, fine, batch_size=32)]  # fmt: skip
+    inference = Inference(slide, read_groups(two), tmp_path / "two.zarr", options, None)
+    assert [inference.batch_size(n) for n in range(2)] == [8, 32]

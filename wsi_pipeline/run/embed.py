@@ -43,7 +43,7 @@ def embed_requests(
         card = encoder.card
         plan = plan_tiles(slide, tissue, card.mpp, card.tile_px, embed.overlap_px, embed.min_tissue)
         target = EmbeddingTarget(name, embedding_file(out.embeddings, name, embed.format), embed.format, embed.dtype)
-        requests.append(EmbedRequest(name, encoder, plan, target, slide.mpp.mean))
+        requests.append(EmbedRequest(name, encoder, plan, target, slide.mpp.mean, embed.batch_size))
     return requests
 
 

@@ -245,7 +245,9 @@ def _run(
     t0 = time.perf_counter()
     guard = input_guard_findings(slide_id, tissue, config, tasks, models)
     chosen = [t for t in tasks if not guard.get(t, {}).get("skipped")]
-    requests = [TaskRequest(t, models[t], specs[t].plan(slide, tissue)) for t in chosen]
+    requests = [
+        TaskRequest(t, models[t], specs[t].plan(slide, tissue), batch_size=config.task(t).batch_size) for t in chosen
+    ]
     embedding = embedding or EmbedModels()
     embeds = embed_requests(slide, tissue, out, config.embed, embedding.encoders)
     reads: list[TaskRequest | EmbedRequest] = [*requests, *embeds]

@@ -48,8 +48,8 @@ class RunSettings:
         overwrite: bool = False,
         default_mpp: float | str | None = None,
     ) -> RunSettings:
-        """Settings for `tasks` (and the configuration's encoders); one read of a slide feeds them all, in batches of
-        the largest batch size."""
+        """Settings for `tasks` (and the configuration's encoders). Each read of a slide runs in batches of its own
+        tasks' batch size (engine/predict.py); the engine's, the largest of them all, is for a request without one."""
         sizes = [config.task(t).batch_size for t in tasks]
         batch_size = max([*sizes, *([config.embed.batch_size] if config.embed.encoders or not sizes else [])])
         engine = engine_options(config, device=device, workers=workers, batch_size=batch_size, progress=progress)
