@@ -106,3 +106,26 @@ def test_an_interrupt_discards_every_slide_not_finished() -> None:
     assert not journal.active  # nothing begun is left running or half-written
     began = {s for s, step, _ in journal.events if step == "begin"}
     assert began - set(recorded) == set(journal.discarded) and "s3" in journal.discarded
+
+
+def test_an_interrupt_while_a_slide_is_recorded_records_it_still() -> None:
+    """SIGTERM can arrive while the manifest is being written for a slide whose folder is complete: the slide is
+    recorded again before the interrupt goes on (it was lost from the manifest once), and only once."""
+    journal = Journal()
+    recorded: list[str] = []
+    calls: list[str] = []
+
+    def record(outcome: SlideOutcome) -> None:
+        calls.append(outcome.slide_id)
+        if outcome.slide_id == "s1" and calls.count("s1") == 1:
+            raise KeyboardInterrupt  # in the middle of writing s1's row
+        if outcome.slide_id not in recorded:
+            recorded.append(outcome.slide_id)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_slides(starts(journal, NAMES), 3, record)
+    assert recorded[:2] == ["s0", "s1"] and calls.count("s1") == 2
+    assert recorded == [f"s{i}" for i in range(len(recorded))]  # in order, nothing skipped
+    assert not journal.active
+    began = {s for s, step, _ in journal.events if step == "begin"}
+    assert began - set(recorded) == set(journal.discarded)

@@ -137,7 +137,8 @@ def run_batch(
         earlier = earlier_outcomes(out, set(ids.values())) if shard is None else []
 
         def record(outcome: SlideOutcome) -> None:
-            outcomes.append(outcome)
+            if not any(o is outcome for o in outcomes):  # recorded again after an interrupt cut its manifest short
+                outcomes.append(outcome)
             write_manifest(manifest_path, outcomes + earlier)
             if on_slide is not None:
                 on_slide(outcome)

@@ -154,9 +154,13 @@ class _Overlap:
             self.stop(record_ended=False)
 
     def record_oldest(self) -> None:
-        flight = self.finishing.popleft().result()
-        self.live.remove(flight)
+        """Record the oldest slide; it leaves the queue only once recorded, so that an interrupt in the middle of
+        writing the manifest leaves it for `stop` to record (a SIGTERM just as a slide's folder appeared once left
+        no manifest at all, in tests/test_faults.py)."""
+        flight = self.finishing[0].result()
         _record(flight, self.record)
+        self.finishing.popleft()
+        self.live.remove(flight)
 
     def stop(self, record_ended: bool) -> None:
         """After the last slide, a failed write or an interrupt: wait for the steps running in the other threads
@@ -167,11 +171,13 @@ class _Overlap:
             pending.cancel()
         self.preparer.shutdown(wait=True, cancel_futures=True)
         self.finisher.shutdown(wait=True, cancel_futures=True)
-        with contextlib.suppress(BaseException):  # the interrupt on its way up goes on
-            while record_ended and self.finishing and self.finishing[0].done() and not self.finishing[0].cancelled():
-                flight = self.finishing[0].result()
-                if flight.outcome is None or flight.write_error is not None:
-                    break
-                self.record_oldest()
+        while record_ended and self.finishing and self.finishing[0].done() and not self.finishing[0].cancelled():
+            flight = self.finishing[0].result()
+            if flight.outcome is None or flight.write_error is not None:
+                break
+            with contextlib.suppress(BaseException):  # the interrupt on its way up goes on (raised again once
+                _record(flight, self.record)  # the manifest is written, at the progress bar's safe point)
+            self.finishing.popleft()
+            self.live.remove(flight)
         for flight in self.live:
             flight.close()
