@@ -3,7 +3,8 @@
 Why: the same folded fp32 network runs 1.2-2.3x faster in ONNX Runtime's CPU kernels than in torch's on both
 CPUs this project was measured on (an AVX2 EPYC and an AVX-512 one; benchmarks/results/cpu-model.json, rows
 `fused_fp32` and `onnxruntime_fp32`), with logits within a few 1e-6 of torch's. The network is exported once per
-process, model and tile shape (from the module the predictor would run, BatchNorm folded) and the session kept;
+process, model and tile shape (from the module the predictor would run, BatchNorm folded; the graph kept on disk
+for the next process, models/onnx_cache.py) and the session kept;
 the domain guard's window features of its layers become extra outputs of the graph, so the guard reads the same
 activations without hooks. bf16 and torch.compile stay with torch; so does a network the exporter cannot take (it
 says why, once).
@@ -171,7 +172,8 @@ class OnnxForward:
     """`network`'s forward pass through ONNX Runtime, float32 NCHW in, torch tensors out: its output and the
     domain guard's window features (`domain.window_stats`) of each of its layers.
     `sessions` is the loaded model's (`LoadedModel.sessions`): every slide of a process reuses one session per
-    rewrite (`key`) and tile shape. The first batch of a shape exports the network; where that fails (the
+    rewrite (`key`) and tile shape. The read's set-up (`TorchModulePredictor.prepare`), or else the first batch of a
+    shape, exports the network; where that fails (the
     exporter cannot trace it, an operator ONNX lacks) `__call__` returns None, once said, and torch runs it."""
 
     def __init__(
