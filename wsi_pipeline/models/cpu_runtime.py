@@ -16,7 +16,6 @@ import io
 import logging
 import threading
 import warnings
-from collections.abc import Callable
 from copy import deepcopy
 from typing import Any, cast
 
@@ -50,9 +49,9 @@ def use_onnxruntime(runtime: str, device: torch.device, bf16: bool, compiled: bo
 
 class _WithLayers(nn.Module):
     """The network's output followed by the domain guard's window features of `layers` (their outputs read through
-    forward hooks): computed in the graph, the activations themselves never leave it (copied out, the first layers'
-    outputs cost more than the forward pass). `windows`: each layer's window in its own px, or None for a layer
-    with no spatial output (its output is its feature)."""
+    `domain.FeatureTap`'s hooks): computed in the graph, the activations themselves never leave it (copied out,
+    the first layers' outputs cost more than the forward pass). `windows`: each layer's window in its own px, or
+    None for a layer with no spatial output (its output is its feature)."""
 
     def __init__(self, network: nn.Module, layers: list[str], windows: list[int | None]) -> None:
         super().__init__()
@@ -73,17 +72,15 @@ class _WithLayers(nn.Module):
 def _export(network: nn.Module, layers: list[str], window_px: int, shape: tuple[int, int]) -> Any:
     """An ONNX Runtime session of `network` for tiles of `shape` (any batch size); the graph is taken from the
     cache folder where an earlier process kept it (models/onnx_cache.py)."""
-    from wsi_pipeline.models.domain import stats_over, window_size
+    from wsi_pipeline.models.domain import FeatureTap, stats_over, window_size
 
-    named = dict(network.named_modules())
     example = torch.zeros(2, 3, *shape)
-    sizes: dict[str, torch.Tensor] = {}
-    hooks = [named[name].register_forward_hook(_keeper(sizes, name)) for name in layers]
+    tap = FeatureTap(network, layers, window_px)
     if layers:
         with torch.inference_mode():
             network(example)  # each layer's output size, so that the graph's windows are constants
-    for hook in hooks:
-        hook.remove()
+    tap.remove()
+    sizes = tap.seen
     windows = [None if sizes[n].ndim == 2 else window_size(sizes[n].shape[-1], shape[1], window_px) for n in layers]
     key = graph_key(network, [layers, windows, shape, ONNX_OPSET], [_WithLayers.forward, stats_over, _graph])
     kept = read_graph(key)
@@ -100,8 +97,10 @@ def _export(network: nn.Module, layers: list[str], window_px: int, shape: tuple[
 
 def _graph(traced: _WithLayers, example: torch.Tensor) -> bytes:
     """The ONNX graph of `traced` (its network's output and the guard's window features), batch size free."""
-    named = dict(traced.network.named_modules())
-    hooks = [named[name].register_forward_hook(_keeper(traced.seen, name)) for name in traced.layers]
+    from wsi_pipeline.models.domain import FeatureTap
+
+    tap = FeatureTap(traced.network, traced.layers, 1)  # its hooks keep what `traced` reads
+    traced.seen = tap.seen
     buffer = io.BytesIO()
     names = ["logits", *[f"layer{i}" for i in range(len(traced.layers))]]
     # on an operator it cannot export, torch's exporter prints the whole traced graph to stderr from C++ before
@@ -125,8 +124,7 @@ def _graph(traced: _WithLayers, example: torch.Tensor) -> bytes:
     finally:
         if log is not None:
             torch._C._jit_onnx_log = log
-        for hook in hooks:
-            hook.remove()
+        tap.remove()
     return buffer.getvalue()
 
 
@@ -161,13 +159,6 @@ def _traceable(network: nn.Module) -> nn.Module:
     return copy.eval()
 
 
-def _keeper(seen: dict[str, torch.Tensor], name: str) -> Callable[..., None]:
-    def keep(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
-        seen[name] = output
-
-    return keep
-
-
 class OnnxForward:
     """`network`'s forward pass through ONNX Runtime, float32 NCHW in, torch tensors out: its output and the
     domain guard's window features (`domain.window_stats`) of each of its layers.
@@ -189,6 +180,8 @@ class OnnxForward:
 
     def session(self, shape: tuple[int, int]) -> Any:
         key = (*self.key, shape)
+        if key in self.sessions:  # every batch: no lock, which an export in another thread would hold for a second
+            return self.sessions[key]
         with _LOCK:
             if key not in self.sessions:
                 try:
