@@ -6,6 +6,7 @@ at a time (tests/test_run.py) and interrupt it (tests/test_faults.py)."""
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from functools import partial
@@ -129,3 +130,39 @@ def test_an_interrupt_while_a_slide_is_recorded_records_it_still() -> None:
     assert not journal.active
     began = {s for s, step, _ in journal.events if step == "begin"}
     assert began - set(recorded) == set(journal.discarded)
+
+
+def test_a_second_interrupt_while_the_other_threads_are_awaited_still_discards_cleanly() -> None:
+    """A signal can land while the batch waits for the other threads' steps (a second Ctrl-C, the handler's
+    interrupt delivered again after a finaliser dropped it, a worker's SIGCHLD). Python 3.11's `Thread.join`, cut
+    short by one, marks the thread it waits for as ended while it still runs; the batch then closed a slide still
+    running in the finisher ("generator already executing", exit 1 instead of 130, in CI). Nothing may cut that wait
+    short: the slide that was exporting ends and is recorded, the others are discarded."""
+    journal = Journal()
+    recorded: list[str] = []
+    timings = {"s2": 1.5}  # s2's export is still running when s3's model is interrupted
+
+    def interrupted_twice(name: str) -> SlideSteps:
+        steps = slide(journal, name, seconds=timings.get(name, 0.05), fail="interrupt" if name == "s3" else "")
+        yield next(steps)  # prepared
+        if name == "s3":  # the same interrupt again, while the batch waits for s2's export
+            threading.Timer(0.2, signal.pthread_kill, (main, signal.SIGINT)).start()
+        return (yield from steps)
+
+    main = threading.main_thread().ident
+    assert main is not None
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_slides(
+                [(Path(n), n, partial(interrupted_twice, n)) for n in NAMES], 3, lambda o: recorded.append(o.slide_id)
+            )
+        time.sleep(0.3)  # a second interrupt not yet landed would land here
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert not journal.active  # nothing left running: s2 was waited for, not closed while it ran
+    assert recorded == ["s0", "s1", "s2"]  # s2's folder was complete: it is in the manifest
+    began = {s for s, step, _ in journal.events if step == "begin"}
+    assert began - set(recorded) == set(journal.discarded) and "s3" in journal.discarded

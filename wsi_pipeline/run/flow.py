@@ -19,7 +19,7 @@ from __future__ import annotations
 import collections
 import contextlib
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,12 +146,14 @@ class _Overlap:
             while self.finishing:
                 self.record_oldest()
         except OutputWriteError:  # the batch ends at that slide, as one slide at a time would
+            self.stop(record_ended=False)
             raise
         except BaseException:  # an interrupt, or a fault outside any slide (a lock file that is a link)
             self.stop(record_ended=True)
             raise
-        finally:
-            self.stop(record_ended=False)
+        late = self.stop(record_ended=False)
+        if late is not None:
+            raise late
 
     def record_oldest(self) -> None:
         """Record the oldest slide; it leaves the queue only once recorded, so that an interrupt in the middle of
@@ -162,16 +164,23 @@ class _Overlap:
         self.finishing.popleft()
         self.live.remove(flight)
 
-    def stop(self, record_ended: bool) -> None:
+    def stop(self, record_ended: bool) -> BaseException | None:
         """After the last slide, a failed write or an interrupt: wait for the steps running in the other threads
         (an interrupt reaches them at their next safe point); unless a write failed, record the slides that ended
-        meanwhile, as far as they ended in order (their folders are complete); discard every slide not ended."""
+        meanwhile, as far as they ended in order (their folders are complete); discard every slide not ended.
+        Returns the first exception a signal handler raised meanwhile (the caller raises it unless another is
+        already on its way up): nothing cuts this short, since a slide discarded while it runs would be left half
+        written."""
         self.halted = True
-        for pending in [*self.finishing, *([self.prepared] if self.prepared else [])]:
+        running = [*self.finishing, *([self.prepared] if self.prepared else [])]
+        for pending in running:
             pending.cancel()
-        self.preparer.shutdown(wait=True, cancel_futures=True)
-        self.finisher.shutdown(wait=True, cancel_futures=True)
-        while record_ended and self.finishing and self.finishing[0].done() and not self.finishing[0].cancelled():
+        late = _wait_through_signals(running)
+        self.preparer.shutdown(wait=False, cancel_futures=True)  # both idle now; joined when run_slides ends
+        self.finisher.shutdown(wait=False, cancel_futures=True)
+        while record_ended and self.finishing and not self.finishing[0].cancelled():
+            if self.finishing[0].exception() is not None:
+                break
             flight = self.finishing[0].result()
             if flight.outcome is None or flight.write_error is not None:
                 break
@@ -180,4 +189,23 @@ class _Overlap:
             self.finishing.popleft()
             self.live.remove(flight)
         for flight in self.live:
-            flight.close()
+            try:
+                flight.close()
+            except BaseException as exc:  # the others are discarded all the same
+                late = late or exc
+        self.live.clear()
+        return late
+
+
+def _wait_through_signals(futures: list[Future[SlideInFlight]]) -> BaseException | None:
+    """Wait until every future is done, whatever signal handlers raise in this thread meanwhile; returns the first
+    such exception. Not `Thread.join` (ThreadPoolExecutor.shutdown): in Python 3.11 a join cut short by a signal
+    marks the thread as ended while it still runs (threading.py, bpo-45274's handler); the batch then closed a slide
+    still running in another thread ("generator already executing", exit 1 instead of 130, in CI)."""
+    late: BaseException | None = None
+    while True:
+        try:
+            wait(futures)
+            return late
+        except BaseException as exc:  # the same interrupt again, or a child's SIGCHLD: wait on
+            late = late or exc
