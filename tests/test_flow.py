@@ -9,12 +9,13 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
 import pytest
 
-from wsi_pipeline.core.errors import OutputWriteError
+from wsi_pipeline.core.errors import OutputWriteError, wait_through_signals
 from wsi_pipeline.run.flow import Start, run_slides
 from wsi_pipeline.run.pipeline import INFERRED, PREPARED, SlideOutcome, SlideSteps
 
@@ -166,3 +167,25 @@ def test_a_second_interrupt_while_the_other_threads_are_awaited_still_discards_c
     assert recorded == ["s0", "s1", "s2"]  # s2's folder was complete: it is in the manifest
     began = {s for s, step, _ in journal.events if step == "begin"}
     assert began - set(recorded) == set(journal.discarded) and "s3" in journal.discarded
+
+
+def test_waiting_through_signals_outlasts_them_and_skips_what_was_cancelled() -> None:
+    """The wait behind the batch's, the tile loader's and the stitching writer's shutdown: a signal raised in it is
+    handed back only once the running step is done, and a step cancelled in the queue does not hold it forever
+    (`concurrent.futures.wait` never counts such a future as done)."""
+    main = threading.main_thread().ident
+    assert main is not None
+    pool = ThreadPoolExecutor(1)
+    running = pool.submit(time.sleep, 0.6)
+    queued = pool.submit(time.sleep, 5)
+    pool.shutdown(wait=False, cancel_futures=True)
+    threading.Timer(0.1, signal.pthread_kill, (main, signal.SIGINT)).start()
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        started = time.monotonic()
+        late = wait_through_signals([running, queued])
+        waited = time.monotonic() - started
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert isinstance(late, KeyboardInterrupt) and running.done() and queued.cancelled()
+    assert 0.4 < waited < 3

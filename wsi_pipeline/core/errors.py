@@ -9,6 +9,8 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 
@@ -146,6 +148,32 @@ def install_signal_handlers() -> None:
             _thread.start_new_thread(_thread.interrupt_main, (signum,))  # type: ignore[arg-type]
 
     sys.unraisablehook = _quiet_interrupts
+
+
+def wait_through_signals(futures: Iterable[Future[Any]]) -> BaseException | None:
+    """Wait until every future is done, whatever signal handlers raise in this thread meanwhile (a second Ctrl-C,
+    the interrupt delivered again, a worker's SIGCHLD); returns the first such exception, for the caller to raise
+    unless another is already on its way up. Used instead of `Thread.join` (`ThreadPoolExecutor.shutdown(wait=True)`)
+    where the caller then discards what those threads write: in Python 3.11 a join cut short by a signal marks the
+    thread it waited for as ended while it still runs (threading.py, bpo-45274's handler), and the discarding then
+    raced the thread (CI: a slide closed while it ran, "generator already executing", exit 1 instead of 130)."""
+    # a future cancelled in its executor's queue never reaches the state `wait` counts as done
+    pending = [future for future in futures if not future.cancelled()]
+    late: BaseException | None = None
+    while True:
+        try:
+            wait(pending)
+            return late
+        except BaseException as exc:
+            late = late or exc
+
+
+def shut_down_through_signals(pool: ThreadPoolExecutor, futures: Iterable[Future[Any]]) -> BaseException | None:
+    """Cancel what `pool` has not begun, wait for what it runs (`futures`: all it was given and may still run)
+    past signals, and let its threads go; returns what `wait_through_signals` does."""
+    pending = list(futures)
+    pool.shutdown(wait=False, cancel_futures=True)
+    return wait_through_signals(pending)
 
 
 # errno values of a failed write, with what the user can do about each.

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from wsi_pipeline.core.errors import shut_down_through_signals
 from wsi_pipeline.core.memory import HeapTrimmer
 from wsi_pipeline.core.progress import Progress
 from wsi_pipeline.engine.embeddings import EncoderPredictor
@@ -57,7 +58,11 @@ class _Writes:
             self.pending.popleft().result()
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        """Past signals: the stitchers these writes fill are discarded next, on failure or interrupt."""
+        late = shut_down_through_signals(self.pool, self.pending)
+        self.pending.clear()
+        if late is not None:
+            raise late
 
 
 def _written(

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from wsi_pipeline.core.errors import WsiError
+from wsi_pipeline.core.errors import WsiError, shut_down_through_signals
 from wsi_pipeline.slide import Slide
 from wsi_pipeline.slide.tiling import TilePlan
 
@@ -119,9 +119,11 @@ class ThreadedReads:
 
     def close(self) -> None:
         pool = getattr(self, "_pool", None)  # None also when __init__ did not get that far
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+        if pool is not None:  # the reads write into pinned buffers a later batch reuses: waited for past signals
+            late = shut_down_through_signals(pool, self._pending)
             self._pending.clear()
+            if late is not None:
+                raise late
 
     def __del__(self) -> None:
         self.close()

@@ -19,11 +19,11 @@ from __future__ import annotations
 import collections
 import contextlib
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wsi_pipeline.core.errors import OutputWriteError
+from wsi_pipeline.core.errors import OutputWriteError, wait_through_signals
 from wsi_pipeline.run.pipeline import SlideOutcome, SlideSteps
 
 
@@ -172,12 +172,10 @@ class _Overlap:
         already on its way up): nothing cuts this short, since a slide discarded while it runs would be left half
         written."""
         self.halted = True
-        running = [*self.finishing, *([self.prepared] if self.prepared else [])]
-        for pending in running:
-            pending.cancel()
-        late = _wait_through_signals(running)
-        self.preparer.shutdown(wait=False, cancel_futures=True)  # both idle now; joined when run_slides ends
-        self.finisher.shutdown(wait=False, cancel_futures=True)
+        for pool in (self.preparer, self.finisher):  # what has not begun is cancelled
+            pool.shutdown(wait=False, cancel_futures=True)
+        # what runs is waited for, past signals (not joined: see wait_through_signals); joined as run_slides ends
+        late = wait_through_signals([*self.finishing, *([self.prepared] if self.prepared else [])])
         while record_ended and self.finishing and not self.finishing[0].cancelled():
             if self.finishing[0].exception() is not None:
                 break
@@ -195,17 +193,3 @@ class _Overlap:
                 late = late or exc
         self.live.clear()
         return late
-
-
-def _wait_through_signals(futures: list[Future[SlideInFlight]]) -> BaseException | None:
-    """Wait until every future is done, whatever signal handlers raise in this thread meanwhile; returns the first
-    such exception. Not `Thread.join` (ThreadPoolExecutor.shutdown): in Python 3.11 a join cut short by a signal
-    marks the thread as ended while it still runs (threading.py, bpo-45274's handler); the batch then closed a slide
-    still running in another thread ("generator already executing", exit 1 instead of 130, in CI)."""
-    late: BaseException | None = None
-    while True:
-        try:
-            wait(futures)
-            return late
-        except BaseException as exc:  # the same interrupt again, or a child's SIGCHLD: wait on
-            late = late or exc
