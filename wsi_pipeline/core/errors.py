@@ -170,10 +170,15 @@ def wait_through_signals(futures: Iterable[Future[Any]]) -> BaseException | None
 
 def shut_down_through_signals(pool: ThreadPoolExecutor, futures: Iterable[Future[Any]]) -> BaseException | None:
     """Cancel what `pool` has not begun, wait for what it runs (`futures`: all it was given and may still run)
-    past signals, and let its threads go; returns what `wait_through_signals` does."""
+    past signals, then join its threads; returns what `wait_through_signals` does."""
     pending = list(futures)
     pool.shutdown(wait=False, cancel_futures=True)
-    return wait_through_signals(pending)
+    late = wait_through_signals(pending)
+    try:
+        pool.shutdown(wait=True)  # its threads are idle now: joined at once, none left behind
+    except BaseException as exc:  # a signal in that join leaves an idle thread to end on its own
+        late = late or exc
+    return late
 
 
 # errno values of a failed write, with what the user can do about each.
