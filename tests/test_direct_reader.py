@@ -55,3 +55,30 @@ def test_a_damaged_tile_fails_with_its_level_and_place(data_dir: Path, tmp_path:
     assert result.stderr.count("error:") == 1 and f"stored tile ({tx}, {ty}) of level 0" in result.stderr
     assert "Traceback" not in result.stderr
     assert not any((tmp_path / "o").rglob("zarr.json"))  # nothing that looks complete
+
+
+def test_a_process_forked_while_another_thread_opens_a_slide_reads_its_own(data_dir: Path) -> None:
+    """Tile-reading worker processes are forked while the batch's preparing thread may be opening the next slide
+    (holding the reader's open lock): the child must not inherit that lock held (it hung, in CI)."""
+    import os
+    import time
+
+    from wsi_pipeline.slide.backends import tifffile_direct
+
+    slide = Slide(CMU, backend="tifffile")
+    expected = slide.read_region(0, 0, 64, 64, slide.mpp.x)
+    with tifffile_direct._OPEN_LOCK:  # as another thread opening a slide at the moment of the fork
+        pid = os.fork()
+        if pid == 0:  # the child: a fresh reading state, as a DataLoader worker has
+            try:
+                same = np.array_equal(slide.read_region(0, 0, 64, 64, slide.mpp.x), expected)
+            finally:
+                os._exit(0 if same else 1)
+    deadline = time.monotonic() + 20  # the read itself takes milliseconds
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    assert done[0] == pid, "the forked reader waited for a lock held at the fork"
+    assert os.waitstatus_to_exitcode(done[1]) == 0

@@ -40,3 +40,32 @@ def test_scale_bar_is_round_and_near_a_fifth_of_the_width() -> None:
     assert scale_bar_um(1500, 1.0) == 250
     assert scale_bar_um(1500, 16.0) == 5000
     assert scale_bar_um(1600, 0.5) == 200
+
+
+def test_the_overview_is_the_overlays_picture_reduced_and_matches_a_direct_read(data_dir: Path) -> None:
+    """The exports read the slide once (run/outputs.slide_pictures): the overview is the overlays' picture shrunk by a
+    box mean; it must have the size, place and colours of the slide read directly at the overview's µm/px."""
+    from tests.helpers import CMU
+    from wsi_pipeline.run.outputs import OVERVIEW_LONG_SIDE_PX, slide_pictures
+    from wsi_pipeline.slide import Slide
+
+    slide = Slide(CMU)
+    detail, overview = slide_pictures(slide, overlays=True)
+    alone, overview_alone = slide_pictures(slide, overlays=False)
+    direct = slide.thumbnail(overview[2][0] * slide.mpp.x)
+    assert detail is not None and alone is None
+    assert max(detail[0].shape[:2]) >= 1500 and max(overview[0].shape[:2]) == OVERVIEW_LONG_SIDE_PX
+    assert overview[0].shape == direct.shape == overview_alone[0].shape and overview[1:] == overview_alone[1:]
+    shown, read = overview[0].astype(float), direct.astype(float)
+
+    def difference(dy: int, dx: int) -> float:
+        return float(
+            np.abs(shown[1 + dy : shown.shape[0] - 1 + dy, 1 + dx : shown.shape[1] - 1 + dx] - read[1:-1, 1:-1]).mean()
+        )
+
+    # two resamplings differ in the finest texture (3.2 grey levels on average on CMU), not in place: a shift of one
+    # px in any direction differs 2x more
+    assert difference(0, 0) < 4 and min(
+        difference(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx
+    ) > 2 * difference(0, 0)
+    assert np.array_equal(overview_alone[0], direct)

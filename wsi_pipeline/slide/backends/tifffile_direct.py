@@ -42,6 +42,17 @@ PARALLEL_DECODE_MIN = 8
 _UNITS = {1: "none", 2: "inch", 3: "centimeter"}
 # APP14 "Adobe", transform 0: the components are RGB, not YCbCr (how Aperio's "JPEG/RGB" tiles are stored)
 _OPEN_LOCK = threading.Lock()
+
+
+def _new_open_lock() -> None:
+    """A process forked while another thread held `_OPEN_LOCK` (a batch's preparing thread opening the next slide as
+    the model's tile reader forks its worker processes) would inherit it held and wait for ever at its first read
+    (CI: a `run` with engine.loader=processes hung). Its reading state is its own anyway (`_state`, per pid)."""
+    global _OPEN_LOCK
+    _OPEN_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_open_lock)
 ADOBE_RGB = bytes.fromhex("ffee000e") + b"Adobe" + bytes([0, 100, 0, 0, 0, 0, 0])
 
 
