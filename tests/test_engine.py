@@ -440,3 +440,46 @@ def test_each_read_runs_in_its_own_tasks_batch_size(cmu, tmp_path: Path) -> None
            TaskRequest("metastasis", model, fine, batch_size=32)]  # fmt: skip
     inference = Inference(slide, read_groups(two), tmp_path / "two.zarr", options, None)
     assert [inference.batch_size(n) for n in range(2)] == [8, 32]
+
+
+@pytest.mark.parametrize("kind", ["classifier", "dense"])
+def test_tile_measurements_are_each_tiles_own_values_whatever_rows_are_read_at_once(
+    cmu, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """qupath.geojson's tile measurements read many tile rows of the heatmaps at once (a zarr read per row was most
+    of a small slide's QuPath export): the same values with one row, three rows or all rows at a time, and each the
+    tile's own heatmap value (classifier) or the mean and max over its own output area (dense)."""
+    from wsi_pipeline.engine import stitch
+    from wsi_pipeline.engine.stitch import dense_crop, tile_measurements
+
+    slide, tissue = cmu
+    if kind == "classifier":
+        model = load_model(classifier_model(tmp_path))
+        plan = plan_tiles(slide, tissue, 0.998, 32, overlap_px=0, min_tissue=0.5)
+    else:
+        model = load_model(dense_model(tmp_path, stride=2), task="mitosis")
+        plan = plan_tiles(slide, tissue, 0.499, 96, overlap_px=16, min_tissue=0.0)
+    store = tmp_path / "heatmaps.zarr"
+    options = EngineOptions(device=CPU, batch_size=64, workers=0, progress=False, precision="fp32")
+    predict_slide(slide, [TaskRequest(model.card.task, model, plan)], store, options)
+    heats = {c: open_heatmap(store / c) for c in model.card.written_classes}
+    width = max(h.levels[0].shape[-1] for h in heats.values())
+    step = 1 if kind == "classifier" else dense_crop(plan.spec, model.card.output_stride).step
+    by_size = {}
+    for rows_at_once in (1, 3, len(plan)):
+        monkeypatch.setattr(stitch, "MEASURED_VALUES_AT_ONCE", rows_at_once * step * width)
+        by_size[rows_at_once] = dict(tile_measurements(plan, model.card, heats))
+    assert by_size[1] == by_size[3] == by_size[len(plan)] and sorted(by_size[1]) == list(range(len(plan)))
+    name = model.card.written_classes[0]
+    values = heats[name].channel(name)
+    for i in range(0, len(plan), 29):
+        row, col = int(plan.rows[i]), int(plan.cols[i])
+        measured = by_size[1][i]
+        if kind == "classifier":
+            assert measured[f"{name} probability"] == pytest.approx(float(values[row, col]), abs=1e-6)
+        else:
+            crop = dense_crop(plan.spec, model.card.output_stride)
+            y0, x0 = row * crop.step + crop.margin, col * crop.step + crop.margin
+            own = np.asarray(values[y0 : y0 + crop.step, x0 : x0 + crop.step], np.float32)
+            assert measured[f"{name} max"] == pytest.approx(float(own.max()), abs=1e-6)
+            assert measured[f"{name} mean"] == pytest.approx(float(own.mean()), abs=1e-5)
