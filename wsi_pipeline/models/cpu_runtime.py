@@ -150,7 +150,7 @@ def _session(graph: bytes) -> Any:
 def _shared_arena() -> bool:
     """One CPU buffer arena for every session of the process, grown by what is asked rather than doubled: each
     session kept an arena of its own for the process's life, so the default tasks' peak was the sum of the models'
-    (one CMU slide, default tasks: 1740 -> 1623 MB peak RSS, as fast; torch: 1225 MB). False when ONNX Runtime
+    (one CMU slide, default tasks: 1740 -> 1623-1633 MB peak RSS, as fast; torch: 1225 MB). False when ONNX Runtime
     refuses it (the sessions then keep their own)."""
     import onnxruntime
 

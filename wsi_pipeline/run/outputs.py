@@ -230,18 +230,23 @@ OVERVIEW_LONG_SIDE_PX = 1000  # the report shows it beside overlays of 600 px an
 Picture = tuple[np.ndarray, tuple[float, float], tuple[float, float]]  # RGB, its level-0 origin, level-0 px per px
 
 
+def overlay_mpp(slide: Slide) -> float:
+    """The µm/px of the overlays' picture: its long side MIN_LONG_SIDE_PX."""
+    b, mpp = slide.bounds, slide.mpp
+    return max(b.width * mpp.x, b.height * mpp.y) / MIN_LONG_SIDE_PX
+
+
 def slide_pictures(slide: Slide, overlays: bool) -> tuple[Picture | None, Picture]:
     """The slide pictures the exports draw on: the overlays' (long side at least MIN_LONG_SIDE_PX, when there are
     overlays) and the overview's (1000 px on its long side, or the slide's own resolution if coarser; the tissue
     mask's thumbnail is ~150 px for a small slide). The slide is read once: the overview is the overlays' picture
     reduced (a box mean; a second exact read of a small slide cost ~0.1 s of its ~0.7 s of exports)."""
     b, mpp = slide.bounds, slide.mpp
-    long_um = max(b.width * mpp.x, b.height * mpp.y)
-    target = max(mpp.x, long_um / OVERVIEW_LONG_SIDE_PX)
+    target = max(mpp.x, max(b.width * mpp.x, b.height * mpp.y) / OVERVIEW_LONG_SIDE_PX)
     origin, overview_scale = (float(b.x), float(b.y)), (target / mpp.x, target / mpp.y)
     if not overlays:
         return None, (slide.thumbnail(target), origin, overview_scale)
-    image = slide.thumbnail(long_um / MIN_LONG_SIDE_PX)  # finer than the overview's, which it only shrinks to
+    image = slide.thumbnail(overlay_mpp(slide))  # finer than the overview's, which it only shrinks to
     h, w = image.shape[:2]
     size = (max(1, round(b.width * mpp.x / target)), max(1, round(b.height * mpp.y / target)))
     overview = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BOX))
@@ -314,8 +319,7 @@ def write_task_overlays(
     drawn = [name for name, result in results.items() if result.overlay is not None]
     image, origin, scale = picture
     h, w = image.shape[:2]
-    b, mpp, slide_id = slide.bounds, slide.mpp, slide.slide_id
-    picture_mpp = max(b.width * mpp.x, b.height * mpp.y) / MIN_LONG_SIDE_PX
+    slide_id, picture_mpp = slide.slide_id, overlay_mpp(slide)
     on_tissue = sample_on_grid(tissue.mask.astype(np.float32), tissue.origin, tissue.scale, origin, scale, (h, w)) > 0
     tissue_outline = Outline("Tissue", TISSUE_COLOR, _rings(tissue.geometry, origin, scale))
     for name in drawn:

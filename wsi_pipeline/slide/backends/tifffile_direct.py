@@ -41,6 +41,7 @@ DECODE_THREADS = 4
 PARALLEL_DECODE_MIN = 8
 _UNITS = {1: "none", 2: "inch", 3: "centimeter"}
 # APP14 "Adobe", transform 0: the components are RGB, not YCbCr (how Aperio's "JPEG/RGB" tiles are stored)
+ADOBE_RGB = bytes.fromhex("ffee000e") + b"Adobe" + bytes([0, 100, 0, 0, 0, 0, 0])
 _OPEN_LOCK = threading.Lock()
 
 
@@ -53,7 +54,6 @@ def _new_open_lock() -> None:
 
 
 os.register_at_fork(after_in_child=_new_open_lock)
-ADOBE_RGB = bytes.fromhex("ffee000e") + b"Adobe" + bytes([0, 100, 0, 0, 0, 0, 0])
 
 
 def _unsupported(path: Path, why: str) -> SlideUnreadableError:
