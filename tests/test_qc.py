@@ -19,6 +19,7 @@ from tests.helpers import run_cli
 from wsi_pipeline.heatmap import open_heatmap
 from wsi_pipeline.slide import Slide
 from wsi_pipeline.slide.qc import QC_CLASSES, QcConfig, classify, tile_features
+from wsi_pipeline.slide.tissue import ColourFeatures, ink_colour
 
 FOCUS = QC_CLASSES.index("out_of_focus")
 
@@ -140,3 +141,39 @@ def test_run_leaves_blurred_tissue_out(tmp_path: Path, cmu_image: np.ndarray):
     assert summary_kept["qc"]["fractions"]["out_of_focus"] == quality["fractions"]["out_of_focus"]
     # (the count is of in-domain tissue, which the guard finds on both halves of this skin)
     assert counted < 0.9 * summary_kept["epithelium_stroma"]["counted_area_mm2"]
+
+
+def _features_one_tile_at_a_time(tile: np.ndarray, mpp: float) -> list[float]:
+    """The measures as the module docstring defines them, written plainly for one tile with numpy's own reductions:
+    what the vectorised `tile_features` must equal."""
+    f = max(1, round(1.0 / mpp))
+    h, w = tile.shape[0] // f * f, tile.shape[1] // f * f
+    rgb = tile[:h, :w].astype(np.float64).reshape(h // f, f, w // f, f, 3).mean(axis=(1, 3))
+    grey = (-np.log((rgb + 1.0) / 256.0)).mean(axis=-1)
+    value, low = rgb.max(axis=-1), rgb.min(axis=-1)
+    sat = np.divide(value - low, value, out=np.zeros_like(value), where=value > 0)
+    t = (grey > 0.1) | (sat > 0.1)
+    if not t.any():
+        return [0.0] * 7
+    focus = []
+    for axis in (0, 1):
+        smooth1 = ndimage.gaussian_filter1d(grey, 1.0, axis=axis, mode="reflect")
+        coarse = smooth1 - ndimage.gaussian_filter1d(grey, 3.0, axis=axis, mode="reflect")
+        focus.append((grey - smooth1)[t].std() / (coarse[t].std() + 1e-6))
+    ink = ink_colour(ColourFeatures.of(rgb.astype(np.float32)))  # the tissue detector's own pen rules
+    grey_dark = (value < 110) & (sat < 0.25)
+    return [t.mean(), min(focus), grey[t].mean(), sat[t].mean(), grey_dark.mean(), ink.mean(), grey[t].std()]
+
+
+@pytest.mark.parametrize(("px", "mpp"), [(96, 0.499), (224, 0.25), (64, 1.0)])
+def test_vectorised_measures_equal_each_tile_measured_alone(cmu_image: np.ndarray, px: int, mpp: float):
+    """`tile_features` measures a batch at once (it runs beside the model on every tile): each tile's numbers equal
+    the plain per-tile definition, for tissue, a blank tile, a tile half glass and a tile of green ink."""
+    tiles = _tiles(cmu_image, px)[:40].copy()
+    tiles[0] = 250  # glass: no tissue, every measure 0
+    tiles[1, :, : px // 2] = 245  # half glass
+    tiles[2, ..., 0], tiles[2, ..., 1], tiles[2, ..., 2] = 40, 170, 90  # green ink
+    measured = tile_features(tiles, mpp)
+    expected = np.array([_features_one_tile_at_a_time(t, mpp) for t in tiles])
+    np.testing.assert_allclose(measured, expected, rtol=1e-4, atol=1e-5)
+    assert measured[0].tolist() == [0.0] * 7 and 0.3 < measured[1, 0] < 0.7 and measured[2, 5] == 1.0

@@ -15,7 +15,7 @@ Classical measures in the spirit of HistoQC, computed on every tile of one read 
   and pale), whatever the rest of the slide looks like.
 
 Why hand-written: HistoQC works on a whole-slide thumbnail in its own process and pipeline, and has no per-tile API;
-these few filters on tiles already in memory cost ~1 ms a tile.
+these few filters on tiles already in memory cost ~0.2 ms a 96 px tile at 0.5 µm/px.
 """
 
 from __future__ import annotations
@@ -36,43 +36,63 @@ def pool_factor(mpp: float) -> int:
     return max(1, round(QC_MPP / mpp))
 
 
+def _pooled(tiles: np.ndarray, f: int) -> np.ndarray:
+    """(N, H/f, W/f, 3) float32 means of f x f px, as `reshape(...).mean(axis=(2, 4))` gives them (integer sums
+    are exact in float32) at a fifth of its cost: numpy's reduction over two strided axes was a quarter of QC's."""
+    n, h, w, _ = tiles.shape
+    if f == 1:
+        return tiles.astype(np.float32)
+    total = np.zeros((n, h // f, w // f, 3), np.uint32)
+    for dy in range(f):
+        for dx in range(f):
+            total += tiles[:, dy::f, dx::f]
+    return total.astype(np.float32) / np.float32(f * f)
+
+
+def _masked_mean_std(x: np.ndarray, weights: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's mean and (population) standard deviation over its px of weight 1, summed in float64, two-pass as
+    np.std: the per-tile loop with boolean indexing it replaces cost as much as the measures themselves."""
+    mean = np.einsum("ij,ij->i", x, weights, dtype=np.float64) / count
+    dev = (x - mean[:, None].astype(np.float32)) * weights
+    return mean, np.sqrt(np.einsum("ij,ij->i", dev, dev, dtype=np.float64) / count)
+
+
 def tile_features(tiles: np.ndarray, mpp: float) -> np.ndarray:
-    """(N, len(FEATURES)) float32 from (N, H, W, 3) uint8 tiles read at `mpp` µm/px."""
+    """(N, len(FEATURES)) float32 from (N, H, W, 3) uint8 tiles read at `mpp` µm/px. Vectorised over the tiles
+    (0.77 -> 0.18 ms a 96 px tile at 0.5 µm/px here): it runs beside the model on every tile of a read."""
     n, h, w, _ = tiles.shape
     f = pool_factor(mpp)
     hh, ww = h // f * f, w // f * f
-    rgb = tiles[:, :hh, :ww].astype(np.float32)
-    if f > 1:
-        rgb = rgb.reshape(n, hh // f, f, ww // f, f, 3).mean(axis=(2, 4))
-    od = -np.log((rgb + 1.0) / 256.0)
-    grey = od.mean(axis=-1)
-    value = rgb.max(axis=-1)
-    low = rgb.min(axis=-1)
-    sat = np.divide(value - low, value, out=np.zeros_like(value), where=value > 0)
-    tissue = (grey > 0.1) | (sat > 0.1)
+    rgb = _pooled(tiles[:, :hh, :ww], f)
     colour = ColourFeatures.of(rgb)
-    ink = ink_colour(colour)
-    grey_dark = (value < 110) & (sat < 0.25)
+    value, sat = colour.value, colour.sat
+    od = -np.log((rgb + 1.0) / 256.0)
+    grey = (od[..., 0] + od[..., 1] + od[..., 2]) / 3  # the channels' mean (a reduction over 3 values is slow)
+    tissue = (grey > 0.1) | (sat > 0.1)
+    ink = ink_colour(colour).reshape(n, -1)
+    grey_dark = ((value < 110) & (sat < 0.25)).reshape(n, -1)
+    pixels = tissue[0].size
+    weights = tissue.reshape(n, -1).astype(np.float32)
+    count = np.count_nonzero(tissue.reshape(n, -1), axis=1)
+    some = np.maximum(count, 1)  # tiles without tissue get zeros below
     # focus along each axis on its own: a motion blur smears one direction and leaves the other sharp
-    ratios = []
+    focus = np.full(n, np.inf)
     for axis in (1, 2):
         smooth1 = ndimage.gaussian_filter1d(grey, 1.0, axis=axis, mode="reflect")
-        fine = grey - smooth1
-        coarse = smooth1 - ndimage.gaussian_filter1d(grey, 3.0, axis=axis, mode="reflect")
-        ratios.append((fine, coarse))
+        fine = (grey - smooth1).reshape(n, -1)
+        coarse = (smooth1 - ndimage.gaussian_filter1d(grey, 3.0, axis=axis, mode="reflect")).reshape(n, -1)
+        fine_sd = _masked_mean_std(fine, weights, some)[1]
+        focus = np.minimum(focus, fine_sd / (_masked_mean_std(coarse, weights, some)[1] + 1e-6))
+    od_mean, od_sd = _masked_mean_std(grey.reshape(n, -1), weights, some)
     out = np.zeros((n, len(FEATURES)), np.float32)
-    for i in range(n):
-        t = tissue[i]
-        share = float(t.mean())
-        out[i, 0] = share
-        if share == 0.0:
-            continue
-        out[i, 1] = min(float(fine[i][t].std() / (coarse[i][t].std() + 1e-6)) for fine, coarse in ratios)
-        out[i, 2] = float(grey[i][t].mean())
-        out[i, 3] = float(sat[i][t].mean())
-        out[i, 4] = float(grey_dark[i].mean())
-        out[i, 5] = float(ink[i].mean())
-        out[i, 6] = float(grey[i][t].std())
+    out[:, 0] = count / pixels
+    out[:, 1] = focus
+    out[:, 2] = od_mean
+    out[:, 3] = np.einsum("ij,ij->i", sat.reshape(n, -1), weights, dtype=np.float64) / some
+    out[:, 4] = np.count_nonzero(grey_dark, axis=1) / pixels
+    out[:, 5] = np.count_nonzero(ink, axis=1) / pixels
+    out[:, 6] = od_sd
+    out[count == 0, 1:] = 0.0
     return out
 
 
