@@ -128,7 +128,7 @@ def test_run_finds_the_planted_figures(cohort: tuple[Path, Path], cohort_run: tu
 def test_slides_overlapped_write_what_one_slide_at_a_time_writes(
     cohort: tuple[Path, Path], cohort_run: tuple[Path, str], tmp_path: Path
 ) -> None:
-    """The default batch overlaps slides (engine.slides_in_flight 3: the next slide prepared and the one before
+    """The default batch overlaps slides (engine.slides_in_flight 4: the next slide prepared and the ones before
     exported while one is in the model); one at a time, every output file is the same, byte for byte (each run
     record's inventory holds every file's sha256; run.json itself holds timings)."""
     slides, model = cohort

@@ -88,11 +88,12 @@ class EngineConfig(StrictModel):
         "torch per worker) or as DataLoader worker processes (for a plugin backend that holds the GIL)",
     )
     slides_in_flight: int = Field(
-        3,
+        4,
         ge=1,
         le=8,
         description="slides a batch works on at once: while one is in the model, the next is opened and its tissue "
-        "found, and the one before post-processed and exported (3); 1: one slide at a time",
+        "found, and the ones before post-processed and exported in order (4: two of them, so that a slide slower to "
+        "export than the next is to infer does not hold the model up); 1: one slide at a time",
     )
 
 
