@@ -1,3 +1,3 @@
-from wsi_pipeline.cli import main
+from wsi_pipeline.cli import program
 
-main()
+program()
