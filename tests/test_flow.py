@@ -83,7 +83,9 @@ def test_slides_end_in_order_within_the_bound_and_the_model_runs_in_the_calling_
     journal = Journal()
     recorded: list[str] = []
     run_slides(
-        starts(journal, NAMES, finish_s=0.1, s4="skip"), in_flight, lambda o: recorded.append(f"{o.slide_id}:{o.status}")
+        starts(journal, NAMES, finish_s=0.1, s4="skip"),
+        in_flight,
+        lambda o: recorded.append(f"{o.slide_id}:{o.status}"),
     )
     assert recorded == ["s0:done", "s1:done", "s2:done", "s3:done", "s4:skipped", "s5:done"]
     assert journal.most_active == in_flight  # overlapped as far as allowed, never further
