@@ -15,6 +15,7 @@ import os
 import shutil
 import time
 from collections.abc import Generator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -186,6 +187,20 @@ def _slide_steps(
             discard_for_good(tmp.root)
 
 
+_CHECKS = ThreadPoolExecutor(1, thread_name_prefix="mpp-check")  # one at a time, in the order slides submit them
+
+
+def _mpp_figures(
+    slide: Slide, tissue: TissueMask, estimate: MppEstimate | None, check: bool
+) -> tuple[list[str], dict[str, Any], float | None]:
+    """The slide's µm/px lines, summary.json's µm/px figures, and the seconds an estimate took (None: none made)."""
+    t0 = time.perf_counter()
+    slide_warnings, estimate = mpp_findings(slide, tissue, estimate, check)
+    figures: dict[str, Any] = {**(estimate.to_json() if estimate is not None else {})}
+    figures["mpp_warnings"] = list(slide_warnings)
+    return slide_warnings, figures, (time.perf_counter() - t0 if estimate is not None else None)
+
+
 # a model reading at twice the slide's finest detail or more is said to: 2x less the 5 % by which scanners' 20x and
 def input_guard_findings(
     slide_id: str, tissue: TissueMask, config: Config, tasks: list[str], models: dict[str, LoadedModel]
@@ -235,12 +250,13 @@ def _run(
     tissue = tissue_stage(slide, config.tissue, out, overview=False).tissue
     begin_store(out.heatmaps)
     timings["tissue_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    slide_warnings, estimate = mpp_findings(slide, tissue, estimate, config.slide.check_mpp)
-    mpp_figures: dict[str, Any] = {**(estimate.to_json() if estimate is not None else {})}
-    mpp_figures["mpp_warnings"] = list(slide_warnings)
-    if estimate is not None:
-        timings["mpp_estimate_s"] = time.perf_counter() - t0
+    # a recorded µm/px is checked beside the slide's turn in the model (the check only says something, and its CNN
+    # took 0.14 s of each CMU slide's path to the model); an estimated one is needed now, to plan the tiles
+    checking: Future[tuple[list[str], dict[str, Any], float | None]] = Future()
+    if estimate is None and config.slide.check_mpp:
+        checking = _CHECKS.submit(_mpp_figures, slide, tissue, None, True)
+    else:
+        checking.set_result(_mpp_figures(slide, tissue, estimate, False))
     raise_if_signalled()
     t0 = time.perf_counter()
     guard = input_guard_findings(slide_id, tissue, config, tasks, models)
@@ -267,12 +283,16 @@ def _run(
         timings["inference_s"] = time.perf_counter() - t0
         yield INFERRED  # the models are free for the next slide: the rest is this slide's alone
         raise_if_signalled()
+        slide_warnings, mpp_figures, mpp_s = checking.result()
         t0 = time.perf_counter()
         inference = inferred.finish() if inferred is not None else {"reads": []}
     except BaseException:
+        checking.cancel()  # not begun: never begins; begun: it only reads the slide, and ends on its own
         if inferred is not None:
             inferred.abort()
         raise
+    if mpp_s is not None:
+        timings["mpp_estimate_s"] = mpp_s
     slide_level = {}
     if embedding.slide_model is not None:
         slide_level[SLIDE_CLASSIFIER] = classify_slide(slide_id, embedding.slide_model, embeds, out.heatmaps, config)
