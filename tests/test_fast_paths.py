@@ -89,3 +89,34 @@ def test_tiles_as_qupath_objects_equal_a_shapely_box_each() -> None:
         for col, row, x, y, m in tiles
     ]
     assert json.dumps(fast) == json.dumps(plain)
+
+
+@pytest.mark.parametrize(
+    ("box", "size"),
+    [
+        ((0.0, 0.0, 2220.0, 2967.0), (138, 185)),
+        ((0.3, 1.7, 2219.1, 2960.2), (555, 741)),
+        ((0.5, 0.5, 95.5, 95.5), (48, 48)),
+    ],
+)
+def test_area_mean_in_bands_equals_one_product(
+    data_dir: Path, box: tuple[float, ...], size: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The exact area mean converts its block to float32 a band of output rows at a time: each output row sums the
+    same input rows in the same order as the one product over the whole block, so the pixels are equal to the bit
+    (two reads of one pixel must agree), whatever the band."""
+    from scipy import sparse
+
+    from wsi_pipeline.slide import Slide, resample
+
+    slide = Slide(data_dir / "slides" / "CMU-1-Small-Region.svs")
+    block = slide.read_region(0, 0, 2220, 2967, slide.mpp.mean)
+    w, h = size
+    weights = resample._area_weights(box[1], (box[3] - box[1]) / h, h, block.shape[0])
+    whole = weights @ block.reshape(block.shape[0], -1).astype(np.float32)
+    assert isinstance(weights, sparse.csr_matrix)
+    for band_values in (1 << 21, 1 << 14, 1):  # the default, a few rows, one output row a band
+        monkeypatch.setattr(resample, "ROWS_AT_ONCE", band_values)
+        banded = resample._rows_mean(weights, block.reshape(block.shape[0], -1))
+        assert banded.dtype == np.float32 and np.array_equal(banded, whole)
+    assert resample.area_mean(block, box, size).shape == (h, w, 3)

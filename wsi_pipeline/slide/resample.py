@@ -60,11 +60,31 @@ def area_mean(block: np.ndarray, box: tuple[float, float, float, float], size: t
     """
     w, h = size
     rows, cols = block.shape[:2]
-    vertical = _area_weights(box[1], (box[3] - box[1]) / h, h, rows) @ block.reshape(rows, cols * 3).astype(np.float32)
+    vertical = _rows_mean(_area_weights(box[1], (box[3] - box[1]) / h, h, rows), block.reshape(rows, cols * 3))
     by_column = vertical.reshape(h, cols, 3).transpose(0, 2, 1).reshape(h * 3, cols)
     both = (_area_weights(box[0], (box[2] - box[0]) / w, w, cols) @ by_column.T).T
     values = both.reshape(h, 3, w).transpose(0, 2, 1)
     return np.clip(np.floor(values + (0.5 + _TIE_BIAS)), 0, 255).astype(np.uint8)
+
+
+ROWS_AT_ONCE = 1 << 21  # input values converted to float32 at a time by `_rows_mean`
+
+
+def _rows_mean(weights: sparse.csr_matrix, block: np.ndarray) -> np.ndarray:
+    """`weights @ block` in float32, `block` (uint8) converted a band of output rows at a time rather than whole: a
+    thumbnail's level-0 block as float32 was most of its read (CMU-1-Small-Region: 0.14 of 0.19 s, its 79 MB paged
+    in afresh). Each output row sums the same input rows in the same order as one product would: equal bit for bit."""
+    count, size = weights.shape
+    band = max(1, ROWS_AT_ONCE // max(1, block.shape[1] * max(1, math.ceil(size / count))))
+    if band >= count:
+        return weights @ block.astype(np.float32)
+    out = np.empty((count, block.shape[1]), np.float32)
+    for first in range(0, count, band):
+        last = min(count, first + band)
+        part = weights[first:last]
+        low, high = int(part.indices.min()), int(part.indices.max()) + 1
+        out[first:last] = part[:, low:high] @ block[low:high].astype(np.float32)
+    return out
 
 
 def _whole(value: float) -> bool:
