@@ -201,7 +201,6 @@ def _mpp_figures(
     return slide_warnings, figures, (time.perf_counter() - t0 if estimate is not None else None)
 
 
-# a model reading at twice the slide's finest detail or more is said to: 2x less the 5 % by which scanners' 20x and
 def input_guard_findings(
     slide_id: str, tissue: TissueMask, config: Config, tasks: list[str], models: dict[str, LoadedModel]
 ) -> dict[str, dict[str, Any]]:

@@ -59,6 +59,7 @@ def estimated_warning(estimate: MppEstimate) -> str:
     )
 
 
+# a model reading at twice the slide's finest detail or more is said to: 2x less the 5 % by which scanners' 20x and
 # 40x differ (0.499 / 0.25 = 1.996 is a 20x slide read by a 40x model)
 ENLARGEMENT_WARNED = 2.0 / 1.05
 
