@@ -12,6 +12,7 @@ Run: .venv/bin/python benchmarks/timeline.py [--out F] -- run SLIDES -o OUT --ta
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import threading
@@ -32,7 +33,8 @@ def timed(owner: Any, name: str, label: Any) -> None:
         try:
             return original(self, *args, **kwargs)
         finally:
-            EVENTS.append((label(self), threading.current_thread().name, begun - STARTED, time.perf_counter() - STARTED))
+            ended = time.perf_counter() - STARTED
+            EVENTS.append((label(self), threading.current_thread().name, begun - STARTED, ended))
 
     setattr(owner, name, call)
 
@@ -41,7 +43,7 @@ def summary(ended: float) -> dict[str, Any]:
     calls = sorted((s, e) for what, _, s, e in EVENTS if what == "model")
     if not calls:
         return {"wall_s": round(ended, 3), "model_calls": 0}
-    gaps = [b[0] - a[1] for a, b in zip(calls, calls[1:], strict=False)]
+    gaps = [b[0] - a[1] for a, b in itertools.pairwise(calls)]
     steps = sorted((s, e, what, thread) for what, thread, s, e in EVENTS if what.startswith("step "))
     return {
         "wall_s": round(ended, 3),  # from this script's start: the interpreter's own start (~0.03 s) is not in it
