@@ -116,7 +116,7 @@ def test_area_mean_in_bands_equals_one_product(
     whole = weights @ block.reshape(block.shape[0], -1).astype(np.float32)
     assert isinstance(weights, sparse.csr_matrix)
     for band_values in (1 << 21, 1 << 14, 1):  # the default, a few rows, one output row a band
-        monkeypatch.setattr(resample, "ROWS_AT_ONCE", band_values)
+        monkeypatch.setattr(resample, "VALUES_AT_ONCE", band_values)
         banded = resample._rows_mean(weights, block.reshape(block.shape[0], -1))
         assert banded.dtype == np.float32 and np.array_equal(banded, whole)
     assert resample.area_mean(block, box, size).shape == (h, w, 3)

@@ -177,3 +177,4 @@ def test_vectorised_measures_equal_each_tile_measured_alone(cmu_image: np.ndarra
     expected = np.array([_features_one_tile_at_a_time(t, mpp) for t in tiles])
     np.testing.assert_allclose(measured, expected, rtol=1e-4, atol=1e-5)
     assert measured[0].tolist() == [0.0] * 7 and 0.3 < measured[1, 0] < 0.7 and measured[2, 5] == 1.0
+    assert tile_features(tiles[:0], mpp).shape == (0, 7)  # an empty batch, as the per-tile loop gave it

@@ -251,10 +251,11 @@ def _run(
     timings["tissue_s"] = time.perf_counter() - t0
     # a recorded µm/px is checked beside the slide's turn in the model (the check only says something, and its CNN
     # took 0.14 s of each CMU slide's path to the model); an estimated one is needed now, to plan the tiles
-    checking: Future[tuple[list[str], dict[str, Any], float | None]] = Future()
+    checking: Future[tuple[list[str], dict[str, Any], float | None]]
     if estimate is None and config.slide.check_mpp:
         checking = _CHECKS.submit(_mpp_figures, slide, tissue, None, True)
     else:
+        checking = Future()
         checking.set_result(_mpp_figures(slide, tissue, estimate, False))
     raise_if_signalled()
     t0 = time.perf_counter()

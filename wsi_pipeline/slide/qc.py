@@ -69,26 +69,26 @@ def tile_features(tiles: np.ndarray, mpp: float) -> np.ndarray:
     od = -np.log((rgb + 1.0) / 256.0)
     grey = (od[..., 0] + od[..., 1] + od[..., 2]) / 3  # the channels' mean (a reduction over 3 values is slow)
     tissue = (grey > 0.1) | (sat > 0.1)
-    ink = ink_colour(colour).reshape(n, -1)
-    grey_dark = ((value < 110) & (sat < 0.25)).reshape(n, -1)
-    pixels = tissue[0].size
-    weights = tissue.reshape(n, -1).astype(np.float32)
-    count = np.count_nonzero(tissue.reshape(n, -1), axis=1)
+    pixels = grey.shape[1] * grey.shape[2]  # not reshape(n, -1): numpy cannot infer -1 for an empty batch
+    ink = ink_colour(colour).reshape(n, pixels)
+    grey_dark = ((value < 110) & (sat < 0.25)).reshape(n, pixels)
+    weights = tissue.reshape(n, pixels).astype(np.float32)
+    count = np.count_nonzero(weights, axis=1)
     some = np.maximum(count, 1)  # tiles without tissue get zeros below
     # focus along each axis on its own: a motion blur smears one direction and leaves the other sharp
     focus = np.full(n, np.inf)
     for axis in (1, 2):
         smooth1 = ndimage.gaussian_filter1d(grey, 1.0, axis=axis, mode="reflect")
-        fine = (grey - smooth1).reshape(n, -1)
-        coarse = (smooth1 - ndimage.gaussian_filter1d(grey, 3.0, axis=axis, mode="reflect")).reshape(n, -1)
+        fine = (grey - smooth1).reshape(n, pixels)
+        coarse = (smooth1 - ndimage.gaussian_filter1d(grey, 3.0, axis=axis, mode="reflect")).reshape(n, pixels)
         fine_sd = _masked_mean_std(fine, weights, some)[1]
         focus = np.minimum(focus, fine_sd / (_masked_mean_std(coarse, weights, some)[1] + 1e-6))
-    od_mean, od_sd = _masked_mean_std(grey.reshape(n, -1), weights, some)
+    od_mean, od_sd = _masked_mean_std(grey.reshape(n, pixels), weights, some)
     out = np.zeros((n, len(FEATURES)), np.float32)
     out[:, 0] = count / pixels
     out[:, 1] = focus
     out[:, 2] = od_mean
-    out[:, 3] = np.einsum("ij,ij->i", sat.reshape(n, -1), weights, dtype=np.float64) / some
+    out[:, 3] = np.einsum("ij,ij->i", sat.reshape(n, pixels), weights, dtype=np.float64) / some
     out[:, 4] = np.count_nonzero(grey_dark, axis=1) / pixels
     out[:, 5] = np.count_nonzero(ink, axis=1) / pixels
     out[:, 6] = od_sd
