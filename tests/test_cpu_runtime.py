@@ -153,3 +153,79 @@ def test_an_exported_graph_is_kept_for_the_next_process_and_a_damaged_one_made_a
     monkeypatch.setenv("WSI_PIPELINE_CACHE", str(tmp_path / "not-a-folder"))
     fourth = outputs(load_model(DEFAULTS / "epithelium_stroma"))
     assert all(torch.equal(first[k], fourth[k]) for k in first)
+
+
+def test_a_batch_runs_in_slices_with_the_same_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch larger than a slice (`PIXELS_PER_RUN`, here 5 tiles) runs slice by slice, ragged last one included,
+    with the outputs of one whole-batch call, bit for bit (probabilities and the guard's values)."""
+    from wsi_pipeline.models import cpu_runtime
+
+    model = load_model(DEFAULTS / "epithelium_stroma")
+    batch = _tiles(96, 1.0, 12)
+    predictor = make_predictor(model, CPU, PredictorOptions("fp32"))
+    calls: list[int] = []
+    session = predictor.onnx.session((96, 96))  # type: ignore[attr-defined]
+    whole = predictor(batch)
+    monkeypatch.setattr(cpu_runtime, "PIXELS_PER_RUN", 5 * 96 * 96)
+    monkeypatch.setattr(
+        session, "run", lambda names, feed, run=session.run: calls.append(len(feed["input"])) or run(names, feed)
+    )
+    sliced = predictor(batch)
+    assert calls == [5, 5, 2]
+    assert set(sliced) == set(whole) and all(torch.equal(whole[k], sliced[k]) for k in whole)
+
+
+_DEFERRED = """
+import sys, torch
+from wsi_pipeline.models import PredictorOptions, load_model, make_predictor
+model = load_model(sys.argv[1], defer_network=True)
+predictor = make_predictor(model, torch.device("cpu"), PredictorOptions("fp32"))
+predictor.prepare(64)
+with torch.inference_mode():
+    out = predictor(torch.arange(2 * 3 * 64 * 64).reshape(2, 3, 64, 64).remainder(251).to(torch.uint8))
+print(model.module is None, "torchvision" in sys.modules, "torch._dynamo" in sys.modules, out["b"].tolist())
+"""
+
+
+def test_a_kept_graph_of_a_model_folder_runs_without_building_the_network(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine's load (`defer_network`) of a folder whose graph is kept builds no torch network: a torchvision
+    architecture's process never imports torchvision (1.2-1.7 s, 150 MB) and gives the outputs of the process that
+    built and exported it; torch, asked for, builds it then. A shipped model, deferred, gives the eager outputs."""
+    import subprocess
+    import sys
+
+    import torchvision
+
+    from wsi_pipeline.models import save_model
+    from wsi_pipeline.models.architectures import seeded
+
+    monkeypatch.setenv("WSI_PIPELINE_CACHE", str(tmp_path / "cache"))
+    net = seeded(torchvision.models.get_model("mobilenet_v3_small", num_classes=2), 0).eval()
+    card = ModelCard(name="m", task="epithelium_stroma", kind="classifier", architecture="mobilenet_v3_small",
+                     mpp=1.0, tile_px=64, classes=["a", "b"])  # fmt: skip
+    folder = save_model(tmp_path / "model", net, card)
+
+    def process() -> list[str]:
+        done = subprocess.run([sys.executable, "-c", _DEFERRED, str(folder)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split(" ", 3)
+
+    first, second = process(), process()  # the first builds and exports; the second finds the graph
+    assert first[:3] == ["False", "True", "True"] and second[:3] == ["True", "False", "False"]
+    assert first[3] == second[3] and len(list((tmp_path / "cache" / "onnx").glob("*.onnx"))) == 1
+
+    batch = _tiles(96, 1.0, 8)
+    eager = make_predictor(load_model(DEFAULTS / "epithelium_stroma", defer_network=True), CPU)
+    eager.prepare(96)  # type: ignore[attr-defined]
+    deferred_model = load_model(DEFAULTS / "epithelium_stroma", defer_network=True)
+    assert deferred_model.module is None and deferred_model.graph_key is not None
+    deferred = make_predictor(deferred_model, CPU)
+    with torch.inference_mode():
+        expected, got = eager(batch), deferred(batch)
+        in_torch = make_predictor(deferred_model, CPU, PredictorOptions("fp32", runtime="torch"))(batch)
+    assert set(got) == set(expected) and DOMAIN_KEY in got
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert deferred_model.module is not None  # built when torch was asked to run it
+    assert float((in_torch["epithelium"] - got["epithelium"]).abs().max()) < 1e-5

@@ -24,6 +24,15 @@ def has_batchnorm(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
+def registered() -> set[str]:
+    return set(_REGISTRY)
+
+
+def defined_here(name: str) -> bool:
+    """Whether the registered architecture `name` is one of this module's (its code is this file), not a plugin's."""
+    return _REGISTRY[name].__module__ == __name__
+
+
 def build(name: str, num_outputs: int, **kwargs: Any) -> nn.Module:
     if name in _REGISTRY:
         return _REGISTRY[name](num_outputs=num_outputs, **kwargs)

@@ -17,6 +17,7 @@ import io
 import logging
 import threading
 import warnings
+from collections.abc import Callable
 from copy import deepcopy
 from typing import Any, cast
 
@@ -24,11 +25,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from wsi_pipeline.models.onnx_cache import graph_key, keep_graph, read_graph
+from wsi_pipeline.models.onnx_cache import graph_key, keep_graph, kept_graph, variant_key
 
 LOG = logging.getLogger("wsi_pipeline.models")
 ONNX_OPSET = 17  # also what `export-model --format onnx` writes (models/portable.py)
 
+# Input px per ONNX Runtime call (16 tiles of 224 px): a batch runs in slices of this size. Each call's activations
+# live in the arena, so a whole batch of 64 resnet18 tiles held 253 MB there; in slices of 16 the process peaked
+# ~200 MB lower at the same rate (16.2 / 16.4 ms a tile; slices of 8: 16.6 ms), with the same outputs.
+PIXELS_PER_RUN = 16 * 224 * 224
 _LOCK = threading.Lock()  # predictors of one model are made, and run, in more than one thread of an overlapped batch
 
 
@@ -70,30 +75,46 @@ class _WithLayers(nn.Module):
         return (out, *features)
 
 
-def _export(network: nn.Module, layers: list[str], window_px: int, shape: tuple[int, int]) -> Any:
-    """An ONNX Runtime session of `network` for tiles of `shape` (any batch size); the graph is taken from the
-    cache folder where an earlier process kept it (models/onnx_cache.py)."""
+def _export(
+    network: Callable[[], nn.Module], layers: list[str], window_px: int, shape: tuple[int, int], named: str | None
+) -> Any:
+    """An ONNX Runtime session of `network()` for tiles of `shape` (any batch size); the graph is taken from the
+    cache folder where an earlier process kept it (models/onnx_cache.py), named `named` where the model folder names
+    it (then the network is not built), else by a digest of the network."""
+    session = _kept_session(named)
+    if session is not None:
+        return session
     from wsi_pipeline.models.domain import FeatureTap, stats_over, window_size
 
+    module = network()
     example = torch.zeros(2, 3, *shape)
-    tap = FeatureTap(network, layers, window_px)
+    tap = FeatureTap(module, layers, window_px)
     if layers:
         with torch.inference_mode():
-            network(example)  # each layer's output size, so that the graph's windows are constants
+            module(example)  # each layer's output size, so that the graph's windows are constants
     tap.remove()
     sizes = tap.seen
     windows = [None if sizes[n].ndim == 2 else window_size(sizes[n].shape[-1], shape[1], window_px) for n in layers]
-    key = graph_key(network, [layers, windows, shape, ONNX_OPSET], [_WithLayers.forward, stats_over, _graph])
-    kept = read_graph(key)
-    if kept is not None:
-        try:
-            return _session(kept)
-        except Exception as exc:  # a damaged file: made again below
-            LOG.info("a kept ONNX graph could not be loaded (%s); exporting again", _first_line(exc))
-    graph = _graph(_WithLayers(_traceable(network), layers, windows), example)
-    session = _session(graph)
-    keep_graph(key, graph)
-    return session
+    key = named or graph_key(module, [layers, windows, shape, ONNX_OPSET], [_WithLayers.forward, stats_over, _graph])
+    session = None if named else _kept_session(key)
+    if session is not None:
+        return session
+    graph = _graph(_WithLayers(_traceable(module), layers, windows), example)
+    path = keep_graph(key, graph)
+    return _session(str(path) if path is not None else graph)
+
+
+def _kept_session(key: str | None) -> Any:
+    """A session of the graph kept under `key`; None where none is kept or it cannot be loaded (a damaged file,
+    made again by the caller)."""
+    path = kept_graph(key)
+    if path is None:
+        return None
+    try:
+        return _session(str(path))
+    except Exception as exc:  # onnxruntime raises its own exception types for a damaged graph
+        LOG.info("a kept ONNX graph could not be loaded (%s); exporting again", _first_line(exc))
+        return None
 
 
 def _graph(traced: _WithLayers, example: torch.Tensor) -> bytes:
@@ -129,7 +150,8 @@ def _graph(traced: _WithLayers, example: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
-def _session(graph: bytes) -> Any:
+def _session(graph: str | bytes) -> Any:
+    """A session of the graph in file `graph` (a path), or of its bytes where it could not be kept."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -181,23 +203,26 @@ def _traceable(network: nn.Module) -> nn.Module:
 
 
 class OnnxForward:
-    """`network`'s forward pass through ONNX Runtime, float32 NCHW in, torch tensors out: its output and the
+    """A network's forward pass through ONNX Runtime, float32 NCHW in, torch tensors out: its output and the
     domain guard's window features (`domain.window_stats`) of each of its layers.
     `sessions` is the loaded model's (`LoadedModel.sessions`): every slide of a process reuses one session per
-    rewrite (`key`) and tile shape. The read's set-up (`TorchModulePredictor.prepare`), or else the first batch of a
-    shape, exports the network; where that fails (the
+    rewrite (`key`) and tile shape. `network` gives the network to export, called only where no graph is kept
+    (`model_key`: the model folder's graph name, models/onnx_cache.py). The read's set-up
+    (`TorchModulePredictor.prepare`), or else the first batch of a shape, makes the session; where that fails (the
     exporter cannot trace it, an operator ONNX lacks) `__call__` returns None, once said, and torch runs it."""
 
     def __init__(
         self,
         sessions: dict[Any, Any],
         key: tuple[Any, ...],
-        network: nn.Module,
+        network: Callable[[], nn.Module],
         layers: tuple[list[str], int],  # the guard's layers and window (px), none for an unguarded model
         name: str,
+        model_key: str | None = None,
     ) -> None:
         self.sessions, self.key, self.network, self.name = sessions, key, network, name
         self.layers, self.window_px = layers
+        self.model_key = model_key
 
     def session(self, shape: tuple[int, int]) -> Any:
         key = (*self.key, shape)
@@ -205,8 +230,11 @@ class OnnxForward:
             return self.sessions[key]
         with _LOCK:
             if key not in self.sessions:
+                named = None
+                if self.model_key is not None:
+                    named = variant_key(self.model_key, [*self.key, self.layers, self.window_px, shape, ONNX_OPSET])
                 try:
-                    self.sessions[key] = _export(self.network, self.layers, self.window_px, shape)
+                    self.sessions[key] = _export(self.network, self.layers, self.window_px, shape, named)
                 except Exception as exc:  # the exporter and onnxruntime fail in many ways, each its own type
                     self.sessions[key] = None
                     LOG.info("%s runs in torch: ONNX Runtime cannot take it (%s)", self.name, _first_line(exc))
@@ -216,8 +244,11 @@ class OnnxForward:
         session = self.session((int(x.shape[-2]), int(x.shape[-1])))
         if session is None:
             return None
-        array = np.ascontiguousarray(x.detach().cpu().float().numpy())
-        out, *layers = session.run(None, {"input": array})
+        x = x.detach().cpu().float()
+        step = max(1, PIXELS_PER_RUN // (int(x.shape[-2]) * int(x.shape[-1])))
+        slices = (np.ascontiguousarray(x[i : i + step].numpy()) for i in range(0, len(x), step))
+        runs = [session.run(None, {"input": array}) for array in slices]
+        out, *layers = (parts[0] if len(parts) == 1 else np.concatenate(parts) for parts in zip(*runs, strict=True))
         return torch.from_numpy(out), [torch.from_numpy(a) for a in layers]
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -56,6 +58,17 @@ class LoadedModel:
     guard: Any = None  # its fitted domain guard (models/domain.DomainGuard), when the card names one
     # its network exported to ONNX Runtime (models/cpu_runtime.py), per rewrite and tile shape: one export a process
     sessions: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+    graph_key: str | None = None  # what names its kept ONNX graphs without the network (models/onnx_cache.py)
+    # the network's build, put off (`module` None until `network()`) where a graph of it is kept
+    build: Callable[[], nn.Module] | None = field(default=None, repr=False, compare=False)
+    _building: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def network(self) -> nn.Module | None:
+        """The torch module, built now if its build was put off; None for a format without one (ONNX)."""
+        with self._building:  # predictors of one model are made in more than one thread of an overlapped batch
+            if self.module is None and self.build is not None:
+                self.module, self.build = self.build(), None
+        return self.module
 
 
 def save_model(directory: str | os.PathLike[str], module: nn.Module, card: ModelCard) -> Path:
@@ -98,10 +111,15 @@ def resolve_model(
     return load_model(chosen if chosen is not None else default_model_dir(task), task=task)
 
 
-def load_model(directory: str | os.PathLike[str], task: str | None = None, option: str = "--model") -> LoadedModel:
+def load_model(
+    directory: str | os.PathLike[str], task: str | None = None, option: str = "--model", defer_network: bool = False
+) -> LoadedModel:
     """Load and check a model before any tile is read: card valid, task right, the network file the card's (sha256)
     and, for safetensors, matching the architecture. `option` is how the user named the folder (`--model`,
-    `tasks.<task>.model`)."""
+    `tasks.<task>.model`). `defer_network`, for a caller that runs the network as loaded and never changes its
+    weights (the engine): its ONNX graphs are named by the folder (`graph_key`), and where one is kept (so the network
+    was built and checked before) the torch module is built only when something asks for it (`LoadedModel.network`).
+    Other callers may change the module in memory, so their graphs are named by the network's own digest."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ModelError(f"model folder {directory} not found; set {option} to a folder with {CARD_FILE}")
@@ -117,18 +135,28 @@ def load_model(directory: str | os.PathLike[str], task: str | None = None, optio
     network = directory / fmt.file
     if not network.is_file():
         raise ModelError(f"{directory}: no {network.name} (its card's format is {card.format}); re-export the model")
-    if card.weights_sha256 is not None and file_sha256(network) != card.weights_sha256:
+    sha256 = file_sha256(network)
+    if card.weights_sha256 is not None and sha256 != card.weights_sha256:
         raise ModelError(
             f"{network} is not the file its card was written for (sha256 differs from the card's weights_sha256): "
             "the file was changed or damaged; restore it, or re-export the model (make models)"
         )
-    loaded = fmt.load(network, card)
     from wsi_pipeline.models.domain import load_guard  # imports torch, as the formats do
+    from wsi_pipeline.models.onnx_cache import has_kept_graph, model_graph_key
 
     guard = load_guard(directory, card)
+    key = model_graph_key(card, sha256) if defer_network and fmt.name == "safetensors" else None
+    if has_kept_graph(key):
+        build = functools.partial(_built, fmt.load, network, card)
+        return LoadedModel(card, None, directory, format=fmt.name, guard=guard, graph_key=key, build=build)
+    loaded = fmt.load(network, card)
     if fmt.predictor is None:  # a torch module, run by the engine's module predictor
-        return LoadedModel(card, loaded.eval(), directory, format=fmt.name, guard=guard)
+        return LoadedModel(card, loaded.eval(), directory, format=fmt.name, guard=guard, graph_key=key)
     return LoadedModel(card, None, directory, format=fmt.name, runtime=loaded, guard=guard)
+
+
+def _built(load: Callable[[Path, ModelCard], Any], network: Path, card: ModelCard) -> nn.Module:
+    return load(network, card).eval()
 
 
 def network_file(model: LoadedModel) -> Path | None:

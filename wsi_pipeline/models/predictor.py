@@ -76,7 +76,7 @@ class TorchModulePredictor:
     it pays (`use_bf16`), optionally `torch.compile`d (worth it for long slides: it costs 8-28 s per model first)."""
 
     def __init__(self, model: LoadedModel, device: torch.device, options: PredictorOptions = DEFAULT_OPTIONS) -> None:
-        if model.module is None:
+        if model.module is None and model.build is None:
             raise ValueError(f"{model.card.name} has no torch module to run")
         self.card = model.card
         self.device = device
@@ -91,19 +91,25 @@ class TorchModulePredictor:
                 self.card.bf16_max_difference,
                 BF16_CARD_LIMIT,
             )
-        self.module = model.module.to(device).eval().to(memory_format=torch.channels_last)
-        model.module = self.module
+        self.model, self.options = model, options
         # a TorchScript module is already a compiled graph: neither fusion nor torch.compile takes it
-        optimisable = model_format(model.format).optimisable
-        fused = conv_bn_fused(self.module) if options.fuse_batchnorm and optimisable else self.module
-        self.tap, self.guard = self._guard(model, fused, device, optimisable)
-        self.guarded = self.tap is not None
-        self.run = torch.compile(fused) if options.compile and optimisable else fused
+        self.optimisable = model_format(model.format).optimisable
+        # the domain guard reads the card's layers (a format whose layers cannot be hooked, TorchScript, runs
+        # unguarded: `run` says which, once per task, run/batch.py)
+        meta = self.card.domain_guard
+        self.guarded = model.guard is not None and self.optimisable and meta is not None
+        self.guard = model.guard.to(device) if self.guarded else None
+        self.tap: Any = None  # the guard's hooks on the torch network, once it is built
+        self.run: Any = None  # the torch network that runs, once built (`network`)
+        self._folded: torch.nn.Module | None = None
         self.onnx = None  # the forward pass in ONNX Runtime where it is faster (models/cpu_runtime.py)
-        if use_onnxruntime(options.runtime, device, self.bf16, options.compile, optimisable):
-            layers = (list(self.tap.layers), self.tap.window_px) if self.tap is not None else ([], 1)
-            key = ("folded" if fused is not self.module else "as-is", tuple(layers[0]), layers[1])
-            self.onnx = OnnxForward(model.sessions, key, fused, layers, self.card.name)
+        if use_onnxruntime(options.runtime, device, self.bf16, options.compile, self.optimisable):
+            layers = (list(meta.layers), meta.window_px) if self.guarded and meta is not None else ([], 1)
+            rewrite = "folded" if options.fuse_batchnorm else "as-is"
+            key = (rewrite, tuple(layers[0]), layers[1])
+            self.onnx = OnnxForward(model.sessions, key, self.folded, layers, self.card.name, model.graph_key)
+        if self.onnx is None or model.module is not None:
+            self.network()  # built now, as it will run (or is built already): a bad network fails here
         self.windows: list[torch.Tensor] | None = None  # the guard's features, where the ONNX graph gave them
         norm = self.card.normalisation
         self.mean = torch.tensor(norm.mean, device=device).view(1, 3, 1, 1)
@@ -114,40 +120,55 @@ class TorchModulePredictor:
     def runtime(self) -> str:
         return "onnxruntime" if self.onnx is not None else "torch"
 
+    def network(self) -> Any:
+        """The torch network that runs (BatchNorm folded, channels-last, compiled where asked), with the guard's
+        hooks; built on first use: where ONNX Runtime runs a kept graph of the model, never."""
+        if self.run is None:
+            fused = self.folded()
+            if self.guarded:
+                from wsi_pipeline.models.domain import attach
+
+                self.tap, self.guard = attach(fused, self.card, self.model.guard, self.device)
+            self.run = torch.compile(fused) if self.options.compile and self.optimisable else fused
+        return self.run
+
+    def folded(self) -> torch.nn.Module:
+        """The network with BatchNorm folded where asked: what torch runs and what ONNX Runtime's graph is made from."""
+        if self._folded is None:
+            module = self.model.network()
+            assert module is not None
+            module = module.to(self.device).eval().to(memory_format=torch.channels_last)
+            self.model.module = module
+            fold = self.options.fuse_batchnorm and self.optimisable
+            self._folded = conv_bn_fused(module) if fold else module
+        return self._folded
+
     def prepare(self, tile_px: int) -> None:
-        """Export the network for `tile_px` tiles now (once a process), in the thread that sets the read up rather
-        than at its first batch; a network ONNX Runtime cannot take runs in torch from here on."""
+        """Make the ONNX Runtime session for `tile_px` tiles now (once a process: from the kept graph, else by
+        exporting the network), in the thread that sets the read up rather than at its first batch; a network ONNX
+        Runtime cannot take runs in torch from here on."""
         if self.onnx is not None and self.onnx.session((tile_px, tile_px)) is None:
             self.onnx = None
-
-    def _guard(
-        self, model: LoadedModel, network: torch.nn.Module, device: torch.device, optimisable: bool
-    ) -> tuple[Any, Any]:
-        """The domain guard's hooks on the network that runs (folding keeps the layer names); a model without a
-        guard, or a format whose layers cannot be hooked (TorchScript), runs unguarded (`run` says which, once per
-        task: run/batch.py)."""
-        if model.guard is None or not optimisable:
-            return None, None
-        from wsi_pipeline.models.domain import attach
-
-        return attach(network, self.card, model.guard, device)
+            self.network()
 
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
         """Every class: (B, C) or (B, C, h, w) float32 on the CPU."""
         batch = stain_normalised(batch, self.card)
-        unit = batch.float().div_(255.0)
-        x = (unit - self.mean) / self.std
+        # in place on one float copy of the batch (a float batch is not changed), not three (38 MB each for 64 tiles
+        # of 224 px): the same values
+        x = batch.to(torch.float32, copy=True).div_(255.0).sub_(self.mean).div_(self.std)
         ran = self.onnx(x) if self.onnx is not None else None
         if ran is not None:
             out, self.windows = ran
             return activate(out, self.card)
+        network = self.network()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            out = self.run(x.contiguous(memory_format=torch.channels_last))
+            out = network(x.contiguous(memory_format=torch.channels_last))
         return activate(out.float(), self.card).cpu()
 
     def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         outputs = pick_written(self.probabilities(batch), self.card, self.indices)
-        if self.tap is not None:
+        if self.guard is not None:  # guarded: its window features from the ONNX graph, else from torch's hooks
             from wsi_pipeline.models.domain import DOMAIN_KEY
 
             windows, self.windows = self.windows or self.tap.windows(batch.shape[-1]), None
@@ -220,7 +241,7 @@ def make_predictor(model: LoadedModel, device: torch.device, options: PredictorO
         raise ModelError(f"{model.card.name}: {exc.args[0]}") from None
     if fmt.predictor is not None:  # a runtime of its own (ONNX), or an in-memory format's factory
         return fmt.predictor(model, device, options)
-    if model.module is None:
+    if model.module is None and model.build is None:
         raise ModelError(f"{model.card.name}: format {fmt.name} loaded no torch module and has no predictor")
     return TorchModulePredictor(model, device, options)
 

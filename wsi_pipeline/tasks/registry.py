@@ -111,11 +111,11 @@ def task_model(name: str, configured: str | None, option: str | None = None) -> 
     from wsi_pipeline.models.loading import load_model  # torch, only when a model is loaded
 
     if configured is not None:
-        return load_model(configured, task=name, option=option or f"tasks.{name}.model")
+        return load_model(configured, task=name, option=option or f"tasks.{name}.model", defer_network=True)
     default = get_task(name).default_model()
     if default is None:
         raise ModelError(f"task {name} ships no model; set tasks.{name}.model to a model folder")
-    return load_model(default, task=name, option=f"tasks.{name}.model")
+    return load_model(default, task=name, option=f"tasks.{name}.model", defer_network=True)
 
 
 def parse_task_list(text: str, option: str = "--tasks") -> list[str]:
