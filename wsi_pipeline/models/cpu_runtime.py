@@ -240,14 +240,18 @@ class OnnxForward:
                     LOG.info("%s runs in torch: ONNX Runtime cannot take it (%s)", self.name, _first_line(exc))
             return self.sessions[key]
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
-        session = self.session((int(x.shape[-2]), int(x.shape[-1])))
+    def __call__(
+        self, batch: torch.Tensor, normalised: Callable[[torch.Tensor], torch.Tensor]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
+        """The outputs for `batch` (tiles as read), each slice of PIXELS_PER_RUN made the network's input by
+        `normalised` just before it runs (one slice's float copy at a time, not the batch's); None where ONNX Runtime
+        cannot run the network."""
+        session = self.session((int(batch.shape[-2]), int(batch.shape[-1])))
         if session is None:
             return None
-        x = x.detach().cpu().float()
-        step = max(1, PIXELS_PER_RUN // (int(x.shape[-2]) * int(x.shape[-1])))
-        slices = (np.ascontiguousarray(x[i : i + step].numpy()) for i in range(0, len(x), step))
-        runs = [session.run(None, {"input": array}) for array in slices]
+        step = max(1, PIXELS_PER_RUN // (int(batch.shape[-2]) * int(batch.shape[-1])))
+        inputs = (normalised(batch[i : i + step]).detach().cpu().numpy() for i in range(0, len(batch), step))
+        runs = [session.run(None, {"input": np.ascontiguousarray(x)}) for x in inputs]
         out, *layers = (parts[0] if len(parts) == 1 else np.concatenate(parts) for parts in zip(*runs, strict=True))
         return torch.from_numpy(out), [torch.from_numpy(a) for a in layers]
 
