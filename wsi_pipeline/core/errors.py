@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, MutableSequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
@@ -168,17 +168,19 @@ def wait_through_signals(futures: Iterable[Future[Any]]) -> BaseException | None
             late = late or exc
 
 
-def shut_down_through_signals(pool: ThreadPoolExecutor, futures: Iterable[Future[Any]]) -> BaseException | None:
-    """Cancel what `pool` has not begun, wait for what it runs (`futures`: all it was given and may still run)
-    past signals, then join its threads; returns what `wait_through_signals` does."""
+def shut_down_through_signals(pool: ThreadPoolExecutor, futures: MutableSequence[Future[Any]]) -> None:
+    """Cancel what `pool` has not begun, wait for what it runs (`futures`: all it was given and may still run, then
+    emptied) past signals, then join its threads; a signal that came meanwhile (`wait_through_signals`) is raised."""
     pending = list(futures)
+    futures.clear()
     pool.shutdown(wait=False, cancel_futures=True)
     late = wait_through_signals(pending)
     try:
         pool.shutdown(wait=True)  # its threads are idle now: joined at once, none left behind
     except BaseException as exc:  # a signal in that join leaves an idle thread to end on its own
         late = late or exc
-    return late
+    if late is not None:
+        raise late
 
 
 # errno values of a failed write, with what the user can do about each.

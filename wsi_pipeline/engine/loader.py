@@ -120,10 +120,7 @@ class ThreadedReads:
     def close(self) -> None:
         pool = getattr(self, "_pool", None)  # None also when __init__ did not get that far
         if pool is not None:  # the reads write into pinned buffers a later batch reuses: waited for past signals
-            late = shut_down_through_signals(pool, self._pending)
-            self._pending.clear()
-            if late is not None:
-                raise late
+            shut_down_through_signals(pool, self._pending)
 
     def __del__(self) -> None:
         self.close()
