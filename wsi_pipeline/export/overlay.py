@@ -94,10 +94,14 @@ def heat_overlay(
     scale: tuple[float, float],
     color: tuple[int, int, int],
     alpha: float = 0.5,
+    where: np.ndarray | None = None,
 ) -> None:
-    """Blend `color` over the overview in proportion to a heatmap's value (nearest heatmap px per overview px)."""
+    """Blend `color` over the overview in proportion to a heatmap's value (nearest heatmap px per overview px), only
+    on the overview px `where` is true (all when None)."""
     base = np.asarray(overview.image, dtype=np.float32)
     sampled = sample_on_grid(values, origin, scale, overview.origin, overview.scale, base.shape[:2])
+    if where is not None:
+        sampled = np.where(where, sampled, 0.0)
     weight = (np.clip(sampled, 0, 1) * alpha)[..., None]
     blended = base * (1 - weight) + np.asarray(color, np.float32) * weight
     overview.image = Image.fromarray(np.clip(blended + 0.5, 0, 255).astype(np.uint8))

@@ -253,6 +253,9 @@ def slide_pictures(slide: Slide, overlays: bool) -> tuple[Picture | None, Pictur
     return (image, origin, (b.width / w, b.height / h)), (overview, origin, overview_scale)
 
 
+WITHHELD_COLOR = (150, 150, 150)  # the legend's swatch of a task whose answer is withheld on this slide
+
+
 def write_overview(
     out: SlideLayout,
     tissue: TissueMask,
@@ -260,25 +263,37 @@ def write_overview(
     picture: Picture,
 ) -> None:
     """`picture` (slide_pictures' overview) with every task's heatmap overlay, the tissue outline, regions, (drawn)
-    points and a legend."""
+    points and a legend. A task whose answer is withheld here ("not applicable": tissue unlike its training data) is
+    not painted at all, and says so in the legend: its map over normal skin once showed a lymph-node model's tumour
+    in red on the first picture of the report. Elsewhere a guarded task is painted only on the tiles its guard
+    kept (its own overlay hatches the others)."""
     overview = Overview(*picture)
     shown = {task: result for task, result in results.items() if result.overlay and result.overlay.on_overview}
-    for result in shown.values():
-        if result.overlay is not None:
+    withheld = {task for task, result in results.items() if "not_applicable" in result.summary}
+    for task, result in shown.items():
+        if result.overlay is not None and task not in withheld:
             name = result.overlay.heatmap
             values, origin, scale = region_level(open_heatmap(out.heatmap(name)), name)
-            heat_overlay(overview, values, origin, scale, result.overlay.colour)
+            everywhere = np.ones((overview.image.height, overview.image.width), bool)
+            outside = _outside_domain(out, task, overview.origin, overview.scale, everywhere)
+            heat_overlay(
+                overview, values, origin, scale, result.overlay.colour, where=None if outside is None else ~outside
+            )
     overview.outline(tissue.geometry, TISSUE_COLOR)
-    for result in results.values():
+    kept = {task: result for task, result in results.items() if task not in withheld}
+    for result in kept.values():
         for region in result.regions:
             overview.outline(region.polygon, region.colour)
-    for result in results.values():
+    for result in kept.values():
         for points in result.points:
             if points.drawn and len(points.xyp):
                 xyp = np.asarray(points.xyp)
                 draw_points(overview, xyp[:, 0], xyp[:, 1], points.colour)
     entries = [("tissue outline", TISSUE_COLOR)]
     for task, result in results.items():
+        if task in withheld:
+            entries.append((f"{task}: not applicable here", WITHHELD_COLOR))
+            continue
         if task in shown and result.overlay is not None:
             entries.append((f"{task}: {result.overlay.heatmap}", result.overlay.colour))
         entries += [(f"{task}: {p.cls}", p.colour) for p in result.points if p.drawn and len(p.xyp)]
