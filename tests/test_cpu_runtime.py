@@ -220,7 +220,7 @@ def test_a_kept_graph_of_a_model_folder_runs_without_building_the_network(
     eager = make_predictor(load_model(DEFAULTS / "epithelium_stroma", defer_network=True), CPU)
     eager.prepare(96)  # type: ignore[attr-defined]
     deferred_model = load_model(DEFAULTS / "epithelium_stroma", defer_network=True)
-    assert deferred_model.module is None and deferred_model.graph_key is not None
+    assert deferred_model.module is None and deferred_model.folder_key is not None
     deferred = make_predictor(deferred_model, CPU)
     with torch.inference_mode():
         expected, got = eager(batch), deferred(batch)

@@ -58,7 +58,7 @@ class LoadedModel:
     guard: Any = None  # its fitted domain guard (models/domain.DomainGuard), when the card names one
     # its network exported to ONNX Runtime (models/cpu_runtime.py), per rewrite and tile shape: one export a process
     sessions: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
-    graph_key: str | None = None  # what names its kept ONNX graphs without the network (models/onnx_cache.py)
+    folder_key: str | None = None  # what names its kept ONNX graphs without building the network (models/onnx_cache.py)
     # the network's build, put off (`module` None until `network()`) where a graph of it is kept
     build: Callable[[], nn.Module] | None = field(default=None, repr=False, compare=False)
     _building: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -117,7 +117,7 @@ def load_model(
     """Load and check a model before any tile is read: card valid, task right, the network file the card's (sha256)
     and, for safetensors, matching the architecture. `option` is how the user named the folder (`--model`,
     `tasks.<task>.model`). `defer_network`, for a caller that runs the network as loaded and never changes its
-    weights (the engine): its ONNX graphs are named by the folder (`graph_key`), and where one is kept (so the network
+    weights (the engine): its ONNX graphs are named by the folder (`folder_key`), and where one is kept (so the network
     was built and checked before) the torch module is built only when something asks for it (`LoadedModel.network`).
     Other callers may change the module in memory, so their graphs are named by the network's own digest."""
     directory = Path(directory)
@@ -148,10 +148,10 @@ def load_model(
     key = model_graph_key(card, sha256) if defer_network and fmt.name == "safetensors" else None
     if has_kept_graph(key):
         build = functools.partial(_built, fmt.load, network, card)
-        return LoadedModel(card, None, directory, format=fmt.name, guard=guard, graph_key=key, build=build)
+        return LoadedModel(card, None, directory, format=fmt.name, guard=guard, folder_key=key, build=build)
     loaded = fmt.load(network, card)
     if fmt.predictor is None:  # a torch module, run by the engine's module predictor
-        return LoadedModel(card, loaded.eval(), directory, format=fmt.name, guard=guard, graph_key=key)
+        return LoadedModel(card, loaded.eval(), directory, format=fmt.name, guard=guard, folder_key=key)
     return LoadedModel(card, None, directory, format=fmt.name, runtime=loaded, guard=guard)
 
 

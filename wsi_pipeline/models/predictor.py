@@ -107,7 +107,7 @@ class TorchModulePredictor:
             layers = (list(meta.layers), meta.window_px) if self.guarded and meta is not None else ([], 1)
             rewrite = "folded" if options.fuse_batchnorm else "as-is"
             key = (rewrite, tuple(layers[0]), layers[1])
-            self.onnx = OnnxForward(model.sessions, key, self.folded, layers, self.card.name, model.graph_key)
+            self.onnx = OnnxForward(model.sessions, key, self.folded, layers, self.card.name, model.folder_key)
         if self.onnx is None or model.module is not None:
             self.network()  # built now, as it will run (or is built already): a bad network fails here
         self.windows: list[torch.Tensor] | None = None  # the guard's features, where the ONNX graph gave them
