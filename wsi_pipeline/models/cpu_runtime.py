@@ -32,7 +32,9 @@ ONNX_OPSET = 17  # also what `export-model --format onnx` writes (models/portabl
 
 # Input px per ONNX Runtime call (16 tiles of 224 px): a batch runs in slices of this size. Each call's activations
 # live in the arena, so a whole batch of 64 resnet18 tiles held 253 MB there; in slices of 16 the process peaked
-# ~200 MB lower at the same rate (16.2 / 16.4 ms a tile; slices of 8: 16.6 ms), with the same outputs.
+# ~200 MB lower at the same rate (16.2 / 16.4 ms a tile; slices of 8: 16.6 ms), with the same outputs. The mitosis
+# model's 512 px tiles run 3 at a time: 32-33 ms a tile alone against 34 whole (1 at a time: 38-40), while `run` on
+# CMU with the default tasks peaked at 1.20-1.24 GB instead of 1.74-1.79 GB in the same wall time (8.1-8.5 s).
 PIXELS_PER_RUN = 16 * 224 * 224
 _LOCK = threading.Lock()  # predictors of one model are made, and run, in more than one thread of an overlapped batch
 
