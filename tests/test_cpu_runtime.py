@@ -131,9 +131,9 @@ def test_an_exported_graph_is_kept_for_the_next_process_and_a_damaged_one_made_a
     first = outputs(load_model(DEFAULTS / "epithelium_stroma"))
     kept = list((tmp_path / "cache" / "onnx").glob("*.onnx"))
     assert len(kept) == 1 and kept[0].stat().st_size > 10_000
-    written = kept[0].stat().st_mtime_ns
+    written = kept[0].stat().st_ino  # a graph written again replaces the file (a new inode); a read only marks it used
     second = outputs(load_model(DEFAULTS / "epithelium_stroma"))
-    assert kept[0].stat().st_mtime_ns == written
+    assert kept[0].stat().st_ino == written
     assert all(torch.equal(first[k], second[k]) for k in first)
 
     other = load_model(DEFAULTS / "epithelium_stroma")
@@ -229,3 +229,30 @@ def test_a_kept_graph_of_a_model_folder_runs_without_building_the_network(
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     assert deferred_model.module is not None  # built when torch was asked to run it
     assert float((in_torch["epithelium"] - got["epithelium"]).abs().max()) < 1e-5
+
+
+def test_graphs_unused_for_a_month_are_removed_when_another_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Using a kept graph marks it used; keeping a new one removes ours unused for UNUSED_DAYS, and nothing else: a
+    file of another name, a link (nor what it points to) and a recently used graph stay."""
+    import os
+    import time
+
+    from wsi_pipeline.models import onnx_cache
+
+    monkeypatch.setenv("WSI_PIPELINE_CACHE", str(tmp_path / "cache"))
+    folder = onnx_cache.cache_folder()
+    folder.mkdir(parents=True)
+    month = time.time() - (onnx_cache.UNUSED_DAYS + 1) * 86400
+    stale, used, foreign = folder / f"{'a' * 32}.onnx", folder / f"{'b' * 24}-{'c' * 16}.onnx", folder / "mine.onnx"
+    target = tmp_path / f"{'d' * 32}.onnx"
+    for path in (stale, used, foreign, target):
+        path.write_bytes(b"graph")
+        os.utime(path, (month, month))
+    link = folder / f"{'e' * 32}.onnx"
+    link.symlink_to(target)
+    assert onnx_cache.kept_graph(f"{'b' * 24}-{'c' * 16}") == used  # read now: used
+    assert onnx_cache.keep_graph("f" * 32, b"new graph") == folder / f"{'f' * 32}.onnx"
+    assert not stale.exists()
+    assert used.exists() and foreign.exists() and link.is_symlink() and target.exists()
