@@ -234,7 +234,7 @@ class OnnxForward:
             if key not in self.sessions:
                 named = None
                 if self.model_key is not None:
-                    named = variant_key(self.model_key, [*self.key, self.layers, self.window_px, shape, ONNX_OPSET])
+                    named = variant_key(self.model_key, [*self.key, shape, ONNX_OPSET])  # key: rewrite, layers, window
                 try:
                     self.sessions[key] = _export(self.network, self.layers, self.window_px, shape, named)
                 except Exception as exc:  # the exporter and onnxruntime fail in many ways, each its own type

@@ -135,7 +135,7 @@ def load_model(
     network = directory / fmt.file
     if not network.is_file():
         raise ModelError(f"{directory}: no {network.name} (its card's format is {card.format}); re-export the model")
-    sha256 = file_sha256(network)
+    sha256 = file_sha256(network) if card.weights_sha256 is not None or defer_network else None
     if card.weights_sha256 is not None and sha256 != card.weights_sha256:
         raise ModelError(
             f"{network} is not the file its card was written for (sha256 differs from the card's weights_sha256): "
@@ -145,7 +145,7 @@ def load_model(
     from wsi_pipeline.models.onnx_cache import has_kept_graph, model_graph_key
 
     guard = load_guard(directory, card)
-    key = model_graph_key(card, sha256) if defer_network and fmt.name == "safetensors" else None
+    key = model_graph_key(card, sha256) if sha256 is not None and defer_network and fmt.name == "safetensors" else None
     if has_kept_graph(key):
         build = functools.partial(_built, fmt.load, network, card)
         return LoadedModel(card, None, directory, format=fmt.name, guard=guard, folder_key=key, build=build)

@@ -85,10 +85,10 @@ def model_graph_key(card: ModelCard, weights_sha256: str) -> str | None:
 
     from wsi_pipeline.models import architectures
 
-    name = card.architecture
-    if name in architectures.registered() and not architectures.defined_here(name):
+    name, registered = card.architecture, architectures.registered()
+    if name in registered and not architectures.defined_here(name):
         return None
-    library = "timm" if name.startswith("timm:") else None if name in architectures.registered() else "torchvision"
+    library = "timm" if name.startswith("timm:") else None if name in registered else "torchvision"
     try:
         versions = [FORMAT, torch.__version__, onnxruntime.__version__]
         versions.append(importlib.metadata.version(library) if library else "")
